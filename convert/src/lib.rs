@@ -1,0 +1,4 @@
+//! Checkpoint readers (Hugging Face safetensors + config + tokenizer files, GGUF), the GGUF
+//! writer, and the per-tensor type policy that decides how each GPT-2 tensor is stored.
+
+pub mod gguf;

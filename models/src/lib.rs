@@ -1,0 +1,1 @@
+//! Model definitions over mmapped GGUF weights. Today: GPT-2.

@@ -1,0 +1,1 @@
+//! ggpt: quantize GPT-2 to GGUF and run it fast on small machines.
