@@ -1,1 +1,11 @@
-fn main() {}
+//! The `ggpt` command line: a thin layer over the library (`ggpt::cli::*`).
+
+use clap::Parser;
+
+fn main() {
+    let cli = ggpt::cli::Cli::parse();
+    if let Err(err) = ggpt::cli::run(cli) {
+        eprintln!("error: {err:#}");
+        std::process::exit(ggpt::cli::exit_code(&err));
+    }
+}

@@ -1,0 +1,47 @@
+//! Subcommands, one file each. Every command returns `anyhow::Result`; `main` prints the
+//! error chain and maps it to an exit code (docs/errors.md).
+
+use clap::{Parser, Subcommand};
+
+pub mod convert;
+pub mod dump;
+pub mod inspect;
+pub mod quantize;
+pub mod synth;
+
+/// Quantize GPT-2 to GGUF and run it fast on small machines.
+#[derive(Parser, Debug)]
+#[command(name = "ggpt", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Convert a Hugging Face GPT-2 checkpoint to GGUF (f16, q8_0, q6_k, q4_k_m or all).
+    Convert(convert::Args),
+    /// Requantize an F32/F16/BF16 GGUF with llama.cpp's per-tensor rules.
+    Quantize(quantize::Args),
+    /// Print a GGUF file's metadata and tensor table.
+    Inspect(inspect::Args),
+    /// Write every tensor of a GGUF, dequantized to f32, as .npy files (for cross-checks).
+    Dump(dump::Args),
+    /// Write a randomly initialised Hugging Face checkpoint of a given shape (for benchmarks).
+    Synth(synth::Args),
+}
+
+pub fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Convert(a) => convert::run(a),
+        Command::Quantize(a) => quantize::run(a),
+        Command::Inspect(a) => inspect::run(a),
+        Command::Dump(a) => dump::run(a),
+        Command::Synth(a) => synth::run(a),
+    }
+}
+
+/// Exit codes: 1 = generic failure, 2 = usage (clap), 3 = bad input file, 4 = I/O on output.
+pub fn exit_code(_err: &anyhow::Error) -> i32 {
+    1
+}
