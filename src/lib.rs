@@ -1,3 +1,14 @@
 //! ggpt: quantize GPT-2 to GGUF and run it fast on small machines.
 
+pub mod bench;
+pub mod chart;
 pub mod cli;
+pub mod compare;
+pub mod memory;
+pub mod model;
+pub mod npy;
+pub mod perplexity;
+pub mod sampler;
+pub mod scoring;
+pub mod session;
+pub mod tokenizer;

@@ -1,1 +1,12 @@
 //! Model definitions over mmapped GGUF weights. Today: GPT-2.
+//!
+//! - [`gpt2`]: loading a GPT-2 GGUF ([`gpt2::Gpt2::from_gguf`]) and its forward pass.
+//! - [`kv_cache`]: the per-layer key/value cache (F16 or F32, several sequences).
+//! - [`ops`]: LayerNorm, GELU, softmax and attention on f32 slices.
+
+pub mod gpt2;
+pub mod kv_cache;
+pub mod ops;
+
+pub use gpt2::{Gpt2, Hparams, LoadError, Output, RunError, Seqs, State};
+pub use kv_cache::{KvCache, KvType};

@@ -17,6 +17,7 @@ pub mod q6_k;
 pub mod q8_0;
 pub mod q8_k;
 
+pub mod act;
 pub mod dot;
 pub mod matmul;
 pub mod tensor;

@@ -1,5 +1,10 @@
 //! Q4_K: 256 values in 8 sub-blocks of 32, 4-bit quants with 6-bit scales and mins (4.5 bpw).
 
+use crate::f16::{f16_to_f32, f32_to_f16};
+use crate::q8_k::QK_K;
+use crate::util::Qkx2Params;
+use crate::util::{get_scale_min_k4, make_qkx2_quants_superblock, nearest_int, set_scale_min_k4};
+use crate::util::{QKX2_N, QKX2_Q4K};
 use crate::{BlockFormat, GgmlType};
 use half::f16;
 
@@ -19,10 +24,124 @@ const _: () = assert!(std::mem::size_of::<BlockQ4K>() == 144);
 unsafe impl BlockFormat for BlockQ4K {
     const TYPE: GgmlType = GgmlType::Q4K;
     const BLOCK: usize = 256;
-    fn from_float(_x: &[f32], _out: &mut [Self]) {
-        todo!("H1: quantize_row_q4_K_ref")
+    /// `quantize_row_q4_K_ref` (what llama-quantize uses without an imatrix).
+    fn from_float(x: &[f32], out: &mut [Self]) {
+        assert_eq!(
+            x.len(),
+            out.len() * QK_K,
+            "Q4_K::from_float: length mismatch"
+        );
+        for (b, x) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
+            let (levels, scales, d, dmin) = quantize_superblock_kx(x, QKX2_Q4K);
+            b.d = d;
+            b.dmin = dmin;
+            b.scales = scales;
+            // Chunk c of 32 bytes: low nibble = element 64c + l, high nibble = 64c + 32 + l.
+            for (c, q) in b.qs.chunks_exact_mut(32).enumerate() {
+                for (l, byte) in q.iter_mut().enumerate() {
+                    *byte = levels[64 * c + l] | (levels[64 * c + 32 + l] << 4);
+                }
+            }
+        }
     }
-    fn to_float(_blocks: &[Self], _out: &mut [f32]) {
-        todo!("H1: dequantize_row_q4_K")
+    /// `dequantize_row_q4_K`: y = (d·sc)·q − dmin·m per 32-value sub-block.
+    fn to_float(blocks: &[Self], out: &mut [f32]) {
+        assert_eq!(
+            out.len(),
+            blocks.len() * QK_K,
+            "Q4_K::to_float: length mismatch"
+        );
+        for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK_K)) {
+            let d = f16_to_f32(b.d);
+            let min = f16_to_f32(b.dmin);
+            for (c, (q, y)) in
+                b.qs.chunks_exact(32)
+                    .zip(y.chunks_exact_mut(64))
+                    .enumerate()
+            {
+                let (sc, m) = get_scale_min_k4(2 * c, &b.scales);
+                let (d1, m1) = (d * sc as f32, min * m as f32);
+                let (sc, m) = get_scale_min_k4(2 * c + 1, &b.scales);
+                let (d2, m2) = (d * sc as f32, min * m as f32);
+                let (lo, hi) = y.split_at_mut(32);
+                for l in 0..32 {
+                    lo[l] = d1 * (q[l] & 0xF) as f32 - m1;
+                    hi[l] = d2 * (q[l] >> 4) as f32 - m2;
+                }
+            }
+        }
     }
+}
+
+/// The part of `quantize_row_q4_K_ref` / `quantize_row_q5_K_ref` that the two share: fit each
+/// 32-value sub-block with [`make_qkx2_quants_superblock`], quantize the 8 scales and 8 mins to 6 bits
+/// against the super-block's largest ones, then re-quantize the values with the stored
+/// (rounded) scales. Returns the levels (0..=nmax, one per value), the packed scales, and the
+/// fp16 `d` and `dmin`.
+pub(crate) fn quantize_superblock_kx(x: &[f32], p: Qkx2Params) -> ([u8; QK_K], [u8; 12], f16, f16) {
+    debug_assert_eq!(x.len(), QK_K);
+    let xs: &[f32; QK_K] = x.try_into().expect("256-value super-block");
+    // Weight each value by its sub-block's RMS plus its own magnitude: large values matter
+    // more, but small ones are not ignored.
+    let mut w = [0.0f32; QK_K];
+    for (ws, xs) in w.chunks_exact_mut(QKX2_N).zip(xs.chunks_exact(QKX2_N)) {
+        let mut sum_x2 = 0.0f32;
+        for &v in xs {
+            sum_x2 += v * v;
+        }
+        let av_x = (sum_x2 / 32.0).sqrt();
+        for (wi, &v) in ws.iter_mut().zip(xs) {
+            *wi = av_x + v.abs();
+        }
+    }
+    let mut levels = [0u8; QK_K];
+    let fits = make_qkx2_quants_superblock(xs, &w, p, &mut levels);
+    let mut scales = [0.0f32; QK_K / QKX2_N];
+    let mut mins = [0.0f32; QK_K / QKX2_N];
+    // As the min is subtracted, the scales are never negative.
+    let mut max_scale = 0.0f32;
+    let mut max_min = 0.0f32;
+    for (j, &(scale, min)) in fits.iter().enumerate() {
+        scales[j] = scale;
+        mins[j] = min;
+        if scale > max_scale {
+            max_scale = scale;
+        }
+        if min > max_min {
+            max_min = min;
+        }
+    }
+
+    let inv_scale = if max_scale > 0.0 {
+        63.0 / max_scale
+    } else {
+        0.0
+    };
+    let inv_min = if max_min > 0.0 { 63.0 / max_min } else { 0.0 };
+    let mut packed = [0u8; 12];
+    for j in 0..QK_K / QKX2_N {
+        // C stores nearest_int's result in a uint8_t (wrapping) before clamping to 63.
+        let ls = (nearest_int(inv_scale * scales[j]) as u8).min(63);
+        let lm = (nearest_int(inv_min * mins[j]) as u8).min(63);
+        set_scale_min_k4(j, ls, lm, &mut packed);
+    }
+    let d = f32_to_f16(max_scale / 63.0);
+    let dmin = f32_to_f16(max_min / 63.0);
+
+    // Re-quantize against the scales as they will be decoded. A sub-block whose decoded scale
+    // is zero keeps the levels from the search, as in ggml.
+    let nmax = p.nmax as i32;
+    for j in 0..QK_K / QKX2_N {
+        let (sc, m) = get_scale_min_k4(j, &packed);
+        let dj = f16_to_f32(d) * sc as f32;
+        if dj == 0.0 {
+            continue;
+        }
+        let dm = f16_to_f32(dmin) * m as f32;
+        for ii in 0..QKX2_N {
+            let q = nearest_int((x[QKX2_N * j + ii] + dm) / dj);
+            levels[QKX2_N * j + ii] = q.clamp(0, nmax) as u8;
+        }
+    }
+    (levels, packed, d, dmin)
 }

@@ -1,9 +1,13 @@
 //! Q8_0: 32 values as one fp16 scale and 32 signed bytes (8.5 bits per weight).
 
+use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::{BlockFormat, GgmlType};
 use half::f16;
 
-/// ggml `block_q8_0`: `d` then `qs`; value i = d · qs[i].
+/// Values per Q8_0 block.
+pub const QK8_0: usize = 32;
+
+/// ggml `block_q8_0`: `d` then `qs`; value i = `d · qs[i]`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BlockQ8_0 {
@@ -16,10 +20,112 @@ const _: () = assert!(std::mem::size_of::<BlockQ8_0>() == 34);
 unsafe impl BlockFormat for BlockQ8_0 {
     const TYPE: GgmlType = GgmlType::Q8_0;
     const BLOCK: usize = 32;
-    fn from_float(_x: &[f32], _out: &mut [Self]) {
-        todo!("H1: quantize_row_q8_0_ref")
+    /// `quantize_row_q8_0_ref`: d = amax/127, q = roundf(x·(1/d)) (ties away from zero).
+    fn from_float(x: &[f32], out: &mut [Self]) {
+        assert_eq!(
+            x.len(),
+            out.len() * QK8_0,
+            "Q8_0::from_float: length mismatch"
+        );
+        for (b, x) in out.iter_mut().zip(x.chunks_exact(QK8_0)) {
+            // C's MAX(a, b) is `a > b ? a : b`: written out so a NaN propagates as in ggml.
+            let amax = x
+                .iter()
+                .fold(0.0f32, |m, v| if m > v.abs() { m } else { v.abs() });
+            let d = amax / 127.0;
+            // ggml multiplies by the reciprocal rather than dividing by d; the two can
+            // differ in the last bit and so flip a rounding.
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            b.d = f32_to_f16(d);
+            for (q, &v) in b.qs.iter_mut().zip(x) {
+                // C converts the rounded float to int8_t; going through i32 wraps like gcc
+                // does instead of saturating (only reachable with NaN/inf input).
+                *q = (v * id).round() as i32 as i8;
+            }
+        }
     }
-    fn to_float(_blocks: &[Self], _out: &mut [f32]) {
-        todo!("H1: dequantize_row_q8_0")
+    /// `dequantize_row_q8_0`: y = q·d.
+    fn to_float(blocks: &[Self], out: &mut [f32]) {
+        assert_eq!(
+            out.len(),
+            blocks.len() * QK8_0,
+            "Q8_0::to_float: length mismatch"
+        );
+        for (b, y) in blocks.iter().zip(out.chunks_exact_mut(QK8_0)) {
+            let d = f16_to_f32(b.d);
+            for (o, &q) in y.iter_mut().zip(&b.qs) {
+                *o = q as f32 * d;
+            }
+        }
+    }
+}
+
+/// Quantize activations to Q8_0 the way ggml's CPU backend does on x86 (`quantize_row_q8_0`,
+/// AVX2/AVX-512 path), which is what llama.cpp feeds its Q8_0 dot products:
+/// `id = 127/amax` (not `1/d`), rounding to nearest **even**, and saturating conversion to i8.
+/// It differs from the reference [`BlockQ8_0::from_float`] only on exact ties and in the last
+/// bit of `id`; d is the same.
+pub fn quantize_row_q8_0_nearest_even(x: &[f32], out: &mut [BlockQ8_0]) {
+    assert_eq!(
+        x.len(),
+        out.len() * QK8_0,
+        "Q8_0 activation: length mismatch"
+    );
+    for (b, x) in out.iter_mut().zip(x.chunks_exact(QK8_0)) {
+        let amax = x.iter().fold(0.0f32, |m, v| m.max(v.abs()));
+        b.d = f32_to_f16(amax / 127.0);
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        for (q, &v) in b.qs.iter_mut().zip(x) {
+            let r = (v * id).round_ties_even();
+            // cvtps_epi32 gives i32::MIN for NaN and out-of-range values; the packs then
+            // saturate to i8.
+            let i = if r.is_nan() || !(-2_147_483_648.0..2_147_483_648.0).contains(&r) {
+                i32::MIN
+            } else {
+                r as i32
+            };
+            *q = i.clamp(-128, 127) as i8;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn zero() -> BlockQ8_0 {
+        BlockQ8_0 {
+            d: f16::ZERO,
+            qs: [0; 32],
+        }
+    }
+
+    #[test]
+    fn reference_rounds_ties_away_simd_path_to_even() {
+        // amax = 127 gives d = 1 and id = 1 in both versions, so 2.5 and -0.5 are exact ties.
+        let mut x = [0.0f32; 32];
+        x[0] = 127.0;
+        x[1] = 2.5;
+        x[2] = -0.5;
+        x[3] = 3.5;
+        let (mut r, mut s) = ([zero()], [zero()]);
+        BlockQ8_0::from_float(&x, &mut r);
+        quantize_row_q8_0_nearest_even(&x, &mut s);
+        assert_eq!(r[0].d, s[0].d);
+        assert_eq!(f16_to_f32(r[0].d), 1.0);
+        assert_eq!(&r[0].qs[..4], &[127, 3, -1, 4]);
+        assert_eq!(&s[0].qs[..4], &[127, 2, 0, 4]);
+        let mut y = [0.0f32; 32];
+        BlockQ8_0::to_float(&r, &mut y);
+        assert_eq!(&y[..4], &[127.0, 3.0, -1.0, 4.0]);
+    }
+
+    #[test]
+    fn zero_block_has_zero_scale() {
+        let mut r = [zero()];
+        r[0].qs = [5; 32];
+        BlockQ8_0::from_float(&[0.0; 32], &mut r);
+        assert_eq!(r[0].d.to_bits(), 0);
+        assert_eq!(r[0].qs, [0; 32]);
     }
 }

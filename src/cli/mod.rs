@@ -3,11 +3,19 @@
 
 use clap::{Parser, Subcommand};
 
+pub mod bench;
+pub mod common;
+pub mod compare;
 pub mod convert;
 pub mod dump;
+pub mod features;
 pub mod inspect;
+pub mod mem;
+pub mod perplexity;
 pub mod quantize;
+pub mod run;
 pub mod synth;
+pub mod tokenize;
 
 /// Quantize GPT-2 to GGUF and run it fast on small machines.
 #[derive(Parser, Debug)]
@@ -29,6 +37,20 @@ pub enum Command {
     Dump(dump::Args),
     /// Write a randomly initialised Hugging Face checkpoint of a given shape (for benchmarks).
     Synth(synth::Args),
+    /// Generate text from a prompt (streamed to stdout; timings on stderr).
+    Run(run::Args),
+    /// Print the token ids of a text.
+    Tokenize(tokenize::Args),
+    /// Print the final hidden state of every token (JSON or .npy).
+    Features(features::Args),
+    /// Measure prefill and decode speed (llama-bench style).
+    Bench(bench::Args),
+    /// Predict and measure memory: weights, KV cache, scratch, RAM, VRAM, peak RSS.
+    Mem(mem::Args),
+    /// Perplexity (llama-perplexity's method), optionally KL divergence against a base model.
+    Perplexity(perplexity::Args),
+    /// Convert to every format and compare size, memory, speed and quality in one table.
+    Compare(compare::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -38,6 +60,13 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Inspect(a) => inspect::run(a),
         Command::Dump(a) => dump::run(a),
         Command::Synth(a) => synth::run(a),
+        Command::Run(a) => run::run(a),
+        Command::Tokenize(a) => tokenize::run(a),
+        Command::Features(a) => features::run(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Mem(a) => mem::run(a),
+        Command::Perplexity(a) => perplexity::run(a),
+        Command::Compare(a) => compare::run(a),
     }
 }
 

@@ -1,8 +1,74 @@
-//! `ggpt synth`
+//! `ggpt synth --shape gpt2-medium|gpt2|tiny [--dtype f32|f16|bf16] [--seed S] -o DIR`: a
+//! randomly initialised GPT-2 checkpoint in Hugging Face's original layout, for benchmarks.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Result};
+use ggpt_convert::safetensors::SrcDtype;
+use ggpt_convert::synth::{synth, SynthOptions, SynthShape};
 
 #[derive(clap::Args, Debug)]
-pub struct Args {}
+pub struct Args {
+    /// Model shape: gpt2-medium (355 M), gpt2 (124 M) or tiny (18 M, like models/tiny-gpt2).
+    #[arg(long, default_value = "gpt2-medium")]
+    pub shape: String,
+    /// Weight dtype in model.safetensors: f32, f16 or bf16.
+    #[arg(long, default_value = "f32")]
+    pub dtype: String,
+    /// Random seed (same seed, same weights).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Output directory (created if missing).
+    #[arg(short = 'o', long = "output")]
+    pub output: PathBuf,
+    /// Where to copy vocab.json and merges.txt from (the real GPT-2 tokenizer files).
+    /// Default: models/tiny-gpt2 of the working directory, else of the source tree ggpt was
+    /// built from.
+    #[arg(long)]
+    pub vocab_from: Option<PathBuf>,
+}
 
-pub fn run(_args: Args) -> anyhow::Result<()> {
-    anyhow::bail!("not implemented yet")
+pub fn run(args: Args) -> Result<()> {
+    let Some(shape) = SynthShape::named(&args.shape) else {
+        bail!(
+            "unknown shape {:?}; expected gpt2-medium, gpt2 or tiny",
+            args.shape
+        );
+    };
+    let dtype = match args.dtype.to_ascii_lowercase().as_str() {
+        "f32" => SrcDtype::F32,
+        "f16" => SrcDtype::F16,
+        "bf16" => SrcDtype::BF16,
+        other => bail!("unknown dtype {other:?}; expected f32, f16 or bf16"),
+    };
+    let vocab_from = args.vocab_from.unwrap_or_else(|| {
+        let local = PathBuf::from("models/tiny-gpt2");
+        if local.join("vocab.json").is_file() {
+            local
+        } else {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny-gpt2")
+        }
+    });
+    let opts = SynthOptions {
+        shape,
+        dtype,
+        seed: args.seed,
+        prefix: false,
+        buffers: true,
+        lm_head: false,
+    };
+    let t0 = Instant::now();
+    let bytes = synth(&opts, &args.output, &vocab_from)?;
+    println!(
+        "{}: {} ({} layers, n_embd {}), {} weights, model.safetensors {:.1} MiB in {:.1} s",
+        args.output.display(),
+        args.shape,
+        shape.n_layer,
+        shape.n_embd,
+        args.dtype,
+        bytes as f64 / (1024.0 * 1024.0),
+        t0.elapsed().as_secs_f64()
+    );
+    Ok(())
 }

@@ -1,0 +1,628 @@
+//! `convert_hf`: one streaming pass from a Hugging Face GPT-2 checkpoint to one or several GGUF
+//! files (F16, Q8_0, Q6_K, Q4_K_M).
+//!
+//! The result is meant to equal what llama.cpp's two tools produce together —
+//! `convert_hf_to_gguf.py --outtype f16` followed by `llama-quantize` — tensor for tensor:
+//! - tensors are written in llama-quantize's order ([`policy::tensor_order`]) with its types
+//!   ([`policy::Policy`]), no duplicate `output.weight` (the current converter's choice);
+//! - a 2-D weight that ends up F16 or quantized is first rounded to f16, because llama-quantize
+//!   reads it from the F16 file: quantizing the f16-rounded values is what makes our Q8_0 /
+//!   Q6_K / Q4_K_M bytes identical to `convert → llama-quantize` even for an F32 checkpoint;
+//! - norms, biases and the position table stay F32 with the source's exact values.
+//!
+//! Memory: the header of every output is known before any data (shapes come from the
+//! safetensors headers, types from the policy), so each file's header is written first and then
+//! every tensor streams through in row chunks of at most [`CHUNK_VALUES`] values; each source
+//! tensor is decoded to f32 once and feeds all outputs, then its pages are released. Conv1D
+//! weights are stored transposed ([in, out]) and are the one case where a whole tensor is
+//! decoded at once (≤ 4·n_embd² values, 16 MiB for GPT-2 Medium).
+
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::bail;
+use ggpt_quant::tensor::{quantize_into, validate_row_data};
+use ggpt_quant::GgmlType;
+use half::f16;
+use half::slice::HalfFloatSliceExt;
+use rayon::prelude::*;
+
+use crate::atomic::AtomicFile;
+use crate::gguf::{GgufWriter, Value};
+use crate::hf::{expected_tensors, map_tensor_name, HfConfig, HfTensor, HfVocab, InputError};
+use crate::policy::{converter_type, tensor_order, Fallback, FileType, Policy};
+use crate::safetensors::{decode_f32, Checkpoint, SrcDtype};
+
+/// Values per streamed chunk (4 MiB of f32): small enough that four outputs' buffers stay
+/// far below the memory budget, large enough to keep both cores busy quantizing.
+pub const CHUNK_VALUES: usize = 1 << 20;
+
+/// An output file could not be created or written. The path is the destination; the I/O
+/// error is the source (printed after it by `{:#}`).
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {what}", path.display())]
+pub struct OutputError {
+    pub path: PathBuf,
+    pub what: &'static str,
+    #[source]
+    pub source: io::Error,
+}
+
+/// Observer for long conversions (the CLI draws progress bars with it).
+pub trait Progress: Sync {
+    /// Output files and their final sizes in bytes, before any data is written.
+    fn begin(&self, _files: &[(PathBuf, u64)]) {}
+    /// Tensor `index` of `count` is being converted.
+    fn tensor(&self, _index: usize, _count: usize, _name: &str) {}
+    /// `bytes` more bytes were written to output file `file`.
+    fn wrote(&self, _file: usize, _bytes: u64) {}
+    /// Everything has been written and committed.
+    fn finish(&self) {}
+}
+
+/// A [`Progress`] that reports nothing.
+pub struct NoProgress;
+impl Progress for NoProgress {}
+
+/// What was written to one output file.
+#[derive(Debug, Clone)]
+pub struct FileSummary {
+    pub path: PathBuf,
+    pub ftype: FileType,
+    pub n_tensors: usize,
+    /// File size in bytes.
+    pub file_bytes: u64,
+    /// Tensor data bytes (without header and padding).
+    pub tensor_bytes: u64,
+    pub n_params: u64,
+    /// Time spent encoding and writing this file's tensors (the shared reading and decoding of
+    /// the source is reported in the total of [`ConvertReport`]).
+    pub seconds: f64,
+    /// Tensors whose type differs from what llama.cpp would write: name, type written, why
+    /// (see [`Fallback`]).
+    pub differs: Vec<(String, GgmlType, Fallback)>,
+    /// Number of tensors of each type, in first-seen order.
+    pub type_counts: Vec<(GgmlType, usize)>,
+}
+
+impl FileSummary {
+    /// Bits per weight over the tensor data, as llama.cpp reports model size.
+    pub fn bpw(&self) -> f64 {
+        if self.n_params == 0 {
+            0.0
+        } else {
+            self.tensor_bytes as f64 * 8.0 / self.n_params as f64
+        }
+    }
+}
+
+/// All files of one conversion, and the wall time of the whole pass.
+#[derive(Debug, Clone)]
+pub struct ConvertReport {
+    pub files: Vec<FileSummary>,
+    pub seconds: f64,
+}
+
+/// Options for [`convert_hf`].
+#[derive(Debug, Clone)]
+pub struct ConvertOptions {
+    /// The Hugging Face model directory.
+    pub hf_dir: PathBuf,
+    /// Output file types, written in one pass.
+    pub types: Vec<FileType>,
+    /// A directory (files named `<name>-<TYPE>.gguf`) or, for a single type, a `.gguf` path.
+    /// `None`: the model directory.
+    pub output: Option<PathBuf>,
+    /// `general.name` and file-name stem; default: the model directory's name.
+    pub name: Option<String>,
+}
+
+/// One GGUF tensor to produce, and where its data comes from.
+#[derive(Debug, Clone)]
+struct Planned {
+    gguf_name: String,
+    source: String,
+    /// GGUF dims, ne0 first.
+    dims: Vec<u64>,
+    transpose: bool,
+    dtype: SrcDtype,
+    /// The type in a converter F16 file (what llama-quantize would read).
+    f16_file_type: GgmlType,
+}
+
+impl Planned {
+    fn cols(&self) -> usize {
+        self.dims[0] as usize
+    }
+    fn rows(&self) -> usize {
+        self.dims[1..].iter().product::<u64>() as usize
+    }
+}
+
+/// Resolve where each output goes.
+pub fn output_paths(opts: &ConvertOptions, name: &str) -> anyhow::Result<Vec<PathBuf>> {
+    if opts.types.is_empty() {
+        bail!("no output type given");
+    }
+    let out = opts.output.clone().unwrap_or_else(|| opts.hf_dir.clone());
+    let is_file = !out.is_dir()
+        && out
+            .extension()
+            .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
+    if is_file {
+        if opts.types.len() != 1 {
+            bail!(
+                "{}: a single output file was given for {} types; give a directory instead",
+                out.display(),
+                opts.types.len()
+            );
+        }
+        return Ok(vec![out]);
+    }
+    if !out.is_dir() {
+        return Err(OutputError {
+            path: out,
+            what: "output directory",
+            source: io::Error::new(
+                io::ErrorKind::NotFound,
+                "does not exist (or name a .gguf file)",
+            ),
+        }
+        .into());
+    }
+    Ok(opts
+        .types
+        .iter()
+        .map(|t| out.join(format!("{name}-{}.gguf", t.label())))
+        .collect())
+}
+
+/// The model's name: the directory name, as llama.cpp's converter falls back to.
+pub fn model_name(hf_dir: &Path) -> String {
+    let canon = hf_dir
+        .canonicalize()
+        .unwrap_or_else(|_| hf_dir.to_path_buf());
+    canon
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "model".to_string())
+}
+
+/// The metadata llama.cpp writes for `gpt2`, in its order.
+///
+/// F16 files get `convert_hf_to_gguf.py`'s order (`general.file_type` right after the
+/// hyper-parameters, `general.quantization_version` last). Quantized files are what
+/// llama-quantize makes of that F16 file: the same pairs, except that it sets
+/// `quantization_version` and then `file_type` again, which moves both to the end. With that,
+/// a quantized file from `ggpt convert` is byte for byte the file `llama-quantize` writes.
+pub fn gguf_metadata(
+    c: &HfConfig,
+    v: &HfVocab,
+    name: &str,
+    ftype: FileType,
+) -> Vec<(String, Value)> {
+    let converter = ftype == FileType::F16;
+    let mut kv: Vec<(String, Value)> = vec![
+        ("general.architecture".into(), "gpt2".into()),
+        ("general.type".into(), "model".into()),
+        ("general.name".into(), name.into()),
+        ("gpt2.block_count".into(), Value::U32(c.n_layer as u32)),
+        ("gpt2.context_length".into(), Value::U32(c.n_ctx as u32)),
+        ("gpt2.embedding_length".into(), Value::U32(c.n_embd as u32)),
+        ("gpt2.feed_forward_length".into(), Value::U32(c.n_ff as u32)),
+        (
+            "gpt2.attention.head_count".into(),
+            Value::U32(c.n_head as u32),
+        ),
+        (
+            "gpt2.attention.layer_norm_epsilon".into(),
+            Value::F32(c.layer_norm_eps),
+        ),
+    ];
+    if converter {
+        kv.push(("general.file_type".into(), Value::U32(ftype.code())));
+    }
+    kv.extend([
+        ("tokenizer.ggml.model".into(), "gpt2".into()),
+        // The converter identifies the pre-tokenizer by hashing HF's tokenization of a probe
+        // text; for GPT-2's own tokenizer that is "gpt-2", the only one ggpt accepts.
+        ("tokenizer.ggml.pre".into(), "gpt-2".into()),
+        (
+            "tokenizer.ggml.tokens".into(),
+            Value::from(v.tokens.clone()),
+        ),
+        (
+            "tokenizer.ggml.token_type".into(),
+            Value::from(v.token_types.clone()),
+        ),
+        (
+            "tokenizer.ggml.merges".into(),
+            Value::from(v.merges.clone()),
+        ),
+    ]);
+    for &(key, id) in &v.special_ids {
+        kv.push((key.into(), Value::U32(id)));
+    }
+    for &(key, b) in &v.add_flags {
+        kv.push((key.into(), Value::Bool(b)));
+    }
+    if let Some(t) = &v.chat_template {
+        kv.push(("tokenizer.chat_template".into(), t.as_str().into()));
+    }
+    kv.push(("general.quantization_version".into(), Value::U32(2)));
+    if !converter {
+        kv.push(("general.file_type".into(), Value::U32(ftype.code())));
+    }
+    kv
+}
+
+/// Match the checkpoint's tensors to GPT-2's, check names, shapes and dtypes, and return the
+/// tensors to write in llama-quantize's order.
+fn plan(ckpt: &Checkpoint, c: &HfConfig) -> Result<Vec<Planned>, InputError> {
+    let mut found: Vec<Planned> = Vec::new();
+    let wte_shape = [c.vocab_size, c.n_embd];
+    for name in ckpt.names() {
+        let Some(t) = ckpt.get(name) else { continue };
+        let mapped = map_tensor_name(name, c)
+            .map_err(|e| InputError::new(t.file, format!("tensor {name}: {e}")))?;
+        match mapped {
+            None => {
+                return Err(InputError::new(
+                    t.file,
+                    format!("unexpected tensor {name}: not part of a GPT-2 checkpoint"),
+                ))
+            }
+            Some(HfTensor::DropBuffer) => {}
+            Some(HfTensor::TiedHead) => {
+                if t.shape != wte_shape {
+                    return Err(InputError::new(
+                        t.file,
+                        format!(
+                            "tensor {name} has shape {:?}, expected {wte_shape:?} (tied to wte; an untied head is not supported)",
+                            t.shape
+                        ),
+                    ));
+                }
+            }
+            Some(HfTensor::Keep {
+                gguf_name,
+                hf_shape,
+                transpose,
+            }) => {
+                if let Some(prev) = found.iter().find(|p| p.gguf_name == gguf_name) {
+                    return Err(InputError::new(
+                        t.file,
+                        format!(
+                            "tensors {} and {name} are the same GPT-2 tensor",
+                            prev.source
+                        ),
+                    ));
+                }
+                if t.shape != hf_shape.as_slice() {
+                    return Err(InputError::new(
+                        t.file,
+                        format!(
+                            "tensor {name} has shape {:?}, but config.json (n_layer {}, n_embd {}, n_head {}, n_ff {}, n_ctx {}, vocab_size {}) implies {:?}",
+                            t.shape, c.n_layer, c.n_embd, c.n_head, c.n_ff, c.n_ctx, c.vocab_size, hf_shape
+                        ),
+                    ));
+                }
+                let dtype = t.src_dtype()?;
+                let dims: Vec<u64> = if transpose {
+                    // [in, out] transposed to [out, in]; GGUF reverses numpy order: [in, out].
+                    hf_shape.iter().map(|&d| d as u64).collect()
+                } else {
+                    hf_shape.iter().rev().map(|&d| d as u64).collect()
+                };
+                let f16_file_type = converter_type(&gguf_name, hf_shape.len());
+                found.push(Planned {
+                    gguf_name,
+                    source: name.to_string(),
+                    dims,
+                    transpose,
+                    dtype,
+                    f16_file_type,
+                });
+            }
+        }
+    }
+    for (gguf, hf) in expected_tensors(c) {
+        if !found.iter().any(|p| p.gguf_name == gguf) {
+            return Err(InputError::new(
+                ckpt.dir(),
+                format!("missing tensor {hf} (or transformer.{hf}), needed for GGUF {gguf}"),
+            ));
+        }
+    }
+    found.sort_by(|a, b| tensor_order(&a.gguf_name, &b.gguf_name));
+    Ok(found)
+}
+
+/// One output file being written.
+struct Out {
+    file: AtomicFile,
+    writer: GgufWriter,
+    ftype: FileType,
+    types: Vec<GgmlType>,
+    seconds: f64,
+    differs: Vec<(String, GgmlType, Fallback)>,
+}
+
+fn write_out(out: &mut Out, bytes: &[u8]) -> Result<(), OutputError> {
+    out.file.write_all(bytes).map_err(|source| OutputError {
+        path: out.file.dest().to_path_buf(),
+        what: "cannot write",
+        source,
+    })
+}
+
+/// Zero padding after a tensor, to the writer's alignment.
+fn pad_out(out: &mut Out, size: u64) -> Result<(), OutputError> {
+    let a = out.writer.alignment();
+    let pad = (a - size % a) % a;
+    write_out(out, &vec![0u8; pad as usize])
+}
+
+/// Convert `opts.hf_dir` to every type in `opts.types` in one pass.
+pub fn convert_hf(opts: &ConvertOptions, progress: &dyn Progress) -> anyhow::Result<ConvertReport> {
+    let start = Instant::now();
+    let dir = &opts.hf_dir;
+    if !dir.is_dir() {
+        return Err(InputError::new(dir, "not a directory").into());
+    }
+    let config = HfConfig::load(dir)?;
+    let vocab = HfVocab::load(dir, &config)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let planned = plan(&ckpt, &config)?;
+    let name = opts.name.clone().unwrap_or_else(|| model_name(dir));
+    let paths = output_paths(opts, &name)?;
+
+    let mut outs: Vec<Out> = Vec::with_capacity(paths.len());
+    for (&ftype, path) in opts.types.iter().zip(&paths) {
+        let mut writer = GgufWriter::new();
+        for (k, v) in gguf_metadata(&config, &vocab, &name, ftype) {
+            writer.add_kv(&k, v);
+        }
+        let policy = Policy::new(ftype, config.n_layer, false);
+        let mut types = Vec::with_capacity(planned.len());
+        let mut differs = Vec::new();
+        for p in &planned {
+            let choice = policy
+                .choose(&p.gguf_name, &p.dims, p.f16_file_type)
+                .map_err(anyhow::Error::msg)?;
+            if let Some(d) = choice.differs {
+                differs.push((p.gguf_name.clone(), choice.ty, d));
+            }
+            writer.add_tensor(&p.gguf_name, &p.dims, choice.ty)?;
+            types.push(choice.ty);
+        }
+        let file = AtomicFile::create(path).map_err(|source| OutputError {
+            path: path.clone(),
+            what: "cannot create output",
+            source,
+        })?;
+        outs.push(Out {
+            file,
+            writer,
+            ftype,
+            types,
+            seconds: 0.0,
+            differs,
+        });
+    }
+    progress.begin(
+        &outs
+            .iter()
+            .map(|o| (o.file.dest().to_path_buf(), o.writer.total_size()))
+            .collect::<Vec<_>>(),
+    );
+    for (i, o) in outs.iter_mut().enumerate() {
+        let header = o.writer.header_bytes();
+        write_out(o, &header)?;
+        progress.wrote(i, header.len() as u64);
+    }
+
+    let mut x: Vec<f32> = Vec::new();
+    let mut rounded: Vec<f32> = Vec::new();
+    let mut bytes: Vec<u8> = Vec::new();
+    let mut whole: Vec<f32> = Vec::new();
+    for (ti, p) in planned.iter().enumerate() {
+        progress.tensor(ti, planned.len(), &p.gguf_name);
+        let src = ckpt
+            .get(&p.source)
+            .ok_or_else(|| anyhow::anyhow!("internal: tensor {} vanished", p.source))?;
+        let (rows, cols) = (p.rows(), p.cols());
+        if p.transpose {
+            whole.resize(src.n_elements(), 0.0);
+            let mut tmp = vec![0f32; src.n_elements()];
+            decode_par(p.dtype, src.data, &mut tmp);
+            // Source is [in = cols, out = rows]; GGUF row r is source column r.
+            transpose(&tmp, cols, rows, &mut whole);
+        }
+        let needs_f16 = outs.iter().any(|o| o.types[ti] != GgmlType::F32);
+        let rows_per_chunk = (CHUNK_VALUES / cols).max(1);
+        let mut r0 = 0;
+        while r0 < rows {
+            let r1 = (r0 + rows_per_chunk).min(rows);
+            let n = (r1 - r0) * cols;
+            x.resize(n, 0.0);
+            if p.transpose {
+                x.copy_from_slice(&whole[r0 * cols..r1 * cols]);
+            } else {
+                let es = p.dtype.size();
+                decode_par(p.dtype, &src.data[r0 * cols * es..r1 * cols * es], &mut x);
+            }
+            check_finite(&x, p, r0 * cols, src.file)?;
+            if needs_f16 {
+                rounded.resize(n, 0.0);
+                round_f16(&x, &mut rounded).map_err(|i| {
+                    InputError::new(
+                        src.file,
+                        format!(
+                            "tensor {}: value {} at element {} is outside the f16 range (±65504)",
+                            p.source,
+                            x[i],
+                            r0 * cols + i
+                        ),
+                    )
+                })?;
+            }
+            for (fi, o) in outs.iter_mut().enumerate() {
+                let t0 = Instant::now();
+                let ty = o.types[ti];
+                let row_bytes = ty.row_bytes(cols as u64).unwrap_or(0) as usize;
+                bytes.resize((r1 - r0) * row_bytes, 0);
+                let input = if ty == GgmlType::F32 { &x } else { &rounded };
+                quantize_into(ty, input, cols, &mut bytes)
+                    .map_err(|e| anyhow::anyhow!("tensor {}: {e}", p.gguf_name))?;
+                if ty != GgmlType::F32 && ty != GgmlType::F16 {
+                    validate_row_data(ty, &bytes).map_err(|e| {
+                        anyhow::anyhow!("tensor {}: quantized data invalid: {e}", p.gguf_name)
+                    })?;
+                }
+                write_out(o, &bytes)?;
+                o.seconds += t0.elapsed().as_secs_f64();
+                progress.wrote(fi, bytes.len() as u64);
+            }
+            r0 = r1;
+        }
+        for (fi, o) in outs.iter_mut().enumerate() {
+            let size = o.writer.tensors()[ti].size;
+            pad_out(o, size)?;
+            progress.wrote(
+                fi,
+                (o.writer.alignment() - size % o.writer.alignment()) % o.writer.alignment(),
+            );
+        }
+        ckpt.release(&p.source);
+    }
+
+    let n_params: u64 = planned.iter().map(|p| p.dims.iter().product::<u64>()).sum();
+    let mut files = Vec::with_capacity(outs.len());
+    for o in outs {
+        let path = o.file.dest().to_path_buf();
+        let tensor_bytes = o.writer.tensors().iter().map(|t| t.size).sum();
+        let file_bytes = o.writer.total_size();
+        let mut type_counts: Vec<(GgmlType, usize)> = Vec::new();
+        for &t in &o.types {
+            match type_counts.iter_mut().find(|(u, _)| *u == t) {
+                Some((_, c)) => *c += 1,
+                None => type_counts.push((t, 1)),
+            }
+        }
+        let t0 = Instant::now();
+        o.file.commit().map_err(|source| OutputError {
+            path: path.clone(),
+            what: "cannot commit",
+            source,
+        })?;
+        files.push(FileSummary {
+            path,
+            ftype: o.ftype,
+            n_tensors: o.types.len(),
+            file_bytes,
+            tensor_bytes,
+            n_params,
+            seconds: o.seconds + t0.elapsed().as_secs_f64(),
+            differs: o.differs,
+            type_counts,
+        });
+    }
+    progress.finish();
+    Ok(ConvertReport {
+        files,
+        seconds: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// Decode source bytes to f32 on all cores.
+pub(crate) fn decode_par(dtype: SrcDtype, bytes: &[u8], out: &mut [f32]) {
+    const PIECE: usize = 1 << 16;
+    out.par_chunks_mut(PIECE)
+        .zip(bytes.par_chunks(PIECE * dtype.size()))
+        .for_each(|(o, b)| decode_f32(dtype, b, o));
+}
+
+/// Round to f16 and back; `Err(index)` of the first finite value that overflows f16.
+fn round_f16(x: &[f32], out: &mut [f32]) -> Result<(), usize> {
+    const PIECE: usize = 1 << 14;
+    out.par_chunks_mut(PIECE)
+        .zip(x.par_chunks(PIECE))
+        .enumerate()
+        .try_for_each(|(k, (o, s))| {
+            let mut h = vec![f16::ZERO; s.len()];
+            h.convert_from_f32_slice(s);
+            h.convert_to_f32_slice(o);
+            match o.iter().position(|v| v.is_infinite()) {
+                Some(i) => Err(k * PIECE + i),
+                None => Ok(()),
+            }
+        })
+}
+
+/// NaN or infinite weights make a broken model; say where instead of writing it.
+fn check_finite(x: &[f32], p: &Planned, base: usize, file: &Path) -> Result<(), InputError> {
+    match x.iter().position(|v| !v.is_finite()) {
+        None => Ok(()),
+        Some(i) => Err(InputError::new(
+            file,
+            format!("tensor {}: element {} is {}", p.source, base + i, x[i]),
+        )),
+    }
+}
+
+/// `dst[r][c] = src[c][r]` for a `src` of `src_rows × src_cols`, in cache-sized tiles.
+/// `dst` is `src_cols × src_rows`.
+pub(crate) fn transpose(src: &[f32], src_rows: usize, src_cols: usize, dst: &mut [f32]) {
+    const T: usize = 32;
+    debug_assert_eq!(src.len(), src_rows * src_cols);
+    debug_assert_eq!(dst.len(), src.len());
+    for r0 in (0..src_rows).step_by(T) {
+        for c0 in (0..src_cols).step_by(T) {
+            for r in r0..(r0 + T).min(src_rows) {
+                for c in c0..(c0 + T).min(src_cols) {
+                    dst[c * src_rows + r] = src[r * src_cols + c];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_small() {
+        // 2 × 3 → 3 × 2
+        let src = [1., 2., 3., 4., 5., 6.];
+        let mut dst = [0f32; 6];
+        transpose(&src, 2, 3, &mut dst);
+        assert_eq!(dst, [1., 4., 2., 5., 3., 6.]);
+        // Larger than one tile, non-multiple sizes.
+        let (r, c) = (70, 45);
+        let src: Vec<f32> = (0..r * c).map(|i| i as f32).collect();
+        let mut dst = vec![0f32; r * c];
+        transpose(&src, r, c, &mut dst);
+        for i in 0..r {
+            for j in 0..c {
+                assert_eq!(dst[j * r + i], src[i * c + j]);
+            }
+        }
+    }
+
+    #[test]
+    fn f16_rounding_and_overflow() {
+        let x: Vec<f32> = (0..40_000).map(|i| i as f32 * 1.001).collect();
+        let mut out = vec![0f32; x.len()];
+        round_f16(&x, &mut out).unwrap();
+        for (a, b) in x.iter().zip(&out) {
+            assert_eq!(*b, f16::from_f32(*a).to_f32());
+        }
+        let mut x = vec![1.0f32; 20_000];
+        x[17_000] = 70_000.0;
+        assert_eq!(round_f16(&x, &mut out[..20_000]), Err(17_000));
+    }
+}

@@ -1,0 +1,433 @@
+//! Which ggml type each GPT-2 tensor is stored in, for each output file type — llama.cpp's rules.
+//!
+//! Two steps, mirroring the two llama.cpp tools a user would chain:
+//! 1. `convert_hf_to_gguf.py --outtype f16` ([`converter_type`]): 1-D tensors, norms, biases and
+//!    the position table stay F32, every other weight becomes F16.
+//! 2. `llama-quantize` ([`Policy::choose`], `llama_tensor_get_type` in `src/llama-quant.cpp`):
+//!    only 2-D `*weight` tensors other than norms and `position_embd` are quantized; the default
+//!    type of the file type is then adjusted per tensor (the Q4_K_M mix, the tied output head).
+//!
+//! One deliberate difference: where a row length is not a multiple of the block size, ggml falls
+//! back from Q4_K to Q5_0 and from Q5_K to Q5_1. ggpt can neither write nor multiply those two
+//! formats, so it uses Q8_0 there instead (F16 if even that does not divide the row) and reports
+//! the difference. GPT-2 small/medium/large never hit this (n_embd 768/1024/1280 and 4·n_embd are
+//! multiples of 256); GPT-2 XL (1600) does.
+
+use std::cmp::Ordering;
+use std::fmt;
+
+use ggpt_quant::GgmlType;
+
+/// `general.file_type` values (llama.cpp `llama_ftype`) of the files ggpt writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[repr(u32)]
+pub enum FileType {
+    F16 = 1,
+    Q8_0 = 7,
+    Q4KM = 15,
+    Q6K = 18,
+}
+
+impl FileType {
+    /// Every file type, in the order `--type all` writes them.
+    pub const ALL: [FileType; 4] = [FileType::F16, FileType::Q8_0, FileType::Q6K, FileType::Q4KM];
+
+    pub fn code(self) -> u32 {
+        self as u32
+    }
+
+    pub fn from_code(code: u32) -> Option<FileType> {
+        FileType::ALL.into_iter().find(|t| t.code() == code)
+    }
+
+    /// Upper-case label used in file names (`tiny-gpt2-Q4_K_M.gguf`), as llama.cpp names them.
+    pub fn label(self) -> &'static str {
+        match self {
+            FileType::F16 => "F16",
+            FileType::Q8_0 => "Q8_0",
+            FileType::Q6K => "Q6_K",
+            FileType::Q4KM => "Q4_K_M",
+        }
+    }
+
+    /// Parse a command-line name: f16, q8_0, q6_k, q4_k_m (any case).
+    pub fn parse(s: &str) -> Option<FileType> {
+        FileType::ALL
+            .into_iter()
+            .find(|t| t.label().eq_ignore_ascii_case(s))
+    }
+
+    /// The type llama-quantize starts from for every quantizable tensor.
+    pub fn default_type(self) -> GgmlType {
+        match self {
+            FileType::F16 => GgmlType::F16,
+            FileType::Q8_0 => GgmlType::Q8_0,
+            FileType::Q6K => GgmlType::Q6K,
+            FileType::Q4KM => GgmlType::Q4K,
+        }
+    }
+}
+
+impl fmt::Display for FileType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.label())
+    }
+}
+
+/// The type `convert_hf_to_gguf.py --outtype f16` gives a tensor (`prepare_tensors`).
+/// `n_dims` is the numpy rank of the tensor.
+pub fn converter_type(name: &str, n_dims: usize) -> GgmlType {
+    if n_dims <= 1
+        || name.ends_with("_norm.weight")
+        || name == "position_embd.weight"
+        || !name.ends_with(".weight")
+    {
+        GgmlType::F32
+    } else {
+        GgmlType::F16
+    }
+}
+
+/// ggml's `ggml_n_dims`: the rank ignoring trailing dimensions of size 1 (at least 1).
+pub fn ggml_n_dims(dims: &[u64]) -> usize {
+    dims.iter().rposition(|&d| d > 1).map_or(1, |i| i + 1)
+}
+
+/// llama-quantize's filter: does this tensor get a new type at all?
+pub fn is_quantizable(name: &str, dims: &[u64]) -> bool {
+    name.ends_with("weight")
+        && ggml_n_dims(dims) >= 2
+        && !name.contains("_norm.weight")
+        && !name.contains("ffn_gate_inp.weight")
+        && name != "position_embd.weight"
+        && name != "token_types.weight"
+}
+
+/// llama.cpp's `use_more_bits`: the first and last eighth of the layers, and every third in between.
+pub fn use_more_bits(i_layer: usize, n_layer: usize) -> bool {
+    let (i, n) = (i_layer as i64, n_layer as i64);
+    i < n / 8 || i >= 7 * n / 8 || (i - n / 8) % 3 == 2
+}
+
+/// The layer of a `blk.N.*` tensor name.
+pub fn layer_of(name: &str) -> Option<usize> {
+    let rest = name.strip_prefix("blk.")?;
+    let (n, _) = rest.split_once('.')?;
+    if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    n.parse().ok()
+}
+
+/// llama.cpp's tensor order (`weight_name_comparer`): tensors outside any block first, then block
+/// 0, 1, … (numerically); by name (bytewise) within each group. llama-quantize writes this order.
+pub fn tensor_order(a: &str, b: &str) -> Ordering {
+    let la = layer_of(a).map_or(-1, |l| l as i64);
+    let lb = layer_of(b).map_or(-1, |l| l as i64);
+    la.cmp(&lb).then_with(|| a.as_bytes().cmp(b.as_bytes()))
+}
+
+/// Where ggpt's choice differs from llama.cpp's because of the Q5_0/Q5_1 fallback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fallback {
+    /// What the rules asked for (its block size does not divide the row).
+    pub wanted: GgmlType,
+    /// What llama-quantize would write (Q5_0/Q5_1), or `None` where llama-quantize refuses.
+    pub llama_cpp: Option<GgmlType>,
+}
+
+/// The decision for one tensor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Choice {
+    pub ty: GgmlType,
+    /// Set when the type is a fallback that differs from llama.cpp's output.
+    pub differs: Option<Fallback>,
+}
+
+/// llama-quantize's per-tensor decision for one output file.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy {
+    pub ftype: FileType,
+    pub n_layer: usize,
+    /// Whether the model has a separate `output.weight` (else `token_embd` doubles as the output
+    /// head and gets the output's type).
+    pub has_output: bool,
+}
+
+impl Policy {
+    pub fn new(ftype: FileType, n_layer: usize, has_output: bool) -> Policy {
+        Policy {
+            ftype,
+            n_layer,
+            has_output,
+        }
+    }
+
+    /// The type of `name` (GGUF dims `dims`, ne0 first) in the output, given its type `current`
+    /// in the F16/F32 input llama-quantize would read. Errors for a layer index out of range.
+    pub fn choose(&self, name: &str, dims: &[u64], current: GgmlType) -> Result<Choice, String> {
+        if !is_quantizable(name, dims) {
+            return Ok(Choice {
+                ty: current,
+                differs: None,
+            });
+        }
+        let default = self.ftype.default_type();
+        // llama_tensor_get_type only runs for quantized default types.
+        if !is_block_quant(default) {
+            return Ok(Choice {
+                ty: default,
+                differs: None,
+            });
+        }
+        let ne0 = dims.first().copied().unwrap_or(0);
+        let mut ty = default;
+        let is_q4km = self.ftype == FileType::Q4KM;
+        if name == "output.weight" || (!self.has_output && name == "token_embd.weight") {
+            // The output head is the most sensitive matrix: Q6_K unless the file is Q8_0.
+            if ne0 % ty.block_size() as u64 != 0 {
+                ty = GgmlType::Q8_0;
+            } else if ty != GgmlType::Q8_0 {
+                ty = GgmlType::Q6K;
+            }
+        } else if name == "token_embd.weight" {
+            // Unchanged for the file types ggpt writes.
+        } else if name.contains("ffn_down") {
+            if is_q4km {
+                let layer = layer_of(name)
+                    .ok_or_else(|| format!("{name}: ffn_down outside a blk.N. block"))?;
+                if layer >= self.n_layer {
+                    return Err(format!(
+                        "{name}: layer {layer} ≥ block_count {}",
+                        self.n_layer
+                    ));
+                }
+                if use_more_bits(layer, self.n_layer) {
+                    ty = GgmlType::Q6K;
+                }
+            }
+        } else if name.contains("attn_qkv.weight") && is_q4km {
+            ty = GgmlType::Q5K;
+        }
+
+        if ne0 % ty.block_size() as u64 == 0 {
+            return Ok(Choice { ty, differs: None });
+        }
+        // ggml's fallbacks for rows that are not a whole number of blocks.
+        let (llama, ours) = match ty {
+            GgmlType::Q4K => (Some(GgmlType::Q5_0), GgmlType::Q8_0),
+            GgmlType::Q5K => (Some(GgmlType::Q5_1), GgmlType::Q8_0),
+            GgmlType::Q6K => (Some(GgmlType::Q8_0), GgmlType::Q8_0),
+            // llama-quantize throws "Unsupported tensor size"; F16 always fits.
+            _ => (None, GgmlType::F16),
+        };
+        let llama = llama.map(|t| {
+            if ne0 % t.block_size() as u64 == 0 {
+                t
+            } else {
+                GgmlType::F16
+            }
+        });
+        let ours = if ne0 % ours.block_size() as u64 == 0 {
+            ours
+        } else {
+            GgmlType::F16
+        };
+        let differs = (llama != Some(ours)).then_some(Fallback {
+            wanted: ty,
+            llama_cpp: llama,
+        });
+        Ok(Choice { ty: ours, differs })
+    }
+}
+
+fn is_block_quant(t: GgmlType) -> bool {
+    !matches!(t, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use GgmlType::*;
+
+    fn gpt2_names(n_layer: usize) -> Vec<String> {
+        let mut v: Vec<String> = [
+            "token_embd.weight",
+            "position_embd.weight",
+            "output_norm.weight",
+            "output_norm.bias",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        for i in 0..n_layer {
+            for t in [
+                "attn_qkv",
+                "attn_output",
+                "ffn_up",
+                "ffn_down",
+                "attn_norm",
+                "ffn_norm",
+            ] {
+                v.push(format!("blk.{i}.{t}.weight"));
+                v.push(format!("blk.{i}.{t}.bias"));
+            }
+        }
+        v
+    }
+
+    #[test]
+    fn use_more_bits_matches_reference_layer_sets() {
+        // GPT-2 Medium (24 layers), from reference-facts §C.
+        let medium: Vec<usize> = (0..24).filter(|&i| use_more_bits(i, 24)).collect();
+        assert_eq!(medium, [0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23]);
+        // n = 6: n/8 = 0, 7n/8 = 5 → layers 2 and 5 (i − 0) % 3 == 2, plus 5 ≥ 5.
+        let six: Vec<usize> = (0..6).filter(|&i| use_more_bits(i, 6)).collect();
+        assert_eq!(six, [2, 5]);
+    }
+
+    #[test]
+    fn q4_k_m_mix_for_gpt2() {
+        let p = Policy::new(FileType::Q4KM, 24, false);
+        let ty =
+            |n: &str, dims: &[u64]| p.choose(n, dims, converter_type(n, dims.len())).unwrap().ty;
+        assert_eq!(ty("token_embd.weight", &[1024, 50257]), Q6K);
+        assert_eq!(ty("position_embd.weight", &[1024, 1024]), F32);
+        assert_eq!(ty("blk.3.attn_qkv.weight", &[1024, 3072]), Q5K);
+        assert_eq!(ty("blk.3.attn_output.weight", &[1024, 1024]), Q4K);
+        assert_eq!(ty("blk.3.ffn_up.weight", &[1024, 4096]), Q4K);
+        assert_eq!(ty("blk.5.ffn_down.weight", &[4096, 1024]), Q6K);
+        assert_eq!(ty("blk.6.ffn_down.weight", &[4096, 1024]), Q4K);
+        assert_eq!(ty("blk.6.ffn_down.bias", &[1024]), F32);
+        assert_eq!(ty("blk.6.attn_norm.weight", &[1024]), F32);
+        // With a duplicate output head, token_embd keeps the default and output gets Q6_K.
+        let p = Policy::new(FileType::Q4KM, 24, true);
+        assert_eq!(
+            p.choose("token_embd.weight", &[1024, 50257], F16)
+                .unwrap()
+                .ty,
+            Q4K
+        );
+        assert_eq!(
+            p.choose("output.weight", &[1024, 50257], F16).unwrap().ty,
+            Q6K
+        );
+    }
+
+    #[test]
+    fn uniform_types_and_f16() {
+        for (ft, t) in [
+            (FileType::Q8_0, Q8_0),
+            (FileType::Q6K, Q6K),
+            (FileType::F16, F16),
+        ] {
+            let p = Policy::new(ft, 2, false);
+            for n in gpt2_names(2) {
+                let dims: &[u64] = if n.ends_with(".bias") || n.contains("norm") {
+                    &[256]
+                } else {
+                    &[256, 512]
+                };
+                let want = if dims.len() == 2 && n != "position_embd.weight" {
+                    t
+                } else {
+                    F32
+                };
+                assert_eq!(
+                    p.choose(&n, dims, converter_type(&n, dims.len()))
+                        .unwrap()
+                        .ty,
+                    want,
+                    "{ft} {n}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn fallbacks_for_odd_rows() {
+        // n_embd 1600 (GPT-2 XL): 1600 % 256 ≠ 0, 1600 % 32 == 0.
+        let p = Policy::new(FileType::Q4KM, 48, false);
+        let c = p
+            .choose("blk.1.attn_output.weight", &[1600, 1600], F16)
+            .unwrap();
+        assert_eq!(c.ty, Q8_0);
+        assert_eq!(
+            c.differs,
+            Some(Fallback {
+                wanted: Q4K,
+                llama_cpp: Some(Q5_0)
+            })
+        );
+        let c = p
+            .choose("blk.1.attn_qkv.weight", &[1600, 4800], F16)
+            .unwrap();
+        assert_eq!((c.ty, c.differs.unwrap().llama_cpp), (Q8_0, Some(Q5_1)));
+        // Tied output head: llama.cpp picks Q8_0 up front, as do we.
+        assert_eq!(
+            p.choose("token_embd.weight", &[1600, 50257], F16).unwrap(),
+            Choice {
+                ty: Q8_0,
+                differs: None
+            }
+        );
+        // Q6_K → Q8_0 is llama.cpp's own fallback: no difference.
+        let p = Policy::new(FileType::Q6K, 48, false);
+        assert_eq!(
+            p.choose("blk.0.ffn_up.weight", &[1600, 6400], F16).unwrap(),
+            Choice {
+                ty: Q8_0,
+                differs: None
+            }
+        );
+        // A row that not even Q8_0 divides ends in F16.
+        assert_eq!(
+            p.choose("blk.0.ffn_up.weight", &[100, 400], F16)
+                .unwrap()
+                .ty,
+            F16
+        );
+        // ffn_down of 6400 = 25·256 divides.
+        let p = Policy::new(FileType::Q4KM, 48, false);
+        assert_eq!(
+            p.choose("blk.0.ffn_down.weight", &[6400, 1600], F16)
+                .unwrap()
+                .ty,
+            Q6K
+        );
+    }
+
+    #[test]
+    fn order_is_llama_cpp_s() {
+        let mut v = gpt2_names(12);
+        v.reverse();
+        v.sort_by(|a, b| tensor_order(a, b));
+        assert_eq!(
+            &v[..4],
+            [
+                "output_norm.bias",
+                "output_norm.weight",
+                "position_embd.weight",
+                "token_embd.weight"
+            ]
+        );
+        assert_eq!(v[4], "blk.0.attn_norm.bias");
+        assert_eq!(v[5], "blk.0.attn_norm.weight");
+        assert_eq!(v[15], "blk.0.ffn_up.weight");
+        assert_eq!(v[16], "blk.1.attn_norm.bias");
+        assert!(
+            v.iter().position(|n| n == "blk.10.attn_norm.bias")
+                > v.iter().position(|n| n == "blk.9.ffn_up.weight")
+        );
+    }
+
+    #[test]
+    fn ftype_names() {
+        assert_eq!(FileType::parse("q4_k_m"), Some(FileType::Q4KM));
+        assert_eq!(FileType::parse("Q8_0"), Some(FileType::Q8_0));
+        assert_eq!(FileType::parse("q4_0"), None);
+        assert_eq!(FileType::from_code(18), Some(FileType::Q6K));
+        assert_eq!(ggml_n_dims(&[1024, 1]), 1);
+        assert_eq!(ggml_n_dims(&[1, 1024]), 2);
+    }
+}

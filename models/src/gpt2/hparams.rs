@@ -1,0 +1,113 @@
+//! GPT-2 hyper-parameters, read from the `gpt2.*` GGUF keys and checked before anything is
+//! sized from them.
+
+use ggpt_convert::gguf::GgufFile;
+
+use super::LoadError;
+
+/// Largest values accepted from a file. Far above any GPT-2 (XL: 48 layers, 1600 channels,
+/// 6400 ff, 25 heads, 1024 positions), small enough that sizes derived from them cannot
+/// overflow and an absurd header is refused before it allocates anything.
+const MAX_LAYERS: u64 = 1024;
+const MAX_EMBD: u64 = 1 << 16;
+const MAX_FF: u64 = 1 << 20;
+const MAX_CTX: u64 = 1 << 20;
+
+/// Shape of a GPT-2 model. Counts are u64 as GGUF stores them; all are validated at load
+/// to small bounds, so converting them to `usize` is lossless.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Hparams {
+    /// Vocabulary size (rows of `token_embd.weight`).
+    pub n_vocab: u64,
+    /// Maximum positions the model was built for (`gpt2.context_length`, rows of
+    /// `position_embd.weight`); a session's n_ctx may not exceed it.
+    pub n_ctx: u64,
+    /// Channels C (`gpt2.embedding_length`).
+    pub n_embd: u64,
+    /// Attention heads (`gpt2.attention.head_count`).
+    pub n_head: u64,
+    /// Transformer blocks (`gpt2.block_count`).
+    pub n_layer: u64,
+    /// Hidden width of the MLP (`gpt2.feed_forward_length`).
+    pub n_ff: u64,
+    /// LayerNorm epsilon (`gpt2.attention.layer_norm_epsilon`).
+    pub eps: f32,
+}
+
+impl Hparams {
+    /// Channels per head (C / n_head).
+    pub fn head_dim(&self) -> u64 {
+        self.n_embd / self.n_head
+    }
+
+    /// Read and validate the `gpt2.*` keys. `n_vocab` is not a key (llama.cpp takes it from
+    /// the tokenizer); the caller fills it in from `token_embd.weight`.
+    pub(crate) fn from_gguf(file: &GgufFile) -> Result<Hparams, LoadError> {
+        let path = file.path().display().to_string();
+        let int = |key: &str, max: u64| -> Result<u64, LoadError> {
+            let v = file.get_u64(key).map_err(LoadError::from)?.ok_or_else(|| {
+                LoadError::MissingKey {
+                    file: path.clone(),
+                    key: key.to_string(),
+                }
+            })?;
+            if v == 0 || v > max {
+                return Err(LoadError::BadHparam {
+                    file: path.clone(),
+                    key: key.to_string(),
+                    what: format!("{v} is outside 1..={max}"),
+                });
+            }
+            Ok(v)
+        };
+        let n_layer = int("gpt2.block_count", MAX_LAYERS)?;
+        let n_ctx = int("gpt2.context_length", MAX_CTX)?;
+        let n_embd = int("gpt2.embedding_length", MAX_EMBD)?;
+        let n_ff = int("gpt2.feed_forward_length", MAX_FF)?;
+        let n_head = int("gpt2.attention.head_count", MAX_EMBD)?;
+        let eps_key = "gpt2.attention.layer_norm_epsilon";
+        let eps = file
+            .get_f32(eps_key)
+            .map_err(LoadError::from)?
+            .ok_or_else(|| LoadError::MissingKey {
+                file: path.clone(),
+                key: eps_key.to_string(),
+            })?;
+        if !(eps.is_finite() && eps > 0.0 && eps < 1.0) {
+            return Err(LoadError::BadHparam {
+                file: path.clone(),
+                key: eps_key.to_string(),
+                what: format!("{eps} is not in (0, 1)"),
+            });
+        }
+        if n_embd % n_head != 0 {
+            return Err(LoadError::BadHparam {
+                file: path.clone(),
+                key: "gpt2.attention.head_count".to_string(),
+                what: format!("embedding length {n_embd} is not a multiple of {n_head} heads"),
+            });
+        }
+        // llama.cpp only supports head_count_kv == head_count for GPT-2 (no GQA).
+        if let Some(kv) = file
+            .get_u64("gpt2.attention.head_count_kv")
+            .map_err(LoadError::from)?
+        {
+            if kv != n_head {
+                return Err(LoadError::BadHparam {
+                    file: path,
+                    key: "gpt2.attention.head_count_kv".to_string(),
+                    what: format!("{kv} differs from head_count {n_head}; GPT-2 has no GQA"),
+                });
+            }
+        }
+        Ok(Hparams {
+            n_vocab: 0,
+            n_ctx,
+            n_embd,
+            n_head,
+            n_layer,
+            n_ff,
+            eps,
+        })
+    }
+}

@@ -1,0 +1,138 @@
+//! GPT-2 as llama.cpp runs it from a GGUF file (`general.architecture = "gpt2"`).
+//!
+//! - [`hparams`]: the `gpt2.*` hyper-parameters, validated.
+//! - [`weights`]: every tensor's presence, shape and type checked; 2-D weights stay in the
+//!   mmapped file, only the small 1-D norms and biases are copied.
+//! - [`forward`]: the forward pass over a batch of tokens, with its KV cache and scratch
+//!   buffers in a [`State`].
+
+pub mod forward;
+pub mod hparams;
+pub mod weights;
+
+use std::sync::Arc;
+
+use ggpt_convert::gguf::GgufFile;
+use ggpt_quant::GgmlType;
+
+pub use forward::{Output, Seqs, State};
+pub use hparams::Hparams;
+pub use weights::Weights;
+
+/// Why a GGUF file cannot be loaded as GPT-2. Every message names the file.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum LoadError {
+    #[error(transparent)]
+    Gguf(#[from] ggpt_convert::gguf::GgufError),
+    #[error("{file}: general.architecture is '{found}', expected 'gpt2'")]
+    WrongArchitecture { file: String, found: String },
+    #[error("{file}: missing metadata key '{key}'")]
+    MissingKey { file: String, key: String },
+    #[error("{file}: metadata key '{key}': {what}")]
+    BadHparam {
+        file: String,
+        key: String,
+        what: String,
+    },
+    #[error("{file}: missing tensor '{name}'")]
+    MissingTensor { file: String, name: String },
+    #[error("{file}: tensor '{name}' has shape {found:?} (ne0 first), expected {expected:?}")]
+    WrongShape {
+        file: String,
+        name: String,
+        expected: Vec<u64>,
+        found: Vec<u64>,
+    },
+    #[error("{file}: tensor '{name}' has type {ty}, which ggpt cannot use here (supported: {supported})")]
+    UnsupportedType {
+        file: String,
+        name: String,
+        ty: GgmlType,
+        supported: &'static str,
+    },
+    #[error("{file}: tensor '{name}': {what}")]
+    BadValues {
+        file: String,
+        name: String,
+        what: String,
+    },
+}
+
+/// Why a forward pass was refused. Checked before any state changes, so the session is
+/// still usable after an error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RunError {
+    #[error("context full: sequence {seq} holds {have} tokens, {adding} more would exceed n_ctx = {n_ctx}")]
+    ContextFull {
+        seq: usize,
+        have: usize,
+        adding: usize,
+        n_ctx: usize,
+    },
+    #[error("token id {token} is out of range (vocabulary has {n_vocab} tokens)")]
+    TokenOutOfRange { token: u32, n_vocab: usize },
+    #[error("n_ctx = {n_ctx} is not in 1..={max} (the model's context length)")]
+    BadContext { n_ctx: usize, max: usize },
+    #[error("invalid request: {0}")]
+    BadRequest(String),
+}
+
+/// A loaded GPT-2: hyper-parameters plus weight descriptors borrowing the mmapped file.
+pub struct Gpt2 {
+    file: Arc<GgufFile>,
+    hparams: Hparams,
+    weights: Weights,
+}
+
+impl Gpt2 {
+    /// Validate `file` as a GPT-2 GGUF: architecture, hyper-parameters, and each tensor's
+    /// presence, shape and type. `output.weight` is optional (tied to `token_embd.weight`
+    /// when absent, as current llama.cpp converters write it).
+    pub fn from_gguf(file: Arc<GgufFile>) -> anyhow::Result<Gpt2> {
+        let path = file.path().display().to_string();
+        match file
+            .get_str("general.architecture")
+            .map_err(LoadError::from)?
+        {
+            Some("gpt2") => {}
+            Some(other) => {
+                return Err(LoadError::WrongArchitecture {
+                    file: path,
+                    found: other.to_string(),
+                }
+                .into())
+            }
+            None => {
+                return Err(LoadError::MissingKey {
+                    file: path,
+                    key: "general.architecture".to_string(),
+                }
+                .into())
+            }
+        }
+        let mut hparams = Hparams::from_gguf(&file)?;
+        let weights = Weights::load(&file, &mut hparams)?;
+        Ok(Gpt2 {
+            file,
+            hparams,
+            weights,
+        })
+    }
+
+    /// Shape of the model.
+    pub fn hparams(&self) -> &Hparams {
+        &self.hparams
+    }
+
+    /// The file the weights live in.
+    pub fn file(&self) -> &GgufFile {
+        &self.file
+    }
+
+    /// The weight descriptors.
+    pub fn weights(&self) -> &Weights {
+        &self.weights
+    }
+}

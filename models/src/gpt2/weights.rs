@@ -1,0 +1,292 @@
+//! GPT-2's tensors in a GGUF file: names, expected shapes and allowed types (llama.cpp's
+//! `LLM_ARCH_GPT2` table), checked once at load.
+//!
+//! 2-D weights are not copied: a [`Matrix`] records where the tensor lives and is turned
+//! into a borrowed [`QMatrix`] over the mmap at each use. The 1-D norms and biases (a few KiB
+//! per layer) are copied into `Vec<f32>` so the hot loops read plain f32 slices.
+
+use ggpt_convert::gguf::{GgufFile, TensorInfo};
+use ggpt_quant::matmul::QMatrix;
+use ggpt_quant::GgmlType;
+
+use super::{Hparams, LoadError};
+
+/// Largest vocabulary accepted (far above GPT-2's 50257; bounds the logits buffer).
+const MAX_VOCAB: u64 = 1 << 22;
+
+const MATRIX_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_K, Q5_K, Q6_K";
+const VECTOR_TYPES: &str = "F32, F16, BF16";
+
+/// A 2-D weight in the mapped file: `rows` rows of `cols` values (ne0 = cols, contiguous).
+#[derive(Clone, Debug)]
+pub struct Matrix {
+    pub info: TensorInfo,
+    pub ty: GgmlType,
+    pub rows: usize,
+    pub cols: usize,
+    /// Bytes per row in `ty`.
+    pub row_bytes: usize,
+}
+
+impl Matrix {
+    /// Borrow the weight from `file` (the file it was loaded from) for a matmul.
+    pub fn view<'a>(&self, file: &'a GgufFile) -> QMatrix<'a> {
+        QMatrix {
+            ty: self.ty,
+            rows: self.rows,
+            cols: self.cols,
+            data: file.tensor_data(&self.info),
+        }
+    }
+
+    /// The bytes of row `r` (`None` if `r` is out of range).
+    pub fn row<'a>(&self, file: &'a GgufFile, r: usize) -> Option<&'a [u8]> {
+        let start = r.checked_mul(self.row_bytes)?;
+        file.tensor_data(&self.info)
+            .get(start..start.checked_add(self.row_bytes)?)
+    }
+}
+
+/// LayerNorm parameters (C each).
+#[derive(Clone, Debug)]
+pub struct Norm {
+    pub w: Vec<f32>,
+    pub b: Vec<f32>,
+}
+
+/// One transformer block. Shapes in llm.c letters (C channels, F = n_ff), weights as
+/// (rows = out, cols = in).
+#[derive(Clone, Debug)]
+pub struct Layer {
+    /// ln_1
+    pub attn_norm: Norm,
+    /// (3C, C): rows 0..C produce Q, C..2C K, 2C..3C V.
+    pub attn_qkv: Matrix,
+    /// (3C)
+    pub attn_qkv_b: Vec<f32>,
+    /// (C, C)
+    pub attn_out: Matrix,
+    /// (C)
+    pub attn_out_b: Vec<f32>,
+    /// ln_2
+    pub ffn_norm: Norm,
+    /// (F, C)
+    pub ffn_up: Matrix,
+    /// (F)
+    pub ffn_up_b: Vec<f32>,
+    /// (C, F)
+    pub ffn_down: Matrix,
+    /// (C)
+    pub ffn_down_b: Vec<f32>,
+}
+
+/// Every GPT-2 tensor.
+#[derive(Clone, Debug)]
+pub struct Weights {
+    /// (V, C): embedding rows, and the output projection when `output` is absent.
+    pub token_embd: Matrix,
+    /// (n_ctx_train, C)
+    pub pos_embd: Matrix,
+    pub layers: Vec<Layer>,
+    /// ln_f
+    pub output_norm: Norm,
+    /// (V, C), only in files that store the tied projection twice.
+    pub output: Option<Matrix>,
+}
+
+impl Weights {
+    /// The matrix that turns final hidden states into logits.
+    pub fn lm_head(&self) -> &Matrix {
+        self.output.as_ref().unwrap_or(&self.token_embd)
+    }
+
+    /// Bytes of 2-D weight data referenced in the map.
+    pub fn matrix_bytes(&self) -> u64 {
+        let l: u64 = self
+            .layers
+            .iter()
+            .map(|l| {
+                l.attn_qkv.info.size
+                    + l.attn_out.info.size
+                    + l.ffn_up.info.size
+                    + l.ffn_down.info.size
+            })
+            .sum();
+        l + self.token_embd.info.size
+            + self.pos_embd.info.size
+            + self.output.as_ref().map_or(0, |m| m.info.size)
+    }
+
+    /// Check and collect every tensor. Fills in `hp.n_vocab` from `token_embd.weight`.
+    pub(crate) fn load(file: &GgufFile, hp: &mut Hparams) -> Result<Weights, LoadError> {
+        let ld = Loader {
+            file,
+            path: file.path().display().to_string(),
+        };
+        let c = hp.n_embd;
+
+        // The vocabulary size is the embedding's row count; check it before using it.
+        let te = ld.info("token_embd.weight")?;
+        if te.dims.len() != 2 || te.dims[0] != c || te.dims[1] == 0 || te.dims[1] > MAX_VOCAB {
+            return Err(LoadError::WrongShape {
+                file: ld.path.clone(),
+                name: te.name.clone(),
+                expected: vec![c, te.dims.get(1).copied().unwrap_or(0).clamp(1, MAX_VOCAB)],
+                found: te.dims.clone(),
+            });
+        }
+        let n_vocab = te.dims[1];
+        hp.n_vocab = n_vocab;
+        // llama.cpp sizes the vocabulary from the tokenizer; the two must agree.
+        if let Some(tokens) = file.get("tokenizer.ggml.tokens") {
+            let n = tokens.as_array().map(|a| a.len() as u64);
+            if n != Some(n_vocab) {
+                return Err(LoadError::BadHparam {
+                    file: ld.path.clone(),
+                    key: "tokenizer.ggml.tokens".to_string(),
+                    what: format!(
+                        "holds {} tokens but token_embd.weight has {n_vocab} rows",
+                        n.map_or("no array of".to_string(), |n| n.to_string())
+                    ),
+                });
+            }
+        }
+
+        let (v, t, f) = (n_vocab, hp.n_ctx, hp.n_ff);
+        let token_embd = ld.matrix("token_embd.weight", c, v)?;
+        let pos_embd = ld.matrix("position_embd.weight", c, t)?;
+        let output_norm = ld.norm("output_norm", c)?;
+        let output = match file.tensor("output.weight") {
+            Some(_) => Some(ld.matrix("output.weight", c, v)?),
+            None => None,
+        };
+        let layers = (0..hp.n_layer)
+            .map(|i| {
+                let n = |s: &str| format!("blk.{i}.{s}");
+                Ok(Layer {
+                    attn_norm: ld.norm(&n("attn_norm"), c)?,
+                    attn_qkv: ld.matrix(&n("attn_qkv.weight"), c, 3 * c)?,
+                    attn_qkv_b: ld.vector(&n("attn_qkv.bias"), 3 * c)?,
+                    attn_out: ld.matrix(&n("attn_output.weight"), c, c)?,
+                    attn_out_b: ld.vector(&n("attn_output.bias"), c)?,
+                    ffn_norm: ld.norm(&n("ffn_norm"), c)?,
+                    ffn_up: ld.matrix(&n("ffn_up.weight"), c, f)?,
+                    ffn_up_b: ld.vector(&n("ffn_up.bias"), f)?,
+                    ffn_down: ld.matrix(&n("ffn_down.weight"), f, c)?,
+                    ffn_down_b: ld.vector(&n("ffn_down.bias"), c)?,
+                })
+            })
+            .collect::<Result<Vec<_>, LoadError>>()?;
+        Ok(Weights {
+            token_embd,
+            pos_embd,
+            layers,
+            output_norm,
+            output,
+        })
+    }
+}
+
+struct Loader<'f> {
+    file: &'f GgufFile,
+    path: String,
+}
+
+impl Loader<'_> {
+    fn info(&self, name: &str) -> Result<&TensorInfo, LoadError> {
+        self.file
+            .tensor(name)
+            .ok_or_else(|| LoadError::MissingTensor {
+                file: self.path.clone(),
+                name: name.to_string(),
+            })
+    }
+
+    fn shaped(&self, name: &str, expected: &[u64]) -> Result<&TensorInfo, LoadError> {
+        let info = self.info(name)?;
+        if info.dims != expected {
+            return Err(LoadError::WrongShape {
+                file: self.path.clone(),
+                name: name.to_string(),
+                expected: expected.to_vec(),
+                found: info.dims.clone(),
+            });
+        }
+        Ok(info)
+    }
+
+    /// A 2-D weight with dims [ne0 = cols, ne1 = rows].
+    fn matrix(&self, name: &str, cols: u64, rows: u64) -> Result<Matrix, LoadError> {
+        let info = self.shaped(name, &[cols, rows])?;
+        if !info.ty.is_supported_weight() {
+            return Err(LoadError::UnsupportedType {
+                file: self.path.clone(),
+                name: name.to_string(),
+                ty: info.ty,
+                supported: MATRIX_TYPES,
+            });
+        }
+        let bad = |what: String| LoadError::BadValues {
+            file: self.path.clone(),
+            name: name.to_string(),
+            what,
+        };
+        let row_bytes = info
+            .ty
+            .row_bytes(cols)
+            .ok_or_else(|| bad(format!("row of {cols} is not whole {} blocks", info.ty)))?;
+        // The reader validated size = rows × row bytes within the file; re-check the product
+        // here since everything below slices rows out of it.
+        let data = self.file.tensor_data(info);
+        if Some(data.len() as u64) != row_bytes.checked_mul(rows) {
+            return Err(bad(format!(
+                "holds {} bytes, expected {rows} rows × {row_bytes}",
+                data.len()
+            )));
+        }
+        // The matmul kernels view the bytes as blocks: check alignment and size the way
+        // they will, so a bad file is an error here rather than a panic mid-inference.
+        QMatrix::new(info.ty, rows as usize, cols as usize, data)
+            .map_err(|e| bad(e.to_string()))?;
+        Ok(Matrix {
+            info: info.clone(),
+            ty: info.ty,
+            rows: rows as usize,
+            cols: cols as usize,
+            row_bytes: row_bytes as usize,
+        })
+    }
+
+    /// A 1-D tensor of `n` values, copied out as f32. Non-finite values are refused: they
+    /// would turn every activation downstream into NaN.
+    fn vector(&self, name: &str, n: u64) -> Result<Vec<f32>, LoadError> {
+        let info = self.shaped(name, &[n])?;
+        if !matches!(info.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
+            return Err(LoadError::UnsupportedType {
+                file: self.path.clone(),
+                name: name.to_string(),
+                ty: info.ty,
+                supported: VECTOR_TYPES,
+            });
+        }
+        let bad = |what: String| LoadError::BadValues {
+            file: self.path.clone(),
+            name: name.to_string(),
+            what,
+        };
+        let mut out = vec![0.0f32; n as usize];
+        ggpt_quant::tensor::dequantize(info.ty, self.file.tensor_data(info), &mut out)
+            .map_err(bad)?;
+        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
+            return Err(bad(format!("element {i} is {}", out[i])));
+        }
+        Ok(out)
+    }
+
+    fn norm(&self, prefix: &str, c: u64) -> Result<Norm, LoadError> {
+        Ok(Norm {
+            w: self.vector(&format!("{prefix}.weight"), c)?,
+            b: self.vector(&format!("{prefix}.bias"), c)?,
+        })
+    }
+}

@@ -1,0 +1,853 @@
+//! AVX-512 (F/BW/VL) kernels, in two builds: `plain` (int8 products via `vpmaddubsw`) and
+//! `vnni` (`vpdpbusd`, 64 multiply-adds in one instruction).
+//!
+//! Both builds are generated from the same source by the `avx512_family!` macro, each with its
+//! own `#[target_feature]` list, so that the compiler can never place a VNNI instruction into
+//! the plain build (which must run on AVX-512 CPUs without VNNI).
+//!
+//! K-quant superblocks are handled in one shape for all three formats: the 256 values are
+//! unpacked into four 64-byte vectors of *unsigned* bytes in element order (Q4_K 0..15,
+//! Q5_K 0..31, Q6_K 0..63 with its −32 offset moved to the activation sums), multiplied with the
+//! Q8_K bytes into i32 lanes (lane i of vector k covers elements 64k+4i..64k+4i+3, i.e. the
+//! 16-value group 4k+i/4), narrowed to i16 (no saturation: |lane| ≤ 4·63·127 = 32004) and
+//! multiplied by the per-group scales with `vpmaddwd`. The mins (Q4_K/Q5_K) or the −32 offset
+//! (Q6_K) use the Q8_K group sums, as in ggml. All integer work is exact; only the per-superblock
+//! scaling is float.
+
+#![allow(clippy::missing_safety_doc)]
+
+use super::scalar::scales_mins_bytes;
+use super::{gemm_shape, KPacked, Kernels, Q8_0Packed, TileKernels};
+use crate::act::{Q8KTile, Q8_0Tile};
+use crate::q4_k::BlockQ4K;
+use crate::q5_k::BlockQ5K;
+use crate::q6_k::BlockQ6K;
+use crate::q8_0::BlockQ8_0;
+use crate::q8_k::BlockQ8K;
+use half::f16;
+
+/// Group-scale gather indices (16-bit lanes) for `vpermw`. With the 16 group scales of a
+/// superblock in the low 256 bits, `PERM_01` builds the scales matching `packs(D0, D1)` (128-bit
+/// lane L holds 4 lanes of group L then 4 of group 4+L) and `PERM_23` those of `packs(D2, D3)`.
+/// For Q4_K/Q5_K the source vector holds 8 sub-block scales (a sub-block is 2 groups), so
+/// group g reads index g/2.
+const fn perm(first: u16, per_subblock: bool) -> [u16; 32] {
+    let mut idx = [0u16; 32];
+    let mut lane = 0;
+    while lane < 4 {
+        let mut j = 0;
+        while j < 8 {
+            let g = first + lane as u16 + if j < 4 { 0 } else { 4 };
+            idx[lane * 8 + j] = if per_subblock { g / 2 } else { g };
+            j += 1;
+        }
+        lane += 1;
+    }
+    idx
+}
+pub(crate) const PERM6_01: [u16; 32] = perm(0, false);
+pub(crate) const PERM6_23: [u16; 32] = perm(8, false);
+pub(crate) const PERM4_01: [u16; 32] = perm(0, true);
+pub(crate) const PERM4_23: [u16; 32] = perm(8, true);
+/// For Q4_K/Q5_K: group g's min is sub-block g/2's, stored at index 8 + g/2.
+pub(crate) const PERM4_MINS: [u16; 16] =
+    [8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15];
+
+macro_rules! avx512_family {
+    ($name:ident, $features:literal, $dp:item, $dp_full:item) => {
+        pub(super) mod $name {
+            use super::*;
+            use half::bf16; // explicit, over std::arch's own `bf16`
+            use std::arch::x86_64::*;
+
+            /// u8 × i8 products, 4 adjacent pairs summed into each i32 lane, added to `acc`;
+            /// the unsigned side must be ≤ 127 (K-quant values are ≤ 63).
+            $dp
+
+            /// As `dp`, for any unsigned byte (the `w + 128` of packed Q8_0).
+            $dp_full
+
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn load(p: *const u8) -> __m512i {
+                _mm512_loadu_si512(p.cast())
+            }
+
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn f16_to_f32(h: f16) -> f32 {
+                _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
+            }
+
+            /// Σ over the superblock of scale(group) · Σ_group w·a, as 16 i32 lanes.
+            /// `w`: the 256 unsigned values in element order; `a`: the Q8_K bytes;
+            /// `s01`/`s23`: group scales laid out for `packs(D0,D1)`/`packs(D2,D3)`.
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn superblock(
+                w: &[__m512i; 4],
+                a: *const i8,
+                s01: __m512i,
+                s23: __m512i,
+            ) -> __m512i {
+                let z = _mm512_setzero_si512();
+                let d0 = dp(z, w[0], load(a.cast()));
+                let d1 = dp(z, w[1], load(a.add(64).cast()));
+                let d2 = dp(z, w[2], load(a.add(128).cast()));
+                let d3 = dp(z, w[3], load(a.add(192).cast()));
+                let p01 = _mm512_madd_epi16(_mm512_packs_epi32(d0, d1), s01);
+                let p23 = _mm512_madd_epi16(_mm512_packs_epi32(d2, d3), s23);
+                _mm512_add_epi32(p01, p23)
+            }
+
+            /// Q4_K nibbles in element order (see the module comment).
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn unpack_q4k(qs: &[u8; 128]) -> [__m512i; 4] {
+                let m = _mm512_set1_epi8(0x0f);
+                let qa = load(qs.as_ptr());
+                let qb = load(qs.as_ptr().add(64));
+                let (la, ha) = (_mm512_and_si512(qa, m), _mm512_and_si512(_mm512_srli_epi16::<4>(qa), m));
+                let (lb, hb) = (_mm512_and_si512(qb, m), _mm512_and_si512(_mm512_srli_epi16::<4>(qb), m));
+                // A 32-byte chunk's low nibbles are elements 64c..64c+32, its high nibbles
+                // the next 32: interleave the 128-bit quarters back into element order.
+                [
+                    _mm512_shuffle_i64x2::<0x44>(la, ha),
+                    _mm512_shuffle_i64x2::<0xee>(la, ha),
+                    _mm512_shuffle_i64x2::<0x44>(lb, hb),
+                    _mm512_shuffle_i64x2::<0xee>(lb, hb),
+                ]
+            }
+
+            /// Q5_K values: Q4_K nibbles plus 16 where the element's `qh` bit is set.
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn unpack_q5k(qs: &[u8; 128], qh: &[u8; 32]) -> [__m512i; 4] {
+                let mut w = unpack_q4k(qs);
+                let h = _mm512_broadcast_i64x4(_mm256_loadu_si256(qh.as_ptr().cast()));
+                let sixteen = _mm512_set1_epi8(16);
+                for (c, wc) in w.iter_mut().enumerate() {
+                    // Elements 64c..64c+32 use bit 2c of qh[l], the next 32 bit 2c+1.
+                    let lo = _mm256_set1_epi8(1 << (2 * c));
+                    let hi = _mm256_set1_epi8((1u8 << (2 * c + 1)) as i8);
+                    let bits = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                    let k = _mm512_test_epi8_mask(h, bits);
+                    *wc = _mm512_mask_add_epi8(*wc, k, *wc, sixteen);
+                }
+                w
+            }
+
+            /// Q6_K 6-bit values (0..63, i.e. before the −32 offset) in element order.
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn unpack_q6k(ql: &[u8; 128], qh: &[u8; 64]) -> [__m512i; 4] {
+                let m4 = _mm512_set1_epi8(0x0f);
+                let m30 = _mm512_set1_epi8(0x30);
+                let half = |h: usize| {
+                    let l = load(ql.as_ptr().add(64 * h));
+                    let q = _mm256_loadu_si256(qh.as_ptr().add(32 * h).cast());
+                    // [qh | qh >> 2]: bits 0-1 then 4-5 of each half feed the four 32-value runs.
+                    let x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<2>(q));
+                    let lo = _mm512_or_si512(
+                        _mm512_and_si512(l, m4),
+                        _mm512_and_si512(_mm512_slli_epi16::<4>(x), m30),
+                    );
+                    let hi = _mm512_or_si512(
+                        _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4),
+                        _mm512_and_si512(x, m30),
+                    );
+                    (lo, hi)
+                };
+                let (w0, w1) = half(0);
+                let (w2, w3) = half(1);
+                [w0, w1, w2, w3]
+            }
+
+            /// Group scales for `superblock` from 16 i16 values (see `PERM*`).
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn group_scales(v16: __m256i, p01: &[u16; 32], p23: &[u16; 32]) -> (__m512i, __m512i) {
+                let v = _mm512_zextsi256_si512(v16);
+                (
+                    _mm512_permutexvar_epi16(_mm512_loadu_si512(p01.as_ptr().cast()), v),
+                    _mm512_permutexvar_epi16(_mm512_loadu_si512(p23.as_ptr().cast()), v),
+                )
+            }
+
+            /// Q4_K/Q5_K: (scales for `superblock`, per-group mins as 16 i16).
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn k4_scales(s: &[u8; 12]) -> (__m512i, __m512i, __m256i) {
+                let b = scales_mins_bytes(s);
+                let v16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(b.as_ptr().cast()));
+                let (s01, s23) = group_scales(v16, &PERM4_01, &PERM4_23);
+                let mins = _mm256_permutexvar_epi16(_mm256_loadu_si256(PERM4_MINS.as_ptr().cast()), v16);
+                (s01, s23, mins)
+            }
+
+            /// Q6_K: (scales for `superblock`, the 16 signed group scales as i16).
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn k6_scales(s: &[i8; 16]) -> (__m512i, __m512i, __m256i) {
+                let v16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(s.as_ptr().cast()));
+                let (s01, s23) = group_scales(v16, &PERM6_01, &PERM6_23);
+                (s01, s23, v16)
+            }
+
+            /// Σ_g m_g · bsums_g as 8 i32 lanes.
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn min_sums(m16: __m256i, bsums: &[i16; 16]) -> __m256i {
+                _mm256_madd_epi16(m16, _mm256_loadu_si256(bsums.as_ptr().cast()))
+            }
+
+            /// Q6_K values were taken as 0..63: apply their −32 offset, −32·Σ_g sc_g·Σ_group a,
+            /// in integers so the result stays exact (|·| < 2.7e8 < 2³¹).
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn q6k_offset(isum: __m512i, sc16: __m256i, bsums: &[i16; 16]) -> __m512i {
+                let off = _mm256_slli_epi32::<5>(min_sums(sc16, bsums));
+                _mm512_sub_epi32(isum, _mm512_zextsi256_si512(off))
+            }
+
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn hsum256(v: __m256) -> f32 {
+                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+                _mm_cvtss_f32(s)
+            }
+
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn hsum(v: __m512) -> f32 {
+                hsum256(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v)))
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn q4k_q8k_impl(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+                let mut acc = _mm512_setzero_ps();
+                let mut acc_min = _mm256_setzero_ps();
+                for (x, y) in w.iter().zip(a) {
+                    let (s01, s23, mins) = k4_scales(&x.scales);
+                    let isum = superblock(&unpack_q4k(&x.qs), y.qs.as_ptr(), s01, s23);
+                    let imin = min_sums(mins, &y.bsums);
+                    let d = y.d * f16_to_f32(x.d);
+                    let dmin = y.d * f16_to_f32(x.dmin);
+                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d), acc);
+                    acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_set1_ps(dmin), acc_min);
+                }
+                hsum(acc) - hsum256(acc_min)
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn q5k_q8k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
+                let mut acc = _mm512_setzero_ps();
+                let mut acc_min = _mm256_setzero_ps();
+                for (x, y) in w.iter().zip(a) {
+                    let (s01, s23, mins) = k4_scales(&x.scales);
+                    let isum = superblock(&unpack_q5k(&x.qs, &x.qh), y.qs.as_ptr(), s01, s23);
+                    let imin = min_sums(mins, &y.bsums);
+                    let d = y.d * f16_to_f32(x.d);
+                    let dmin = y.d * f16_to_f32(x.dmin);
+                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d), acc);
+                    acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_set1_ps(dmin), acc_min);
+                }
+                hsum(acc) - hsum256(acc_min)
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn q6k_q8k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+                let mut acc = _mm512_setzero_ps();
+                for (x, y) in w.iter().zip(a) {
+                    let (s01, s23, sc16) = k6_scales(&x.scales);
+                    let isum = superblock(&unpack_q6k(&x.ql, &x.qh), y.qs.as_ptr(), s01, s23);
+                    let d = y.d * f16_to_f32(x.d);
+                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q6k_offset(isum, sc16, &y.bsums)), _mm512_set1_ps(d), acc);
+                }
+                hsum(acc)
+            }
+
+            /// Q8_0 · Q8_0, two blocks per step. Signed × signed is done exactly by widening to
+            /// i16 (`vpmaddwd`), which cannot saturate even for −128 · −128.
+            #[target_feature(enable = $features)]
+            unsafe fn q8_0_q8_0_impl(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+                let mut acc = _mm512_setzero_ps();
+                let pairs = w.len() / 2;
+                for i in 0..pairs {
+                    let (x0, x1, y0, y1) = (&w[2 * i], &w[2 * i + 1], &a[2 * i], &a[2 * i + 1]);
+                    let wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(x0.qs.as_ptr().cast()));
+                    let av = _mm512_cvtepi8_epi16(_mm256_loadu_si256(y0.qs.as_ptr().cast()));
+                    let wv1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(x1.qs.as_ptr().cast()));
+                    let av1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(y1.qs.as_ptr().cast()));
+                    // 16 i32 per block; fold each block's 16 lanes into 8 so the two blocks
+                    // share one vector: lanes 0..8 block 0, 8..16 block 1.
+                    let p0 = _mm512_madd_epi16(wv, av);
+                    let p1 = _mm512_madd_epi16(wv1, av1);
+                    let s0 = _mm256_add_epi32(_mm512_castsi512_si256(p0), _mm512_extracti64x4_epi64::<1>(p0));
+                    let s1 = _mm256_add_epi32(_mm512_castsi512_si256(p1), _mm512_extracti64x4_epi64::<1>(p1));
+                    let s = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(s0), s1);
+                    let d0 = f16_to_f32(x0.d) * f16_to_f32(y0.d);
+                    let d1 = f16_to_f32(x1.d) * f16_to_f32(y1.d);
+                    let dv = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1));
+                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dv, acc);
+                }
+                let mut sum = hsum(acc);
+                if w.len() % 2 == 1 {
+                    let (x, y) = (&w[w.len() - 1], &a[w.len() - 1]);
+                    let p = _mm512_madd_epi16(
+                        _mm512_cvtepi8_epi16(_mm256_loadu_si256(x.qs.as_ptr().cast())),
+                        _mm512_cvtepi8_epi16(_mm256_loadu_si256(y.qs.as_ptr().cast())),
+                    );
+                    sum += f16_to_f32(x.d) * f16_to_f32(y.d) * _mm512_reduce_add_epi32(p) as f32;
+                }
+                sum
+            }
+
+            /// Σ w·a for f32 lanes produced by `wload` (16 weights from index i), four
+            /// accumulators deep, with a masked tail so any length works.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn float_dot(n: usize, a: &[f32], wload: impl Fn(usize, __mmask16) -> __m512) -> f32 {
+                let mut acc = [_mm512_setzero_ps(); 4];
+                let full = !0;
+                let mut i = 0;
+                while i + 64 <= n {
+                    for (j, s) in acc.iter_mut().enumerate() {
+                        let k = i + 16 * j;
+                        *s = _mm512_fmadd_ps(wload(k, full), _mm512_loadu_ps(a.as_ptr().add(k)), *s);
+                    }
+                    i += 64;
+                }
+                while i + 16 <= n {
+                    acc[0] = _mm512_fmadd_ps(wload(i, full), _mm512_loadu_ps(a.as_ptr().add(i)), acc[0]);
+                    i += 16;
+                }
+                if i < n {
+                    let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+                    acc[1] = _mm512_fmadd_ps(wload(i, m), _mm512_maskz_loadu_ps(m, a.as_ptr().add(i)), acc[1]);
+                }
+                let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+                hsum(s)
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn f16_f32_impl(w: &[f16], a: &[f32]) -> f32 {
+                let n = w.len().min(a.len());
+                let p = w.as_ptr().cast::<i16>();
+                float_dot(n, a, |i, m| {
+                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.add(i)))
+                })
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn bf16_f32_impl(w: &[bf16], a: &[f32]) -> f32 {
+                let n = w.len().min(a.len());
+                let p = w.as_ptr().cast::<i16>();
+                float_dot(n, a, |i, m| {
+                    let h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.add(i)));
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+                })
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn f32_f32_impl(w: &[f32], a: &[f32]) -> f32 {
+                let n = w.len().min(a.len());
+                float_dot(n, a, |i, m| _mm512_maskz_loadu_ps(m, w.as_ptr().add(i)))
+            }
+
+
+            // ---------------------------------------------------------------------------
+            // Multi-token (prefill) kernels: packing and register tiles.
+
+            /// Element order (vector s = groups 4s..4s+3, four dwords each) to tile order
+            /// (vector k, lane g = dword k of group g): a 16×4 dword transpose.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn to_tile_order(v: [__m512i; 4]) -> [__m512i; 4] {
+                let mut out = [_mm512_setzero_si512(); 4];
+                for (k, o) in out.iter_mut().enumerate() {
+                    // Lanes 0..8 gather dword k of groups 0..8 from (v0, v1); likewise for
+                    // groups 8..16 from (v2, v3); then the two halves are joined.
+                    let idx: [i32; 16] = std::array::from_fn(|g| ((g % 8) / 4 * 16 + 4 * (g % 4) + k) as i32);
+                    let idx = _mm512_loadu_si512(idx.as_ptr().cast());
+                    let t01 = _mm512_permutex2var_epi32(v[0], idx, v[1]);
+                    let t23 = _mm512_permutex2var_epi32(v[2], idx, v[3]);
+                    *o = _mm512_shuffle_i64x2::<0x44>(t01, t23);
+                }
+                out
+            }
+
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn store_packed(p: &mut KPacked, v: [__m512i; 4], ws: __m512, wm: __m512) {
+                let t = to_tile_order(v);
+                for (k, tk) in t.iter().enumerate() {
+                    _mm512_storeu_si512(p.qs.as_mut_ptr().add(64 * k).cast(), *tk);
+                }
+                _mm512_storeu_ps(p.ws.as_mut_ptr(), ws);
+                _mm512_storeu_ps(p.wm.as_mut_ptr(), wm);
+            }
+
+            /// Per-group f32 factors for Q4_K/Q5_K: (d·sc_g, dmin·m_g), sub-block j = groups 2j, 2j+1.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn k4_factors(s: &[u8; 12], d: f16, dmin: f16) -> (__m512, __m512) {
+                let b = scales_mins_bytes(s);
+                let v16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(b.as_ptr().cast()));
+                let sc_idx: [u16; 16] = std::array::from_fn(|g| (g / 2) as u16);
+                let mn_idx: [u16; 16] = std::array::from_fn(|g| (8 + g / 2) as u16);
+                let per_group = |idx: &[u16; 16]| {
+                    let v = _mm256_permutexvar_epi16(_mm256_loadu_si256(idx.as_ptr().cast()), v16);
+                    _mm512_cvtepi32_ps(_mm512_cvtepi16_epi32(v))
+                };
+                (
+                    _mm512_mul_ps(per_group(&sc_idx), _mm512_set1_ps(f16_to_f32(d))),
+                    _mm512_mul_ps(per_group(&mn_idx), _mm512_set1_ps(f16_to_f32(dmin))),
+                )
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn pack_q4k_impl(row: &[BlockQ4K], out: &mut [KPacked]) {
+                for (x, p) in row.iter().zip(out.iter_mut()) {
+                    let (ws, wm) = k4_factors(&x.scales, x.d, x.dmin);
+                    store_packed(p, unpack_q4k(&x.qs), ws, wm);
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn pack_q5k_impl(row: &[BlockQ5K], out: &mut [KPacked]) {
+                for (x, p) in row.iter().zip(out.iter_mut()) {
+                    let (ws, wm) = k4_factors(&x.scales, x.d, x.dmin);
+                    store_packed(p, unpack_q5k(&x.qs, &x.qh), ws, wm);
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn pack_q6k_impl(row: &[BlockQ6K], out: &mut [KPacked]) {
+                for (x, p) in row.iter().zip(out.iter_mut()) {
+                    let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(x.scales.as_ptr().cast())));
+                    let d = f16_to_f32(x.d);
+                    // The 0..63 values carry a −32 offset: wm = 32·d·sc_g (32·d is exact).
+                    let ws = _mm512_mul_ps(sc, _mm512_set1_ps(d));
+                    let wm = _mm512_mul_ps(sc, _mm512_set1_ps(32.0 * d));
+                    store_packed(p, unpack_q6k(&x.ql, &x.qh), ws, wm);
+                }
+            }
+
+            /// Q8_0 row → tiles of 16 blocks: block b's dword k to lane b of vector k, as
+            /// `w + 128`; scales to f32. Gathers (stride 34 bytes) skip padding lanes.
+            #[target_feature(enable = $features)]
+            unsafe fn pack_q8_0_impl(row: &[BlockQ8_0], out: &mut [Q8_0Packed]) {
+                let base = row.as_ptr().cast::<u8>();
+                let flip = _mm512_set1_epi8(-128);
+                for (i, p) in out.iter_mut().enumerate() {
+                    let first = 16 * i;
+                    let nblk = row.len().saturating_sub(first).min(16);
+                    let m: __mmask16 = ((1u32 << nblk) - 1) as u16;
+                    let blk = _mm512_mullo_epi32(
+                        _mm512_add_epi32(_mm512_set1_epi32(first as i32), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
+                        _mm512_set1_epi32(34),
+                    );
+                    for k in 0..8 {
+                        let off = _mm512_add_epi32(blk, _mm512_set1_epi32(2 + 4 * k as i32));
+                        let v = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), m, off, base.cast());
+                        _mm512_storeu_si512(p.qs.as_mut_ptr().add(64 * k).cast(), _mm512_xor_si512(v, flip));
+                    }
+                    let dv = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), m, blk, base.cast());
+                    let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_and_si512(dv, _mm512_set1_epi32(0xffff))));
+                    _mm512_storeu_ps(p.d.as_mut_ptr(), d);
+                }
+            }
+
+            /// One packed K-quant row × T tokens. `w`: the row's `n` superblocks; `a`: token
+            /// 0's `n` tiles, token t's at `a + t·n`.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn kq_micro<const T: usize>(w: *const KPacked, a: *const Q8KTile, n: usize) -> [f32; T] {
+                let mut acc = [_mm512_setzero_ps(); T];
+                for s in 0..n {
+                    let p = &*w.add(s);
+                    let wq = p.qs.as_ptr();
+                    let wv = [load(wq), load(wq.add(64)), load(wq.add(128)), load(wq.add(192))];
+                    let ws = _mm512_loadu_ps(p.ws.as_ptr());
+                    let wm = _mm512_loadu_ps(p.wm.as_ptr());
+                    for (t, acc_t) in acc.iter_mut().enumerate() {
+                        let at = &*a.add(t * n + s);
+                        let q = at.qs.as_ptr().cast::<u8>();
+                        let z = _mm512_setzero_si512();
+                        // Lane g: Σ over group g (exact i32); two chains for latency.
+                        let i01 = dp(dp(z, wv[0], load(q)), wv[1], load(q.add(64)));
+                        let i23 = dp(dp(z, wv[2], load(q.add(128))), wv[3], load(q.add(192)));
+                        let f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i01, i23)), _mm512_set1_ps(at.d));
+                        *acc_t = _mm512_fmadd_ps(f, ws, *acc_t);
+                        *acc_t = _mm512_fnmadd_ps(wm, _mm512_loadu_ps(at.bsd.as_ptr()), *acc_t);
+                    }
+                }
+                acc.map(|v| hsum(v))
+            }
+
+            /// One packed Q8_0 row × T tokens; `n` tiles per row.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn q8_0_micro<const T: usize>(w: *const Q8_0Packed, a: *const Q8_0Tile, n: usize) -> [f32; T] {
+                let mut acc = [_mm512_setzero_ps(); T];
+                for g in 0..n {
+                    let p = &*w.add(g);
+                    let wq = p.qs.as_ptr();
+                    let wv: [__m512i; 8] = std::array::from_fn(|k| load(wq.add(64 * k)));
+                    let dw = _mm512_loadu_ps(p.d.as_ptr());
+                    for (t, acc_t) in acc.iter_mut().enumerate() {
+                        let at = &*a.add(t * n + g);
+                        let q = at.qs.as_ptr().cast::<u8>();
+                        // Lane b: Σ_block (w+128)·a − 128·Σ a = Σ w·a, exactly.
+                        let mut i0 = _mm512_loadu_si512(at.ncorr.as_ptr().cast());
+                        let mut i1 = _mm512_setzero_si512();
+                        for k in 0..4 {
+                            i0 = dp_full(i0, wv[k], load(q.add(64 * k)));
+                            i1 = dp_full(i1, wv[k + 4], load(q.add(64 * (k + 4))));
+                        }
+                        let f = _mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1));
+                        *acc_t = _mm512_fmadd_ps(f, _mm512_mul_ps(dw, _mm512_loadu_ps(at.d.as_ptr())), *acc_t);
+                    }
+                }
+                acc.map(|v| hsum(v))
+            }
+
+            /// Tokens in groups of T (outer, so their activations stay in L1), rows inner.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn rows_by_tokens<W, A, const T: usize>(
+                w: &[W],
+                a: &[A],
+                n: usize,
+                t0: usize,
+                bias: Option<&[f32]>,
+                out: &mut [&mut [f32]],
+                micro: impl Fn(*const W, *const A) -> [f32; T],
+            ) {
+                let rows = w.len() / n;
+                let ap = a.as_ptr().add(t0 * n);
+                for r in 0..rows {
+                    let v = micro(w.as_ptr().add(r * n), ap);
+                    let b = bias.map_or(0.0, |b| b[r]);
+                    for (t, v) in v.iter().enumerate() {
+                        out[t0 + t][r] = v + b;
+                    }
+                }
+            }
+
+            /// Tokens per register tile of the quantized kernels.
+            const NT: usize = 4;
+
+            #[target_feature(enable = $features)]
+            unsafe fn kq_gemm_impl(w: &[KPacked], a: &[Q8KTile], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+                let tokens = out.len();
+                let mut t0 = 0;
+                while t0 < tokens {
+                    let m = (tokens - t0).min(NT);
+                    match m {
+                        4 => rows_by_tokens::<_, _, 4>(w, a, n, t0, bias, out, |w, a| kq_micro::<4>(w, a, n)),
+                        3 => rows_by_tokens::<_, _, 3>(w, a, n, t0, bias, out, |w, a| kq_micro::<3>(w, a, n)),
+                        2 => rows_by_tokens::<_, _, 2>(w, a, n, t0, bias, out, |w, a| kq_micro::<2>(w, a, n)),
+                        _ => rows_by_tokens::<_, _, 1>(w, a, n, t0, bias, out, |w, a| kq_micro::<1>(w, a, n)),
+                    }
+                    t0 += m;
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn q8_0_gemm_impl(w: &[Q8_0Packed], a: &[Q8_0Tile], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+                let tokens = out.len();
+                let mut t0 = 0;
+                while t0 < tokens {
+                    let m = (tokens - t0).min(NT);
+                    match m {
+                        4 => rows_by_tokens::<_, _, 4>(w, a, n, t0, bias, out, |w, a| q8_0_micro::<4>(w, a, n)),
+                        3 => rows_by_tokens::<_, _, 3>(w, a, n, t0, bias, out, |w, a| q8_0_micro::<3>(w, a, n)),
+                        2 => rows_by_tokens::<_, _, 2>(w, a, n, t0, bias, out, |w, a| q8_0_micro::<2>(w, a, n)),
+                        _ => rows_by_tokens::<_, _, 1>(w, a, n, t0, bias, out, |w, a| q8_0_micro::<1>(w, a, n)),
+                    }
+                    t0 += m;
+                }
+            }
+
+            /// R float weight rows × T f32 token rows, 16 columns per step (masked tail).
+            /// `wload(p, mask)` turns 16 weights at `p` into f32.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn float_micro<E, const R: usize, const T: usize>(
+                w: *const E,
+                a: *const f32,
+                n: usize,
+                wload: &impl Fn(*const E, __mmask16) -> __m512,
+            ) -> [[f32; T]; R] {
+                let mut acc = [[_mm512_setzero_ps(); T]; R];
+                let mut i = 0;
+                let mut step = |i: usize, m: __mmask16| {
+                    let wv: [__m512; R] = std::array::from_fn(|r| wload(w.add(r * n + i), m));
+                    let av: [__m512; T] = std::array::from_fn(|t| _mm512_maskz_loadu_ps(m, a.add(t * n + i)));
+                    for r in 0..R {
+                        for t in 0..T {
+                            acc[r][t] = _mm512_fmadd_ps(wv[r], av[t], acc[r][t]);
+                        }
+                    }
+                };
+                while i + 16 <= n {
+                    step(i, !0);
+                    i += 16;
+                }
+                if i < n {
+                    step(i, ((1u32 << (n - i)) - 1) as u16);
+                }
+                acc.map(|row| row.map(|v| hsum(v)))
+            }
+
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn float_gemm_impl<E>(
+                w: &[E],
+                a: &[f32],
+                n: usize,
+                bias: Option<&[f32]>,
+                out: &mut [&mut [f32]],
+                wload: impl Fn(*const E, __mmask16) -> __m512,
+            ) {
+                const R: usize = 4;
+                let rows = w.len() / n;
+                let tokens = out.len();
+                let mut t0 = 0;
+                while t0 < tokens {
+                    let m = (tokens - t0).min(NT);
+                    let ap = a.as_ptr().add(t0 * n);
+                    let mut r = 0;
+                    while r < rows {
+                        let wp = w.as_ptr().add(r * n);
+                        let mut put = |rr: usize, vals: &[f32]| {
+                            let b = bias.map_or(0.0, |b| b[r + rr]);
+                            for (t, v) in vals.iter().enumerate() {
+                                out[t0 + t][r + rr] = v + b;
+                            }
+                        };
+                        if rows - r >= R {
+                            macro_rules! tile {
+                                ($t:literal) => {{
+                                    let v = float_micro::<E, R, $t>(wp, ap, n, &wload);
+                                    for (rr, vr) in v.iter().enumerate() {
+                                        put(rr, vr);
+                                    }
+                                }};
+                            }
+                            match m {
+                                4 => tile!(4),
+                                3 => tile!(3),
+                                2 => tile!(2),
+                                _ => tile!(1),
+                            }
+                            r += R;
+                        } else {
+                            macro_rules! tile {
+                                ($t:literal) => {{
+                                    let v = float_micro::<E, 1, $t>(wp, ap, n, &wload);
+                                    put(0, &v[0]);
+                                }};
+                            }
+                            match m {
+                                4 => tile!(4),
+                                3 => tile!(3),
+                                2 => tile!(2),
+                                _ => tile!(1),
+                            }
+                            r += 1;
+                        }
+                    }
+                    t0 += m;
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn f16_gemm_impl(w: &[f16], a: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+                float_gemm_impl(w, a, n, bias, out, |p, m| _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.cast())))
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn bf16_gemm_impl(w: &[bf16], a: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+                float_gemm_impl(w, a, n, bias, out, |p, m| {
+                    let h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.cast()));
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+                })
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn f32_gemm_impl(w: &[f32], a: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+                float_gemm_impl(w, a, n, bias, out, |p, m| _mm512_maskz_loadu_ps(m, p))
+            }
+
+            // Safe entry points for the tile kernels. SAFETY (all): reachable only through
+            // this build's tables (CPU features checked by `kernels_for`); `gemm_shape` /
+            // the length checks below establish that every pointer offset the kernels form
+            // (row r < rows, token t < tokens, element i < n) stays inside the slices.
+            pub(crate) fn pack_q4k(row: &[BlockQ4K], out: &mut [KPacked]) {
+                assert_eq!(row.len(), out.len(), "pack_q4k: length");
+                // SAFETY: see above.
+                unsafe { pack_q4k_impl(row, out) }
+            }
+            pub(crate) fn pack_q5k(row: &[BlockQ5K], out: &mut [KPacked]) {
+                assert_eq!(row.len(), out.len(), "pack_q5k: length");
+                // SAFETY: see above.
+                unsafe { pack_q5k_impl(row, out) }
+            }
+            pub(crate) fn pack_q6k(row: &[BlockQ6K], out: &mut [KPacked]) {
+                assert_eq!(row.len(), out.len(), "pack_q6k: length");
+                // SAFETY: see above.
+                unsafe { pack_q6k_impl(row, out) }
+            }
+            pub(crate) fn pack_q8_0(row: &[BlockQ8_0], out: &mut [Q8_0Packed]) {
+                assert_eq!(crate::act::q8_0_tiles(row.len()), out.len(), "pack_q8_0: length");
+                // SAFETY: see above; gathers are masked to the blocks of `row`.
+                unsafe { pack_q8_0_impl(row, out) }
+            }
+            pub(crate) fn kq_gemm(w: &[KPacked], a: &[Q8KTile], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+                gemm_shape(w.len(), a.len(), n, bias, out);
+                // SAFETY: see above.
+                unsafe { kq_gemm_impl(w, a, n, bias, out) }
+            }
+            pub(crate) fn q8_0_gemm(w: &[Q8_0Packed], a: &[Q8_0Tile], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+                gemm_shape(w.len(), a.len(), n, bias, out);
+                // SAFETY: see above.
+                unsafe { q8_0_gemm_impl(w, a, n, bias, out) }
+            }
+            pub(crate) fn f16_gemm(w: &[f16], a: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+                gemm_shape(w.len(), a.len(), n, bias, out);
+                // SAFETY: see above.
+                unsafe { f16_gemm_impl(w, a, n, bias, out) }
+            }
+            pub(crate) fn bf16_gemm(w: &[bf16], a: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+                gemm_shape(w.len(), a.len(), n, bias, out);
+                // SAFETY: see above.
+                unsafe { bf16_gemm_impl(w, a, n, bias, out) }
+            }
+            pub(crate) fn f32_gemm(w: &[f32], a: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+                gemm_shape(w.len(), a.len(), n, bias, out);
+                // SAFETY: see above.
+                unsafe { f32_gemm_impl(w, a, n, bias, out) }
+            }
+
+            pub(crate) static TILE: TileKernels = TileKernels {
+                pack_q4k,
+                pack_q5k,
+                pack_q6k,
+                pack_q8_0,
+                kq: kq_gemm,
+                q8_0: q8_0_gemm,
+                f16: f16_gemm,
+                bf16: bf16_gemm,
+                f32: f32_gemm,
+            };
+
+            // Safe entry points. SAFETY (all): these are only reachable through a `Kernels`
+            // table that `kernels_for` hands out after checking that the CPU supports this
+            // build's features; slice accesses are bounds-checked by `zip`/indexing, and every
+            // raw load reads inside a block or inside `n = min(len)` elements (masked tails).
+            pub(crate) fn q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+                // SAFETY: see above.
+                unsafe { q4k_q8k_impl(w, a) }
+            }
+            pub(crate) fn q5k_q8k(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
+                // SAFETY: see above.
+                unsafe { q5k_q8k_impl(w, a) }
+            }
+            pub(crate) fn q6k_q8k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+                // SAFETY: see above.
+                unsafe { q6k_q8k_impl(w, a) }
+            }
+            pub(crate) fn q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+                let n = w.len().min(a.len());
+                // SAFETY: see above (both slices cut to the common length first).
+                unsafe { q8_0_q8_0_impl(&w[..n], &a[..n]) }
+            }
+            pub(crate) fn f16_f32(w: &[f16], a: &[f32]) -> f32 {
+                // SAFETY: see above.
+                unsafe { f16_f32_impl(w, a) }
+            }
+            pub(crate) fn bf16_f32(w: &[bf16], a: &[f32]) -> f32 {
+                // SAFETY: see above.
+                unsafe { bf16_f32_impl(w, a) }
+            }
+            pub(crate) fn f32_f32(w: &[f32], a: &[f32]) -> f32 {
+                // SAFETY: see above.
+                unsafe { f32_f32_impl(w, a) }
+            }
+        }
+    };
+}
+
+avx512_family!(
+    plain,
+    "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c",
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dp(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
+        // Pair sums fit i16: |2 · 255 · 128| would not, but the unsigned side here is at most
+        // 63 (K-quant values), so |pair| ≤ 2·63·128.
+        let pairs = _mm512_maddubs_epi16(u, s);
+        _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
+    },
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dp_full(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
+        // u up to 255 would saturate vpmaddubsw: widen to i16 instead, then add the pair sums
+        // of each dword (even + odd i32 lane) and narrow back to one lane per dword.
+        let lo = _mm512_madd_epi16(
+            _mm512_cvtepu8_epi16(_mm512_castsi512_si256(u)),
+            _mm512_cvtepi8_epi16(_mm512_castsi512_si256(s)),
+        );
+        let hi = _mm512_madd_epi16(
+            _mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64::<1>(u)),
+            _mm512_cvtepi8_epi16(_mm512_extracti64x4_epi64::<1>(s)),
+        );
+        let lo = _mm512_cvtepi64_epi32(_mm512_add_epi32(lo, _mm512_srli_epi64::<32>(lo)));
+        let hi = _mm512_cvtepi64_epi32(_mm512_add_epi32(hi, _mm512_srli_epi64::<32>(hi)));
+        _mm512_add_epi32(acc, _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi))
+    }
+);
+
+avx512_family!(
+    vnni,
+    "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c",
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dp(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
+        _mm512_dpbusd_epi32(acc, u, s)
+    },
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn dp_full(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
+        _mm512_dpbusd_epi32(acc, u, s)
+    }
+);
+
+pub(super) static PLAIN: Kernels = Kernels {
+    isa: super::Isa::Avx512,
+    q4k_q8k: plain::q4k_q8k,
+    q5k_q8k: plain::q5k_q8k,
+    q6k_q8k: plain::q6k_q8k,
+    q8_0_q8_0: plain::q8_0_q8_0,
+    f16_f32: plain::f16_f32,
+    bf16_f32: plain::bf16_f32,
+    f32_f32: plain::f32_f32,
+    tile: Some(&plain::TILE),
+};
+
+pub(super) static VNNI: Kernels = Kernels {
+    isa: super::Isa::Avx512Vnni,
+    q4k_q8k: vnni::q4k_q8k,
+    q5k_q8k: vnni::q5k_q8k,
+    q6k_q8k: vnni::q6k_q8k,
+    q8_0_q8_0: vnni::q8_0_q8_0,
+    f16_f32: vnni::f16_f32,
+    bf16_f32: vnni::bf16_f32,
+    f32_f32: vnni::f32_f32,
+    tile: Some(&vnni::TILE),
+};

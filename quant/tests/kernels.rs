@@ -1,0 +1,835 @@
+//! Dot-product kernels, activation quantization and matmul:
+//! - activation quantizers reproduce ggml's bytes (tests/fixtures/quant/*.act_quant.bin);
+//! - every kernel variant this CPU supports reproduces ggml's dot products (`<t>.dot.f32`);
+//! - every SIMD variant equals the scalar reference on random blocks of varied lengths;
+//! - matmul equals a naive loop of dot products for ragged shapes, token counts and threads.
+
+use ggpt_quant::act;
+use ggpt_quant::dot::{self, available_isas, kernels_for, Isa, Kernels};
+use ggpt_quant::matmul::{matmul_with, QMatrix, Scratch};
+use ggpt_quant::q4_k::BlockQ4K;
+use ggpt_quant::q5_k::BlockQ5K;
+use ggpt_quant::q6_k::BlockQ6K;
+use ggpt_quant::q8_0::BlockQ8_0;
+use ggpt_quant::q8_k::BlockQ8K;
+use ggpt_quant::tensor::blocks_as_bytes;
+use ggpt_quant::{BlockFormat, GgmlType};
+use half::{bf16, f16};
+
+// ---------------------------------------------------------------------------------------------
+// fixtures and byte parsing (safe, field by field, little-endian)
+
+const ROWS: usize = 32;
+const COLS: usize = 1024;
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/../tests/fixtures/quant/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&path).unwrap_or_else(|e| panic!("reading {path}: {e}"))
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+fn f16_at(b: &[u8], o: usize) -> f16 {
+    f16::from_bits(u16::from_le_bytes([b[o], b[o + 1]]))
+}
+
+fn parse_q8k(b: &[u8]) -> BlockQ8K {
+    assert_eq!(b.len(), 292);
+    let mut y = BlockQ8K {
+        d: 0.0,
+        qs: [0; 256],
+        bsums: [0; 16],
+    };
+    y.d = f32::from_le_bytes(b[0..4].try_into().unwrap());
+    for i in 0..256 {
+        y.qs[i] = b[4 + i] as i8;
+    }
+    for i in 0..16 {
+        y.bsums[i] = i16::from_le_bytes([b[260 + 2 * i], b[261 + 2 * i]]);
+    }
+    y
+}
+
+fn q8k_bytes(y: &BlockQ8K) -> Vec<u8> {
+    let mut v = y.d.to_le_bytes().to_vec();
+    v.extend(y.qs.iter().map(|&q| q as u8));
+    for s in y.bsums {
+        v.extend(s.to_le_bytes());
+    }
+    v
+}
+
+fn parse_q8_0(b: &[u8]) -> BlockQ8_0 {
+    assert_eq!(b.len(), 34);
+    let mut y = BlockQ8_0 {
+        d: f16_at(b, 0),
+        qs: [0; 32],
+    };
+    for i in 0..32 {
+        y.qs[i] = b[2 + i] as i8;
+    }
+    y
+}
+
+fn q8_0_bytes(y: &BlockQ8_0) -> Vec<u8> {
+    let mut v = y.d.to_bits().to_le_bytes().to_vec();
+    v.extend(y.qs.iter().map(|&q| q as u8));
+    v
+}
+
+fn parse_q4k(b: &[u8]) -> BlockQ4K {
+    assert_eq!(b.len(), 144);
+    BlockQ4K {
+        d: f16_at(b, 0),
+        dmin: f16_at(b, 2),
+        scales: b[4..16].try_into().unwrap(),
+        qs: b[16..144].try_into().unwrap(),
+    }
+}
+
+fn parse_q5k(b: &[u8]) -> BlockQ5K {
+    assert_eq!(b.len(), 176);
+    BlockQ5K {
+        d: f16_at(b, 0),
+        dmin: f16_at(b, 2),
+        scales: b[4..16].try_into().unwrap(),
+        qh: b[16..48].try_into().unwrap(),
+        qs: b[48..176].try_into().unwrap(),
+    }
+}
+
+fn parse_q6k(b: &[u8]) -> BlockQ6K {
+    assert_eq!(b.len(), 210);
+    let mut scales = [0i8; 16];
+    for i in 0..16 {
+        scales[i] = b[192 + i] as i8;
+    }
+    BlockQ6K {
+        ql: b[0..128].try_into().unwrap(),
+        qh: b[128..192].try_into().unwrap(),
+        scales,
+        d: f16_at(b, 208),
+    }
+}
+
+fn parse_f16s(b: &[u8]) -> Vec<f16> {
+    (0..b.len() / 2).map(|i| f16_at(b, 2 * i)).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// deterministic random data (SplitMix64)
+
+struct Rng(u64);
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+    fn byte(&mut self) -> u8 {
+        self.next() as u8
+    }
+    fn bytes<const N: usize>(&mut self) -> [u8; N] {
+        std::array::from_fn(|_| self.byte())
+    }
+    /// Uniform in [-1, 1).
+    fn unit(&mut self) -> f32 {
+        (self.next() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+    }
+    fn normalish(&mut self) -> f32 {
+        (0..4).map(|_| self.unit()).sum::<f32>() * 0.5
+    }
+    /// Positive f16 scale of varied magnitude.
+    fn scale(&mut self) -> f16 {
+        f16::from_f32((0.2 + self.unit().abs()) * 10f32.powi((self.next() % 4) as i32 - 3))
+    }
+}
+
+fn rand_q4k(r: &mut Rng) -> BlockQ4K {
+    BlockQ4K {
+        d: r.scale(),
+        dmin: r.scale(),
+        scales: r.bytes(),
+        qs: r.bytes(),
+    }
+}
+fn rand_q5k(r: &mut Rng) -> BlockQ5K {
+    BlockQ5K {
+        d: r.scale(),
+        dmin: r.scale(),
+        scales: r.bytes(),
+        qh: r.bytes(),
+        qs: r.bytes(),
+    }
+}
+fn rand_q6k(r: &mut Rng) -> BlockQ6K {
+    let s: [u8; 16] = r.bytes();
+    BlockQ6K {
+        ql: r.bytes(),
+        qh: r.bytes(),
+        scales: s.map(|b| b as i8),
+        d: r.scale(),
+    }
+}
+fn rand_q8_0(r: &mut Rng) -> BlockQ8_0 {
+    // ggml's activations stay in −127..=127; weights may hold −128 too.
+    let q: [u8; 32] = r.bytes();
+    BlockQ8_0 {
+        d: r.scale(),
+        qs: q.map(|b| b as i8),
+    }
+}
+/// A Q8_K block made by the real quantizer from random activations (so bsums are consistent),
+/// with occasional all-±127 extremes that stress saturation in maddubs-style kernels.
+fn rand_q8k(r: &mut Rng) -> BlockQ8K {
+    let x: Vec<f32> = (0..256).map(|_| r.normalish()).collect();
+    let mut y = [BlockQ8K {
+        d: 0.0,
+        qs: [0; 256],
+        bsums: [0; 16],
+    }];
+    act::quantize_q8k(&x, &mut y);
+    if r.next() % 8 == 0 {
+        let s = if r.next() % 2 == 0 { 127 } else { -127 };
+        y[0].qs = [s; 256];
+        y[0].bsums = [16 * s as i16; 16];
+    }
+    y[0]
+}
+fn rand_f32s(r: &mut Rng, n: usize) -> Vec<f32> {
+    (0..n).map(|_| r.normalish()).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// activation quantization against ggml's bytes
+
+#[test]
+fn q8k_activation_quantization_matches_ggml_bytes() {
+    let x = f32s(&fixture("activations.f32"));
+    for t in ["q4_k", "q5_k", "q6_k"] {
+        let expect = fixture(&format!("{t}.act_quant.bin"));
+        let mut out = vec![
+            BlockQ8K {
+                d: 0.0,
+                qs: [0; 256],
+                bsums: [0; 16]
+            };
+            ROWS * COLS / 256
+        ];
+        act::quantize_q8k(&x, &mut out);
+        let got: Vec<u8> = out.iter().flat_map(q8k_bytes).collect();
+        assert_eq!(got.len(), expect.len());
+        if let Some(i) = got.iter().zip(&expect).position(|(a, b)| a != b) {
+            panic!("{t}: first differing byte {i} (block {})", i / 292);
+        }
+    }
+}
+
+#[test]
+fn q8_0_activation_quantization_matches_ggml_cpu_path() {
+    let x = f32s(&fixture("activations.f32"));
+    let expect = fixture("q8_0.act_quant.bin");
+    let mut out = vec![
+        BlockQ8_0 {
+            d: f16::ZERO,
+            qs: [0; 32]
+        };
+        ROWS * COLS / 32
+    ];
+    act::quantize_q8_0(&x, &mut out);
+    let got: Vec<u8> = out.iter().flat_map(q8_0_bytes).collect();
+    assert_eq!(
+        got, expect,
+        "CPU-path (127/amax, round-half-even) Q8_0 differs from ggml"
+    );
+
+    // The fixture has no exact ties, so ggml's reference quantizer reproduces it as well...
+    act::quantize_q8_0_ref(&x, &mut out);
+    let reference: Vec<u8> = out.iter().flat_map(q8_0_bytes).collect();
+    assert_eq!(reference, expect, "reference Q8_0 differs from ggml");
+    // ...but the two differ on ties: with amax = 127 the multiplier is 1 and x.5 values are
+    // ties; the CPU path (kept: it is what llama.cpp runs on x86) rounds them to even.
+    let mut x = [0.0f32; 32];
+    x[..5].copy_from_slice(&[127.0, 0.5, 1.5, 2.5, -0.5]);
+    let mut b = [BlockQ8_0 {
+        d: f16::ZERO,
+        qs: [0; 32],
+    }];
+    act::quantize_q8_0(&x, &mut b);
+    assert_eq!(b[0].qs[..5], [127, 0, 2, 2, 0]);
+    act::quantize_q8_0_ref(&x, &mut b);
+    assert_eq!(b[0].qs[..5], [127, 1, 2, 3, -1]);
+}
+
+#[test]
+fn q8k_quantizer_edge_cases() {
+    // All zeros: d = 0 and everything zero.
+    let mut y = [BlockQ8K {
+        d: 1.0,
+        qs: [5; 256],
+        bsums: [3; 16],
+    }];
+    act::quantize_q8k(&[0.0; 256], &mut y);
+    assert_eq!((y[0].d, y[0].qs, y[0].bsums), (0.0, [0; 256], [0; 16]));
+    // Ties on magnitude: the first element sets the sign of the scale.
+    let mut x = [0.25f32; 256];
+    x[3] = -2.0;
+    x[200] = 2.0;
+    act::quantize_q8k(&x, &mut y);
+    // iscale = −127/max maps the kept element to −127, so d = −max/127 carries its sign.
+    assert_eq!((y[0].qs[3], y[0].qs[200]), (-127, 127));
+    assert!(y[0].d > 0.0);
+    x[3] = 2.0;
+    x[200] = -2.0;
+    act::quantize_q8k(&x, &mut y);
+    assert_eq!((y[0].qs[3], y[0].qs[200]), (-127, 127));
+    assert!(y[0].d < 0.0);
+    assert_eq!(
+        y[0].bsums[0],
+        y[0].qs[..16].iter().map(|&q| q as i16).sum::<i16>()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// every variant against ggml's dot products
+
+fn all_kernels() -> Vec<&'static Kernels> {
+    let v: Vec<_> = available_isas()
+        .into_iter()
+        .filter_map(kernels_for)
+        .collect();
+    assert!(v.iter().any(|k| k.isa == Isa::Scalar));
+    v
+}
+
+fn check_close(what: &str, got: f32, want: f32, abs_sum: f32, rel: f32) {
+    let tol = rel * abs_sum.max(f32::MIN_POSITIVE);
+    assert!(
+        (got - want).abs() <= tol,
+        "{what}: got {got}, want {want} (|diff| {} > tol {tol})",
+        (got - want).abs()
+    );
+}
+
+#[test]
+fn kernels_match_ggml_dot_products() {
+    let kq = |t: &str| {
+        (
+            fixture(&format!("{t}.quant.bin")),
+            fixture(&format!("{t}.act_quant.bin")),
+            f32s(&fixture(&format!("{t}.dot.f32"))),
+            f32s(&fixture(&format!("{t}.dequant.f32"))),
+        )
+    };
+    for k in all_kernels() {
+        for t in ["q4_k", "q5_k", "q6_k", "q8_0", "f16"] {
+            let (wq, aq, dots, deq) = kq(t);
+            let (wrb, arb) = (wq.len() / ROWS, aq.len() / ROWS);
+            for r in 0..ROWS {
+                let (wr, ar) = (&wq[r * wrb..(r + 1) * wrb], &aq[r * arb..(r + 1) * arb]);
+                // Σ|w·a| with the dequantized weights and activations, for the tolerance.
+                let (got, a_deq): (f32, Vec<f32>) = match t {
+                    "q4_k" | "q5_k" | "q6_k" => {
+                        let a: Vec<BlockQ8K> = ar.chunks_exact(292).map(parse_q8k).collect();
+                        let a_deq = a
+                            .iter()
+                            .flat_map(|b| b.qs.map(|q| q as f32 * b.d))
+                            .collect::<Vec<_>>();
+                        let got = match t {
+                            "q4_k" => {
+                                let w: Vec<_> = wr.chunks_exact(144).map(parse_q4k).collect();
+                                (k.q4k_q8k)(&w, &a)
+                            }
+                            "q5_k" => {
+                                let w: Vec<_> = wr.chunks_exact(176).map(parse_q5k).collect();
+                                (k.q5k_q8k)(&w, &a)
+                            }
+                            _ => {
+                                let w: Vec<_> = wr.chunks_exact(210).map(parse_q6k).collect();
+                                (k.q6k_q8k)(&w, &a)
+                            }
+                        };
+                        (got, a_deq)
+                    }
+                    "q8_0" => {
+                        let w: Vec<_> = wr.chunks_exact(34).map(parse_q8_0).collect();
+                        let a: Vec<_> = ar.chunks_exact(34).map(parse_q8_0).collect();
+                        let a_deq = a
+                            .iter()
+                            .flat_map(|b| b.qs.map(|q| q as f32 * b.d.to_f32()))
+                            .collect();
+                        ((k.q8_0_q8_0)(&w, &a), a_deq)
+                    }
+                    _ => {
+                        // ggml multiplied f16 activations; feed them to F16·F32 as f32.
+                        let w = parse_f16s(wr);
+                        let a: Vec<f32> = parse_f16s(ar).iter().map(|v| v.to_f32()).collect();
+                        ((k.f16_f32)(&w, &a), a)
+                    }
+                };
+                let wd = &deq[r * COLS..(r + 1) * COLS];
+                let abs_sum: f32 = wd.iter().zip(&a_deq).map(|(w, a)| (w * a).abs()).sum();
+                check_close(
+                    &format!("{} {t} row {r}", k.isa),
+                    got,
+                    dots[r],
+                    abs_sum,
+                    1e-4,
+                );
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// SIMD variants against the scalar reference on random data
+
+/// Σ|terms| the kernels add up for one row pair: Σ_l (|scaled part_l| + |min part_l|)·|a_l|,
+/// from the dequantizers (`to_float`) applied to the blocks with the min (or the scale) zeroed.
+/// Variants may differ by float summation order, i.e. by a few ulps of this magnitude, not of
+/// the (possibly much smaller, cancelled) result.
+fn mag_kq<B: BlockFormat>(w: &[B], a: &[BlockQ8K], split: impl Fn(&B) -> (B, Option<B>)) -> f32 {
+    let mut s = 0.0f32;
+    for (x, y) in w.iter().zip(a) {
+        let (scaled, min) = split(x);
+        let mut v = [0.0f32; 256];
+        let mut m = [0.0f32; 256];
+        B::to_float(&[scaled], &mut v);
+        if let Some(min) = min {
+            B::to_float(&[min], &mut m);
+        }
+        for l in 0..256 {
+            s += (v[l].abs() + m[l].abs()) * (y.qs[l] as f32 * y.d).abs();
+        }
+    }
+    s
+}
+fn mag_q4k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+    let split = |x: &BlockQ4K| {
+        (
+            BlockQ4K {
+                dmin: f16::ZERO,
+                ..*x
+            },
+            Some(BlockQ4K { d: f16::ZERO, ..*x }),
+        )
+    };
+    mag_kq(w, a, split)
+}
+fn mag_q5k(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
+    let split = |x: &BlockQ5K| {
+        (
+            BlockQ5K {
+                dmin: f16::ZERO,
+                ..*x
+            },
+            Some(BlockQ5K { d: f16::ZERO, ..*x }),
+        )
+    };
+    mag_kq(w, a, split)
+}
+fn mag_q6k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+    mag_kq(w, a, |x| (*x, None))
+}
+fn mag_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+    let block = |x: &BlockQ8_0, y: &BlockQ8_0| {
+        let s: i32 =
+            x.qs.iter()
+                .zip(&y.qs)
+                .map(|(&p, &q)| (p as i32 * q as i32).abs())
+                .sum();
+        (x.d.to_f32() * y.d.to_f32()).abs() * s as f32
+    };
+    w.iter().zip(a).map(|(x, y)| block(x, y)).sum()
+}
+fn mag_float(w: impl Iterator<Item = f32>, a: &[f32]) -> f32 {
+    w.zip(a).map(|(w, a)| (w * a).abs()).sum()
+}
+
+/// Block counts covering 1, odd counts and tails of unrolled loops.
+const NBLOCKS: [usize; 9] = [1, 2, 3, 4, 5, 7, 8, 13, 16];
+
+fn scalar() -> &'static Kernels {
+    kernels_for(Isa::Scalar).unwrap()
+}
+
+/// The integer part of every K-quant kernel is exact, so variants differ only in how the
+/// per-superblock float terms are summed.
+#[test]
+fn simd_kquants_equal_scalar_on_random_blocks() {
+    let mut r = Rng(1);
+    let s = scalar();
+    for k in all_kernels() {
+        for &n in &NBLOCKS {
+            for _ in 0..20 {
+                let a: Vec<_> = (0..n).map(|_| rand_q8k(&mut r)).collect();
+                let w4: Vec<_> = (0..n).map(|_| rand_q4k(&mut r)).collect();
+                let w5: Vec<_> = (0..n).map(|_| rand_q5k(&mut r)).collect();
+                let w6: Vec<_> = (0..n).map(|_| rand_q6k(&mut r)).collect();
+                let cases = [
+                    (
+                        "q4k",
+                        (k.q4k_q8k)(&w4, &a),
+                        (s.q4k_q8k)(&w4, &a),
+                        mag_q4k(&w4, &a),
+                    ),
+                    (
+                        "q5k",
+                        (k.q5k_q8k)(&w5, &a),
+                        (s.q5k_q8k)(&w5, &a),
+                        mag_q5k(&w5, &a),
+                    ),
+                    (
+                        "q6k",
+                        (k.q6k_q8k)(&w6, &a),
+                        (s.q6k_q8k)(&w6, &a),
+                        mag_q6k(&w6, &a),
+                    ),
+                ];
+                for (name, got, want, mag) in cases {
+                    check_close(&format!("{} {name} n={n}", k.isa), got, want, mag, 1e-5);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn simd_q8_0_and_float_equal_scalar_on_random_data() {
+    let mut r = Rng(2);
+    let s = scalar();
+    for k in all_kernels() {
+        for &n in &NBLOCKS {
+            for _ in 0..20 {
+                let w: Vec<_> = (0..n).map(|_| rand_q8_0(&mut r)).collect();
+                let x = rand_f32s(&mut r, n * 32);
+                let mut a = vec![
+                    BlockQ8_0 {
+                        d: f16::ZERO,
+                        qs: [0; 32]
+                    };
+                    n
+                ];
+                act::quantize_q8_0(&x, &mut a);
+                let (got, want) = ((k.q8_0_q8_0)(&w, &a), (s.q8_0_q8_0)(&w, &a));
+                let what = format!("{} q8_0 n={n}", k.isa);
+                check_close(&what, got, want, mag_q8_0(&w, &a), 1e-5);
+            }
+            // Float kernels over lengths that are not multiples of any vector width.
+            for len in [n, n * 16 + 1, n * 37 + 5, n * 64] {
+                let wf = rand_f32s(&mut r, len);
+                let a = rand_f32s(&mut r, len);
+                let wh: Vec<f16> = wf.iter().map(|&v| f16::from_f32(v)).collect();
+                let wb: Vec<bf16> = wf.iter().map(|&v| bf16::from_f32(v)).collect();
+                let name = |t: &str| format!("{} {t} len={len}", k.isa);
+                let mag = mag_float(wf.iter().copied(), &a);
+                let (got, want) = ((k.f16_f32)(&wh, &a), (s.f16_f32)(&wh, &a));
+                check_close(&name("f16"), got, want, mag, 1e-5);
+                let (got, want) = ((k.bf16_f32)(&wb, &a), (s.bf16_f32)(&wb, &a));
+                check_close(&name("bf16"), got, want, mag, 1e-5);
+                let (got, want) = ((k.f32_f32)(&wf, &a), (s.f32_f32)(&wf, &a));
+                check_close(&name("f32"), got, want, mag, 1e-5);
+            }
+        }
+    }
+}
+
+#[test]
+fn dispatch_is_one_of_the_available_levels() {
+    let avail = available_isas();
+    assert!(avail.contains(&dot::isa()));
+    assert_eq!(dot::kernels().isa, dot::isa());
+    for i in Isa::ALL {
+        assert_eq!(Isa::from_name(i.name()), Some(i));
+        assert_eq!(kernels_for(i).is_some(), avail.contains(&i));
+    }
+    assert_eq!(Isa::from_name("AVX2"), Some(Isa::Avx2));
+    assert_eq!(Isa::from_name("sse9"), None);
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx512vnni") {
+        // The machine this project targets: make sure the fast path is really exercised.
+        assert!(avail.contains(&Isa::Avx512Vnni) && avail.contains(&Isa::Avx2));
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// matmul against a naive loop
+
+/// `bytes` copied to a 4-aligned position inside `buf` (safe: the offset is chosen).
+fn aligned(buf: &mut Vec<u8>, bytes: &[u8]) -> std::ops::Range<usize> {
+    buf.clear();
+    buf.resize(bytes.len() + 4, 0);
+    let off = buf.as_ptr().align_offset(4);
+    buf[off..off + bytes.len()].copy_from_slice(bytes);
+    off..off + bytes.len()
+}
+
+/// A random matmul problem and its naive answer.
+struct Case {
+    bytes: Vec<u8>,
+    x: Vec<f32>,
+    bias: Vec<f32>,
+    /// `dot(W[r], quantized x[t])` by the scalar kernel, one call per (t, r), without bias.
+    naive: Vec<f32>,
+    /// The magnitude of the terms behind each naive value (see `mag_kq`).
+    mag: Vec<f32>,
+}
+
+fn random_case(ty: GgmlType, rows: usize, cols: usize, n_tokens: usize, r: &mut Rng) -> Case {
+    let x = rand_f32s(r, n_tokens * cols);
+    let bias = rand_f32s(r, rows);
+    let s = scalar();
+    let nb = cols / ty.block_size();
+    // Activations quantized the way matmul must do it: each token row on its own.
+    let q8k: Vec<Vec<BlockQ8K>> = x
+        .chunks(cols)
+        .map(|xt| {
+            let mut a = vec![
+                BlockQ8K {
+                    d: 0.0,
+                    qs: [0; 256],
+                    bsums: [0; 16]
+                };
+                cols / 256
+            ];
+            if ty.block_size() == 256 {
+                act::quantize_q8k(xt, &mut a);
+            }
+            a
+        })
+        .collect();
+    let q8_0: Vec<Vec<BlockQ8_0>> = x
+        .chunks(cols)
+        .map(|xt| {
+            let mut a = vec![
+                BlockQ8_0 {
+                    d: f16::ZERO,
+                    qs: [0; 32]
+                };
+                cols / 32
+            ];
+            act::quantize_q8_0(xt, &mut a);
+            a
+        })
+        .collect();
+    let mut c = Case {
+        bytes: Vec::new(),
+        x,
+        bias,
+        naive: vec![0.0; n_tokens * rows],
+        mag: vec![0.0; n_tokens * rows],
+    };
+    for row in 0..rows {
+        // (dot, magnitude) per token for this row.
+        let res: Vec<(f32, f32)> = match ty {
+            GgmlType::Q4K => {
+                let w: Vec<_> = (0..nb).map(|_| rand_q4k(r)).collect();
+                c.bytes.extend(blocks_as_bytes(&w));
+                q8k.iter()
+                    .map(|a| ((s.q4k_q8k)(&w, a), mag_q4k(&w, a)))
+                    .collect()
+            }
+            GgmlType::Q5K => {
+                let w: Vec<_> = (0..nb).map(|_| rand_q5k(r)).collect();
+                c.bytes.extend(blocks_as_bytes(&w));
+                q8k.iter()
+                    .map(|a| ((s.q5k_q8k)(&w, a), mag_q5k(&w, a)))
+                    .collect()
+            }
+            GgmlType::Q6K => {
+                let w: Vec<_> = (0..nb).map(|_| rand_q6k(r)).collect();
+                c.bytes.extend(blocks_as_bytes(&w));
+                q8k.iter()
+                    .map(|a| ((s.q6k_q8k)(&w, a), mag_q6k(&w, a)))
+                    .collect()
+            }
+            GgmlType::Q8_0 => {
+                let w: Vec<_> = (0..nb).map(|_| rand_q8_0(r)).collect();
+                c.bytes.extend(blocks_as_bytes(&w));
+                q8_0.iter()
+                    .map(|a| ((s.q8_0_q8_0)(&w, a), mag_q8_0(&w, a)))
+                    .collect()
+            }
+            GgmlType::F16 => {
+                let w: Vec<f16> = rand_f32s(r, cols)
+                    .iter()
+                    .map(|&v| f16::from_f32(v))
+                    .collect();
+                c.bytes
+                    .extend(w.iter().flat_map(|v| v.to_bits().to_le_bytes()));
+                let m = |xt: &[f32]| mag_float(w.iter().map(|v| v.to_f32()), xt);
+                c.x.chunks(cols)
+                    .map(|xt| ((s.f16_f32)(&w, xt), m(xt)))
+                    .collect()
+            }
+            GgmlType::BF16 => {
+                let w: Vec<bf16> = rand_f32s(r, cols)
+                    .iter()
+                    .map(|&v| bf16::from_f32(v))
+                    .collect();
+                c.bytes
+                    .extend(w.iter().flat_map(|v| v.to_bits().to_le_bytes()));
+                let m = |xt: &[f32]| mag_float(w.iter().map(|v| v.to_f32()), xt);
+                c.x.chunks(cols)
+                    .map(|xt| ((s.bf16_f32)(&w, xt), m(xt)))
+                    .collect()
+            }
+            GgmlType::F32 => {
+                let w = rand_f32s(r, cols);
+                c.bytes.extend(w.iter().flat_map(|v| v.to_le_bytes()));
+                let m = |xt: &[f32]| mag_float(w.iter().copied(), xt);
+                c.x.chunks(cols)
+                    .map(|xt| ((s.f32_f32)(&w, xt), m(xt)))
+                    .collect()
+            }
+            t => unreachable!("{t}"),
+        };
+        for (t, (d, m)) in res.into_iter().enumerate() {
+            c.naive[t * rows + row] = d;
+            c.mag[t * rows + row] = m;
+        }
+    }
+    c
+}
+
+const MATMUL_TYPES: [GgmlType; 7] = [
+    GgmlType::Q4K,
+    GgmlType::Q5K,
+    GgmlType::Q6K,
+    GgmlType::Q8_0,
+    GgmlType::F16,
+    GgmlType::BF16,
+    GgmlType::F32,
+];
+
+#[test]
+fn matmul_equals_naive_loop_for_ragged_shapes_and_thread_counts() {
+    let mut r = Rng(3);
+    let mut buf = Vec::new();
+    let pools: Vec<_> = (1..=4)
+        .map(|n| {
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .unwrap()
+        })
+        .collect();
+    for ty in MATMUL_TYPES {
+        // Rows that are not multiples of any chunk or tile; 1..3 superblocks per row.
+        for &(rows, cols) in &[(1usize, 256usize), (7, 512), (37, 256), (70, 768)] {
+            for n_tokens in 1..=9 {
+                let c = random_case(ty, rows, cols, n_tokens, &mut r);
+                let range = aligned(&mut buf, &c.bytes);
+                let w = QMatrix::new(ty, rows, cols, &buf[range]).expect("valid matrix");
+                let use_bias = n_tokens % 2 == 1;
+                for (threads, pool) in (1..).zip(&pools) {
+                    for k in all_kernels() {
+                        let mut y = vec![f32::NAN; n_tokens * rows];
+                        let mut scratch = Scratch::default();
+                        let bias = use_bias.then_some(&c.bias[..]);
+                        pool.install(|| {
+                            matmul_with(k, &w, &c.x, n_tokens, bias, &mut y, &mut scratch)
+                        });
+                        for (i, (&got, &want)) in y.iter().zip(&c.naive).enumerate() {
+                            let b = if use_bias { c.bias[i % rows] } else { 0.0 };
+                            let tol = 1e-5 * (c.mag[i] + b.abs()) + 1e-30;
+                            assert!(
+                                (got - (want + b)).abs() <= tol,
+                                "{ty} {} rows={rows} cols={cols} T={n_tokens} threads={threads} y[{}, {}] = {got}, naive {}",
+                                k.isa,
+                                i / rows,
+                                i % rows,
+                                want + b
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A larger shape through the default (dispatched) path, with scratch reused across calls of
+/// different shapes, as the model does.
+#[test]
+fn matmul_reuses_scratch_across_shapes() {
+    let mut r = Rng(4);
+    let mut buf = Vec::new();
+    let mut scratch = Scratch::default();
+    for (ty, rows, cols, n_tokens) in [
+        (GgmlType::Q4K, 300, 1024, 17),
+        (GgmlType::Q6K, 129, 512, 1),
+        (GgmlType::Q8_0, 200, 1024, 33),
+        (GgmlType::F16, 96, 1024, 12),
+        (GgmlType::Q5K, 64, 2048, 3),
+    ] {
+        let c = random_case(ty, rows, cols, n_tokens, &mut r);
+        let range = aligned(&mut buf, &c.bytes);
+        let w = QMatrix::new(ty, rows, cols, &buf[range]).unwrap();
+        let mut y = vec![0.0; n_tokens * rows];
+        ggpt_quant::matmul::matmul(&w, &c.x, n_tokens, Some(&c.bias), &mut y, &mut scratch);
+        for (i, (&got, &want)) in y.iter().zip(&c.naive).enumerate() {
+            let want = want + c.bias[i % rows];
+            let tol = 1e-5 * (c.mag[i] + c.bias[i % rows].abs());
+            assert!(
+                (got - want).abs() <= tol,
+                "{ty} y[{i}] = {got}, naive {want}"
+            );
+        }
+    }
+}
+
+#[test]
+fn q8k_quantizer_equals_the_reference_from_float() {
+    // The dispatched activation quantizer against the format's reference `from_float`.
+    let mut r = Rng(5);
+    let mut x: Vec<f32> = (0..256 * 40).map(|_| r.normalish() * 3.0).collect();
+    x[256..512].fill(0.0); // an all-zero block
+    x[600] = 1e30; // one huge value
+    for (i, v) in x[1024..1280].iter_mut().enumerate() {
+        *v = (i % 7) as f32 * 0.5 - 1.5; // many exact ties
+    }
+    let mut ours = vec![
+        BlockQ8K {
+            d: 0.0,
+            qs: [0; 256],
+            bsums: [0; 16]
+        };
+        40
+    ];
+    let mut reference = ours.clone();
+    act::quantize_q8k(&x, &mut ours);
+    BlockQ8K::from_float(&x, &mut reference);
+    for (i, (a, b)) in ours.iter().zip(&reference).enumerate() {
+        assert_eq!((a.d.to_bits(), a.qs), (b.d.to_bits(), b.qs), "block {i}");
+        if a.d != 0.0 {
+            assert_eq!(a.bsums, b.bsums, "block {i}");
+        }
+    }
+}
+
+#[test]
+fn qmatrix_rejects_bad_shapes() {
+    let buf = vec![0u8; 4096];
+    let off = buf.as_ptr().align_offset(4);
+    let d = &buf[off..off + 144 * 2];
+    assert!(QMatrix::new(GgmlType::Q4K, 2, 256, d).is_ok());
+    assert!(QMatrix::new(GgmlType::Q4K, 3, 256, d).is_err());
+    assert!(QMatrix::new(GgmlType::Q4K, 2, 255, d).is_err());
+    assert!(QMatrix::new(GgmlType::Q4_0, 2, 256, d).is_err());
+    assert!(QMatrix::new(GgmlType::Q4K, 0, 256, &d[..0]).is_err());
+    let d = &buf[off + 1..off + 1 + 144 * 2];
+    assert!(
+        QMatrix::new(GgmlType::Q4K, 2, 256, d).is_err(),
+        "misaligned data accepted"
+    );
+}

@@ -1,0 +1,269 @@
+//! `ggpt compare`: the whole job in one command — convert a checkpoint to F16, Q8_0, Q6_K and
+//! Q4_K_M (reusing files already converted), then measure every format's size, memory, speed
+//! and quality against F16, and write a Markdown table, a JSON report and two SVG charts.
+//! With no arguments it runs on the bundled tiny GPT-2 and its held-out text.
+
+use super::common::{init_threads, read_text_file};
+use crate::compare::{charts, markdown, to_json, FormatRow, Setup};
+use crate::memory::{estimate, RunShape};
+use crate::model::Model;
+use crate::perplexity::{evaluate, window_count, Method};
+use anyhow::{bail, Context, Result};
+use ggpt_convert::pipeline::{convert_hf, model_name, ConvertOptions, NoProgress};
+use ggpt_convert::policy::FileType;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The bundled default model and texts, found next to the sources this binary was built from
+/// or, failing that, relative to the working directory.
+fn bundled(rel: &str) -> PathBuf {
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    if built.exists() {
+        built
+    } else {
+        PathBuf::from(rel)
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Hugging Face GPT-2 checkpoint directory (default: the bundled models/tiny-gpt2).
+    pub hf_dir: Option<PathBuf>,
+    /// Evaluation text (default: the bundled model's held-out val.txt; WikiText-2 test for other models).
+    #[arg(long)]
+    pub text: Option<PathBuf>,
+    /// Output directory for the GGUF files and the report (default: out/compare/<model>).
+    #[arg(short = 'o', long)]
+    pub out: Option<PathBuf>,
+    /// Perplexity window (llama-perplexity's default 512).
+    #[arg(long, default_value_t = 512)]
+    pub ctx: usize,
+    /// Evaluate at most this many windows per format.
+    #[arg(long, default_value_t = 100)]
+    pub chunks: usize,
+    /// Prefill test length and decode test length for the speed columns.
+    #[arg(long, default_value_t = 256)]
+    pub bench_prompt: usize,
+    #[arg(long, default_value_t = 64)]
+    pub bench_gen: usize,
+    /// Skip the separate-process peak-RSS measurement.
+    #[arg(long)]
+    pub no_rss: bool,
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+}
+
+fn bar(len: u64, what: &str) -> ProgressBar {
+    let pb = ProgressBar::new(len);
+    pb.set_style(
+        ProgressStyle::with_template("{prefix:>12} [{bar:30}] {pos}/{len} {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_prefix(what.to_string());
+    pb
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let threads = init_threads(args.threads)?;
+    let is_default = args.hf_dir.is_none();
+    let hf_dir = args
+        .hf_dir
+        .clone()
+        .unwrap_or_else(|| bundled("models/tiny-gpt2"));
+    if !hf_dir.is_dir() {
+        bail!(
+            "{}: not a directory (expected a Hugging Face GPT-2 checkpoint)",
+            hf_dir.display()
+        );
+    }
+    let text_path = match &args.text {
+        Some(t) => t.clone(),
+        None if is_default => bundled("models/tiny-gpt2/val.txt"),
+        None => bundled("tests/fixtures/text/wikitext-2-test.txt"),
+    };
+    let name = model_name(&hf_dir);
+    let out = args
+        .out
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("out/compare").join(&name));
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+
+    // 1. Convert what is missing (one pass over the checkpoint for all missing formats).
+    let files: Vec<(FileType, PathBuf)> = FileType::ALL
+        .iter()
+        .map(|&t| (t, out.join(format!("{name}-{}.gguf", t.label()))))
+        .collect();
+    let missing: Vec<FileType> = files
+        .iter()
+        .filter(|(_, p)| !p.exists())
+        .map(|(t, _)| *t)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!(
+            "converting {} to {}",
+            hf_dir.display(),
+            missing
+                .iter()
+                .map(|t| t.label())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let opts = ConvertOptions {
+            hf_dir: hf_dir.clone(),
+            types: missing.clone(),
+            output: Some(out.clone()),
+            name: Some(name.clone()),
+        };
+        let report = convert_hf(&opts, &NoProgress)?;
+        eprintln!("converted in {:.1} s", report.seconds);
+    } else {
+        eprintln!("reusing the GGUF files in {}", out.display());
+    }
+
+    // 2. The evaluation text, tokenized once with the F16 file's tokenizer.
+    let text = read_text_file(&text_path)?;
+    let base = Model::load(&files[0].1)?;
+    let tokens = base.tokenizer().encode_ordinary(&text);
+    let method = Method {
+        n_ctx: args.ctx,
+        max_chunks: Some(args.chunks),
+        score_all: false,
+    };
+    let windows = window_count(tokens.len(), &method);
+    if windows == 0 {
+        bail!(
+            "{}: {} tokens, fewer than one window of {}",
+            text_path.display(),
+            tokens.len(),
+            args.ctx
+        );
+    }
+    let mem_ctx = base.hparams().n_ctx as usize;
+
+    let mut rows: Vec<FormatRow> = Vec::new();
+    for (ftype, path) in &files {
+        eprintln!("== {} ({})", ftype.label(), path.display());
+        let model = Model::load(path)?;
+        let shape = super::mem::shape_of(&model);
+        let tensors = model.file().tensors();
+        let tensor_bytes: u64 = tensors.iter().map(|t| t.size).sum();
+        let params: u64 = tensors.iter().map(|t| t.n_elements()).sum();
+        let run = RunShape {
+            n_ctx: mem_ctx as u64,
+            n_batch: ggpt_models::gpt2::forward::UBATCH.min(mem_ctx) as u64,
+            n_seq: 1,
+            kv_elem: 2,
+            threads: threads as u64,
+        };
+        let est = estimate(&shape, model.file().file_len(), tensor_bytes, &run);
+        let peak_rss = if args.no_rss {
+            0
+        } else {
+            measure_rss(path, mem_ctx, threads)?
+        };
+        let pp = crate::bench::prefill(&model, args.bench_prompt.min(mem_ctx), 2)?;
+        let tg = crate::bench::decode(&model, args.bench_gen.min(mem_ctx), 2)?;
+
+        let pb = bar(windows as u64, "perplexity");
+        let is_base = *ftype == FileType::F16;
+        let report = evaluate(
+            &model,
+            if is_base { None } else { Some(&base) },
+            &tokens,
+            method,
+            |done, _, agg| {
+                pb.set_position(done as u64);
+                pb.set_message(format!("PPL {:.4}", agg.ppl()));
+            },
+        )?;
+        pb.finish_and_clear();
+        let s = &report.summary;
+        let (ppl_f16, vs) = match &s.vs_base {
+            Some(v) => (v.base_ppl, Some(v)),
+            None => (s.ppl, None),
+        };
+        rows.push(FormatRow {
+            format: ftype.label().to_string(),
+            file: path.clone(),
+            file_bytes: model.file().file_len(),
+            params,
+            bits_per_weight: tensor_bytes as f64 * 8.0 / params.max(1) as f64,
+            ram_estimate: est.ram_total,
+            vram_estimate: est.vram_total,
+            peak_rss,
+            load_ms: model.load_ms(),
+            prefill_tps: pp.mean(),
+            decode_tps: tg.mean(),
+            ppl: s.ppl,
+            ppl_err: s.ppl_err,
+            delta_ppl_pct: (s.ppl / ppl_f16 - 1.0) * 100.0,
+            mean_kld: vs.map_or(0.0, |v| v.mean_kld),
+            median_kld: vs.map_or(0.0, |v| v.median_kld),
+            p99_kld: vs.map_or(0.0, |v| v.p99_kld),
+            same_top_pct: vs.map_or(100.0, |v| v.same_top * 100.0),
+            same_top_err_pct: vs.map_or(0.0, |v| v.same_top_err * 100.0),
+            rms_delta_p_pct: vs.map_or(0.0, |v| v.rms_delta_p * 100.0),
+        });
+        eprintln!("   PPL {:.4} ± {:.4}", s.ppl, s.ppl_err);
+    }
+
+    let setup = Setup {
+        model: name.clone(),
+        text: text_path.display().to_string(),
+        method: method.describe(windows),
+        mem_ctx,
+        bench: format!(
+            "pp{} / tg{}",
+            args.bench_prompt.min(mem_ctx),
+            args.bench_gen.min(mem_ctx)
+        ),
+        threads,
+    };
+    let md = markdown(&setup, &rows);
+    println!("{md}");
+    let (ppl_svg, kld_svg) = charts(&setup, &rows);
+    write(&out.join("report.md"), md.as_bytes())?;
+    write(
+        &out.join("report.json"),
+        serde_json::to_string_pretty(&to_json(&setup, &rows))?.as_bytes(),
+    )?;
+    write(&out.join("ppl_vs_size.svg"), ppl_svg.as_bytes())?;
+    write(&out.join("kld_vs_size.svg"), kld_svg.as_bytes())?;
+    eprintln!(
+        "wrote {}/report.md, report.json, ppl_vs_size.svg, kld_vs_size.svg",
+        out.display()
+    );
+    Ok(())
+}
+
+fn write(path: &Path, bytes: &[u8]) -> Result<()> {
+    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+}
+
+/// Peak RSS of a fresh process that loads `path`, prefills the context and decodes
+/// (`ggpt mem --measure`): a separate process, so each format's peak is its own.
+fn measure_rss(path: &Path, n_ctx: usize, threads: usize) -> Result<u64> {
+    let exe = std::env::current_exe().context("cannot locate the ggpt executable")?;
+    let out = Command::new(exe)
+        .args(["mem", "--measure", "--json", "--ctx"])
+        .arg(n_ctx.to_string())
+        .arg("-t")
+        .arg(threads.to_string())
+        .arg(path)
+        .output()
+        .context("running `ggpt mem --measure`")?;
+    if !out.status.success() {
+        bail!(
+            "`ggpt mem --measure {}` failed: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .context("parsing `ggpt mem --measure --json` output")?;
+    doc["measured"]["peak_rss_bytes"]
+        .as_u64()
+        .context("`ggpt mem --measure --json` printed no peak_rss_bytes")
+}

@@ -1,0 +1,261 @@
+//! `ggpt mem`: what a model costs in memory — predicted term by term, and with `--measure`
+//! measured in this process (peak RSS, split into file-backed and anonymous pages).
+
+use super::common::init_threads;
+use crate::memory::{estimate, rss, Estimate, MemShape, Mib, RunShape};
+use crate::model::Model;
+use crate::session::Session;
+use anyhow::{bail, Result};
+use ggpt_models::KvType;
+use serde_json::json;
+use std::path::PathBuf;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// A GGUF file, or a Hugging Face checkpoint directory (predicts every format before converting).
+    pub path: PathBuf,
+    /// Context length (default: the model's).
+    #[arg(short = 'c', long)]
+    pub ctx: Option<usize>,
+    /// Tokens per forward pass during the prompt (default: ggpt's micro-batch, capped by ctx).
+    #[arg(short = 'b', long)]
+    pub batch: Option<usize>,
+    /// Parallel sequences (as `run --num-return-sequences`).
+    #[arg(long, default_value_t = 1)]
+    pub seqs: usize,
+    /// KV cache element type: f16 (default) or f32.
+    #[arg(long, default_value = "f16")]
+    pub kv: String,
+    /// For a checkpoint directory: which formats (f16, q8_0, q6_k, q4_k_m, all).
+    #[arg(long = "type", default_value = "all")]
+    pub ftype: String,
+    /// Run a real prefill of the whole context plus decoding, and report peak RSS beside the estimate.
+    #[arg(long)]
+    pub measure: bool,
+    #[arg(short = 't', long)]
+    pub threads: Option<usize>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn kv_type(name: &str) -> Result<(KvType, u64)> {
+    match name.to_ascii_lowercase().as_str() {
+        "f16" => Ok((KvType::F16, 2)),
+        "f32" => Ok((KvType::F32, 4)),
+        other => bail!("--kv {other}: expected f16 or f32"),
+    }
+}
+
+pub fn run(args: Args) -> Result<()> {
+    let threads = init_threads(args.threads)? as u64;
+    let (kv, kv_elem) = kv_type(&args.kv)?;
+    if args.seqs == 0 || args.seqs > 256 {
+        bail!("--seqs must be between 1 and 256");
+    }
+    if args.path.is_dir() {
+        return predict_checkpoint(&args, kv_elem, threads);
+    }
+    let model = Model::load(&args.path)?;
+    let hp = model.hparams().clone();
+    let n_ctx = args.ctx.unwrap_or(hp.n_ctx as usize);
+    if n_ctx == 0 || n_ctx as u64 > hp.n_ctx {
+        bail!("--ctx {n_ctx} is outside 1..={}", hp.n_ctx);
+    }
+    let n_batch = args
+        .batch
+        .unwrap_or(ggpt_models::gpt2::forward::UBATCH)
+        .min(n_ctx);
+    if n_batch == 0 {
+        bail!("--batch must be at least 1");
+    }
+    let shape = shape_of(&model);
+    let tensor_bytes: u64 = model.file().tensors().iter().map(|t| t.size).sum();
+    let run = RunShape {
+        n_ctx: n_ctx as u64,
+        n_batch: n_batch as u64,
+        n_seq: args.seqs as u64,
+        kv_elem,
+        threads,
+    };
+    let est = estimate(&shape, model.file().file_len(), tensor_bytes, &run);
+
+    let measured = if args.measure {
+        Some(measure(&model, n_ctx, n_batch, args.seqs, kv)?)
+    } else {
+        None
+    };
+    let name = model.file_type_name();
+    if args.json {
+        let mut doc = estimate_json(&name, &est, &run);
+        if let Some(m) = &measured {
+            doc["measured"] = m.clone();
+        }
+        println!("{doc}");
+    } else {
+        print_table(&args.path.display().to_string(), &name, &est, &run);
+        if let Some(m) = &measured {
+            let peak = m["peak_rss_bytes"].as_u64().unwrap_or(0);
+            println!(
+                "measured: peak RSS {} (file-backed {}, anonymous {}); estimate {} ({:+.1} %)",
+                Mib(peak),
+                Mib(m["rss_file_bytes"].as_u64().unwrap_or(0)),
+                Mib(m["rss_anon_bytes"].as_u64().unwrap_or(0)),
+                Mib(est.ram_total),
+                (est.ram_total as f64 / peak.max(1) as f64 - 1.0) * 100.0
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The memory shape of a loaded model.
+pub fn shape_of(model: &Model) -> MemShape {
+    let hp = model.hparams();
+    MemShape {
+        n_layer: hp.n_layer,
+        n_embd: hp.n_embd,
+        n_ff: hp.n_ff,
+        n_head: hp.n_head,
+        n_vocab: hp.n_vocab,
+    }
+}
+
+/// Prefill (almost) the whole context in micro-batches, decode a few tokens, read /proc.
+fn measure(
+    model: &Model,
+    n_ctx: usize,
+    n_batch: usize,
+    n_seq: usize,
+    kv: KvType,
+) -> Result<serde_json::Value> {
+    let n_vocab = model.hparams().n_vocab as u32;
+    let n_decode = (n_ctx / 8).clamp(1, 16).min(n_ctx - 1).max(0);
+    let n_prompt = n_ctx - n_decode.max(if n_ctx > 1 { 1 } else { 0 });
+    let prompt: Vec<u32> = (0..n_prompt as u32).map(|i| (i * 7919) % n_vocab).collect();
+    let mut session = Session::with_kv_type(model, n_ctx, n_seq, kv)?;
+    let t = std::time::Instant::now();
+    for chunk in prompt.chunks(n_batch.max(1)) {
+        session.prefill(chunk)?;
+    }
+    if n_seq > 1 {
+        session.fork_prompt();
+    }
+    let remaining = n_ctx - session.n_past();
+    for i in 0..remaining.min(n_decode) {
+        let tok = (i as u32 * 31) % n_vocab;
+        if n_seq > 1 {
+            session.decode_batch(&vec![tok; n_seq])?;
+        } else {
+            session.decode(tok)?;
+        }
+    }
+    let secs = t.elapsed().as_secs_f64();
+    let r = rss().unwrap_or_default();
+    Ok(json!({
+        "peak_rss_bytes": r.peak,
+        "rss_bytes": r.current,
+        "rss_file_bytes": r.file,
+        "rss_anon_bytes": r.anon,
+        "prompt_tokens": prompt.len(),
+        "decoded_tokens": remaining.min(n_decode),
+        "seconds": secs,
+        "load_ms": model.load_ms(),
+    }))
+}
+
+fn estimate_json(name: &str, e: &Estimate, r: &RunShape) -> serde_json::Value {
+    json!({
+        "format": name,
+        "n_ctx": r.n_ctx, "n_batch": r.n_batch, "n_seq": r.n_seq,
+        "kv_type": if r.kv_elem == 2 { "f16" } else { "f32" },
+        "file_bytes": e.file_bytes,
+        "tensor_bytes": e.tensor_bytes,
+        "kv_bytes": e.kv_bytes,
+        "scratch_bytes": e.scratch_bytes,
+        "logits_bytes": e.logits_bytes,
+        "runtime_bytes": e.runtime_bytes,
+        "ram_total_bytes": e.ram_total,
+        "gpu_compute_bytes": e.gpu_compute_bytes,
+        "vram_total_bytes": e.vram_total,
+    })
+}
+
+fn print_table(what: &str, name: &str, e: &Estimate, r: &RunShape) {
+    println!(
+        "{what} ({name}), ctx {}, batch {}, {} sequence(s), KV {}",
+        r.n_ctx,
+        r.n_batch,
+        r.n_seq,
+        if r.kv_elem == 2 { "f16" } else { "f32" }
+    );
+    let rows = [
+        ("weights (mapped file)", e.file_bytes),
+        ("  of which tensor data", e.tensor_bytes),
+        ("KV cache", e.kv_bytes),
+        ("activations / scratch", e.scratch_bytes),
+        ("logits", e.logits_bytes),
+        ("runtime (tokenizer, program)", e.runtime_bytes),
+        ("total RAM", e.ram_total),
+        ("GPU compute buffer (model)", e.gpu_compute_bytes),
+        ("VRAM for full offload", e.vram_total),
+    ];
+    for (label, v) in rows {
+        println!("  {label:<30} {:>14}", Mib(v).to_string());
+    }
+}
+
+/// `ggpt mem HF_DIR`: predict each format's file and memory before converting.
+fn predict_checkpoint(args: &Args, kv_elem: u64, threads: u64) -> Result<()> {
+    let plans: Vec<Plan> = bail!("checkpoint prediction is not wired yet ({})", args.ftype);
+    let mut docs = Vec::new();
+    for p in &plans {
+        let shape = MemShape {
+            n_layer: p.n_layer,
+            n_embd: p.n_embd,
+            n_ff: p.n_ff,
+            n_head: p.n_head,
+            n_vocab: p.n_vocab,
+        };
+        let n_ctx = args.ctx.unwrap_or(p.n_ctx as usize) as u64;
+        if n_ctx == 0 || n_ctx > p.n_ctx {
+            bail!("--ctx {n_ctx} is outside 1..={}", p.n_ctx);
+        }
+        let run = RunShape {
+            n_ctx,
+            n_batch: args
+                .batch
+                .unwrap_or(ggpt_models::gpt2::forward::UBATCH)
+                .min(n_ctx as usize) as u64,
+            n_seq: args.seqs as u64,
+            kv_elem,
+            threads,
+        };
+        let est = estimate(&shape, p.file_bytes, p.tensor_bytes, &run);
+        if args.json {
+            docs.push(estimate_json(p.ftype.label(), &est, &run));
+        } else {
+            print_table(
+                &args.path.display().to_string(),
+                p.ftype.label(),
+                &est,
+                &run,
+            );
+        }
+    }
+    if args.json {
+        println!("{}", serde_json::Value::from(docs));
+    }
+    Ok(())
+}
+
+struct Plan {
+    ftype: ggpt_convert::policy::FileType,
+    n_layer: u64,
+    n_embd: u64,
+    n_ff: u64,
+    n_head: u64,
+    n_vocab: u64,
+    n_ctx: u64,
+    file_bytes: u64,
+    tensor_bytes: u64,
+}

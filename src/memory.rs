@@ -1,0 +1,214 @@
+//! Memory accounting: what a GPT-2 GGUF costs in RAM (and in VRAM on a GPU runtime), predicted
+//! from the file's shapes, and what a process actually holds (peak RSS from /proc).
+//!
+//! The prediction mirrors ggpt's own allocations (see `Session`): mapped weights, the KV cache,
+//! activation scratch sized to the batch, and the logits buffer. docs/memory.md explains each term.
+
+use std::fmt;
+
+/// The shapes that decide memory use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MemShape {
+    pub n_layer: u64,
+    pub n_embd: u64,
+    pub n_ff: u64,
+    pub n_head: u64,
+    pub n_vocab: u64,
+}
+
+impl MemShape {
+    /// GPT-2 Medium (345M).
+    pub const GPT2_MEDIUM: MemShape = MemShape {
+        n_layer: 24,
+        n_embd: 1024,
+        n_ff: 4096,
+        n_head: 16,
+        n_vocab: 50257,
+    };
+}
+
+/// Bytes of a KV cache holding `n_ctx` positions for `n_seq` sequences, `elem` bytes per value:
+/// K and V, every layer, one `n_embd` vector per position.
+pub fn kv_cache_bytes(s: &MemShape, n_ctx: u64, n_seq: u64, elem: u64) -> u64 {
+    2 * s.n_layer * n_ctx * s.n_embd * elem * n_seq
+}
+
+/// Bytes of the logits buffer for `rows` output rows (f32).
+pub fn logits_bytes(s: &MemShape, rows: u64) -> u64 {
+    rows * s.n_vocab * 4
+}
+
+/// The GPU compute-buffer model (see docs/memory.md): a GPU runtime evaluates a micro-batch of
+/// `n_ubatch` tokens with every intermediate of one layer alive at once — the residual stream,
+/// the normalised input, Q|K|V, the attention scores (`n_head × n_ubatch × n_ctx`, f32), the
+/// attention output, and the FFN hidden state (`n_ff` wide) — plus the logits of the outputs.
+/// llama.cpp's graph allocator reuses buffers between layers, so one layer's worth is the peak.
+pub fn gpu_compute_bytes(s: &MemShape, n_ctx: u64, n_ubatch: u64, n_outputs: u64) -> u64 {
+    let f = 4;
+    let per_token = (s.n_embd * 2 + s.n_embd * 3 + s.n_embd + s.n_ff) * f;
+    let scores = s.n_head * n_ubatch * n_ctx * f;
+    n_ubatch * per_token + scores + logits_bytes(s, n_outputs)
+}
+
+/// What running a model needs, term by term (bytes).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Estimate {
+    /// The whole GGUF file, mapped (weights + metadata); resident once touched.
+    pub file_bytes: u64,
+    /// Of which tensor data.
+    pub tensor_bytes: u64,
+    /// K and V for every layer at `n_ctx` positions and `n_seq` sequences.
+    pub kv_bytes: u64,
+    /// Activation buffers for one micro-batch, the matmul's quantized activations, and the
+    /// per-thread attention rows.
+    pub scratch_bytes: u64,
+    /// The logits buffer (`n_seq` rows of `n_vocab` f32).
+    pub logits_bytes: u64,
+    /// Tokenizer tables, copied norm/bias vectors, the program itself (measured constant).
+    pub runtime_bytes: u64,
+    /// Sum of the above: what ggpt's resident set should peak at.
+    pub ram_total: u64,
+    /// The compute buffer a GPU runtime would allocate ([`gpu_compute_bytes`]).
+    pub gpu_compute_bytes: u64,
+    /// Tensor data + KV cache + compute buffer: what full GPU offload needs in VRAM.
+    pub vram_total: u64,
+}
+
+/// The run being estimated.
+#[derive(Clone, Copy, Debug)]
+pub struct RunShape {
+    pub n_ctx: u64,
+    /// Tokens per forward pass (the prompt's micro-batch).
+    pub n_batch: u64,
+    pub n_seq: u64,
+    /// Bytes per KV element (2 for F16, 4 for F32).
+    pub kv_elem: u64,
+    pub threads: u64,
+}
+
+/// Resident memory of the process that is not model-dependent in a simple way: the tokenizer's
+/// maps (~50 k tokens and merges), the executable and its libraries, thread stacks. Measured
+/// with `ggpt mem --measure` on the tiny and GPT-2-Medium-shaped models (docs/memory.md).
+pub const RUNTIME_BYTES: u64 = 14 * 1024 * 1024;
+
+/// Predict memory from the model's shapes and file sizes.
+pub fn estimate(s: &MemShape, file_bytes: u64, tensor_bytes: u64, r: &RunShape) -> Estimate {
+    let kv_bytes = kv_cache_bytes(s, r.n_ctx, r.n_seq, r.kv_elem);
+    let t = r.n_batch.max(r.n_seq);
+    let head_dim = s.n_embd / s.n_head.max(1);
+    // x, ln, att_heads, att, tmp (C each), qkv (3C) and the MLP hidden (F), f32.
+    let activations = 4 * t * (8 * s.n_embd + s.n_ff);
+    // Q8_K activations of the widest input (F values: 292 bytes per 256).
+    let quantized = t * s.n_ff.div_ceil(256) * 292;
+    // Per thread: one head's K and V in f32 and a row of scores.
+    let attention = r.threads * 4 * (2 * r.n_ctx * head_dim + r.n_ctx);
+    let scratch_bytes = activations + quantized + attention;
+    let logits_bytes = logits_bytes(s, r.n_seq);
+    let ram_total = file_bytes + kv_bytes + scratch_bytes + logits_bytes + RUNTIME_BYTES;
+    let ubatch = r.n_ctx.min(512);
+    let gpu = gpu_compute_bytes(s, r.n_ctx, ubatch, r.n_seq);
+    Estimate {
+        file_bytes,
+        tensor_bytes,
+        kv_bytes,
+        scratch_bytes,
+        logits_bytes,
+        runtime_bytes: RUNTIME_BYTES,
+        ram_total,
+        gpu_compute_bytes: gpu,
+        vram_total: tensor_bytes + kv_bytes + gpu,
+    }
+}
+
+/// A byte count printed in MiB.
+pub struct Mib(pub u64);
+
+impl fmt::Display for Mib {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:.2} MiB", self.0 as f64 / (1024.0 * 1024.0))
+    }
+}
+
+/// Resident-set figures of this process, from `/proc/self/status` (Linux).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rss {
+    /// Peak resident set (VmHWM).
+    pub peak: u64,
+    /// Current resident set (VmRSS).
+    pub current: u64,
+    /// Current anonymous memory (heap, stacks).
+    pub anon: u64,
+    /// Current file-backed memory (the mapped weights, the binary).
+    pub file: u64,
+}
+
+/// Read this process's RSS figures; `None` where /proc is unavailable.
+pub fn rss() -> Option<Rss> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    parse_status(&status)
+}
+
+fn parse_status(status: &str) -> Option<Rss> {
+    let field = |name: &str| -> Option<u64> {
+        let line = status.lines().find(|l| l.starts_with(name))?;
+        let kb: u64 = line[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .ok()?;
+        Some(kb * 1024)
+    };
+    Some(Rss {
+        peak: field("VmHWM:")?,
+        current: field("VmRSS:")?,
+        anon: field("RssAnon:").unwrap_or(0),
+        file: field("RssFile:").unwrap_or(0),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1024 * 1024;
+
+    #[test]
+    fn gpt2_medium_kv_cache_by_hand() {
+        let s = MemShape::GPT2_MEDIUM;
+        // 2 (K,V) × 24 layers × 1024 positions × 1024 values × 2 bytes = 96 MiB exactly.
+        assert_eq!(kv_cache_bytes(&s, 1024, 1, 2), 96 * MIB);
+        assert_eq!(kv_cache_bytes(&s, 1024, 1, 4), 192 * MIB);
+        assert_eq!(kv_cache_bytes(&s, 512, 4, 2), 192 * MIB);
+    }
+
+    #[test]
+    fn gpt2_medium_logits_row() {
+        // 50257 × 4 B = 201,028 B ≈ 196.3 KiB per output row.
+        assert_eq!(logits_bytes(&MemShape::GPT2_MEDIUM, 1), 201_028);
+    }
+
+    #[test]
+    fn compute_buffer_grows_with_batch_and_context() {
+        let s = MemShape::GPT2_MEDIUM;
+        let a = gpu_compute_bytes(&s, 1024, 512, 1);
+        // 512 × (1024·6 + 4096) × 4 + 16 × 512 × 1024 × 4 + 201028
+        assert_eq!(
+            a,
+            512 * (1024 * 6 + 4096) * 4 + 16 * 512 * 1024 * 4 + 201_028
+        );
+        assert!(gpu_compute_bytes(&s, 512, 512, 1) < a);
+    }
+
+    #[test]
+    fn parses_proc_status() {
+        let text = "Name:\tggpt\nVmHWM:\t  2048 kB\nVmRSS:\t  1024 kB\nRssAnon:\t 512 kB\nRssFile:\t 500 kB\n";
+        let r = parse_status(text).unwrap();
+        assert_eq!(r.peak, 2048 * 1024);
+        assert_eq!(r.current, 1024 * 1024);
+        assert_eq!(r.anon, 512 * 1024);
+        assert_eq!(r.file, 500 * 1024);
+        assert!(parse_status("garbage").is_none());
+        assert!(rss().is_some());
+    }
+}

@@ -1,0 +1,138 @@
+//! A loaded model: the mmapped GGUF file, its validated GPT-2 weights and its tokenizer.
+//!
+//! Loading maps the file and checks it (metadata, every tensor's shape and type, the
+//! tokenizer tables); the weights themselves are not read until inference touches them, so
+//! [`Model::load_ms`] measures validation, not disk I/O.
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use ggpt_convert::gguf::GgufFile;
+use ggpt_models::Gpt2;
+
+use crate::tokenizer::Tokenizer;
+
+pub use ggpt_models::{Hparams, KvType, LoadError, RunError};
+
+/// A GPT-2 GGUF ready to run. Create [`Session`](crate::session::Session)s from it to
+/// evaluate tokens; any number of sessions can share one model.
+///
+/// ```no_run
+/// use ggpt::model::Model;
+/// # fn main() -> anyhow::Result<()> {
+/// let model = Model::load("tiny-gpt2-F16.gguf".as_ref())?;
+/// let ids = model.tokenizer().encode("Hello");
+/// println!("{} layers, {} tokens, loaded in {:.1} ms", model.hparams().n_layer, ids.len(), model.load_ms());
+/// # Ok(()) }
+/// ```
+pub struct Model {
+    gpt2: Gpt2,
+    tokenizer: Tokenizer,
+    load_ms: f64,
+}
+
+impl Model {
+    /// Map and validate a GGUF file: GPT-2 architecture, hyper-parameters, every tensor's
+    /// presence, shape and type, and the tokenizer tables.
+    pub fn load(path: &Path) -> anyhow::Result<Model> {
+        let start = Instant::now();
+        let file = GgufFile::open(path)?;
+        let mut model = Self::from_file(file)?;
+        model.load_ms = start.elapsed().as_secs_f64() * 1e3;
+        Ok(model)
+    }
+
+    /// Build a model from an already opened file (e.g. one made in memory with
+    /// [`GgufFile::from_bytes`]).
+    pub fn from_file(file: GgufFile) -> anyhow::Result<Model> {
+        let start = Instant::now();
+        let file = Arc::new(file);
+        let gpt2 = Gpt2::from_gguf(Arc::clone(&file))?;
+        let tokenizer = Tokenizer::from_gguf(&file)
+            .with_context(|| format!("{}: tokenizer", file.path().display()))?;
+        if tokenizer.n_vocab() as u64 != gpt2.hparams().n_vocab {
+            anyhow::bail!(
+                "{}: the tokenizer has {} tokens but token_embd.weight has {} rows",
+                file.path().display(),
+                tokenizer.n_vocab(),
+                gpt2.hparams().n_vocab
+            );
+        }
+        Ok(Model {
+            gpt2,
+            tokenizer,
+            load_ms: start.elapsed().as_secs_f64() * 1e3,
+        })
+    }
+
+    /// The tokenizer stored in the file.
+    pub fn tokenizer(&self) -> &Tokenizer {
+        &self.tokenizer
+    }
+
+    /// Model shape.
+    pub fn hparams(&self) -> &Hparams {
+        self.gpt2.hparams()
+    }
+
+    /// The mapped GGUF file.
+    pub fn file(&self) -> &GgufFile {
+        self.gpt2.file()
+    }
+
+    /// The GPT-2 network (weights and forward pass).
+    pub fn gpt2(&self) -> &Gpt2 {
+        &self.gpt2
+    }
+
+    /// Milliseconds spent opening and validating the file.
+    pub fn load_ms(&self) -> f64 {
+        self.load_ms
+    }
+
+    /// Whether the file stores a separate `output.weight` (older llama.cpp converters) rather
+    /// than tying the output projection to `token_embd.weight`.
+    pub fn has_output_weight(&self) -> bool {
+        self.gpt2.weights().output.is_some()
+    }
+
+    /// The file's quantization mix as llama.cpp names it (`general.file_type`): "F16",
+    /// "Q8_0", "Q6_K", "Q4_K_M", …; "unknown" if the key is absent.
+    pub fn file_type_name(&self) -> String {
+        match self.file().get_u64("general.file_type") {
+            Ok(Some(t)) => file_type_name(t),
+            _ => "unknown".to_string(),
+        }
+    }
+}
+
+/// llama.cpp's `llama_ftype` values (include/llama.h) for the mixes ggpt reads.
+fn file_type_name(t: u64) -> String {
+    match t {
+        0 => "F32",
+        1 => "F16",
+        7 => "Q8_0",
+        14 => "Q4_K_S",
+        15 => "Q4_K_M",
+        16 => "Q5_K_S",
+        17 => "Q5_K_M",
+        18 => "Q6_K",
+        32 => "BF16",
+        other => return format!("ftype {other}"),
+    }
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn file_type_names_follow_llama_cpp() {
+        assert_eq!(super::file_type_name(1), "F16");
+        assert_eq!(super::file_type_name(7), "Q8_0");
+        assert_eq!(super::file_type_name(15), "Q4_K_M");
+        assert_eq!(super::file_type_name(18), "Q6_K");
+        assert_eq!(super::file_type_name(99), "ftype 99");
+    }
+}

@@ -1,0 +1,58 @@
+//! Building the tokenizer from a GGUF file's `tokenizer.ggml.*` metadata.
+//!
+//! Only GPT-2's byte-level BPE is accepted: `tokenizer.ggml.model` must be "gpt2", and the
+//! pre-tokenizer, when named, must be "gpt-2". llama.cpp uses the `gpt2` model for many BPE
+//! vocabularies with other split regexes (`llama3`, `qwen2`, …); encoding those with GPT-2's
+//! regex would silently give wrong ids, so they are refused instead.
+
+use anyhow::{bail, Context, Result};
+use ggpt_convert::gguf::GgufFile;
+
+use super::Tokenizer;
+
+pub const KEY_MODEL: &str = "tokenizer.ggml.model";
+pub const KEY_PRE: &str = "tokenizer.ggml.pre";
+pub const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
+pub const KEY_MERGES: &str = "tokenizer.ggml.merges";
+pub const KEY_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
+pub const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
+
+impl Tokenizer {
+    /// Reads the vocabulary, merges, token types and EOS id from GGUF metadata.
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
+        let file = gguf.path().display();
+        let model = gguf.get_str(KEY_MODEL)?.with_context(|| {
+            format!("{file}: no tokenizer in the file ({KEY_MODEL} is missing)")
+        })?;
+        if model != "gpt2" {
+            bail!(
+                "{file}: tokenizer model {model:?} is not supported ({KEY_MODEL} must be \"gpt2\", \
+                 GPT-2's byte-level BPE)"
+            );
+        }
+        if let Some(pre) = gguf.get_str(KEY_PRE)? {
+            if pre != "gpt-2" {
+                bail!(
+                    "{file}: pre-tokenizer {pre:?} is not supported ({KEY_PRE} must be \"gpt-2\"; \
+                     other BPE vocabularies split text differently)"
+                );
+            }
+        }
+        let tokens = gguf
+            .get_str_array(KEY_TOKENS)?
+            .with_context(|| format!("{file}: cannot find tokenizer vocab ({KEY_TOKENS})"))?;
+        let merges = gguf
+            .get_str_array(KEY_MERGES)?
+            .with_context(|| format!("{file}: cannot find tokenizer merges ({KEY_MERGES})"))?;
+        let types = gguf.get_i32_array(KEY_TOKEN_TYPE)?;
+        let mut tok = Tokenizer::new(tokens, merges, types)
+            .with_context(|| format!("{file}: invalid tokenizer metadata"))?;
+        if let Some(eos) = gguf.get_u64(KEY_EOS)? {
+            let eos = u32::try_from(eos).unwrap_or(u32::MAX);
+            tok = tok
+                .with_eos(eos)
+                .with_context(|| format!("{file}: invalid {KEY_EOS}"))?;
+        }
+        Ok(tok)
+    }
+}

@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# ggpt's whole test suite, as CI runs it: the Rust tests of every crate, then the Python
+# cross-check that llama.cpp's own gguf reader agrees with every file ggpt writes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+cargo build --release --bin ggpt
+cargo test --release --workspace
+
+# The independent reader: llama.cpp's gguf-py (and numpy, pytest) from PyPI.
+python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
+GGPT_BIN="$PWD/target/release/ggpt" python3 -m pytest -q tests/python

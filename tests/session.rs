@@ -1,0 +1,475 @@
+//! Sessions and loading: the KV cache gives the same logits as recomputing from scratch,
+//! batched sequences match separate runs, the context limit is enforced, and malformed GGUF
+//! files (made by editing a converted one with the GGUF writer) are refused with errors that
+//! name the problem.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use ggpt::model::{KvType, LoadError, Model, RunError};
+use ggpt::session::Session;
+use ggpt_convert::gguf::{GgufFile, GgufWriter, Value};
+use ggpt_convert::pipeline::{convert_hf, ConvertOptions, NoProgress};
+use ggpt_convert::policy::FileType;
+use ggpt_quant::GgmlType;
+
+/// The tiny model converted to F16 and Q4_K_M, once per test binary.
+fn model_path(ty: FileType) -> PathBuf {
+    static DIR: OnceLock<PathBuf> = OnceLock::new();
+    let dir = DIR.get_or_init(|| {
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("session-models");
+        std::fs::create_dir_all(&dir).expect("create test model dir");
+        let opts = ConvertOptions {
+            hf_dir: Path::new(env!("CARGO_MANIFEST_DIR")).join("models/tiny-gpt2"),
+            types: vec![FileType::F16, FileType::Q4KM],
+            output: Some(dir.clone()),
+            name: Some("tiny-gpt2".to_string()),
+        };
+        convert_hf(&opts, &NoProgress).expect("convert models/tiny-gpt2");
+        dir
+    });
+    dir.join(format!("tiny-gpt2-{}.gguf", ty.label()))
+}
+
+fn load(ty: FileType) -> Model {
+    Model::load(&model_path(ty)).expect("load converted model")
+}
+
+/// Deterministic, varied token ids (a prime stride through the vocabulary).
+fn tokens(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32).map(|i| (seed + i * 7919) % 50000).collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn check_decode_matches_prefill(ty: FileType, kv: KvType) {
+    let model = load(ty);
+    let v = model.hparams().n_vocab as usize;
+    let all = tokens(52, 11);
+    let (a, b) = all.split_at(40);
+
+    let mut full = Session::with_kv_type(&model, 64, 1, kv).unwrap();
+    let mut want = Vec::new();
+    full.prefill_all_logits(&all, &mut want).unwrap();
+
+    let mut s = Session::with_kv_type(&model, 64, 1, kv).unwrap();
+    let mut worst = max_abs_diff(s.prefill(a).unwrap(), &want[39 * v..40 * v]);
+    for (i, &tok) in b.iter().enumerate() {
+        let got = s.decode(tok).unwrap();
+        worst = worst.max(max_abs_diff(got, &want[(40 + i) * v..(41 + i) * v]));
+    }
+    assert_eq!(s.n_past(), all.len());
+    eprintln!(
+        "{} KV {kv}: prefill+decode vs one prefill: max |Δ| = {worst:.2e}",
+        ty.label()
+    );
+    assert!(worst <= 1e-4, "{}: max |Δ| {worst}", ty.label());
+}
+
+#[test]
+fn prefill_then_decode_equals_one_prefill_f16() {
+    check_decode_matches_prefill(FileType::F16, KvType::F16);
+    check_decode_matches_prefill(FileType::F16, KvType::F32);
+}
+
+#[test]
+fn prefill_then_decode_equals_one_prefill_q4_k_m() {
+    check_decode_matches_prefill(FileType::Q4KM, KvType::F16);
+}
+
+#[test]
+fn long_prefill_is_split_into_micro_batches_consistently() {
+    // 700 tokens cross the 512-token micro-batch boundary; evaluating them in two other
+    // pieces (300 + 400) must give the same logits at every position.
+    let model = load(FileType::Q4KM);
+    let v = model.hparams().n_vocab as usize;
+    let all = tokens(700, 5);
+    let mut s = Session::new(&model, 1024, 1).unwrap();
+    let mut one = Vec::new();
+    s.prefill_all_logits(&all, &mut one).unwrap();
+    s.reset();
+    let (mut first, mut second) = (Vec::new(), Vec::new());
+    s.prefill_all_logits(&all[..300], &mut first).unwrap();
+    s.prefill_all_logits(&all[300..], &mut second).unwrap();
+    first.extend_from_slice(&second);
+    assert_eq!(s.n_past(), 700);
+    let d = max_abs_diff(&one, &first);
+    assert!(d <= 1e-4, "max |Δ| {d}");
+    // And the last-position logits of prefill are the last row of all-position logits.
+    s.reset();
+    let last = s.prefill(&all).unwrap();
+    assert!(max_abs_diff(last, &one[699 * v..]) <= 1e-4);
+}
+
+#[test]
+fn batched_sequences_match_separate_runs() {
+    let model = load(FileType::F16);
+    let v = model.hparams().n_vocab as usize;
+    let n_seq = 3;
+    let prompt = tokens(20, 3);
+    let conts: Vec<Vec<u32>> = (0..n_seq).map(|s| tokens(6, 100 + 17 * s as u32)).collect();
+
+    let mut batch = Session::new(&model, 64, n_seq).unwrap();
+    let first = batch.prefill(&prompt).unwrap().to_vec();
+    batch.fork_prompt();
+    for s in 0..n_seq {
+        assert_eq!(batch.n_past_seq(s), prompt.len());
+    }
+    let mut batched: Vec<Vec<f32>> = Vec::new();
+    for k in 0..6 {
+        let step: Vec<u32> = conts.iter().map(|c| c[k]).collect();
+        batched.push(batch.decode_batch(&step).unwrap().to_vec());
+    }
+    // Wrong number of tokens for the batch: an error, not a panic.
+    assert!(batch.decode_batch(&[1, 2]).is_err());
+
+    for (s, cont) in conts.iter().enumerate() {
+        let mut alone = Session::new(&model, 64, 1).unwrap();
+        let l = alone.prefill(&prompt).unwrap();
+        assert!(max_abs_diff(l, &first) <= 1e-4);
+        for (k, &tok) in cont.iter().enumerate() {
+            let l = alone.decode(tok).unwrap();
+            let d = max_abs_diff(l, &batched[k][s * v..(s + 1) * v]);
+            assert!(d <= 1e-4, "sequence {s} step {k}: max |Δ| {d}");
+        }
+        assert_eq!(batch.n_past_seq(s), prompt.len() + cont.len());
+    }
+    // The sequences really differ (a batch that ignored its tokens would fail above only if
+    // the continuations agreed, so make sure they do not).
+    assert!(max_abs_diff(&batched[5][..v], &batched[5][v..2 * v]) > 1e-2);
+}
+
+fn run_error(e: &anyhow::Error) -> &RunError {
+    e.downcast_ref::<RunError>()
+        .unwrap_or_else(|| panic!("not a RunError: {e:#}"))
+}
+
+#[test]
+fn context_overflow_is_an_error_and_leaves_the_session_usable() {
+    let model = load(FileType::Q4KM);
+    let mut s = Session::new(&model, 8, 1).unwrap();
+    s.prefill(&tokens(6, 1)).unwrap();
+    let e = s.prefill(&tokens(3, 2)).unwrap_err();
+    assert!(
+        matches!(
+            run_error(&e),
+            RunError::ContextFull {
+                have: 6,
+                adding: 3,
+                n_ctx: 8,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("context full"), "{e}");
+    assert_eq!(s.n_past(), 6);
+    s.decode(5).unwrap();
+    s.decode(6).unwrap();
+    assert_eq!(s.n_past(), 8);
+    let e = s.decode(7).unwrap_err();
+    assert!(matches!(run_error(&e), RunError::ContextFull { .. }), "{e}");
+    // After a reset the whole context is available again.
+    s.reset();
+    s.prefill(&tokens(8, 3)).unwrap();
+
+    let e = Session::new(&model, 1025, 1)
+        .err()
+        .expect("n_ctx beyond the model's 1024");
+    assert!(
+        matches!(
+            run_error(&e),
+            RunError::BadContext {
+                n_ctx: 1025,
+                max: 1024
+            }
+        ),
+        "{e}"
+    );
+    assert!(Session::new(&model, 0, 1).is_err());
+    assert!(Session::new(&model, 16, 0).is_err());
+}
+
+#[test]
+fn bad_tokens_are_errors() {
+    let model = load(FileType::Q4KM);
+    let mut s = Session::new(&model, 16, 1).unwrap();
+    let e = s.prefill(&[1, 50257]).unwrap_err();
+    assert!(
+        matches!(
+            run_error(&e),
+            RunError::TokenOutOfRange {
+                token: 50257,
+                n_vocab: 50257
+            }
+        ),
+        "{e}"
+    );
+    assert!(s.prefill(&[]).is_err());
+    assert_eq!(s.n_past(), 0);
+}
+
+#[test]
+fn hidden_states_are_the_input_of_the_output_projection() {
+    let model = load(FileType::F16);
+    let c = model.hparams().n_embd as usize;
+    let ids = tokens(9, 7);
+    let mut s = Session::new(&model, 32, 1).unwrap();
+    s.prefill(&tokens(5, 1)).unwrap();
+    let hidden = s.hidden_states(&ids).unwrap();
+    assert_eq!(hidden.len(), ids.len() * c);
+    assert_eq!(
+        s.n_past(),
+        ids.len(),
+        "hidden_states starts from an empty context"
+    );
+    let last = &hidden[(ids.len() - 1) * c..];
+    // After ln_f with GPT-2's trained gain the rows are not unit-variance, but they are finite.
+    assert!(hidden.iter().all(|x| x.is_finite()));
+
+    s.reset();
+    let logits = s.prefill(&ids).unwrap().to_vec();
+    // logits = hidden · token_embdᵀ (tied): recompute a few from the dequantized embedding.
+    let file = model.file();
+    let te = file.tensor("token_embd.weight").unwrap();
+    let data = file.tensor_data(te);
+    let row_bytes = te.row_bytes() as usize;
+    for id in [0usize, 13, 464, 50256] {
+        let mut row = vec![0.0f32; c];
+        ggpt_quant::tensor::dequantize(
+            te.ty,
+            &data[id * row_bytes..(id + 1) * row_bytes],
+            &mut row,
+        )
+        .unwrap();
+        let want: f64 = row
+            .iter()
+            .zip(last)
+            .map(|(&a, &b)| a as f64 * b as f64)
+            .sum();
+        assert!(
+            (logits[id] as f64 - want).abs() < 1e-3,
+            "token {id}: {} vs {want}",
+            logits[id]
+        );
+    }
+}
+
+// --- Loading malformed files ---------------------------------------------------------------
+
+/// A GGUF file's contents, to edit and write back.
+struct Parts {
+    kvs: Vec<(String, Value)>,
+    tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
+}
+
+fn parts(f: &GgufFile) -> Parts {
+    Parts {
+        kvs: f.metadata().to_vec(),
+        tensors: f
+            .tensors()
+            .iter()
+            .map(|t| {
+                (
+                    t.name.clone(),
+                    t.dims.clone(),
+                    t.ty,
+                    f.tensor_data(t).to_vec(),
+                )
+            })
+            .collect(),
+    }
+}
+
+fn build(p: &Parts, name: &str) -> GgufFile {
+    let mut w = GgufWriter::new();
+    for (k, v) in &p.kvs {
+        w.add_kv(k, v.clone());
+    }
+    for (n, dims, ty, _) in &p.tensors {
+        w.add_tensor(n, dims, *ty).unwrap();
+    }
+    let mut buf = Vec::new();
+    w.write_header(&mut buf).unwrap();
+    for (i, (_, _, _, data)) in p.tensors.iter().enumerate() {
+        w.write_tensor_data(&mut buf, i, data).unwrap();
+    }
+    GgufFile::from_bytes(buf, name).unwrap()
+}
+
+fn f16_parts() -> Parts {
+    parts(&GgufFile::open(&model_path(FileType::F16)).unwrap())
+}
+
+fn load_error(p: &Parts, name: &str) -> anyhow::Error {
+    match Model::from_file(build(p, name)) {
+        Ok(_) => panic!("{name}: loaded"),
+        Err(e) => e,
+    }
+}
+
+#[test]
+fn duplicate_output_weight_loads_and_gives_identical_logits() {
+    // Older llama.cpp converters store the tied projection a second time as output.weight.
+    let mut p = f16_parts();
+    let te = p
+        .tensors
+        .iter()
+        .find(|t| t.0 == "token_embd.weight")
+        .unwrap()
+        .clone();
+    p.tensors
+        .push(("output.weight".to_string(), te.1, te.2, te.3));
+    let dup = Model::from_file(build(&p, "dup-output.gguf")).unwrap();
+    assert!(dup.has_output_weight());
+    let tied = load(FileType::F16);
+    assert!(!tied.has_output_weight());
+
+    let ids = tokens(12, 9);
+    let mut a = Session::new(&tied, 32, 1).unwrap();
+    let mut b = Session::new(&dup, 32, 1).unwrap();
+    let la = a.prefill(&ids).unwrap().to_vec();
+    let lb = b.prefill(&ids).unwrap();
+    assert_eq!(la, lb);
+
+    // An output.weight of the wrong shape is refused, not silently ignored.
+    let out = p.tensors.last_mut().unwrap();
+    out.1 = vec![256, 50000];
+    out.3.truncate(256 * 50000 * 2);
+    let e = load_error(&p, "bad-output.gguf");
+    assert!(e.to_string().contains("output.weight"), "{e}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let mut p = f16_parts();
+    p.tensors.retain(|t| t.0 != "blk.3.attn_qkv.weight");
+    let e = load_error(&p, "missing.gguf");
+    assert!(
+        matches!(
+            e.downcast_ref::<LoadError>(),
+            Some(LoadError::MissingTensor { .. })
+        ),
+        "{e:#}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains("missing.gguf") && msg.contains("missing tensor 'blk.3.attn_qkv.weight'"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn wrong_shape_is_reported_with_expected_and_found() {
+    let mut p = f16_parts();
+    let t = p
+        .tensors
+        .iter_mut()
+        .find(|t| t.0 == "blk.2.ffn_up.bias")
+        .unwrap();
+    t.1 = vec![1000];
+    t.3.truncate(4000);
+    let e = load_error(&p, "shape.gguf");
+    assert!(
+        matches!(
+            e.downcast_ref::<LoadError>(),
+            Some(LoadError::WrongShape { .. })
+        ),
+        "{e:#}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains("blk.2.ffn_up.bias") && msg.contains("[1000]") && msg.contains("[1024]"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn wrong_architecture_is_reported() {
+    let mut p = f16_parts();
+    for (k, v) in &mut p.kvs {
+        if k == "general.architecture" {
+            *v = Value::String("llama".to_string());
+        }
+    }
+    let e = load_error(&p, "llama.gguf");
+    assert!(
+        e.to_string()
+            .contains("general.architecture is 'llama', expected 'gpt2'"),
+        "{e}"
+    );
+
+    p.kvs.retain(|(k, _)| k != "general.architecture");
+    let e = load_error(&p, "noarch.gguf");
+    assert!(
+        e.to_string()
+            .contains("missing metadata key 'general.architecture'"),
+        "{e}"
+    );
+}
+
+#[test]
+fn unsupported_weight_type_is_reported() {
+    let mut p = f16_parts();
+    let t = p
+        .tensors
+        .iter_mut()
+        .find(|t| t.0 == "blk.0.attn_output.weight")
+        .unwrap();
+    // Q4_0: a real ggml type ggpt has no kernels for. 256 × 256 values in 18-byte blocks of 32.
+    t.2 = GgmlType::Q4_0;
+    t.3 = vec![0u8; 256 * 256 / 32 * 18];
+    let e = load_error(&p, "q4_0.gguf");
+    assert!(
+        matches!(
+            e.downcast_ref::<LoadError>(),
+            Some(LoadError::UnsupportedType { .. })
+        ),
+        "{e:#}"
+    );
+    assert!(
+        e.to_string().contains("blk.0.attn_output.weight") && e.to_string().contains("Q4_0"),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_hyper_parameters_are_reported() {
+    let set = |p: &mut Parts, key: &str, v: Value| {
+        for (k, val) in &mut p.kvs {
+            if k == key {
+                *val = v.clone();
+            }
+        }
+    };
+    // 256 channels cannot be split into 7 heads.
+    let mut p = f16_parts();
+    set(&mut p, "gpt2.attention.head_count", Value::U32(7));
+    let e = load_error(&p, "heads.gguf");
+    assert!(e.to_string().contains("not a multiple of 7 heads"), "{e}");
+    // A key that is missing altogether.
+    let mut p = f16_parts();
+    p.kvs.retain(|(k, _)| k != "gpt2.block_count");
+    let e = load_error(&p, "layers.gguf");
+    assert!(
+        e.to_string()
+            .contains("missing metadata key 'gpt2.block_count'"),
+        "{e}"
+    );
+    // An absurd size is refused before anything is allocated from it.
+    let mut p = f16_parts();
+    set(&mut p, "gpt2.context_length", Value::U64(u64::MAX));
+    let e = load_error(&p, "ctx.gguf");
+    assert!(e.to_string().contains("gpt2.context_length"), "{e}");
+    // A context length that disagrees with the position table is a shape error.
+    let mut p = f16_parts();
+    set(&mut p, "gpt2.context_length", Value::U32(512));
+    let e = load_error(&p, "ctx512.gguf");
+    assert!(e.to_string().contains("position_embd.weight"), "{e}");
+}
