@@ -3,6 +3,7 @@
 use clap::Parser;
 
 fn main() {
+    ggpt::cli::install_signal_handler();
     let cli = ggpt::cli::Cli::parse();
     if let Err(err) = ggpt::cli::run(cli) {
         eprintln!("error: {err:#}");

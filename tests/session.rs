@@ -48,7 +48,9 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .fold(0.0, f32::max)
 }
 
-fn check_decode_matches_prefill(ty: FileType, kv: KvType) {
+/// Logits of prefill(A) followed by decode(b₁…bₙ), against one prefill(A+b) at every position:
+/// returns (max, mean) |Δ| over the decoded steps.
+fn decode_vs_prefill(ty: FileType, kv: KvType) -> (f32, f64) {
     let model = load(ty);
     let v = model.hparams().n_vocab as usize;
     let all = tokens(52, 11);
@@ -60,27 +62,51 @@ fn check_decode_matches_prefill(ty: FileType, kv: KvType) {
 
     let mut s = Session::with_kv_type(&model, 64, 1, kv).unwrap();
     let mut worst = max_abs_diff(s.prefill(a).unwrap(), &want[39 * v..40 * v]);
+    let mut sum = 0.0f64;
     for (i, &tok) in b.iter().enumerate() {
         let got = s.decode(tok).unwrap();
-        worst = worst.max(max_abs_diff(got, &want[(40 + i) * v..(41 + i) * v]));
+        let w = &want[(40 + i) * v..(41 + i) * v];
+        worst = worst.max(max_abs_diff(got, w));
+        sum += got
+            .iter()
+            .zip(w)
+            .map(|(x, y)| (x - y).abs() as f64)
+            .sum::<f64>();
     }
     assert_eq!(s.n_past(), all.len());
+    let mean = sum / (b.len() * v) as f64;
     eprintln!(
-        "{} KV {kv}: prefill+decode vs one prefill: max |Δ| = {worst:.2e}",
+        "{} KV {kv}: prefill+decode vs one prefill: max |Δ| {worst:.2e}, mean {mean:.2e}",
         ty.label()
     );
-    assert!(worst <= 1e-4, "{}: max |Δ| {worst}", ty.label());
+    (worst, mean)
 }
 
 #[test]
 fn prefill_then_decode_equals_one_prefill_f16() {
-    check_decode_matches_prefill(FileType::F16, KvType::F16);
-    check_decode_matches_prefill(FileType::F16, KvType::F32);
+    // F16 weights, f32 activations: the two paths differ only in float summation order
+    // (batched matmul tiles, batched vs per-row attention). Measured: 4.5e-5 (f16 cache),
+    // 2.2e-5 (f32 cache).
+    for kv in [KvType::F16, KvType::F32] {
+        let (worst, _) = decode_vs_prefill(FileType::F16, kv);
+        assert!(worst <= 1e-4, "KV {kv}: max |Δ| {worst}");
+    }
 }
 
 #[test]
-fn prefill_then_decode_equals_one_prefill_q4_k_m() {
-    check_decode_matches_prefill(FileType::Q4KM, KvType::F16);
+fn prefill_then_decode_agrees_for_quantized_weights() {
+    // With quantized weights the activations are rounded to 8 bits (Q8_K) before each
+    // matmul, and the batched kernels' ~1e-6 differences in summation order occasionally
+    // flip one of those roundings, which moves logits by ~0.1–0.3 (measured mean |Δ| 0.03–0.05,
+    // max 0.19–0.28). A cache bug is far larger: attending without the current token gives a
+    // mean |Δ| of 0.38 and a max of 2.8.
+    for kv in [KvType::F16, KvType::F32] {
+        let (worst, mean) = decode_vs_prefill(FileType::Q4KM, kv);
+        assert!(
+            mean <= 0.1 && worst <= 1.0,
+            "KV {kv}: max |Δ| {worst}, mean {mean}"
+        );
+    }
 }
 
 #[test]

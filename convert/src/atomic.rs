@@ -14,20 +14,29 @@ use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Mutex, MutexGuard};
 
 static LIVE: Mutex<Option<HashSet<PathBuf>>> = Mutex::new(None);
 static COUNTER: AtomicU64 = AtomicU64::new(0);
+/// Set by [`cleanup_temp_files`] (under the `LIVE` lock): the process is shutting down, so no
+/// new temporary may be registered. Without it, a temporary created by the main thread just
+/// after the signal handler's cleanup would survive the exit that follows.
+static CLOSED: AtomicBool = AtomicBool::new(false);
 
 /// The registry survives a panic in another thread: a poisoned lock still holds valid paths.
 fn live() -> MutexGuard<'static, Option<HashSet<PathBuf>>> {
     LIVE.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// Remove every temporary file that is still being written. Meant for a Ctrl-C handler that
-/// then exits; an [`AtomicFile`] whose temporary was removed fails on commit.
+/// Remove every temporary file that is still being written, and refuse to create new ones
+/// from now on. Meant for a Ctrl-C handler that then exits; an [`AtomicFile`] whose temporary
+/// was removed fails on commit, and [`AtomicFile::create`] fails with `Interrupted`.
 pub fn cleanup_temp_files() {
+    {
+        let _guard = live();
+        CLOSED.store(true, Ordering::SeqCst);
+    }
     cleanup_where(|_| true);
 }
 
@@ -78,7 +87,18 @@ impl AtomicFile {
             let tmp = dir.join(name);
             match OpenOptions::new().write(true).create_new(true).open(&tmp) {
                 Ok(f) => {
-                    live().get_or_insert_with(HashSet::new).insert(tmp.clone());
+                    let mut guard = live();
+                    if CLOSED.load(Ordering::SeqCst) {
+                        drop(guard);
+                        drop(f);
+                        let _ = fs::remove_file(&tmp);
+                        return Err(io::Error::new(
+                            io::ErrorKind::Interrupted,
+                            format!("{}: not created: the process is exiting", dest.display()),
+                        ));
+                    }
+                    guard.get_or_insert_with(HashSet::new).insert(tmp.clone());
+                    drop(guard);
                     return Ok(AtomicFile {
                         out: Some(BufWriter::with_capacity(1 << 20, f)),
                         tmp,

@@ -102,9 +102,11 @@ impl HfConfig {
 
         match obj.get("model_type") {
             Some(Json::String(t)) if t == "gpt2" => {}
-            Some(Json::String(t)) => return Err(err(format!(
+            Some(Json::String(t)) => {
+                return Err(err(format!(
                 "model_type is {t:?}; only GPT-2 checkpoints (model_type \"gpt2\") are supported"
-            ))),
+            )))
+            }
             _ => {
                 return Err(err(
                     "model_type is missing or not a string; expected \"gpt2\"".into(),
@@ -178,7 +180,7 @@ impl HfConfig {
             (None, Some(c)) => c,
             (None, None) => return Err(err("neither n_positions nor n_ctx is present".into())),
         };
-        if n_embd % n_head != 0 {
+        if !n_embd.is_multiple_of(n_head) {
             return Err(err(format!(
                 "n_embd = {n_embd} is not a multiple of n_head = {n_head}"
             )));

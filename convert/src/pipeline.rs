@@ -365,6 +365,82 @@ fn pad_out(out: &mut Out, size: u64) -> Result<(), OutputError> {
     write_out(out, &vec![0u8; pad as usize])
 }
 
+/// The header (metadata + tensor infos) of one output file, each tensor's type, and the
+/// tensors whose type differs from llama.cpp's choice.
+type Layout = (GgufWriter, Vec<GgmlType>, Vec<(String, GgmlType, Fallback)>);
+
+fn layout(
+    config: &HfConfig,
+    vocab: &HfVocab,
+    name: &str,
+    ftype: FileType,
+    planned: &[Planned],
+) -> anyhow::Result<Layout> {
+    let mut writer = GgufWriter::new();
+    for (k, v) in gguf_metadata(config, vocab, name, ftype) {
+        writer.add_kv(&k, v);
+    }
+    let policy = Policy::new(ftype, config.n_layer, false);
+    let mut types = Vec::with_capacity(planned.len());
+    let mut differs = Vec::new();
+    for p in planned {
+        let choice = policy
+            .choose(&p.gguf_name, &p.dims, p.f16_file_type)
+            .map_err(anyhow::Error::msg)?;
+        if let Some(d) = choice.differs {
+            differs.push((p.gguf_name.clone(), choice.ty, d));
+        }
+        writer.add_tensor(&p.gguf_name, &p.dims, choice.ty)?;
+        types.push(choice.ty);
+    }
+    Ok((writer, types, differs))
+}
+
+/// What converting to one file type would produce, computed from the checkpoint's headers
+/// alone (no tensor data is read): used by `ggpt mem HF_DIR` to predict before converting.
+#[derive(Debug, Clone)]
+pub struct Prediction {
+    pub ftype: FileType,
+    pub config: HfConfig,
+    /// Exact size of the file `convert` would write.
+    pub file_bytes: u64,
+    /// Tensor data bytes (without header and padding).
+    pub tensor_bytes: u64,
+    pub n_params: u64,
+}
+
+/// Predict the file each of `types` would give, exactly, without converting.
+pub fn predict(hf_dir: &Path, types: &[FileType]) -> anyhow::Result<Vec<Prediction>> {
+    if !hf_dir.is_dir() {
+        return Err(InputError::new(hf_dir, "not a directory").into());
+    }
+    let config = HfConfig::load(hf_dir)?;
+    let vocab = HfVocab::load(hf_dir, &config)?;
+    let ckpt = Checkpoint::open(hf_dir)?;
+    let planned = plan(&ckpt, &config)?;
+    let name = model_name(hf_dir);
+    types
+        .iter()
+        .map(|&ftype| {
+            let (writer, types, _) = layout(&config, &vocab, &name, ftype, &planned)?;
+            let mut tensor_bytes = 0u64;
+            let mut n_params = 0u64;
+            for (p, ty) in planned.iter().zip(&types) {
+                let n: u64 = p.dims.iter().product();
+                n_params += n;
+                tensor_bytes += ty.row_bytes(p.dims[0]).unwrap_or(0) * (n / p.dims[0].max(1));
+            }
+            Ok(Prediction {
+                ftype,
+                config: config.clone(),
+                file_bytes: writer.total_size(),
+                tensor_bytes,
+                n_params,
+            })
+        })
+        .collect()
+}
+
 /// Convert `opts.hf_dir` to every type in `opts.types` in one pass.
 pub fn convert_hf(opts: &ConvertOptions, progress: &dyn Progress) -> anyhow::Result<ConvertReport> {
     let start = Instant::now();
@@ -381,23 +457,7 @@ pub fn convert_hf(opts: &ConvertOptions, progress: &dyn Progress) -> anyhow::Res
 
     let mut outs: Vec<Out> = Vec::with_capacity(paths.len());
     for (&ftype, path) in opts.types.iter().zip(&paths) {
-        let mut writer = GgufWriter::new();
-        for (k, v) in gguf_metadata(&config, &vocab, &name, ftype) {
-            writer.add_kv(&k, v);
-        }
-        let policy = Policy::new(ftype, config.n_layer, false);
-        let mut types = Vec::with_capacity(planned.len());
-        let mut differs = Vec::new();
-        for p in &planned {
-            let choice = policy
-                .choose(&p.gguf_name, &p.dims, p.f16_file_type)
-                .map_err(anyhow::Error::msg)?;
-            if let Some(d) = choice.differs {
-                differs.push((p.gguf_name.clone(), choice.ty, d));
-            }
-            writer.add_tensor(&p.gguf_name, &p.dims, choice.ty)?;
-            types.push(choice.ty);
-        }
+        let (writer, types, differs) = layout(&config, &vocab, &name, ftype, &planned)?;
         let file = AtomicFile::create(path).map_err(|source| OutputError {
             path: path.clone(),
             what: "cannot create output",
@@ -440,6 +500,7 @@ pub fn convert_hf(opts: &ConvertOptions, progress: &dyn Progress) -> anyhow::Res
             decode_par(p.dtype, src.data, &mut tmp);
             // Source is [in = cols, out = rows]; GGUF row r is source column r.
             transpose(&tmp, cols, rows, &mut whole);
+            ckpt.release(&p.source);
         }
         let needs_f16 = outs.iter().any(|o| o.types[ti] != GgmlType::F32);
         let rows_per_chunk = (CHUNK_VALUES / cols).max(1);
@@ -447,17 +508,18 @@ pub fn convert_hf(opts: &ConvertOptions, progress: &dyn Progress) -> anyhow::Res
         while r0 < rows {
             let r1 = (r0 + rows_per_chunk).min(rows);
             let n = (r1 - r0) * cols;
-            x.resize(n, 0.0);
+            let x = scratch(&mut x, n);
             if p.transpose {
                 x.copy_from_slice(&whole[r0 * cols..r1 * cols]);
             } else {
                 let es = p.dtype.size();
-                decode_par(p.dtype, &src.data[r0 * cols * es..r1 * cols * es], &mut x);
+                decode_par(p.dtype, &src.data[r0 * cols * es..r1 * cols * es], x);
+                ckpt.release_range(&p.source, r0 * cols * es, r1 * cols * es);
             }
-            check_finite(&x, p, r0 * cols, src.file)?;
+            check_finite(x, p, r0 * cols, src.file)?;
+            let rounded = scratch(&mut rounded, if needs_f16 { n } else { 0 });
             if needs_f16 {
-                rounded.resize(n, 0.0);
-                round_f16(&x, &mut rounded).map_err(|i| {
+                round_f16(x, rounded).map_err(|i| {
                     InputError::new(
                         src.file,
                         format!(
@@ -473,16 +535,16 @@ pub fn convert_hf(opts: &ConvertOptions, progress: &dyn Progress) -> anyhow::Res
                 let t0 = Instant::now();
                 let ty = o.types[ti];
                 let row_bytes = ty.row_bytes(cols as u64).unwrap_or(0) as usize;
-                bytes.resize((r1 - r0) * row_bytes, 0);
-                let input = if ty == GgmlType::F32 { &x } else { &rounded };
-                quantize_into(ty, input, cols, &mut bytes)
+                let bytes = scratch(&mut bytes, (r1 - r0) * row_bytes);
+                let input: &[f32] = if ty == GgmlType::F32 { x } else { rounded };
+                quantize_into(ty, input, cols, bytes)
                     .map_err(|e| anyhow::anyhow!("tensor {}: {e}", p.gguf_name))?;
                 if ty != GgmlType::F32 && ty != GgmlType::F16 {
-                    validate_row_data(ty, &bytes).map_err(|e| {
+                    validate_row_data(ty, bytes).map_err(|e| {
                         anyhow::anyhow!("tensor {}: quantized data invalid: {e}", p.gguf_name)
                     })?;
                 }
-                write_out(o, &bytes)?;
+                write_out(o, bytes)?;
                 o.seconds += t0.elapsed().as_secs_f64();
                 progress.wrote(fi, bytes.len() as u64);
             }
@@ -535,6 +597,15 @@ pub fn convert_hf(opts: &ConvertOptions, progress: &dyn Progress) -> anyhow::Res
         files,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// The first `n` elements of a reusable buffer, grown (never shrunk) as needed, so streaming
+/// does not zero-fill a fresh buffer for every chunk.
+pub(crate) fn scratch<T: Copy + Default>(buf: &mut Vec<T>, n: usize) -> &mut [T] {
+    if buf.len() < n {
+        buf.resize(n, T::default());
+    }
+    &mut buf[..n]
 }
 
 /// Decode source bytes to f32 on all cores.

@@ -185,7 +185,7 @@ impl Policy {
         let is_q4km = self.ftype == FileType::Q4KM;
         if name == "output.weight" || (!self.has_output && name == "token_embd.weight") {
             // The output head is the most sensitive matrix: Q6_K unless the file is Q8_0.
-            if ne0 % ty.block_size() as u64 != 0 {
+            if !ne0.is_multiple_of(ty.block_size() as u64) {
                 ty = GgmlType::Q8_0;
             } else if ty != GgmlType::Q8_0 {
                 ty = GgmlType::Q6K;
@@ -210,7 +210,7 @@ impl Policy {
             ty = GgmlType::Q5K;
         }
 
-        if ne0 % ty.block_size() as u64 == 0 {
+        if ne0.is_multiple_of(ty.block_size() as u64) {
             return Ok(Choice { ty, differs: None });
         }
         // ggml's fallbacks for rows that are not a whole number of blocks.
@@ -222,13 +222,13 @@ impl Policy {
             _ => (None, GgmlType::F16),
         };
         let llama = llama.map(|t| {
-            if ne0 % t.block_size() as u64 == 0 {
+            if ne0.is_multiple_of(t.block_size() as u64) {
                 t
             } else {
                 GgmlType::F16
             }
         });
-        let ours = if ne0 % ours.block_size() as u64 == 0 {
+        let ours = if ne0.is_multiple_of(ours.block_size() as u64) {
             ours
         } else {
             GgmlType::F16

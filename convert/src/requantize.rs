@@ -17,14 +17,13 @@ use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Context;
 use ggpt_quant::tensor::{dequantize, quantize_into, validate_row_data};
 use ggpt_quant::GgmlType;
 
 use crate::atomic::AtomicFile;
 use crate::gguf::{GgufFile, GgufWriter, Value};
 use crate::hf::InputError;
-use crate::pipeline::{FileSummary, OutputError, Progress, CHUNK_VALUES};
+use crate::pipeline::{scratch, FileSummary, OutputError, Progress, CHUNK_VALUES};
 use crate::policy::{tensor_order, FileType, Policy};
 
 /// Keys llama-quantize drops (it writes a single file).
@@ -125,7 +124,7 @@ pub fn requantize(
         }
     };
     let mut out = AtomicFile::create(output).map_err(out_err("cannot create output"))?;
-    let mut src = File::open(input).with_context(|| format!("{}: cannot open", input.display()))?;
+    let mut src = File::open(input).map_err(|e| bad(format!("cannot open: {e}")))?;
     progress.begin(&[(output.to_path_buf(), writer.total_size())]);
     let header = writer.header_bytes();
     out.write_all(&header).map_err(out_err("cannot write"))?;
@@ -147,16 +146,15 @@ pub fn requantize(
         let mut r0 = 0;
         while r0 < rows {
             let r1 = (r0 + rows_per_chunk).min(rows);
-            raw.resize((r1 - r0) * in_row, 0);
+            let raw = scratch(&mut raw, (r1 - r0) * in_row);
             src.seek(SeekFrom::Start(base + (r0 * in_row) as u64))
-                .and_then(|_| src.read_exact(&mut raw))
-                .with_context(|| format!("{}: cannot read tensor {}", input.display(), t.name))?;
+                .and_then(|_| src.read_exact(raw))
+                .map_err(|e| bad(format!("cannot read tensor {}: {e}", t.name)))?;
             let bytes: &[u8] = if new == t.ty {
-                &raw
+                raw
             } else {
-                x.resize((r1 - r0) * cols, 0.0);
-                dequantize(t.ty, &raw, &mut x)
-                    .map_err(|e| bad(format!("tensor {}: {e}", t.name)))?;
+                let x = scratch(&mut x, (r1 - r0) * cols);
+                dequantize(t.ty, raw, x).map_err(|e| bad(format!("tensor {}: {e}", t.name)))?;
                 if let Some(j) = x.iter().position(|v| !v.is_finite()) {
                     return Err(bad(format!(
                         "tensor {}: element {} is {}",
@@ -166,16 +164,16 @@ pub fn requantize(
                     ))
                     .into());
                 }
-                q.resize(
+                let q = scratch(
+                    &mut q,
                     (r1 - r0) * new.row_bytes(cols as u64).unwrap_or(0) as usize,
-                    0,
                 );
-                quantize_into(new, &x, cols, &mut q)
+                quantize_into(new, x, cols, q)
                     .map_err(|e| anyhow::anyhow!("tensor {}: {e}", t.name))?;
-                validate_row_data(new, &q).map_err(|e| {
+                validate_row_data(new, q).map_err(|e| {
                     anyhow::anyhow!("tensor {}: quantized data invalid: {e}", t.name)
                 })?;
-                &q
+                q
             };
             out.write_all(bytes).map_err(out_err("cannot write"))?;
             progress.wrote(0, bytes.len() as u64);

@@ -276,24 +276,32 @@ impl Checkpoint {
 
     /// Tell the kernel we are done with a tensor's pages, so they leave our resident set.
     pub fn release(&self, name: &str) {
+        self.release_range(name, 0, usize::MAX);
+    }
+
+    /// Like [`Checkpoint::release`] for bytes `start..end` of the tensor's data (clamped to it),
+    /// so a large tensor streamed in chunks never has more than a chunk resident.
+    pub fn release_range(&self, name: &str, start: usize, end: usize) {
         let Some(&s) = self.index.get(name) else {
             return;
         };
         let shard = &self.shards[s];
-        let Some((start, end)) = shard.range(name) else {
+        let Some((t0, t1)) = shard.range(name) else {
             return;
         };
-        if end > start {
+        let a = t0.saturating_add(start).min(t1);
+        let b = t0.saturating_add(end).min(t1);
+        if b > a {
             // SAFETY: the map is a read-only mapping of an unmodified file, and no slice into this
-            // range is used after this call (the pipeline releases a tensor only after it has
-            // finished converting it). Even if one were, MADV_DONTNEED on a clean file-backed page
-            // only drops it: the next access faults the same bytes back in from the file.
+            // range is used after this call (the pipeline releases bytes only once it has
+            // converted them). Even if one were, MADV_DONTNEED on a clean file-backed page only
+            // drops it: the next access faults the same bytes back in from the file. memmap2
+            // widens the range to page boundaries, which at worst drops a neighbour's page that
+            // is then faulted in again.
             let r = unsafe {
-                shard.map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    start,
-                    end - start,
-                )
+                shard
+                    .map
+                    .unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
             };
             // Purely an optimisation: failure (e.g. an unsupported platform) changes nothing.
             let _ = r;

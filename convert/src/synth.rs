@@ -184,7 +184,7 @@ fn header(specs: &[Spec]) -> Vec<u8> {
         offset = end;
     }
     json.push('}');
-    while json.len() % 8 != 0 {
+    while !json.len().is_multiple_of(8) {
         json.push(' ');
     }
     let mut out = (json.len() as u64).to_le_bytes().to_vec();
@@ -252,7 +252,7 @@ pub fn synth(o: &SynthOptions, out_dir: &Path, vocab_from: &Path) -> anyhow::Res
     if s.n_layer == 0 || s.n_embd == 0 || s.n_head == 0 || s.n_ctx == 0 || s.vocab_size == 0 {
         bail!("synth: every dimension must be positive: {s:?}");
     }
-    if s.n_embd % s.n_head != 0 {
+    if !s.n_embd.is_multiple_of(s.n_head) {
         bail!(
             "synth: n_embd {} is not a multiple of n_head {}",
             s.n_embd,

@@ -60,15 +60,6 @@ fn sum_lanes(acc: &[f32; LANES]) -> f32 {
     (s4[0] + s4[2]) + (s4[1] + s4[3])
 }
 
-/// y[i] += a · x[i].
-#[inline]
-pub fn axpy(a: f32, x: &[f32], y: &mut [f32]) {
-    debug_assert_eq!(x.len(), y.len());
-    for (yi, xi) in y.iter_mut().zip(x) {
-        *yi += a * xi;
-    }
-}
-
 /// x[i] *= a.
 #[inline]
 pub fn scale(x: &mut [f32], a: f32) {
@@ -186,29 +177,48 @@ pub fn softmax_inplace(x: &mut [f32]) {
     scale(x, 1.0 / s);
 }
 
-/// Causal attention of one query row against one head's keys and values:
-/// out = softmax(q·Kᵀ · scale) · V over the first `n_kv` cached positions.
+/// A matrix that can dot its rows with an f32 vector: the KV cache's per-head views
+/// (f16 or f32, read in place by SIMD kernels) or a plain f32 matrix ([`Dense`]).
+pub trait Rows {
+    /// Σᵢ row[r][i]·x[i] over the first `x.len()` elements of row `r`.
+    fn dot_row(&self, r: usize, x: &[f32]) -> f32;
+}
+
+/// A row-major f32 matrix with rows `stride` apart.
+#[derive(Clone, Copy, Debug)]
+pub struct Dense<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+}
+
+impl Rows for Dense<'_> {
+    fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
+        dot(&self.data[r * self.stride..r * self.stride + x.len()], x)
+    }
+}
+
+/// Causal attention of one query against one head's cache:
+/// out = softmax(q·Kᵀ · scale) · V over the first `n_kv` positions.
 ///
-/// q: (hd), k and v: (n_kv, hd) row-major (the cache layout), scores: scratch of ≥ n_kv,
-/// out: (hd).
+/// q: (hd); `k`: rows are positions (hd values each); `vt`: V transposed, rows are the hd
+/// channels (positions contiguous), so both products are row dot products; scores: scratch
+/// of ≥ n_kv; out: (hd).
 pub fn attend(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &impl Rows,
+    vt: &impl Rows,
     n_kv: usize,
     scale_qk: f32,
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    let hd = q.len();
     let scores = &mut scores[..n_kv];
-    for (s, kr) in scores.iter_mut().zip(k.chunks_exact(hd)) {
-        *s = dot(q, kr) * scale_qk;
+    for (j, s) in scores.iter_mut().enumerate() {
+        *s = k.dot_row(j, q) * scale_qk;
     }
     softmax_inplace(scores);
-    out.fill(0.0);
-    for (&p, vr) in scores.iter().zip(v.chunks_exact(hd)) {
-        axpy(p, vr, out);
+    for (d, o) in out.iter_mut().enumerate() {
+        *o = vt.dot_row(d, scores);
     }
 }
 
@@ -331,7 +341,19 @@ mod tests {
         let mut scores = vec![0.0; n_kv + 5];
         let mut out = vec![7.0; hd];
         let sc = 1.0 / (hd as f32).sqrt();
-        attend(&q, &k, &v, n_kv, sc, &mut scores, &mut out);
+        // V transposed (hd, n_kv), as the cache stores it.
+        let vt: Vec<f32> = (0..hd * n_kv)
+            .map(|i| v[(i % n_kv) * hd + i / n_kv])
+            .collect();
+        let kd = Dense {
+            data: &k,
+            stride: hd,
+        };
+        let vd = Dense {
+            data: &vt,
+            stride: n_kv,
+        };
+        attend(&q, &kd, &vd, n_kv, sc, &mut scores, &mut out);
         let s: Vec<f64> = (0..n_kv)
             .map(|j| {
                 (0..hd)

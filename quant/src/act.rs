@@ -30,6 +30,14 @@ pub fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
     }
 }
 
+/// Round to nearest, ties to even, for |v| < 2²²: ggml's `nearest_int`. Adding 1.5·2²³ leaves
+/// the rounded integer in the low mantissa bits. Unlike `f32::round_ties_even` (a libm call
+/// on baseline x86-64) this is plain float/int arithmetic that vectorises.
+#[inline(always)]
+fn nearest_int(v: f32) -> i32 {
+    ((v + 12_582_912.0).to_bits() & 0x007f_ffff) as i32 - 0x0040_0000
+}
+
 #[inline]
 fn quantize_block_q8k(x: &[f32; 256], y: &mut BlockQ8K) {
     // Largest magnitude first (vectorisable), then the first element reaching it, which is
@@ -48,11 +56,15 @@ fn quantize_block_q8k(x: &[f32; 256], y: &mut BlockQ8K) {
         y.bsums = [0; 16];
         return;
     }
-    let max = x.iter().copied().find(|v| v.abs() == amax).unwrap_or(amax);
+    let max = x
+        .chunks_exact(16)
+        .find(|c| c.iter().fold(false, |hit, v| hit | (v.abs() == amax)))
+        .and_then(|c| c.iter().copied().find(|v| v.abs() == amax))
+        .unwrap_or(amax);
     let iscale = -127.0f32 / max;
     for (q, v) in y.qs.iter_mut().zip(x) {
-        // |iscale·v| ≤ 127·(1+ε): the result fits i8 once clamped to 127 like ggml.
-        *q = (iscale * v).round_ties_even().min(127.0) as i8;
+        // |iscale·v| ≤ 127·(1+ε): clamped to 127 like ggml, so it fits i8.
+        *q = nearest_int(iscale * v).min(127) as i8;
     }
     for (s, g) in y.bsums.iter_mut().zip(y.qs.chunks_exact(16)) {
         *s = g.iter().map(|&q| q as i16).sum();
@@ -72,7 +84,8 @@ pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         y.d = f16::from_f32(d);
         for (q, v) in y.qs.iter_mut().zip(xb) {
-            *q = (v * id).round_ties_even() as i8;
+            // |v·id| ≤ 127·(1+ε) rounds into −127..=127.
+            *q = nearest_int(v * id) as i8;
         }
     }
 }
@@ -196,7 +209,7 @@ pub const fn q8_0_tiles(n_blocks: usize) -> usize {
 pub fn quantize_q8_0_tile(x: &[f32], out: &mut [Q8_0Tile]) {
     let nb = x.len() / 32;
     assert!(
-        x.len() % 32 == 0 && out.len() == q8_0_tiles(nb),
+        x.len().is_multiple_of(32) && out.len() == q8_0_tiles(nb),
         "quantize_q8_0_tile: length mismatch"
     );
     let mut blocks = [BlockQ8_0 {

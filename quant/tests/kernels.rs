@@ -198,8 +198,12 @@ fn rand_q8k(r: &mut Rng) -> BlockQ8K {
         bsums: [0; 16],
     }];
     act::quantize_q8k(&x, &mut y);
-    if r.next() % 8 == 0 {
-        let s = if r.next() % 2 == 0 { 127 } else { -127 };
+    if r.next().is_multiple_of(8) {
+        let s = if r.next().is_multiple_of(2) {
+            127
+        } else {
+            -127
+        };
         y[0].qs = [s; 256];
         y[0].bsums = [16 * s as i16; 16];
     }
@@ -617,7 +621,9 @@ fn random_case(ty: GgmlType, rows: usize, cols: usize, n_tokens: usize, r: &mut 
                 };
                 cols / 32
             ];
-            act::quantize_q8_0(xt, &mut a);
+            if ty == GgmlType::Q8_0 {
+                act::quantize_q8_0(xt, &mut a);
+            }
             a
         })
         .collect();
@@ -771,6 +777,12 @@ fn matmul_reuses_scratch_across_shapes() {
         (GgmlType::Q8_0, 200, 1024, 33),
         (GgmlType::F16, 96, 1024, 12),
         (GgmlType::Q5K, 64, 2048, 3),
+        // Enough tokens for the widened float path and long token loops.
+        (GgmlType::F16, 101, 1024, 40),
+        (GgmlType::BF16, 37, 544, 35),
+        (GgmlType::F32, 18, 100, 33),
+        (GgmlType::Q6K, 33, 256, 64),
+        (GgmlType::Q8_0, 21, 800, 37),
     ] {
         let c = random_case(ty, rows, cols, n_tokens, &mut r);
         let range = aligned(&mut buf, &c.bytes);
@@ -832,4 +844,17 @@ fn qmatrix_rejects_bad_shapes() {
         QMatrix::new(GgmlType::Q4K, 2, 256, d).is_err(),
         "misaligned data accepted"
     );
+}
+
+#[test]
+fn scalar_f16_conversion_is_exact_for_every_bit_pattern() {
+    for b in 0..=u16::MAX {
+        let want = f16::from_bits(b).to_f32();
+        let got = ggpt_quant::dot::scalar::f16_bits_to_f32(b);
+        if want.is_nan() {
+            assert!(got.is_nan(), "{b:#06x}");
+        } else {
+            assert_eq!(got.to_bits(), want.to_bits(), "{b:#06x}");
+        }
+    }
 }

@@ -130,8 +130,59 @@ fn print_row(r: &Row, json: bool) {
     }
 }
 
-/// GPT-2-shaped random models in every requested format, built once and reused.
+/// GPT-2-shaped random models in every requested format, built once under `dir` and reused:
+/// a float16 Hugging Face checkpoint (`ggpt synth`) converted in one pass.
 fn synthetic_models(shape: &str, ftype: &str, dir: &std::path::Path) -> Result<Vec<PathBuf>> {
-    let _ = (shape, ftype, dir);
-    bail!("--synthetic is not wired yet")
+    use ggpt_convert::pipeline::{convert_hf, ConvertOptions, NoProgress};
+    use ggpt_convert::policy::FileType;
+    use ggpt_convert::synth::{synth, SynthOptions, SynthShape};
+    let Some(s) = SynthShape::named(shape) else {
+        bail!("--synthetic {shape:?}: expected gpt2-medium, gpt2 or tiny");
+    };
+    let types: Vec<FileType> = if ftype.eq_ignore_ascii_case("all") {
+        FileType::ALL.to_vec()
+    } else {
+        ftype
+            .split(',')
+            .map(|t| {
+                FileType::parse(t.trim()).ok_or_else(|| {
+                    anyhow::anyhow!("--type {t}: expected f16, q8_0, q6_k, q4_k_m or all")
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    let hf = dir.join(shape);
+    if !hf.join("model.safetensors").is_file() {
+        eprintln!("writing a random {shape} checkpoint to {}", hf.display());
+        let opts = SynthOptions {
+            shape: s,
+            dtype: ggpt_convert::safetensors::SrcDtype::F16,
+            seed: 0,
+            prefix: false,
+            buffers: true,
+            lm_head: false,
+        };
+        synth(&opts, &hf, &super::compare::bundled("models/tiny-gpt2"))?;
+    }
+    let paths: Vec<PathBuf> = types
+        .iter()
+        .map(|t| dir.join(format!("{shape}-{}.gguf", t.label())))
+        .collect();
+    let missing: Vec<FileType> = types
+        .iter()
+        .zip(&paths)
+        .filter(|(_, p)| !p.is_file())
+        .map(|(t, _)| *t)
+        .collect();
+    if !missing.is_empty() {
+        eprintln!("converting {} to {} format(s)", hf.display(), missing.len());
+        let opts = ConvertOptions {
+            hf_dir: hf,
+            types: missing,
+            output: Some(dir.to_path_buf()),
+            name: Some(shape.to_string()),
+        };
+        convert_hf(&opts, &NoProgress)?;
+    }
+    Ok(paths)
 }

@@ -17,7 +17,7 @@ use std::process::Command;
 
 /// The bundled default model and texts, found next to the sources this binary was built from
 /// or, failing that, relative to the working directory.
-fn bundled(rel: &str) -> PathBuf {
+pub fn bundled(rel: &str) -> PathBuf {
     let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
     if built.exists() {
         built

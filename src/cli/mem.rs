@@ -206,19 +206,33 @@ fn print_table(what: &str, name: &str, e: &Estimate, r: &RunShape) {
 
 /// `ggpt mem HF_DIR`: predict each format's file and memory before converting.
 fn predict_checkpoint(args: &Args, kv_elem: u64, threads: u64) -> Result<()> {
-    let plans: Vec<Plan> = bail!("checkpoint prediction is not wired yet ({})", args.ftype);
+    use ggpt_convert::policy::FileType;
+    let types: Vec<FileType> = if args.ftype.eq_ignore_ascii_case("all") {
+        FileType::ALL.to_vec()
+    } else {
+        args.ftype
+            .split(',')
+            .map(|t| {
+                FileType::parse(t.trim()).ok_or_else(|| {
+                    anyhow::anyhow!("--type {t}: expected f16, q8_0, q6_k, q4_k_m or all")
+                })
+            })
+            .collect::<Result<_>>()?
+    };
+    let plans = ggpt_convert::pipeline::predict(&args.path, &types)?;
     let mut docs = Vec::new();
     for p in &plans {
+        let c = &p.config;
         let shape = MemShape {
-            n_layer: p.n_layer,
-            n_embd: p.n_embd,
-            n_ff: p.n_ff,
-            n_head: p.n_head,
-            n_vocab: p.n_vocab,
+            n_layer: c.n_layer as u64,
+            n_embd: c.n_embd as u64,
+            n_ff: c.n_ff as u64,
+            n_head: c.n_head as u64,
+            n_vocab: c.vocab_size as u64,
         };
-        let n_ctx = args.ctx.unwrap_or(p.n_ctx as usize) as u64;
-        if n_ctx == 0 || n_ctx > p.n_ctx {
-            bail!("--ctx {n_ctx} is outside 1..={}", p.n_ctx);
+        let n_ctx = args.ctx.unwrap_or(c.n_ctx) as u64;
+        if n_ctx == 0 || n_ctx > c.n_ctx as u64 {
+            bail!("--ctx {n_ctx} is outside 1..={}", c.n_ctx);
         }
         let run = RunShape {
             n_ctx,
@@ -248,14 +262,3 @@ fn predict_checkpoint(args: &Args, kv_elem: u64, threads: u64) -> Result<()> {
     Ok(())
 }
 
-struct Plan {
-    ftype: ggpt_convert::policy::FileType,
-    n_layer: u64,
-    n_embd: u64,
-    n_ff: u64,
-    n_head: u64,
-    n_vocab: u64,
-    n_ctx: u64,
-    file_bytes: u64,
-    tensor_bytes: u64,
-}

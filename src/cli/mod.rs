@@ -70,7 +70,34 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Exit codes: 1 = generic failure, 2 = usage (clap), 3 = bad input file, 4 = I/O on output.
-pub fn exit_code(_err: &anyhow::Error) -> i32 {
+/// Exit codes (docs/errors.md): 1 = any other failure, 2 = bad command line (clap's own),
+/// 3 = a bad or unsupported input file (GGUF, safetensors, config, tokenizer, model shape),
+/// 4 = the output could not be written, 130 = interrupted (SIGINT/SIGTERM).
+pub fn exit_code(err: &anyhow::Error) -> i32 {
+    for cause in err.chain() {
+        if cause.is::<ggpt_convert::pipeline::OutputError>() {
+            return EXIT_OUTPUT;
+        }
+        if cause.is::<ggpt_convert::gguf::GgufError>()
+            || cause.is::<ggpt_convert::hf::InputError>()
+            || cause.is::<ggpt_models::LoadError>()
+        {
+            return EXIT_INPUT;
+        }
+    }
     1
+}
+
+pub const EXIT_INPUT: i32 = 3;
+pub const EXIT_OUTPUT: i32 = 4;
+pub const EXIT_INTERRUPTED: i32 = 130;
+
+/// On SIGINT/SIGTERM remove every temporary output file still being written, then exit:
+/// an interrupted `convert` or `quantize` leaves neither a partial file nor a stray temp file.
+pub fn install_signal_handler() {
+    let _ = ctrlc::set_handler(|| {
+        ggpt_convert::atomic::cleanup_temp_files();
+        eprintln!("interrupted");
+        std::process::exit(EXIT_INTERRUPTED);
+    });
 }

@@ -116,12 +116,13 @@ pub(crate) fn tensor_size(dims: &[u64], ty: GgmlType) -> Result<u64, String> {
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum GgufError {
-    #[error("{file}: {action}: {source}")]
+    /// The I/O error is part of the message rather than a `source()`: `{:#}` would otherwise
+    /// print it twice ("cannot open: No such file…: No such file…").
+    #[error("{file}: {action}: {error}")]
     Io {
         file: String,
         action: &'static str,
-        #[source]
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{file}: not a GGUF file: starts with {found}, expected \"GGUF\"")]
     BadMagic { file: String, found: String },

@@ -61,11 +61,26 @@ impl GgufFile {
     /// Map `path` and parse and validate its header.
     pub fn open(path: &Path) -> Result<GgufFile, GgufError> {
         let name = path.display().to_string();
-        let io = |action, source| GgufError::Io {
+        let io = |action, error| GgufError::Io {
             file: name.clone(),
             action,
-            source,
+            error,
         };
+        // Only a regular file can be mapped. Checked before opening because opening a named
+        // pipe blocks until a writer appears, and a directory opens fine but fails to map
+        // with an unhelpful "No such device".
+        let meta = std::fs::metadata(path).map_err(|e| io("cannot open", e))?;
+        if !meta.is_file() {
+            let what = if meta.is_dir() {
+                "is a directory, not a GGUF file"
+            } else {
+                "is not a regular file (a pipe or device cannot be memory-mapped)"
+            };
+            return Err(io(
+                "cannot open",
+                std::io::Error::new(std::io::ErrorKind::InvalidInput, what),
+            ));
+        }
         let file = File::open(path).map_err(|e| io("cannot open", e))?;
         let len = file.metadata().map_err(|e| io("cannot stat", e))?.len();
         // Mapping an empty file fails on some platforms; an empty buffer gives the same

@@ -54,7 +54,7 @@ pub(crate) const PERM4_MINS: [u16; 16] =
     [8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15];
 
 macro_rules! avx512_family {
-    ($name:ident, $features:literal, $dp:item, $dp_full:item) => {
+    ($name:ident, $features:literal, $dp:item, $dp_full:item, $q8_pair:item) => {
         pub(super) mod $name {
             use super::*;
             use half::bf16; // explicit, over std::arch's own `bf16`
@@ -66,6 +66,10 @@ macro_rules! avx512_family {
 
             /// As `dp`, for any unsigned byte (the `w + 128` of packed Q8_0).
             $dp_full
+
+            /// Signed × signed bytes of two Q8_0 blocks side by side: exact i32 sums, lanes
+            /// 0..8 holding block 0's, lanes 8..16 block 1's.
+            $q8_pair
 
             #[target_feature(enable = $features)]
             #[inline]
@@ -269,33 +273,35 @@ macro_rules! avx512_family {
                 hsum(acc)
             }
 
-            /// Q8_0 · Q8_0, two blocks per step. Signed × signed is done exactly by widening to
-            /// i16 (`vpmaddwd`), which cannot saturate even for −128 · −128.
+            /// Q8_0 · Q8_0: eight blocks per step (four 64-byte pairs), so that the sixteen
+            /// f16 scales convert in two instructions; `q8_pair` gives exact i32 sums with
+            /// lanes 0..8 from the first block of a pair and 8..16 from the second.
             #[target_feature(enable = $features)]
             unsafe fn q8_0_q8_0_impl(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
                 let mut acc = _mm512_setzero_ps();
-                let pairs = w.len() / 2;
-                for i in 0..pairs {
-                    let (x0, x1, y0, y1) = (&w[2 * i], &w[2 * i + 1], &a[2 * i], &a[2 * i + 1]);
-                    let wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(x0.qs.as_ptr().cast()));
-                    let av = _mm512_cvtepi8_epi16(_mm256_loadu_si256(y0.qs.as_ptr().cast()));
-                    let wv1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(x1.qs.as_ptr().cast()));
-                    let av1 = _mm512_cvtepi8_epi16(_mm256_loadu_si256(y1.qs.as_ptr().cast()));
-                    // 16 i32 per block; fold each block's 16 lanes into 8 so the two blocks
-                    // share one vector: lanes 0..8 block 0, 8..16 block 1.
-                    let p0 = _mm512_madd_epi16(wv, av);
-                    let p1 = _mm512_madd_epi16(wv1, av1);
-                    let s0 = _mm256_add_epi32(_mm512_castsi512_si256(p0), _mm512_extracti64x4_epi64::<1>(p0));
-                    let s1 = _mm256_add_epi32(_mm512_castsi512_si256(p1), _mm512_extracti64x4_epi64::<1>(p1));
-                    let s = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(s0), s1);
-                    let d0 = f16_to_f32(x0.d) * f16_to_f32(y0.d);
-                    let d1 = f16_to_f32(x1.d) * f16_to_f32(y1.d);
-                    let dv = _mm512_insertf32x8::<1>(_mm512_castps256_ps512(_mm256_set1_ps(d0)), _mm256_set1_ps(d1));
-                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), dv, acc);
+                let pair = |x: &[BlockQ8_0]| {
+                    _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(_mm256_loadu_si256(x[0].qs.as_ptr().cast())),
+                        _mm256_loadu_si256(x[1].qs.as_ptr().cast()),
+                    )
+                };
+                let scales = |x: &[BlockQ8_0]| {
+                    let h: [u16; 8] = std::array::from_fn(|i| x[i].d.to_bits());
+                    _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()))
+                };
+                let (w8, a8) = (w.chunks_exact(8), a.chunks_exact(8));
+                let (wr, ar) = (w8.remainder(), a8.remainder());
+                for (x, y) in w8.zip(a8) {
+                    let d = _mm512_castps256_ps512(_mm256_mul_ps(scales(x), scales(y)));
+                    for p in 0..4 {
+                        let s = q8_pair(pair(&x[2 * p..]), pair(&y[2 * p..]));
+                        let idx = _mm512_set1_epi32(2 * p as i32);
+                        let idx = _mm512_mask_add_epi32(idx, 0xff00, idx, _mm512_set1_epi32(1));
+                        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(idx, d), acc);
+                    }
                 }
                 let mut sum = hsum(acc);
-                if w.len() % 2 == 1 {
-                    let (x, y) = (&w[w.len() - 1], &a[w.len() - 1]);
+                for (x, y) in wr.iter().zip(ar) {
                     let p = _mm512_madd_epi16(
                         _mm512_cvtepi8_epi16(_mm256_loadu_si256(x.qs.as_ptr().cast())),
                         _mm512_cvtepi8_epi16(_mm256_loadu_si256(y.qs.as_ptr().cast())),
@@ -810,6 +816,21 @@ avx512_family!(
         let lo = _mm512_cvtepi64_epi32(_mm512_add_epi32(lo, _mm512_srli_epi64::<32>(lo)));
         let hi = _mm512_cvtepi64_epi32(_mm512_add_epi32(hi, _mm512_srli_epi64::<32>(hi)));
         _mm512_add_epi32(acc, _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi))
+    },
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn q8_pair(w: __m512i, a: __m512i) -> __m512i {
+        // Widen to i16 (exact for every byte), then fold each block's 16 pair sums to 8 lanes.
+        let half = |w: __m256i, a: __m256i| {
+            let p = _mm512_madd_epi16(_mm512_cvtepi8_epi16(w), _mm512_cvtepi8_epi16(a));
+            _mm256_add_epi32(_mm512_castsi512_si256(p), _mm512_extracti64x4_epi64::<1>(p))
+        };
+        let lo = half(_mm512_castsi512_si256(w), _mm512_castsi512_si256(a));
+        let hi = half(
+            _mm512_extracti64x4_epi64::<1>(w),
+            _mm512_extracti64x4_epi64::<1>(a),
+        );
+        _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
     }
 );
 
@@ -825,6 +846,17 @@ avx512_family!(
     #[inline]
     unsafe fn dp_full(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
         _mm512_dpbusd_epi32(acc, u, s)
+    },
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn q8_pair(w: __m512i, a: __m512i) -> __m512i {
+        // vpdpbusd wants an unsigned side: Σ (w+128)·a − 128·Σ a, both exact in i32.
+        let z = _mm512_setzero_si512();
+        let flip = _mm512_set1_epi8(-128);
+        _mm512_sub_epi32(
+            _mm512_dpbusd_epi32(z, _mm512_xor_si512(w, flip), a),
+            _mm512_dpbusd_epi32(z, flip, a),
+        )
     }
 );
 

@@ -37,10 +37,27 @@ macro_rules! neon_family {
                 dot16(dot16(z, w0, vld1q_s8(a)), w1, vld1q_s8(a.add(16)))
             }
 
+            #[inline]
+            fn f16_to_f32(h: f16) -> f32 {
+                h.to_f32()
+            }
+
+            /// Four f16 to f32 with `fcvtl` (the f16 vector intrinsics need Rust 1.94).
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn f16_to_f32(h: f16) -> f32 {
-                vgetq_lane_f32::<0>(vcvt_f32_f16(vreinterpret_f16_u16(vdup_n_u16(h.to_bits()))))
+            unsafe fn cvt_f16x4(p: *const u16) -> float32x4_t {
+                let h = vld1_u16(p);
+                let out: float32x4_t;
+                // SAFETY: a register-to-register conversion, base NEON.
+                unsafe {
+                    std::arch::asm!(
+                        "fcvtl {o:v}.4s, {i:v}.4h",
+                        o = out(vreg) out,
+                        i = in(vreg) h,
+                        options(pure, nomem, nostack)
+                    );
+                }
+                out
             }
 
             /// Σ_j m_j·(bsums[2j] + bsums[2j+1]) for the 8 sub-block mins (bytes 8..16 of `b`).
@@ -194,7 +211,7 @@ macro_rules! neon_family {
             unsafe fn f16_f32_impl(w: &[f16], a: &[f32]) -> f32 {
                 let n = w.len().min(a.len());
                 let p = w.as_ptr().cast::<u16>();
-                float_dot(n, a, |i| vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(p.add(i)))), |i| w[i].to_f32())
+                float_dot(n, a, |i| cvt_f16x4(p.add(i)), |i| w[i].to_f32())
             }
 
             #[target_feature(enable = $features)]
