@@ -57,6 +57,20 @@ impl FileType {
             .find(|t| t.label().eq_ignore_ascii_case(s))
     }
 
+    /// Parse a `--type` value: one name, a comma-separated list, or `all` (the four).
+    pub fn parse_list(s: &str) -> Result<Vec<FileType>, String> {
+        if s.trim().eq_ignore_ascii_case("all") {
+            return Ok(FileType::ALL.to_vec());
+        }
+        s.split(',')
+            .map(|t| {
+                FileType::parse(t.trim()).ok_or_else(|| {
+                    format!("unknown type {t:?}; expected f16, q8_0, q6_k, q4_k_m or all")
+                })
+            })
+            .collect()
+    }
+
     /// The type llama-quantize starts from for every quantizable tensor.
     pub fn default_type(self) -> GgmlType {
         match self {

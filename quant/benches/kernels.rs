@@ -42,7 +42,7 @@ fn gpt2_like(n: usize, seed: u64) -> Vec<f32> {
     (0..n).map(|_| (u() + u() + u() + u()) * 0.035).collect()
 }
 
-/// Quantized bytes of a `rows × cols` matrix in 4-aligned storage: (storage, start, len).
+/// Quantized bytes of a `rows × cols` matrix, 64-aligned inside `buf[start..start + len]`.
 struct Weights {
     buf: Vec<u8>,
     start: usize,
@@ -51,17 +51,16 @@ struct Weights {
 
 impl Weights {
     fn new(ty: GgmlType, rows: usize, cols: usize) -> Weights {
-        // One 256-row tile quantized for real, repeated.
-        let tile_rows = 256.min(rows);
+        // One 64-row tile quantized for real, repeated (keeps setup to seconds).
+        let tile_rows = 64.min(rows);
         let src = gpt2_like(tile_rows * cols, (rows * 31 + cols) as u64);
         let tile = tensor::quantize(ty, &src, cols).expect("quantize");
         let len = tile.len() / tile_rows * rows;
         let mut buf = vec![0u8; len + 64];
         let start = buf.as_ptr().align_offset(64);
-        for (i, chunk) in buf[start..start + len].chunks_mut(tile.len()).enumerate() {
+        for chunk in buf[start..start + len].chunks_mut(tile.len()) {
             let n = chunk.len();
             chunk.copy_from_slice(&tile[..n]);
-            let _ = i;
         }
         Weights { buf, start, len }
     }

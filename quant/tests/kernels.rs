@@ -783,6 +783,9 @@ fn matmul_reuses_scratch_across_shapes() {
         (GgmlType::F32, 18, 100, 33),
         (GgmlType::Q6K, 33, 256, 64),
         (GgmlType::Q8_0, 21, 800, 37),
+        // Float rows longer than one column pass of the tile kernel, with a ragged tail.
+        (GgmlType::F16, 20, 2080, 9),
+        (GgmlType::F32, 9, 1500, 5),
     ] {
         let c = random_case(ty, rows, cols, n_tokens, &mut r);
         let range = aligned(&mut buf, &c.bytes);

@@ -139,18 +139,7 @@ fn synthetic_models(shape: &str, ftype: &str, dir: &std::path::Path) -> Result<V
     let Some(s) = SynthShape::named(shape) else {
         bail!("--synthetic {shape:?}: expected gpt2-medium, gpt2 or tiny");
     };
-    let types: Vec<FileType> = if ftype.eq_ignore_ascii_case("all") {
-        FileType::ALL.to_vec()
-    } else {
-        ftype
-            .split(',')
-            .map(|t| {
-                FileType::parse(t.trim()).ok_or_else(|| {
-                    anyhow::anyhow!("--type {t}: expected f16, q8_0, q6_k, q4_k_m or all")
-                })
-            })
-            .collect::<Result<_>>()?
-    };
+    let types = FileType::parse_list(ftype).map_err(|e| anyhow::anyhow!("--type: {e}"))?;
     let hf = dir.join(shape);
     if !hf.join("model.safetensors").is_file() {
         eprintln!("writing a random {shape} checkpoint to {}", hf.display());

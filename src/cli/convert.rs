@@ -31,12 +31,7 @@ pub struct Args {
 pub struct Types(pub Vec<FileType>);
 
 fn parse_types(s: &str) -> Result<Types, String> {
-    if s.eq_ignore_ascii_case("all") {
-        return Ok(Types(FileType::ALL.to_vec()));
-    }
-    FileType::parse(s)
-        .map(|t| Types(vec![t]))
-        .ok_or_else(|| format!("unknown type {s:?}; expected f16, q8_0, q6_k, q4_k_m or all"))
+    FileType::parse_list(s).map(Types)
 }
 
 pub fn run(args: Args) -> Result<()> {

@@ -207,18 +207,7 @@ fn print_table(what: &str, name: &str, e: &Estimate, r: &RunShape) {
 /// `ggpt mem HF_DIR`: predict each format's file and memory before converting.
 fn predict_checkpoint(args: &Args, kv_elem: u64, threads: u64) -> Result<()> {
     use ggpt_convert::policy::FileType;
-    let types: Vec<FileType> = if args.ftype.eq_ignore_ascii_case("all") {
-        FileType::ALL.to_vec()
-    } else {
-        args.ftype
-            .split(',')
-            .map(|t| {
-                FileType::parse(t.trim()).ok_or_else(|| {
-                    anyhow::anyhow!("--type {t}: expected f16, q8_0, q6_k, q4_k_m or all")
-                })
-            })
-            .collect::<Result<_>>()?
-    };
+    let types = FileType::parse_list(&args.ftype).map_err(|e| anyhow::anyhow!("--type: {e}"))?;
     let plans = ggpt_convert::pipeline::predict(&args.path, &types)?;
     let mut docs = Vec::new();
     for p in &plans {

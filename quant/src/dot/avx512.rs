@@ -178,12 +178,29 @@ macro_rules! avx512_family {
                 )
             }
 
+            /// `scales_mins_bytes` in a vector: the four 4-byte pieces of the result come from
+            /// bytes 0..4, 8..12, 4..8, 8..12 of the packed scales (masked to 6 bits, or low /
+            /// high nibble), plus the top 2 bits of bytes 0..4 / 4..8 for the upper four.
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn scales_mins_vec(s: &[u8; 12]) -> __m128i {
+                let lo = _mm_loadl_epi64(s.as_ptr().cast());
+                let x = _mm_insert_epi32::<2>(lo, i32::from_le_bytes([s[8], s[9], s[10], s[11]]));
+                let a = _mm_shuffle_epi8(x, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+                let z = -128i8; // shuffle index with the top bit set: zero
+                let b = _mm_shuffle_epi8(x, _mm_setr_epi8(z, z, z, z, 0, 1, 2, 3, z, z, z, z, 4, 5, 6, 7));
+                let m = |v: [i8; 4]| _mm_setr_epi8(v[0], v[0], v[0], v[0], v[1], v[1], v[1], v[1], v[2], v[2], v[2], v[2], v[3], v[3], v[3], v[3]);
+                let c = _mm_and_si128(a, m([63, 15, 63, 0]));
+                let d = _mm_and_si128(_mm_srli_epi16::<4>(a), m([0, 0, 0, 15]));
+                let e = _mm_and_si128(_mm_srli_epi16::<2>(b), m([0, 0x30, 0, 0x30]));
+                _mm_or_si128(_mm_or_si128(c, d), e)
+            }
+
             /// Q4_K/Q5_K: (scales for `superblock`, per-group mins as 16 i16).
             #[target_feature(enable = $features)]
             #[inline]
             pub(crate) unsafe fn k4_scales(s: &[u8; 12]) -> (__m512i, __m512i, __m256i) {
-                let b = scales_mins_bytes(s);
-                let v16 = _mm256_cvtepu8_epi16(_mm_loadu_si128(b.as_ptr().cast()));
+                let v16 = _mm256_cvtepu8_epi16(scales_mins_vec(s));
                 let (s01, s23) = group_scales(v16, &PERM4_01, &PERM4_23);
                 let mins = _mm256_permutexvar_epi16(_mm256_loadu_si256(PERM4_MINS.as_ptr().cast()), v16);
                 (s01, s23, mins)
