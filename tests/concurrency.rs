@@ -125,7 +125,13 @@ fn replacing_the_model_file_does_not_disturb_a_running_process() {
     send_signal(w.child.id(), "STOP");
     // Make sure it is frozen mid-run, not already finished.
     let stat = std::fs::read_to_string(format!("/proc/{}/stat", w.child.id())).unwrap();
-    let state = stat.rsplit(')').next().unwrap().split_whitespace().next().unwrap();
+    let state = stat
+        .rsplit(')')
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .next()
+        .unwrap();
     assert_eq!(state, "T", "ggpt run was not stopped mid-run: {stat}");
     let conv = Command::new(ggpt())
         .arg("convert")
@@ -146,7 +152,10 @@ fn replacing_the_model_file_does_not_disturb_a_running_process() {
         std::fs::read(tiny_model("Q4_K_M")).unwrap()
     );
     let (status, out, err) = w.finish();
-    assert!(status.success(), "run failed after the replacement: {status:?}\n{err}");
+    assert!(
+        status.success(),
+        "run failed after the replacement: {status:?}\n{err}"
+    );
     assert_eq!(out, reference, "the running process saw the new file");
 
     // And a new process picks up the new file.
@@ -241,7 +250,10 @@ fn two_processes_share_the_mapped_file() {
             mib(rss_file)
         );
         // Generation touched (almost) the whole file...
-        assert!(rss > size / 2, "process {i}: Rss {rss} of a {size}-byte file");
+        assert!(
+            rss > size / 2,
+            "process {i}: Rss {rss} of a {size}-byte file"
+        );
         // ...and the pages are shared: each process is charged about half of them.
         assert!(
             (pss as f64) < 0.6 * rss as f64,

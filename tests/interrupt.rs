@@ -89,7 +89,9 @@ struct Seen {
 fn run_trial(i: usize, t: &Trial, refs: &[(String, Vec<u8>)], root: &Path) -> Seen {
     let dir: PathBuf = root.join(format!("trial-{i:02}"));
     std::fs::create_dir_all(&dir).unwrap();
-    let mut child = convert_cmd(t.types, &dir).spawn().expect("spawn ggpt convert");
+    let mut child = convert_cmd(t.types, &dir)
+        .spawn()
+        .expect("spawn ggpt convert");
     let (out_t, err_t) = drain(&mut child);
     std::thread::sleep(t.delay);
     send_signal(child.id(), t.signal);
@@ -146,7 +148,11 @@ fn run_trial(i: usize, t: &Trial, refs: &[(String, Vec<u8>)], root: &Path) -> Se
         }
     }
     if finished {
-        assert_eq!(complete_files, refs.len(), "{ctx}: finished but files missing");
+        assert_eq!(
+            complete_files,
+            refs.len(),
+            "{ctx}: finished but files missing"
+        );
     }
     let _ = std::fs::remove_dir_all(&dir);
     Seen {
@@ -184,7 +190,11 @@ fn interrupted_convert_leaves_complete_files_or_none() {
     let mut partial = 0;
     let mut temps = 0;
     for (i, t) in trials.iter().enumerate() {
-        let refs = if t.types == "all" { &refs_all } else { &refs_q8 };
+        let refs = if t.types == "all" {
+            &refs_all
+        } else {
+            &refs_q8
+        };
         let seen = run_trial(i, t, refs, &root);
         eprintln!(
             "trial {i:2}: --type {:<4} SIG{:<4} after {:>5} ms: {}, {} complete file(s), {} temporary file(s) left",

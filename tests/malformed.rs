@@ -177,7 +177,9 @@ impl Base {
         for i in 0..n_t {
             let name = w.string(&format!("t{i}.name"), true);
             let nd = w.u32(format!("t{i}.n_dims"), true);
-            let dims: Vec<u64> = (0..nd).map(|j| w.u64(format!("t{i}.dim{j}"), true)).collect();
+            let dims: Vec<u64> = (0..nd)
+                .map(|j| w.u64(format!("t{i}.dim{j}"), true))
+                .collect();
             let ty = w.u32(format!("t{i}.type"), true);
             let off = w.u64(format!("t{i}.offset"), true);
             infos.push((name, dims, ty, off));
@@ -187,7 +189,9 @@ impl Base {
         let alignment = kvs
             .iter()
             .find(|k| k.key == "general.alignment")
-            .map_or(32, |k| u32::from_le_bytes(k.value[..4].try_into().unwrap()) as u64);
+            .map_or(32, |k| {
+                u32::from_le_bytes(k.value[..4].try_into().unwrap()) as u64
+            });
         let data_offset = align(header_end as u64, alignment) as usize;
         let mut tensors = Vec::new();
         let mut tensor_at = Vec::new();
@@ -295,13 +299,6 @@ impl Gguf {
             }
         }
         h
-    }
-
-    fn kv_mut(&mut self, key: &str) -> &mut Kv {
-        self.kvs
-            .iter_mut()
-            .find(|k| k.key == key)
-            .unwrap_or_else(|| panic!("no key {key}"))
     }
 
     fn set(&mut self, key: &str, ty: u32, value: Vec<u8>) -> &mut Self {
@@ -596,8 +593,8 @@ fn header_patches(bases: &Bases, cases: &mut Vec<Case>) {
     let qkv = b.tensor_index("blk.0.attn_qkv.weight");
     let norm = b.tensor_index("blk.0.attn_norm.weight");
     for (label, v) in [
-        (format!("t0.name.len"), u64::MAX),
-        (format!("t0.name.len"), 200),
+        ("t0.name.len".to_string(), u64::MAX),
+        ("t0.name.len".to_string(), 200),
         (format!("t{qkv}.n_dims"), 0),
         (format!("t{qkv}.n_dims"), 5),
         (format!("t{qkv}.n_dims"), u32::MAX as u64),
@@ -619,7 +616,7 @@ fn header_patches(bases: &Bases, cases: &mut Vec<Case>) {
         (format!("t{last}.offset"), 1 << 40),
         (format!("t{qkv}.offset"), 0),
         (format!("t{qkv}.offset"), 1),
-        (format!("t1.offset"), 16),
+        ("t1.offset".to_string(), 16),
     ] {
         p(label, v, BROKEN);
     }
@@ -627,22 +624,26 @@ fn header_patches(bases: &Bases, cases: &mut Vec<Case>) {
     p(format!("t{qkv}.type"), 2, NOT_GPT2);
     p(format!("t{norm}.type"), 8, NOT_GPT2);
     // Overlap: a tensor's offset set to another one's.
-    let off0 = u64::from_le_bytes(
-        b.bytes[b.field("t2.offset").off..][..8]
-            .try_into()
-            .unwrap(),
-    );
+    let off0 = u64::from_le_bytes(b.bytes[b.field("t2.offset").off..][..8].try_into().unwrap());
     p("t3.offset".into(), off0, BROKEN);
 
     // Invalid UTF-8 in a key and in a token.
     let key = b.field("kv2.key.bytes").off;
-    case(cases, "header field", "kv2 key not UTF-8", BROKEN, move |bs| {
-        bs.q4km.patched_bytes(key, &[0xff])
-    });
+    case(
+        cases,
+        "header field",
+        "kv2 key not UTF-8",
+        BROKEN,
+        move |bs| bs.q4km.patched_bytes(key, &[0xff]),
+    );
     let tok = b.field(&format!("kv{tokens}.value[1].bytes")).off;
-    case(cases, "header field", "token 1 not UTF-8", BROKEN, move |bs| {
-        bs.q4km.patched_bytes(tok, &[0xc3])
-    });
+    case(
+        cases,
+        "header field",
+        "token 1 not UTF-8",
+        BROKEN,
+        move |bs| bs.q4km.patched_bytes(tok, &[0xc3]),
+    );
 }
 
 /// Bits flipped at random places in the header (deterministic seed). The result may even be a
@@ -686,7 +687,10 @@ fn random_flips(bases: &Bases, cases: &mut Vec<Case>) {
             "random flips",
             format!("data flip at {at}"),
             ANY,
-            move |bs| bs.q4km.patched_bytes(at as usize, &[bs.q4km.bytes[at as usize] ^ bit]),
+            move |bs| {
+                bs.q4km
+                    .patched_bytes(at as usize, &[bs.q4km.bytes[at as usize] ^ bit])
+            },
         );
     }
 }
@@ -737,9 +741,13 @@ fn semantic(cases: &mut Vec<Case>) {
     e("alignment as a string", BROKEN, |g| {
         g.set("general.alignment", T_STR, enc_str("32"));
     });
-    e("alignment 2^31 (data offset beyond the file)", BROKEN, |g| {
-        g.set("general.alignment", T_U32, u32v(1 << 31));
-    });
+    e(
+        "alignment 2^31 (data offset beyond the file)",
+        BROKEN,
+        |g| {
+            g.set("general.alignment", T_U32, u32v(1 << 31));
+        },
+    );
     e("overlapping tensors", BROKEN, |g| {
         g.tensors[5].offset = Some(0);
     });
@@ -799,7 +807,11 @@ fn semantic(cases: &mut Vec<Case>) {
         g.set("gpt2.block_count", T_U32, u32v(7));
     });
     m("block_count 2^40 (u64)", |g| {
-        g.set("gpt2.block_count", T_U64, (1u64 << 40).to_le_bytes().to_vec());
+        g.set(
+            "gpt2.block_count",
+            T_U64,
+            (1u64 << 40).to_le_bytes().to_vec(),
+        );
     });
     m("block_count negative (i32)", |g| {
         g.set("gpt2.block_count", T_I32, (-6i32).to_le_bytes().to_vec());
@@ -814,7 +826,11 @@ fn semantic(cases: &mut Vec<Case>) {
         g.set("gpt2.context_length", T_U32, u32v(4096));
     });
     m("context_length u64::MAX", |g| {
-        g.set("gpt2.context_length", T_U64, u64::MAX.to_le_bytes().to_vec());
+        g.set(
+            "gpt2.context_length",
+            T_U64,
+            u64::MAX.to_le_bytes().to_vec(),
+        );
     });
     m("embedding_length wrong", |g| {
         g.set("gpt2.embedding_length", T_U32, u32v(512));
@@ -841,7 +857,11 @@ fn semantic(cases: &mut Vec<Case>) {
         g.set("gpt2.attention.layer_norm_epsilon", T_F32, f32v(f32::NAN));
     });
     m("layer_norm_epsilon inf", |g| {
-        g.set("gpt2.attention.layer_norm_epsilon", T_F32, f32v(f32::INFINITY));
+        g.set(
+            "gpt2.attention.layer_norm_epsilon",
+            T_F32,
+            f32v(f32::INFINITY),
+        );
     });
     m("layer_norm_epsilon negative", |g| {
         g.set("gpt2.attention.layer_norm_epsilon", T_F32, f32v(-1e-5));
@@ -949,10 +969,18 @@ fn semantic(cases: &mut Vec<Case>) {
         g.set("tokenizer.ggml.eos_token_id", T_U32, u32v(50_257));
     });
     m("eos id u64::MAX", |g| {
-        g.set("tokenizer.ggml.eos_token_id", T_U64, u64::MAX.to_le_bytes().to_vec());
+        g.set(
+            "tokenizer.ggml.eos_token_id",
+            T_U64,
+            u64::MAX.to_le_bytes().to_vec(),
+        );
     });
     m("eos id negative", |g| {
-        g.set("tokenizer.ggml.eos_token_id", T_I32, (-1i32).to_le_bytes().to_vec());
+        g.set(
+            "tokenizer.ggml.eos_token_id",
+            T_I32,
+            (-1i32).to_le_bytes().to_vec(),
+        );
     });
 }
 
@@ -972,7 +1000,13 @@ fn non_finite(bases: &Bases, cases: &mut Vec<Case>) {
             "blk.0.attn_qkv.weight".to_string(),
         ];
         for t in &base.gguf.tensors {
-            if t.dims.len() == 2 && !base.gguf.tensors.iter().any(|u| names.contains(&u.name) && u.ty == t.ty) {
+            if t.dims.len() == 2
+                && !base
+                    .gguf
+                    .tensors
+                    .iter()
+                    .any(|u| names.contains(&u.name) && u.ty == t.ty)
+            {
                 names.push(t.name.clone());
             }
         }
@@ -1049,7 +1083,9 @@ fn run_cases(
                 let runs = [
                     (run_ggpt(&["inspect", &p]), c.wants.inspect),
                     (
-                        run_ggpt(&["run", "-m", &p, "-p", "Hello!", "-n", "2", "-t", "1", "--seed", "1"]),
+                        run_ggpt(&[
+                            "run", "-m", &p, "-p", "Hello!", "-n", "2", "-t", "1", "--seed", "1",
+                        ]),
                         c.wants.run,
                     ),
                     (run_ggpt(&["mem", &p, "-t", "1"]), c.wants.mem),
@@ -1230,46 +1266,96 @@ fn hf_cases() -> Vec<HfCase> {
         })
     };
     for n in [u64::MAX, 1 << 40, 0, 2, 99_999_999, 100 << 20] {
-        add("safetensors", &format!("header length {n}"), SHARD2, Refused, header_len(n));
+        add(
+            "safetensors",
+            &format!("header length {n}"),
+            SHARD2,
+            Refused,
+            header_len(n),
+        );
     }
-    add("safetensors", "header length one past the file", SHARD2, Refused, raw(|mut b| {
-        let n = b.len() as u64 - 7;
-        b[..8].copy_from_slice(&n.to_le_bytes());
-        b
-    }));
-    add("safetensors", "header not JSON", SHARD2, Refused, raw(|mut b| {
-        let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
-        b[8..8 + n].fill(b'x');
-        b
-    }));
-    add("safetensors", "header a JSON array", SHARD2, Refused, raw(|mut b| {
-        let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
-        b[8..8 + n].fill(b' ');
-        b[8..10].copy_from_slice(b"[]");
-        b
-    }));
-    add("safetensors", "header not UTF-8", SHARD2, Refused, raw(|mut b| {
-        b[10] = 0xff;
-        b
-    }));
+    add(
+        "safetensors",
+        "header length one past the file",
+        SHARD2,
+        Refused,
+        raw(|mut b| {
+            let n = b.len() as u64 - 7;
+            b[..8].copy_from_slice(&n.to_le_bytes());
+            b
+        }),
+    );
+    add(
+        "safetensors",
+        "header not JSON",
+        SHARD2,
+        Refused,
+        raw(|mut b| {
+            let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+            b[8..8 + n].fill(b'x');
+            b
+        }),
+    );
+    add(
+        "safetensors",
+        "header a JSON array",
+        SHARD2,
+        Refused,
+        raw(|mut b| {
+            let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+            b[8..8 + n].fill(b' ');
+            b[8..10].copy_from_slice(b"[]");
+            b
+        }),
+    );
+    add(
+        "safetensors",
+        "header not UTF-8",
+        SHARD2,
+        Refused,
+        raw(|mut b| {
+            b[10] = 0xff;
+            b
+        }),
+    );
     for cut in [0usize, 4, 8, 100] {
-        add("safetensors", &format!("truncated to {cut} bytes"), SHARD2, Refused, Box::new(move || {
-            vec![(SHARD2, Some(hf_read(SHARD2)[..cut].to_vec()))]
-        }));
+        add(
+            "safetensors",
+            &format!("truncated to {cut} bytes"),
+            SHARD2,
+            Refused,
+            Box::new(move || vec![(SHARD2, Some(hf_read(SHARD2)[..cut].to_vec()))]),
+        );
     }
-    add("safetensors", "last byte missing", SHARD2, Refused, raw(|mut b| {
-        b.pop();
-        b
-    }));
-    add("safetensors", "one byte too many", SHARD2, Refused, raw(|mut b| {
-        b.push(0);
-        b
-    }));
+    add(
+        "safetensors",
+        "last byte missing",
+        SHARD2,
+        Refused,
+        raw(|mut b| {
+            b.pop();
+            b
+        }),
+    );
+    add(
+        "safetensors",
+        "one byte too many",
+        SHARD2,
+        Refused,
+        raw(|mut b| {
+            b.push(0);
+            b
+        }),
+    );
     let w = "transformer.h.0.mlp.c_fc.weight";
     let bias = "transformer.h.0.mlp.c_fc.bias";
-    let hdr = |name: &'static str, f: fn(&mut Json)| -> (String, Box<dyn Fn() -> Edits + Send + Sync>) {
-        (name.to_string(), Box::new(move || vec![(SHARD2, Some(shard2_with(f)))]))
-    };
+    let hdr =
+        |name: &'static str, f: fn(&mut Json)| -> (String, Box<dyn Fn() -> Edits + Send + Sync>) {
+            (
+                name.to_string(),
+                Box::new(move || vec![(SHARD2, Some(shard2_with(f)))]),
+            )
+        };
     for (name, edits) in [
         hdr("dtype I16 (valid safetensors, not a float)", |h| {
             h["transformer.h.0.mlp.c_fc.weight"]["dtype"] = json!("I16")
@@ -1277,7 +1363,9 @@ fn hf_cases() -> Vec<HfCase> {
         hdr("dtype F64 (size does not match offsets)", |h| {
             h["transformer.h.0.mlp.c_fc.weight"]["dtype"] = json!("F64")
         }),
-        hdr("dtype unknown", |h| h["transformer.h.0.mlp.c_fc.weight"]["dtype"] = json!("Q4")),
+        hdr("dtype unknown", |h| {
+            h["transformer.h.0.mlp.c_fc.weight"]["dtype"] = json!("Q4")
+        }),
         hdr("dtype F8_E4M3", |h| {
             h["transformer.h.0.mlp.c_fc.weight"]["dtype"] = json!("F8_E4M3")
         }),
@@ -1299,7 +1387,8 @@ fn hf_cases() -> Vec<HfCase> {
             h["transformer.h.0.mlp.c_fc.bias"]["data_offsets"] = json!([a[1], a[0]]);
         }),
         hdr("offsets past the data", |h| {
-            h["transformer.h.0.mlp.c_fc.bias"]["data_offsets"] = json!([1u64 << 40, (1u64 << 40) + 2048]);
+            h["transformer.h.0.mlp.c_fc.bias"]["data_offsets"] =
+                json!([1u64 << 40, (1u64 << 40) + 2048]);
         }),
         hdr("offset negative", |h| {
             h["transformer.h.0.mlp.c_fc.bias"]["data_offsets"][0] = json!(-1);
@@ -1307,9 +1396,13 @@ fn hf_cases() -> Vec<HfCase> {
         hdr("offset fractional", |h| {
             h["transformer.h.0.mlp.c_fc.bias"]["data_offsets"][0] = json!(1.5);
         }),
-        hdr("__metadata__ not strings", |h| h["__metadata__"] = json!({"format": 1})),
+        hdr("__metadata__ not strings", |h| {
+            h["__metadata__"] = json!({"format": 1})
+        }),
         hdr("tensor entry missing (gap in the data)", |h| {
-            h.as_object_mut().unwrap().remove("transformer.h.0.mlp.c_fc.bias");
+            h.as_object_mut()
+                .unwrap()
+                .remove("transformer.h.0.mlp.c_fc.bias");
         }),
         hdr("tensor entry not an object", |h| {
             h["transformer.h.0.mlp.c_fc.bias"] = json!(7);
@@ -1323,115 +1416,253 @@ fn hf_cases() -> Vec<HfCase> {
             h["transformer.h.0.mlp.c_fc.weight"]["shape"] = json!([1024, 256])
         }),
         hdr("unknown tensor name", |h| {
-            let v = h.as_object_mut().unwrap().remove("transformer.h.0.mlp.c_fc.bias").unwrap();
+            let v = h
+                .as_object_mut()
+                .unwrap()
+                .remove("transformer.h.0.mlp.c_fc.bias")
+                .unwrap();
             h["transformer.h.0.mlp.c_fc.bias_x"] = v;
         }),
         hdr("tensor also in the other shard", |h| {
-            let v = h.as_object_mut().unwrap().remove("transformer.ln_f.weight").unwrap();
+            let v = h
+                .as_object_mut()
+                .unwrap()
+                .remove("transformer.ln_f.weight")
+                .unwrap();
             h["transformer.wte.weight"] = v;
         }),
         hdr("layer 6 in a 6-layer model", |h| {
-            let v = h.as_object_mut().unwrap().remove("transformer.h.5.ln_1.weight").unwrap();
+            let v = h
+                .as_object_mut()
+                .unwrap()
+                .remove("transformer.h.5.ln_1.weight")
+                .unwrap();
             h["transformer.h.6.ln_1.weight"] = v;
         }),
         hdr("untied lm_head of the wrong shape", |h| {
-            let v = h.as_object_mut().unwrap().remove("transformer.ln_f.weight").unwrap();
+            let v = h
+                .as_object_mut()
+                .unwrap()
+                .remove("transformer.ln_f.weight")
+                .unwrap();
             h["lm_head.weight"] = v;
         }),
     ] {
         add("gpt2 tensors", &name, SHARD2, Refused, edits);
     }
     for (name, bits) in [("NaN", 0x7e00u16), ("+inf", 0x7c00), ("-inf", 0xfc00)] {
-        add("gpt2 tensors", &format!("{name} in a weight"), SHARD2, Refused, Box::new(move || {
-            vec![(SHARD2, Some(shard2_data_patch(w, 2 * 777, &bits.to_le_bytes())))]
-        }));
-        add("gpt2 tensors", &format!("{name} in a bias"), SHARD2, Refused, Box::new(move || {
-            vec![(SHARD2, Some(shard2_data_patch(bias, 0, &bits.to_le_bytes())))]
-        }));
+        add(
+            "gpt2 tensors",
+            &format!("{name} in a weight"),
+            SHARD2,
+            Refused,
+            Box::new(move || {
+                vec![(
+                    SHARD2,
+                    Some(shard2_data_patch(w, 2 * 777, &bits.to_le_bytes())),
+                )]
+            }),
+        );
+        add(
+            "gpt2 tensors",
+            &format!("{name} in a bias"),
+            SHARD2,
+            Refused,
+            Box::new(move || {
+                vec![(
+                    SHARD2,
+                    Some(shard2_data_patch(bias, 0, &bits.to_le_bytes())),
+                )]
+            }),
+        );
     }
 
     // The shard index.
     let index = |f: fn(&mut Json)| -> Box<dyn Fn() -> Edits + Send + Sync> {
         Box::new(move || vec![(INDEX, Some(json_with(INDEX, f)))])
     };
-    add("index", "not JSON", INDEX, Refused, Box::new(|| vec![(INDEX, Some(b"{\"weight_map\": ".to_vec()))]));
-    add("index", "no weight_map", INDEX, Refused, index(|j| {
-        j.as_object_mut().unwrap().remove("weight_map");
-    }));
-    add("index", "weight_map a list", INDEX, Refused, index(|j| j["weight_map"] = json!([])));
-    add("index", "weight_map empty", INDEX, Refused, index(|j| j["weight_map"] = json!({})));
-    add("index", "shard path escapes the directory", INDEX, Refused, index(|j| {
-        j["weight_map"]["transformer.wte.weight"] = json!("../tiny-gpt2/model-00001-of-00002.safetensors")
-    }));
-    add("index", "absolute shard path", INDEX, Refused, index(|j| {
-        j["weight_map"]["transformer.wte.weight"] = json!("/etc/passwd")
-    }));
-    add("index", "shard name a number", INDEX, Refused, index(|j| {
-        j["weight_map"]["transformer.wte.weight"] = json!(1)
-    }));
-    add("index", "listed shard missing", "model-00003-of-00003.safetensors", Refused, index(|j| {
-        j["weight_map"]["transformer.wte.weight"] = json!("model-00003-of-00003.safetensors")
-    }));
-    add("index", "tensor listed in the wrong shard", SHARD2, Refused, index(|j| {
-        j["weight_map"]["transformer.wte.weight"] = json!(SHARD2)
-    }));
-    add("index", "no weights at all", "", Refused, Box::new(|| {
-        vec![
-            (INDEX, None),
-            ("model-00001-of-00002.safetensors", None),
-            (SHARD2, None),
-        ]
-    }));
+    add(
+        "index",
+        "not JSON",
+        INDEX,
+        Refused,
+        Box::new(|| vec![(INDEX, Some(b"{\"weight_map\": ".to_vec()))]),
+    );
+    add(
+        "index",
+        "no weight_map",
+        INDEX,
+        Refused,
+        index(|j| {
+            j.as_object_mut().unwrap().remove("weight_map");
+        }),
+    );
+    add(
+        "index",
+        "weight_map a list",
+        INDEX,
+        Refused,
+        index(|j| j["weight_map"] = json!([])),
+    );
+    add(
+        "index",
+        "weight_map empty",
+        INDEX,
+        Refused,
+        index(|j| j["weight_map"] = json!({})),
+    );
+    add(
+        "index",
+        "shard path escapes the directory",
+        INDEX,
+        Refused,
+        index(|j| {
+            j["weight_map"]["transformer.wte.weight"] =
+                json!("../tiny-gpt2/model-00001-of-00002.safetensors")
+        }),
+    );
+    add(
+        "index",
+        "absolute shard path",
+        INDEX,
+        Refused,
+        index(|j| j["weight_map"]["transformer.wte.weight"] = json!("/etc/passwd")),
+    );
+    add(
+        "index",
+        "shard name a number",
+        INDEX,
+        Refused,
+        index(|j| j["weight_map"]["transformer.wte.weight"] = json!(1)),
+    );
+    add(
+        "index",
+        "listed shard missing",
+        "model-00003-of-00003.safetensors",
+        Refused,
+        index(|j| {
+            j["weight_map"]["transformer.wte.weight"] = json!("model-00003-of-00003.safetensors")
+        }),
+    );
+    add(
+        "index",
+        "tensor listed in the wrong shard",
+        SHARD2,
+        Refused,
+        index(|j| j["weight_map"]["transformer.wte.weight"] = json!(SHARD2)),
+    );
+    add(
+        "index",
+        "no weights at all",
+        "",
+        Refused,
+        Box::new(|| {
+            vec![
+                (INDEX, None),
+                ("model-00001-of-00002.safetensors", None),
+                (SHARD2, None),
+            ]
+        }),
+    );
 
     // config.json.
     let cfg = |f: fn(&mut Json)| -> Box<dyn Fn() -> Edits + Send + Sync> {
         Box::new(move || vec![("config.json", Some(json_with("config.json", f)))])
     };
-    add("config.json", "missing", "config.json", Refused, Box::new(|| vec![("config.json", None)]));
-    add("config.json", "not JSON", "config.json", Refused, Box::new(|| {
-        vec![("config.json", Some(b"{\"n_layer\": 6,".to_vec()))]
-    }));
-    add("config.json", "not UTF-8", "config.json", Refused, Box::new(|| {
-        vec![("config.json", Some(b"{\"model_type\": \"gpt2\xff\"}".to_vec()))]
-    }));
-    add("config.json", "a list", "config.json", Refused, Box::new(|| {
-        vec![("config.json", Some(b"[]".to_vec()))]
-    }));
+    add(
+        "config.json",
+        "missing",
+        "config.json",
+        Refused,
+        Box::new(|| vec![("config.json", None)]),
+    );
+    add(
+        "config.json",
+        "not JSON",
+        "config.json",
+        Refused,
+        Box::new(|| vec![("config.json", Some(b"{\"n_layer\": 6,".to_vec()))]),
+    );
+    add(
+        "config.json",
+        "not UTF-8",
+        "config.json",
+        Refused,
+        Box::new(|| {
+            vec![(
+                "config.json",
+                Some(b"{\"model_type\": \"gpt2\xff\"}".to_vec()),
+            )]
+        }),
+    );
+    add(
+        "config.json",
+        "a list",
+        "config.json",
+        Refused,
+        Box::new(|| vec![("config.json", Some(b"[]".to_vec()))]),
+    );
     for (name, f) in [
-        ("model_type llama", (|j: &mut Json| j["model_type"] = json!("llama")) as fn(&mut Json)),
+        (
+            "model_type llama",
+            (|j: &mut Json| j["model_type"] = json!("llama")) as fn(&mut Json),
+        ),
         ("model_type missing", |j| {
             j.as_object_mut().unwrap().remove("model_type");
         }),
         ("n_layer 0", |j| j["n_layer"] = json!(0)),
         ("n_layer negative", |j| j["n_layer"] = json!(-6)),
-        ("n_layer 10^12", |j| j["n_layer"] = json!(1_000_000_000_000u64)),
+        ("n_layer 10^12", |j| {
+            j["n_layer"] = json!(1_000_000_000_000u64)
+        }),
         ("n_layer a string", |j| j["n_layer"] = json!("6")),
         ("n_layer 6.5", |j| j["n_layer"] = json!(6.5)),
-        ("n_embd not divisible by n_head", |j| j["n_embd"] = json!(255)),
+        ("n_embd not divisible by n_head", |j| {
+            j["n_embd"] = json!(255)
+        }),
         ("n_head 0", |j| j["n_head"] = json!(0)),
         ("n_head 2^40", |j| j["n_head"] = json!(1u64 << 40)),
         ("n_positions 0", |j| j["n_positions"] = json!(0)),
         ("n_positions 2^40", |j| j["n_positions"] = json!(1u64 << 40)),
         ("vocab_size 0", |j| j["vocab_size"] = json!(0)),
         ("vocab_size 2^60", |j| j["vocab_size"] = json!(1u64 << 60)),
-        ("activation relu", |j| j["activation_function"] = json!("relu")),
-        ("activation exact gelu", |j| j["activation_function"] = json!("gelu")),
+        ("activation relu", |j| {
+            j["activation_function"] = json!("relu")
+        }),
+        ("activation exact gelu", |j| {
+            j["activation_function"] = json!("gelu")
+        }),
         ("scale_attn_by_inverse_layer_idx", |j| {
             j["scale_attn_by_inverse_layer_idx"] = json!(true)
         }),
-        ("untied embeddings", |j| j["tie_word_embeddings"] = json!(false)),
-        ("layer_norm_epsilon 0", |j| j["layer_norm_epsilon"] = json!(0.0)),
-        ("layer_norm_epsilon negative", |j| j["layer_norm_epsilon"] = json!(-1e-5)),
-        ("layer_norm_epsilon 1e300", |j| j["layer_norm_epsilon"] = json!(1e300)),
-        ("layer_norm_epsilon a string", |j| j["layer_norm_epsilon"] = json!("1e-5")),
-        ("eos_token_id past the vocabulary", |j| j["eos_token_id"] = json!(99_999_999)),
+        ("untied embeddings", |j| {
+            j["tie_word_embeddings"] = json!(false)
+        }),
+        ("layer_norm_epsilon 0", |j| {
+            j["layer_norm_epsilon"] = json!(0.0)
+        }),
+        ("layer_norm_epsilon negative", |j| {
+            j["layer_norm_epsilon"] = json!(-1e-5)
+        }),
+        ("layer_norm_epsilon 1e300", |j| {
+            j["layer_norm_epsilon"] = json!(1e300)
+        }),
+        ("layer_norm_epsilon a string", |j| {
+            j["layer_norm_epsilon"] = json!("1e-5")
+        }),
+        ("eos_token_id past the vocabulary", |j| {
+            j["eos_token_id"] = json!(99_999_999)
+        }),
         ("bos_token_id negative", |j| j["bos_token_id"] = json!(-5)),
     ] {
         add("config.json", name, "config.json", Refused, cfg(f));
     }
     // Config and tensors disagree: either file may be named.
     for (name, f) in [
-        ("n_layer 5 (more tensors than layers)", (|j: &mut Json| j["n_layer"] = json!(5)) as fn(&mut Json)),
+        (
+            "n_layer 5 (more tensors than layers)",
+            (|j: &mut Json| j["n_layer"] = json!(5)) as fn(&mut Json),
+        ),
         ("n_layer 7 (a layer missing)", |j| j["n_layer"] = json!(7)),
         ("n_embd 512 (shapes disagree)", |j| j["n_embd"] = json!(512)),
         ("n_inner 1000", |j| j["n_inner"] = json!(1000)),
@@ -1444,51 +1675,93 @@ fn hf_cases() -> Vec<HfCase> {
     let tj = |f: fn(&mut Json)| -> Box<dyn Fn() -> Edits + Send + Sync> {
         Box::new(move || vec![("tokenizer.json", Some(json_with("tokenizer.json", f)))])
     };
-    add("tokenizer", "tokenizer.json not JSON", "tokenizer.json", Refused, Box::new(|| {
-        vec![("tokenizer.json", Some(b"{\"model\": {".to_vec()))]
-    }));
+    add(
+        "tokenizer",
+        "tokenizer.json not JSON",
+        "tokenizer.json",
+        Refused,
+        Box::new(|| vec![("tokenizer.json", Some(b"{\"model\": {".to_vec()))]),
+    );
     for (name, f) in [
-        ("no model", (|j: &mut Json| {
-            j.as_object_mut().unwrap().remove("model");
-        }) as fn(&mut Json)),
-        ("model.type WordPiece", |j| j["model"]["type"] = json!("WordPiece")),
+        (
+            "no model",
+            (|j: &mut Json| {
+                j.as_object_mut().unwrap().remove("model");
+            }) as fn(&mut Json),
+        ),
+        ("model.type WordPiece", |j| {
+            j["model"]["type"] = json!("WordPiece")
+        }),
         ("vocab missing", |j| {
             j["model"].as_object_mut().unwrap().remove("vocab");
         }),
         ("vocab a list", |j| j["model"]["vocab"] = json!(["a", "b"])),
-        ("token id negative", |j| j["model"]["vocab"]["Ġthe"] = json!(-1)),
-        ("token id past vocab_size", |j| j["model"]["vocab"]["Ġthe"] = json!(60_000)),
-        ("token id a string", |j| j["model"]["vocab"]["Ġthe"] = json!("262")),
-        ("two tokens share an id", |j| j["model"]["vocab"]["Ġthe"] = json!(11)),
+        ("token id negative", |j| {
+            j["model"]["vocab"]["Ġthe"] = json!(-1)
+        }),
+        ("token id past vocab_size", |j| {
+            j["model"]["vocab"]["Ġthe"] = json!(60_000)
+        }),
+        ("token id a string", |j| {
+            j["model"]["vocab"]["Ġthe"] = json!("262")
+        }),
+        ("two tokens share an id", |j| {
+            j["model"]["vocab"]["Ġthe"] = json!(11)
+        }),
         ("merges missing", |j| {
             j["model"].as_object_mut().unwrap().remove("merges");
         }),
         ("merges not a list", |j| j["model"]["merges"] = json!("Ġ t")),
         ("merges empty", |j| j["model"]["merges"] = json!([])),
-        ("merge with one part", |j| j["model"]["merges"][5] = json!("Ġt")),
-        ("merge of numbers", |j| j["model"]["merges"][5] = json!([1, 2])),
+        ("merge with one part", |j| {
+            j["model"]["merges"][5] = json!("Ġt")
+        }),
+        ("merge of numbers", |j| {
+            j["model"]["merges"][5] = json!([1, 2])
+        }),
         ("added token id past vocab_size", |j| {
             j["added_tokens"][0]["id"] = json!(99_999_999)
         }),
     ] {
-        add("tokenizer", &format!("tokenizer.json: {name}"), "tokenizer.json", Refused, tj(f));
+        add(
+            "tokenizer",
+            &format!("tokenizer.json: {name}"),
+            "tokenizer.json",
+            Refused,
+            tj(f),
+        );
     }
     for (name, f) in [
-        ("merge naming an unknown token", (|j: &mut Json| {
-            j["model"]["merges"][5] = json!("Ġqqqq zzzz")
-        }) as fn(&mut Json)),
+        (
+            "merge naming an unknown token",
+            (|j: &mut Json| j["model"]["merges"][5] = json!("Ġqqqq zzzz")) as fn(&mut Json),
+        ),
         ("byte token Ġ missing", |j| {
             j["model"]["vocab"].as_object_mut().unwrap().remove("Ġ");
         }),
     ] {
-        add("tokenizer", &format!("tokenizer.json: {name}"), "", RefusedOrUnusable, tj(f));
+        add(
+            "tokenizer",
+            &format!("tokenizer.json: {name}"),
+            "",
+            RefusedOrUnusable,
+            tj(f),
+        );
     }
-    add("tokenizer", "tokenizer_config.json not JSON", "tokenizer_config.json", Refused, Box::new(|| {
-        vec![("tokenizer_config.json", Some(b"{".to_vec()))]
-    }));
-    add("tokenizer", "tokenizer_config.json a list", "tokenizer_config.json", Refused, Box::new(|| {
-        vec![("tokenizer_config.json", Some(b"[1]".to_vec()))]
-    }));
+    add(
+        "tokenizer",
+        "tokenizer_config.json not JSON",
+        "tokenizer_config.json",
+        Refused,
+        Box::new(|| vec![("tokenizer_config.json", Some(b"{".to_vec()))]),
+    );
+    add(
+        "tokenizer",
+        "tokenizer_config.json a list",
+        "tokenizer_config.json",
+        Refused,
+        Box::new(|| vec![("tokenizer_config.json", Some(b"[1]".to_vec()))]),
+    );
     // vocab.json + merges.txt (tokenizer.json removed so they are read).
     let vm = |vocab: Option<Vec<u8>>, merges: Option<Vec<u8>>| -> Edits {
         let mut e: Edits = vec![("tokenizer.json", None)];
@@ -1500,35 +1773,94 @@ fn hf_cases() -> Vec<HfCase> {
         }
         e
     };
-    add("tokenizer", "vocab.json not JSON", "vocab.json", Refused, Box::new(move || {
-        vm(Some(b"{\"!\": 0,".to_vec()), None)
-    }));
-    add("tokenizer", "vocab.json a list", "vocab.json", Refused, Box::new(move || {
-        vm(Some(b"[\"!\"]".to_vec()), None)
-    }));
-    add("tokenizer", "vocab.json ids shared", "vocab.json", Refused, Box::new(move || {
-        vm(Some(json_with("vocab.json", |j| j["Ġthe"] = json!(0))), None)
-    }));
-    add("tokenizer", "vocab.json id huge", "vocab.json", Refused, Box::new(move || {
-        vm(Some(json_with("vocab.json", |j| j["Ġthe"] = json!(u64::MAX))), None)
-    }));
-    add("tokenizer", "merges.txt not UTF-8", "merges.txt", Refused, Box::new(move || {
-        let mut m = hf_read("merges.txt");
-        m[200] = 0xff;
-        vm(None, Some(m))
-    }));
-    add("tokenizer", "merges.txt only the version line", "", Refused, Box::new(move || {
-        vm(None, Some(b"#version: 0.2\n".to_vec()))
-    }));
-    add("tokenizer", "merges.txt line with one part", "merges.txt", Refused, Box::new(move || {
-        vm(None, Some(b"#version: 0.2\n\xc4\xa0 t\n\xc4\xa0t\n".to_vec()))
-    }));
-    add("tokenizer", "merges.txt missing", "merges.txt", Refused, Box::new(|| {
-        vec![("tokenizer.json", None), ("merges.txt", None)]
-    }));
-    add("tokenizer", "no tokenizer at all", "vocab.json", Refused, Box::new(|| {
-        vec![("tokenizer.json", None), ("vocab.json", None), ("merges.txt", None)]
-    }));
+    add(
+        "tokenizer",
+        "vocab.json not JSON",
+        "vocab.json",
+        Refused,
+        Box::new(move || vm(Some(b"{\"!\": 0,".to_vec()), None)),
+    );
+    add(
+        "tokenizer",
+        "vocab.json a list",
+        "vocab.json",
+        Refused,
+        Box::new(move || vm(Some(b"[\"!\"]".to_vec()), None)),
+    );
+    add(
+        "tokenizer",
+        "vocab.json ids shared",
+        "vocab.json",
+        Refused,
+        Box::new(move || {
+            vm(
+                Some(json_with("vocab.json", |j| j["Ġthe"] = json!(0))),
+                None,
+            )
+        }),
+    );
+    add(
+        "tokenizer",
+        "vocab.json id huge",
+        "vocab.json",
+        Refused,
+        Box::new(move || {
+            vm(
+                Some(json_with("vocab.json", |j| j["Ġthe"] = json!(u64::MAX))),
+                None,
+            )
+        }),
+    );
+    add(
+        "tokenizer",
+        "merges.txt not UTF-8",
+        "merges.txt",
+        Refused,
+        Box::new(move || {
+            let mut m = hf_read("merges.txt");
+            m[200] = 0xff;
+            vm(None, Some(m))
+        }),
+    );
+    add(
+        "tokenizer",
+        "merges.txt only the version line",
+        "",
+        Refused,
+        Box::new(move || vm(None, Some(b"#version: 0.2\n".to_vec()))),
+    );
+    add(
+        "tokenizer",
+        "merges.txt line with one part",
+        "merges.txt",
+        Refused,
+        Box::new(move || {
+            vm(
+                None,
+                Some(b"#version: 0.2\n\xc4\xa0 t\n\xc4\xa0t\n".to_vec()),
+            )
+        }),
+    );
+    add(
+        "tokenizer",
+        "merges.txt missing",
+        "merges.txt",
+        Refused,
+        Box::new(|| vec![("tokenizer.json", None), ("merges.txt", None)]),
+    );
+    add(
+        "tokenizer",
+        "no tokenizer at all",
+        "vocab.json",
+        Refused,
+        Box::new(|| {
+            vec![
+                ("tokenizer.json", None),
+                ("vocab.json", None),
+                ("merges.txt", None),
+            ]
+        }),
+    );
     cases
 }
 
@@ -1620,7 +1952,11 @@ fn malformed_checkpoint_corpus() {
     for c in &cases {
         *counts.entry(c.category).or_insert(0) += 1;
     }
-    report("malformed checkpoint corpus", &counts, &failures.into_inner().unwrap());
+    report(
+        "malformed checkpoint corpus",
+        &counts,
+        &failures.into_inner().unwrap(),
+    );
     let _ = std::fs::remove_dir_all(&root);
 }
 
@@ -1638,7 +1974,11 @@ fn hostile_flags_and_paths() {
     std::fs::write(&bad_utf8, b"caf\xe9 au lait\n").unwrap();
     let bad = bad_utf8.to_str().unwrap();
     let long = dir.join("long-prompt.txt");
-    std::fs::write(&long, "the quick brown fox jumps over the lazy dog. ".repeat(200)).unwrap();
+    std::fs::write(
+        &long,
+        "the quick brown fox jumps over the lazy dog. ".repeat(200),
+    )
+    .unwrap();
     let long = long.to_str().unwrap();
     let missing = dir.join("no-such-file.gguf");
     let missing = missing.to_str().unwrap();
@@ -1657,28 +1997,92 @@ fn hostile_flags_and_paths() {
         // clap's own parsing: exit 2.
         (vec!["run", "-m", m, "-n", "1e30"], "--n-predict", Some(2)),
         (vec!["run", "-m", m, "-n", "-1"], "-1", Some(2)),
-        (vec!["run", "-m", m, "-n", "99999999999999999999999"], "--n-predict", Some(2)),
+        (
+            vec!["run", "-m", m, "-n", "99999999999999999999999"],
+            "--n-predict",
+            Some(2),
+        ),
         (vec!["run", "-m", m, "--ctx", "-5"], "-5", Some(2)),
         (vec!["run", "-m", m, "-t", "two"], "--threads", Some(2)),
         (vec!["run", "-p", "x"], "--model", Some(2)),
         (vec!["convert", hf, "--type", "q3_k"], "q3_k", Some(2)),
         (vec!["frobnicate"], "frobnicate", Some(2)),
         // Range checks.
-        (vec!["run", "-m", m, "-p", "Hi", "--ctx", "0"], "--ctx", None),
-        (vec!["run", "-m", m, "-p", "Hi", "--ctx", "1025"], "--ctx", None),
-        (vec!["run", "-m", m, "-p", "Hi", "--ctx", "18446744073709551615"], "--ctx", None),
-        (vec!["run", "-m", m, "-p", "Hi", "-t", "0"], "--threads", None),
-        (vec!["run", "-m", m, "-p", "Hi", "-t", "1000000"], "--threads", None),
-        (vec!["run", "-m", m, "-p", "Hi", "--num-return-sequences", "0"], "--num-return-sequences", None),
-        (vec!["run", "-m", m, "-p", "Hi", "--num-return-sequences", "1000000"], "--num-return-sequences", None),
+        (
+            vec!["run", "-m", m, "-p", "Hi", "--ctx", "0"],
+            "--ctx",
+            None,
+        ),
+        (
+            vec!["run", "-m", m, "-p", "Hi", "--ctx", "1025"],
+            "--ctx",
+            None,
+        ),
+        (
+            vec!["run", "-m", m, "-p", "Hi", "--ctx", "18446744073709551615"],
+            "--ctx",
+            None,
+        ),
+        (
+            vec!["run", "-m", m, "-p", "Hi", "-t", "0"],
+            "--threads",
+            None,
+        ),
+        (
+            vec!["run", "-m", m, "-p", "Hi", "-t", "1000000"],
+            "--threads",
+            None,
+        ),
+        (
+            vec!["run", "-m", m, "-p", "Hi", "--num-return-sequences", "0"],
+            "--num-return-sequences",
+            None,
+        ),
+        (
+            vec![
+                "run",
+                "-m",
+                m,
+                "-p",
+                "Hi",
+                "--num-return-sequences",
+                "1000000",
+            ],
+            "--num-return-sequences",
+            None,
+        ),
         (vec!["run", "-m", m, "-p", "Hi", "-n", "2000"], "-n", None),
-        (vec!["run", "-m", m, "-p", "Hi", "-n", "18446744073709551614"], "-n", None),
-        (vec!["run", "-m", m, "-p", "Hi", "--ctx", "16", "-n", "16"], "-n", None),
-        (vec!["run", "-m", m, "-f", long, "--ctx", "64", "-n", "2"], "context", None),
+        (
+            vec!["run", "-m", m, "-p", "Hi", "-n", "18446744073709551614"],
+            "-n",
+            None,
+        ),
+        (
+            vec!["run", "-m", m, "-p", "Hi", "--ctx", "16", "-n", "16"],
+            "-n",
+            None,
+        ),
+        (
+            vec!["run", "-m", m, "-f", long, "--ctx", "64", "-n", "2"],
+            "context",
+            None,
+        ),
         (vec!["run", "-m", m, "-f", long, "-n", "2"], "context", None),
-        (vec!["run", "-m", m, "-p", "Hi", "--temp=-1"], "temperature", None),
-        (vec!["run", "-m", m, "-p", "Hi", "--temp", "NaN"], "temperature", None),
-        (vec!["run", "-m", m, "-p", "Hi", "--top-p", "2"], "top_p", None),
+        (
+            vec!["run", "-m", m, "-p", "Hi", "--temp=-1"],
+            "temperature",
+            None,
+        ),
+        (
+            vec!["run", "-m", m, "-p", "Hi", "--temp", "NaN"],
+            "temperature",
+            None,
+        ),
+        (
+            vec!["run", "-m", m, "-p", "Hi", "--top-p", "2"],
+            "top_p",
+            None,
+        ),
         (vec!["mem", m, "--ctx", "0"], "--ctx", None),
         (vec!["mem", m, "--ctx", "1000000"], "--ctx", None),
         (vec!["mem", m, "--batch", "0"], "--batch", None),
@@ -1686,7 +2090,11 @@ fn hostile_flags_and_paths() {
         (vec!["mem", m, "--seqs", "1000000"], "--seqs", None),
         (vec!["mem", m, "--kv", "q4"], "--kv", None),
         (vec!["mem", m, "-t", "0"], "--threads", None),
-        (vec!["perplexity", "-m", m, "-f", text, "--chunks", "0"], "--chunks", None),
+        (
+            vec!["perplexity", "-m", m, "-f", text, "--chunks", "0"],
+            "--chunks",
+            None,
+        ),
         (vec!["bench", "-m", m, "-r", "0"], "-r", None),
         (vec!["bench", "-m", m, "-r", "1000000"], "-r", None),
         // Files.
@@ -1694,21 +2102,41 @@ fn hostile_flags_and_paths() {
         (vec!["run", "-m", m, "-f", missing], missing, None),
         (vec!["run", "-m", missing, "-p", "Hi"], missing, Some(3)),
         (vec!["run", "-m", d, "-p", "Hi"], d, Some(3)),
-        (vec!["run", "-m", "/dev/null", "-p", "Hi"], "/dev/null", Some(3)),
+        (
+            vec!["run", "-m", "/dev/null", "-p", "Hi"],
+            "/dev/null",
+            Some(3),
+        ),
         (vec!["inspect", missing], missing, Some(3)),
         (vec!["inspect", d], d, Some(3)),
         (vec!["inspect", "/dev/zero"], "/dev/zero", Some(3)),
-        (vec!["inspect", "/proc/self/status"], "/proc/self/status", Some(3)),
+        (
+            vec!["inspect", "/proc/self/status"],
+            "/proc/self/status",
+            Some(3),
+        ),
         (vec!["inspect", hf], hf, Some(3)),
         (vec!["mem", missing], missing, Some(3)),
         (vec!["tokenize", "-m", missing, "Hi"], missing, Some(3)),
         (vec!["features", "-m", missing, "Hi"], missing, Some(3)),
-        (vec!["perplexity", "-m", missing, "-f", text], missing, Some(3)),
+        (
+            vec!["perplexity", "-m", missing, "-f", text],
+            missing,
+            Some(3),
+        ),
         (vec!["perplexity", "-m", m, "-f", missing], missing, None),
         (vec!["perplexity", "-m", m, "-f", bad], bad, None),
         (vec!["dump", missing, d], missing, Some(3)),
-        (vec!["quantize", missing, requant, "--type", "q4_k_m"], missing, Some(3)),
-        (vec!["quantize", q8, requant, "--type", "q4_k_m"], q8, Some(3)),
+        (
+            vec!["quantize", missing, requant, "--type", "q4_k_m"],
+            missing,
+            Some(3),
+        ),
+        (
+            vec!["quantize", q8, requant, "--type", "q4_k_m"],
+            q8,
+            Some(3),
+        ),
         (vec!["convert", missing], missing, Some(3)),
         (vec!["convert", m], m, Some(3)),
         (vec!["convert", d], "config.json", Some(3)),
@@ -1717,7 +2145,9 @@ fn hostile_flags_and_paths() {
     for (args, name, code) in &cases {
         let o = run_ggpt(args);
         let problem = o.problem_if_not_clean_error(name).or_else(|| match code {
-            Some(c) if o.code() != Some(*c) => Some(format!("exit code {:?}, expected {c}", o.code())),
+            Some(c) if o.code() != Some(*c) => {
+                Some(format!("exit code {:?}, expected {c}", o.code()))
+            }
             _ => None,
         });
         if let Some(p) = problem {
@@ -1725,7 +2155,11 @@ fn hostile_flags_and_paths() {
         }
     }
     // Standard input that is not UTF-8.
-    let o = run_ggpt_with(&["run", "-m", m, "-p", "-", "-n", "1"], Some(b"\xff\xfe\x00x"), TIMEOUT);
+    let o = run_ggpt_with(
+        &["run", "-m", m, "-p", "-", "-n", "1"],
+        Some(b"\xff\xfe\x00x"),
+        TIMEOUT,
+    );
     if let Some(p) = o.problem_if_not_clean_error("standard input") {
         failures.push(format!("{p}\n{}", o.describe()));
     }
@@ -1759,9 +2193,25 @@ fn unwritable_outputs() {
     let npy = npy.to_str().unwrap();
     // (arguments, the exit code docs/errors.md promises, where it is already classified)
     let cases: Vec<(Vec<&str>, Option<i32>)> = vec![
-        (vec!["convert", hf, "--type", "q8_0", "-o", under_file], Some(4)),
-        (vec!["convert", hf, "--type", "q8_0", "-o", "/proc/ggpt-test.gguf"], Some(4)),
-        (vec!["convert", hf, "--type", "all", "-o", "/proc/"], Some(4)),
+        (
+            vec!["convert", hf, "--type", "q8_0", "-o", under_file],
+            Some(4),
+        ),
+        (
+            vec![
+                "convert",
+                hf,
+                "--type",
+                "q8_0",
+                "-o",
+                "/proc/ggpt-test.gguf",
+            ],
+            Some(4),
+        ),
+        (
+            vec!["convert", hf, "--type", "all", "-o", "/proc/"],
+            Some(4),
+        ),
         (vec!["convert", hf, "--type", "all", "-o", no_dir], Some(4)),
         (vec!["quantize", m, under_file, "--type", "q4_k_m"], Some(4)),
         (vec!["features", "-m", m, "Hello", "--npy", npy], None),
@@ -1772,7 +2222,9 @@ fn unwritable_outputs() {
         let target = args
             .iter()
             .copied()
-            .find(|a| a.contains("a-regular-file") || a.starts_with("/proc") || a.contains("no/such"))
+            .find(|a| {
+                a.contains("a-regular-file") || a.starts_with("/proc") || a.contains("no/such")
+            })
             .unwrap();
         let o = run_ggpt(args);
         let problem = o.problem_if_not_clean_error(target).or_else(|| match code {
@@ -1854,4 +2306,58 @@ fn disk_full_during_convert() {
     );
     assert!(left.is_empty(), "left on the full disk: {left:?}");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fuzzing regressions.
+
+/// The fuzz targets' bodies (fuzz/src/harness.rs), shared so that saved inputs replay here.
+#[path = "../fuzz/src/harness.rs"]
+mod harness;
+
+/// Every input the fuzzers once crashed on (tests/fixtures/fuzz-regressions/<target>/) runs
+/// through its target's body again, and the GGUF ones also through `ggpt inspect` and `run`.
+#[test]
+fn fuzz_regressions_replay() {
+    let root = common::repo().join("tests/fixtures/fuzz-regressions");
+    type Body = fn(&[u8]);
+    let targets: [(&str, Body); 4] = [
+        ("gguf_reader", harness::gguf_reader),
+        ("safetensors_reader", harness::safetensors_reader),
+        ("tokenizer", harness::tokenizer),
+        ("quant_blocks", harness::quant_blocks),
+    ];
+    let mut replayed = 0;
+    let mut failures = Vec::new();
+    for (target, body) in targets {
+        let dir = root.join(target);
+        let mut files: Vec<PathBuf> = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd.map(|e| e.unwrap().path()).collect(),
+            Err(_) => continue,
+        };
+        files.sort();
+        for path in files {
+            let bytes = std::fs::read(&path).unwrap();
+            body(&bytes);
+            replayed += 1;
+            if target == "gguf_reader" {
+                let p = path.to_str().unwrap();
+                for o in [
+                    run_ggpt(&["inspect", p]),
+                    run_ggpt(&["run", "-m", p, "-p", "Hi", "-n", "2", "-t", "1"]),
+                ] {
+                    let problem = if o.success() {
+                        o.problem_if_not_orderly()
+                    } else {
+                        o.problem_if_not_clean_error(p)
+                    };
+                    if let Some(pr) = problem {
+                        failures.push(format!("{pr}\n{}", o.describe()));
+                    }
+                }
+            }
+        }
+    }
+    eprintln!("replayed {replayed} saved fuzz inputs");
+    assert!(failures.is_empty(), "{}", failures.join("\n\n"));
 }

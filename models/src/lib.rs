@@ -2,8 +2,10 @@
 //!
 //! - [`gpt2`]: loading a GPT-2 GGUF ([`gpt2::Gpt2::from_gguf`]) and its forward pass.
 //! - [`kv_cache`]: the per-layer key/value cache (F16 or F32, several sequences).
-//! - [`ops`]: LayerNorm, GELU, softmax and attention on f32 slices.
+//! - [`attention`]: one query against one head's cache (portable and AVX2/FMA variants).
+//! - [`ops`]: LayerNorm, GELU, softmax and residual add on f32 slices.
 
+pub mod attention;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod ops;

@@ -1,5 +1,5 @@
-//! The non-matmul operations of a GPT-2 forward pass: LayerNorm, GELU (tanh form), softmax,
-//! residual add and the per-head attention kernel.
+//! The non-matmul operations of a GPT-2 forward pass: LayerNorm, GELU (tanh form), softmax
+//! and residual add. (The attention kernel is in [`crate::attention`].)
 //!
 //! Everything here is plain safe Rust written so that LLVM vectorises it: fixed-width
 //! accumulator arrays over `chunks_exact` (explicit lanes, so no float reassociation is
@@ -177,51 +177,6 @@ pub fn softmax_inplace(x: &mut [f32]) {
     scale(x, 1.0 / s);
 }
 
-/// A matrix that can dot its rows with an f32 vector: the KV cache's per-head views
-/// (f16 or f32, read in place by SIMD kernels) or a plain f32 matrix ([`Dense`]).
-pub trait Rows {
-    /// Σᵢ row[r][i]·x[i] over the first `x.len()` elements of row `r`.
-    fn dot_row(&self, r: usize, x: &[f32]) -> f32;
-}
-
-/// A row-major f32 matrix with rows `stride` apart.
-#[derive(Clone, Copy, Debug)]
-pub struct Dense<'a> {
-    pub data: &'a [f32],
-    pub stride: usize,
-}
-
-impl Rows for Dense<'_> {
-    fn dot_row(&self, r: usize, x: &[f32]) -> f32 {
-        dot(&self.data[r * self.stride..r * self.stride + x.len()], x)
-    }
-}
-
-/// Causal attention of one query against one head's cache:
-/// out = softmax(q·Kᵀ · scale) · V over the first `n_kv` positions.
-///
-/// q: (hd); `k`: rows are positions (hd values each); `vt`: V transposed, rows are the hd
-/// channels (positions contiguous), so both products are row dot products; scores: scratch
-/// of ≥ n_kv; out: (hd).
-pub fn attend(
-    q: &[f32],
-    k: &impl Rows,
-    vt: &impl Rows,
-    n_kv: usize,
-    scale_qk: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    let scores = &mut scores[..n_kv];
-    for (j, s) in scores.iter_mut().enumerate() {
-        *s = k.dot_row(j, q) * scale_qk;
-    }
-    softmax_inplace(scores);
-    for (d, o) in out.iter_mut().enumerate() {
-        *o = vt.dot_row(d, scores);
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -329,50 +284,6 @@ mod tests {
             assert!((dot(&a, &b) as f64 - want).abs() < 1e-5, "n={n}");
             let want_s: f64 = a.iter().map(|&x| x as f64).sum();
             assert!((sum(&a) as f64 - want_s).abs() < 1e-5, "n={n}");
-        }
-    }
-
-    #[test]
-    fn attend_matches_naive_attention() {
-        let (hd, n_kv) = (32, 37);
-        let q = values(hd, 8, 1.0);
-        let k = values(n_kv * hd, 9, 1.0);
-        let v = values(n_kv * hd, 10, 1.0);
-        let mut scores = vec![0.0; n_kv + 5];
-        let mut out = vec![7.0; hd];
-        let sc = 1.0 / (hd as f32).sqrt();
-        // V transposed (hd, n_kv), as the cache stores it.
-        let vt: Vec<f32> = (0..hd * n_kv)
-            .map(|i| v[(i % n_kv) * hd + i / n_kv])
-            .collect();
-        let kd = Dense {
-            data: &k,
-            stride: hd,
-        };
-        let vd = Dense {
-            data: &vt,
-            stride: n_kv,
-        };
-        attend(&q, &kd, &vd, n_kv, sc, &mut scores, &mut out);
-        let s: Vec<f64> = (0..n_kv)
-            .map(|j| {
-                (0..hd)
-                    .map(|d| q[d] as f64 * k[j * hd + d] as f64)
-                    .sum::<f64>()
-                    * sc as f64
-            })
-            .collect();
-        let m = s.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-        let z: f64 = s.iter().map(|x| (x - m).exp()).sum();
-        for d in 0..hd {
-            let want: f64 = (0..n_kv)
-                .map(|j| (s[j] - m).exp() / z * v[j * hd + d] as f64)
-                .sum();
-            assert!(
-                (out[d] as f64 - want).abs() < 1e-5,
-                "{d}: {} vs {want}",
-                out[d]
-            );
         }
     }
 }

@@ -861,3 +861,45 @@ fn scalar_f16_conversion_is_exact_for_every_bit_pattern() {
         }
     }
 }
+
+/// `GGPT_ISA` is read once per process, so each level is checked in a child process running
+/// just this test.
+#[test]
+fn ggpt_isa_env_forces_an_available_level() {
+    if let Ok(want) = std::env::var("GGPT_ISA_EXPECT") {
+        assert_eq!(dot::isa().name(), want);
+        assert_eq!(dot::kernels().isa.name(), want);
+        return;
+    }
+    let best = *available_isas().last().unwrap();
+    let mut cases: Vec<(String, Isa)> = available_isas()
+        .into_iter()
+        .map(|i| (i.name().to_string(), i))
+        .collect();
+    cases.push(("no-such-isa".into(), best)); // unknown names keep the best level
+    cases.push((
+        "AVX2 ".into(),
+        if available_isas().contains(&Isa::Avx2) {
+            Isa::Avx2
+        } else {
+            best
+        },
+    ));
+    for (env, want) in cases {
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .args([
+                "--exact",
+                "ggpt_isa_env_forces_an_available_level",
+                "--test-threads=1",
+            ])
+            .env("GGPT_ISA", &env)
+            .env("GGPT_ISA_EXPECT", want.name())
+            .output()
+            .expect("run child test");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "GGPT_ISA={env:?} did not select {want}: {stdout}"
+        );
+    }
+}

@@ -129,8 +129,9 @@ fn measure(
     kv: KvType,
 ) -> Result<serde_json::Value> {
     let n_vocab = model.hparams().n_vocab as u32;
-    let n_decode = (n_ctx / 8).clamp(1, 16).min(n_ctx - 1).max(0);
-    let n_prompt = n_ctx - n_decode.max(if n_ctx > 1 { 1 } else { 0 });
+    // Decode the last few positions one at a time; prefill the rest in micro-batches.
+    let n_decode = (n_ctx / 8).clamp(1, 16).min(n_ctx);
+    let n_prompt = n_ctx - n_decode;
     let prompt: Vec<u32> = (0..n_prompt as u32).map(|i| (i * 7919) % n_vocab).collect();
     let mut session = Session::with_kv_type(model, n_ctx, n_seq, kv)?;
     let t = std::time::Instant::now();

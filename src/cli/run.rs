@@ -138,7 +138,7 @@ pub fn run(args: Args) -> Result<()> {
         .map(|i| {
             Sampler::new(SamplerConfig {
                 seed: seed.wrapping_add(i as u64),
-                ..cfg.clone()
+                ..cfg
             })
         })
         .collect();

@@ -147,7 +147,11 @@ impl Outcome {
 }
 
 /// Run `ggpt` with `args`, feeding `stdin` (or nothing), killing it after `timeout`.
-pub fn run_ggpt_with<S: AsRef<OsStr>>(args: &[S], stdin: Option<&[u8]>, timeout: Duration) -> Outcome {
+pub fn run_ggpt_with<S: AsRef<OsStr>>(
+    args: &[S],
+    stdin: Option<&[u8]>,
+    timeout: Duration,
+) -> Outcome {
     let mut cmd = Command::new(ggpt());
     cmd.args(args)
         .stdin(if stdin.is_some() {
@@ -212,9 +216,7 @@ pub fn wait_timeout(child: &mut Child, timeout: Duration) -> (Option<ExitStatus>
     loop {
         match child.try_wait() {
             Ok(Some(s)) => return (Some(s), false),
-            Ok(None) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(5))
-            }
+            Ok(None) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(5)),
             Ok(None) => {
                 let _ = child.kill();
                 return (child.wait().ok(), true);

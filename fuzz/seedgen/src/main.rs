@@ -140,7 +140,10 @@ fn gguf_seeds() -> Vec<Vec<u8>> {
     w.add_kv("a.bool", Value::Array(Array::Bool(vec![true, false])));
     w.add_kv(
         "a.nested",
-        Value::Array(Array::Array(vec![Array::from(vec![1u8, 2]), Array::from(vec![3u8])])),
+        Value::Array(Array::Array(vec![
+            Array::from(vec![1u8, 2]),
+            Array::from(vec![3u8]),
+        ])),
     );
     let mut data = Vec::new();
     for (i, ty) in [
@@ -191,7 +194,9 @@ fn safetensors(entries: &[(&str, &str, &[usize], Vec<u8>)], metadata: bool) -> V
 
 fn safetensors_seeds() -> Vec<Vec<u8>> {
     let f32s: Vec<u8> = wave(8, 0.3).iter().flat_map(|v| v.to_le_bytes()).collect();
-    let f16s: Vec<u8> = (0..12u16).flat_map(|i| (0x3c00 + i).to_le_bytes()).collect();
+    let f16s: Vec<u8> = (0..12u16)
+        .flat_map(|i| (0x3c00 + i).to_le_bytes())
+        .collect();
     let bf16s: Vec<u8> = (0..6u16).flat_map(|i| (0x3f80 + i).to_le_bytes()).collect();
     vec![
         safetensors(
@@ -209,8 +214,9 @@ fn safetensors_seeds() -> Vec<Vec<u8>> {
 }
 
 fn tokenizer_seeds(repo: &Path) -> Vec<Vec<u8>> {
-    let vectors = std::fs::read_to_string(repo.join("tests/fixtures/tokenizer/gpt2_tokenizer_vectors.jsonl"))
-        .expect("tokenizer vectors");
+    let vectors =
+        std::fs::read_to_string(repo.join("tests/fixtures/tokenizer/gpt2_tokenizer_vectors.jsonl"))
+            .expect("tokenizer vectors");
     let mut seeds: Vec<Vec<u8>> = vectors
         .lines()
         .step_by(15)

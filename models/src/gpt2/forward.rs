@@ -17,25 +17,23 @@ use ggpt_quant::matmul::{matmul, Scratch};
 use rayon::prelude::*;
 
 use super::{Gpt2, Hparams, RunError};
-use crate::kv_cache::{KvCache, KvType, VGather};
+use crate::attention;
+use crate::kv_cache::{KvCache, KvType};
 use crate::ops;
 
-pub static PROF: [std::sync::atomic::AtomicU64; 8] = [const { std::sync::atomic::AtomicU64::new(0) }; 8];
-fn prof(i: usize, t: std::time::Instant) { PROF[i].fetch_add(t.elapsed().as_nanos() as u64, std::sync::atomic::Ordering::Relaxed); }
+pub static PROF: [std::sync::atomic::AtomicU64; 8] =
+    [const { std::sync::atomic::AtomicU64::new(0) }; 8];
+fn prof(i: usize, t: std::time::Instant) {
+    PROF[i].fetch_add(
+        t.elapsed().as_nanos() as u64,
+        std::sync::atomic::Ordering::Relaxed,
+    );
+}
 /// Most tokens pushed through the layers at once.
 pub const UBATCH: usize = 512;
 
 /// Most sequences in one state (sampling this many continuations is already unusual).
 pub const MAX_SEQ: usize = 256;
-
-/// A run of at least this many queries from one sequence (a prompt) takes the batched
-/// attention path (matmuls over blocks of queries) rather than one dot product per cached row.
-const BATCHED_ATTENTION_MIN: usize = 32;
-
-/// Queries per block in batched attention. Every query of a block is scored against as many
-/// positions as its last one sees, so a causal prompt wastes about half a block per block;
-/// 64 keeps that under 1/8 of the work at 512 tokens while giving the matmul enough rows.
-const QUERY_BLOCK: usize = 64;
 
 /// Below this many multiply-adds per layer, attention runs on the calling thread: forking
 /// work to rayon costs a few microseconds, more than a short decode step's attention.
@@ -106,20 +104,10 @@ pub enum Output<'a> {
 }
 
 thread_local! {
-    /// Per-thread attention scores row, sized for the full context on first use so decoding
-    /// never allocates.
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Buffers of batched attention.
-#[derive(Default)]
-struct AttnBufs {
-    /// One head's queries for a block: (QUERY_BLOCK, hd).
-    q: Vec<f32>,
-    /// Scores, then probabilities: (QUERY_BLOCK, n_ctx).
-    scores: Vec<f32>,
-    /// One head's Vᵀ gathered contiguously.
-    v: VGather,
+    /// Per-thread attention scratch: one head's K and V as f32 (when the cache is F16) and a
+    /// scores row. Grown to the largest context seen, then reused, so decoding does not
+    /// allocate once the context has reached its length.
+    static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
 /// A forward pass's mutable state: the KV cache and activation buffers. One per session.
@@ -146,7 +134,6 @@ pub struct State {
     seq: Vec<usize>,
     /// Next free position per sequence while a batch is being placed.
     next: Vec<usize>,
-    attn: AttnBufs,
     mm: Scratch,
 }
 
@@ -177,11 +164,6 @@ impl State {
             pos: Vec::new(),
             seq: Vec::new(),
             next: vec![0; n_seq],
-            attn: AttnBufs {
-                q: vec![0.0; QUERY_BLOCK * d.head_dim],
-                scores: vec![0.0; QUERY_BLOCK * n_ctx],
-                v: VGather::default(),
-            },
             mm: Scratch::default(),
         })
     }
@@ -229,9 +211,7 @@ impl State {
             + self.att_heads.len()
             + self.att.len()
             + self.up.len()
-            + self.tmp.len()
-            + self.attn.q.len()
-            + self.attn.scores.len())
+            + self.tmp.len())
     }
 }
 
@@ -380,7 +360,6 @@ impl Gpt2 {
             tmp,
             pos,
             seq,
-            attn,
             mm,
             ..
         } = st;
@@ -402,7 +381,8 @@ impl Gpt2 {
             // ln = LN1(x)                                                       (T, C)
             let t0 = std::time::Instant::now();
             layer_norm_rows_par(x, &lw.attn_norm.w, &lw.attn_norm.b, hp.eps, ln);
-            prof(0, t0); let t0 = std::time::Instant::now();
+            prof(0, t0);
+            let t0 = std::time::Instant::now();
             // qkv = ln · W_qkvᵀ + b                                             (T, 3C)
             matmul(
                 &lw.attn_qkv.view(file),
@@ -412,15 +392,18 @@ impl Gpt2 {
                 qkv,
                 mm,
             );
-            prof(1, t0); let t0 = std::time::Instant::now();
+            prof(1, t0);
+            let t0 = std::time::Instant::now();
             // K, V rows into the cache, then each query attends over its sequence's
             // positions 0..=pos (causal: later tokens of this batch are not yet visible).
             for (i, row) in qkv.chunks_exact(3 * c).enumerate() {
                 cache.store(l, seq[i], pos[i], &row[c..2 * c], &row[2 * c..]);
             }
-            prof(2, t0); let t0 = std::time::Instant::now();
-            attention(cache, d, l, qkv, pos, seq, att_heads, attn, mm);
-            prof(3, t0); let t0 = std::time::Instant::now();
+            prof(2, t0);
+            let t0 = std::time::Instant::now();
+            attention(cache, d, l, qkv, pos, seq, att_heads);
+            prof(3, t0);
+            let t0 = std::time::Instant::now();
             // (H, T, hd) → (T, C): heads side by side, as the output projection expects.
             let hd = d.head_dim;
             for (h, head_out) in att_heads.chunks_exact(t * hd).enumerate() {
@@ -428,7 +411,8 @@ impl Gpt2 {
                     att[i * c + h * hd..i * c + (h + 1) * hd].copy_from_slice(r);
                 }
             }
-            prof(4, t0); let t0 = std::time::Instant::now();
+            prof(4, t0);
+            let t0 = std::time::Instant::now();
             // x += att · W_oᵀ + b                                               (T, C)
             matmul(
                 &lw.attn_out.view(file),
@@ -445,13 +429,15 @@ impl Gpt2 {
             layer_norm_rows_par(x, &lw.ffn_norm.w, &lw.ffn_norm.b, hp.eps, ln);
             // up = GELU(ln · W_upᵀ + b)                                         (T, F)
             matmul(&lw.ffn_up.view(file), ln, t, Some(&lw.ffn_up_b), up, mm);
-            prof(1, t0); let t0 = std::time::Instant::now();
+            prof(1, t0);
+            let t0 = std::time::Instant::now();
             if t > 1 {
                 up.par_chunks_mut(f).for_each(ops::gelu_inplace);
             } else {
                 ops::gelu_inplace(up);
             }
-            prof(5, t0); let t0 = std::time::Instant::now();
+            prof(5, t0);
+            let t0 = std::time::Instant::now();
             // x += up · W_downᵀ + b                                             (T, C)
             matmul(
                 &lw.ffn_down.view(file),
@@ -497,13 +483,9 @@ fn layer_norm_rows_par(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32
 /// Causal multi-head attention for one layer: out (H, T, hd) from Q (columns 0..C of qkv,
 /// (T, 3C)) and each token's sequence's cache, positions 0..=pos.
 ///
-/// Two strategies for the same arithmetic:
-/// - a run of many consecutive queries from one sequence (a prompt) is done per head in
-///   blocks of [`QUERY_BLOCK`] queries as two matmuls, scores = Q·Kᵀ and out = P·V, so the
-///   SIMD matmul kernels reuse each cached row across the block;
-/// - the rest (decode steps: one query per sequence) takes one dot product per cached row,
-///   read in place, with heads in parallel.
-#[allow(clippy::too_many_arguments)]
+/// Heads run in parallel. Within a head, each run of consecutive tokens from one sequence
+/// fetches that sequence's K and V once (as f32, converted from an F16 cache) and every query
+/// of the run attends over its own prefix.
 fn attention(
     cache: &KvCache,
     d: Dims,
@@ -512,61 +494,37 @@ fn attention(
     pos: &[usize],
     seq: &[usize],
     out: &mut [f32],
-    ab: &mut AttnBufs,
-    mm: &mut Scratch,
 ) {
-    let t = pos.len();
-    let hd = d.head_dim;
+    let (t, c, hd) = (pos.len(), d.embd, d.head_dim);
     let scale = 1.0 / (hd as f32).sqrt();
-    // Runs of consecutive tokens of one sequence, as (start, end).
-    let runs = || {
-        let mut i = 0;
-        std::iter::from_fn(move || {
-            (i < t).then(|| {
-                let start = i;
-                i += seq[i..].iter().take_while(|&&s| s == seq[start]).count();
-                (start, i)
-            })
-        })
-    };
-    let batched = |(a, b): (usize, usize)| b - a >= BATCHED_ATTENTION_MIN;
-
-    for run in runs().filter(|&r| batched(r)) {
-        for h in 0..d.head {
-            let out_h = &mut out[h * t * hd..(h + 1) * t * hd];
-            attention_batched(
-                cache, d, layer, qkv, pos, seq[run.0], run, h, scale, out_h, ab, mm,
-            );
-        }
-    }
-
-    let c = d.embd;
     let head = |h: usize, out_h: &mut [f32]| {
-        SCORES.with(|cell| {
-            let mut scores = cell.borrow_mut();
+        SCRATCH.with(|cell| {
+            let scratch = &mut *cell.borrow_mut();
+            let (kv_buf, scores) = (&mut scratch.0, &mut scratch.1);
+            // Sized for the whole context at once: growing with n_kv would reallocate
+            // during decoding.
             if scores.len() < cache.n_ctx() {
                 scores.resize(cache.n_ctx(), 0.0);
             }
-            for (a, b) in runs().filter(|&r| !batched(r)) {
-                let (k, vt) = (
-                    cache.keys(layer, seq[a], h),
-                    cache.values_t(layer, seq[a], h),
-                );
-                for j in a..b {
+            if cache.ty() == KvType::F16 && kv_buf.len() < 2 * hd * cache.n_ctx() {
+                kv_buf.resize(2 * hd * cache.n_ctx(), 0.0);
+            }
+            let mut i = 0;
+            while i < t {
+                let s = seq[i];
+                let end = i + seq[i..].iter().take_while(|&&x| x == s).count();
+                let n_kv = pos[i..end].iter().max().map_or(0, |&p| p + 1);
+                let kv = cache.head(layer, s, h, n_kv, kv_buf);
+                for j in i..end {
                     let q = &qkv[j * 3 * c + h * hd..j * 3 * c + (h + 1) * hd];
                     let o = &mut out_h[j * hd..(j + 1) * hd];
-                    ops::attend(q, &k, &vt, pos[j] + 1, scale, &mut scores, o);
+                    attention::attend(q, &kv, pos[j] + 1, scale, scores, o);
                 }
+                i = end;
             }
         })
     };
-    let work: usize = runs()
-        .filter(|&r| !batched(r))
-        .map(|(a, b)| pos[a..b].iter().map(|p| (p + 1) * c).sum::<usize>())
-        .sum();
-    if work == 0 {
-        return;
-    }
+    let work: usize = pos.iter().map(|p| (p + 1) * c).sum();
     if work < PAR_ATTENTION_MIN_WORK {
         out.chunks_exact_mut(t * hd)
             .enumerate()
@@ -575,123 +533,5 @@ fn attention(
         out.par_chunks_exact_mut(t * hd)
             .enumerate()
             .for_each(|(h, o)| head(h, o));
-    }
-}
-
-/// Attention of the queries `run` (consecutive tokens of sequence `s`) for head `h`, in
-/// blocks of queries: S = Q·Kᵀ over the positions the block's last query sees, a causal
-/// softmax per row (positions beyond a query's own get probability 0), then O = P·V.
-#[allow(clippy::too_many_arguments)]
-fn attention_batched(
-    cache: &KvCache,
-    d: Dims,
-    layer: usize,
-    qkv: &[f32],
-    pos: &[usize],
-    s: usize,
-    (a, b): (usize, usize),
-    h: usize,
-    scale: f32,
-    out_h: &mut [f32],
-    ab: &mut AttnBufs,
-    mm: &mut Scratch,
-) {
-    let (c, hd) = (d.embd, d.head_dim);
-    let mut q0 = a;
-    while q0 < b {
-        let q1 = (q0 + QUERY_BLOCK).min(b);
-        let nq = q1 - q0;
-        let n_kv = pos[q1 - 1] + 1;
-        // Q of this head for the block: (nq, hd).
-        let q = &mut ab.q[..nq * hd];
-        for (r, qr) in q.chunks_exact_mut(hd).enumerate() {
-            let j = q0 + r;
-            qr.copy_from_slice(&qkv[j * 3 * c + h * hd..j * 3 * c + (h + 1) * hd]);
-        }
-        let (k, vt) = cache.matrices(layer, s, h, n_kv, &mut ab.v);
-        // S = Q·Kᵀ: (nq, n_kv)
-        let scores = &mut ab.scores[..nq * n_kv];
-        matmul(&k, q, nq, None, scores, mm);
-        for (r, row) in scores.chunks_exact_mut(n_kv).enumerate() {
-            let seen = pos[q0 + r] + 1;
-            ops::scale(&mut row[..seen], scale);
-            ops::softmax_inplace(&mut row[..seen]);
-            row[seen..].fill(0.0);
-        }
-        // O = P·V: (nq, hd), straight into this head's output rows.
-        matmul(&vt, scores, nq, None, &mut out_h[q0 * hd..q1 * hd], mm);
-        q0 = q1;
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn values(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 7;
-                s ^= s << 17;
-                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
-
-    /// The batched (matmul) path and the per-row path compute the same attention.
-    #[test]
-    fn batched_attention_equals_per_row_attention() {
-        for ty in [KvType::F32, KvType::F16] {
-            for (n_head, hd, t) in [(2, 32, 45), (3, 64, 130), (1, 16, 33)] {
-                let c = n_head * hd;
-                let n_ctx = t + 7;
-                let d = Dims {
-                    vocab: 1,
-                    embd: c,
-                    head: n_head,
-                    head_dim: hd,
-                    ff: 1,
-                    layer: 1,
-                    ctx: n_ctx,
-                };
-                let mut cache = KvCache::new(ty, 1, 1, n_ctx, n_head, hd).unwrap();
-                let qkv: Vec<f32> = values(t * 3 * c, 7).iter().map(|x| x * 3.0).collect();
-                for (i, row) in qkv.chunks_exact(3 * c).enumerate() {
-                    cache.store(0, 0, i, &row[c..2 * c], &row[2 * c..]);
-                }
-                let pos: Vec<usize> = (0..t).collect();
-                let mut ab = AttnBufs {
-                    q: vec![0.0; QUERY_BLOCK * hd],
-                    scores: vec![0.0; QUERY_BLOCK * n_ctx],
-                    v: VGather::default(),
-                };
-                let mut mm = Scratch::default();
-                let mut batched = vec![0.0; n_head * t * hd];
-                let scale = 1.0 / (hd as f32).sqrt();
-                for h in 0..n_head {
-                    let out_h = &mut batched[h * t * hd..(h + 1) * t * hd];
-                    attention_batched(
-                        &cache, d, 0, &qkv, &pos, 0, (0, t), h, scale, out_h, &mut ab, &mut mm,
-                    );
-                }
-                let mut scores = vec![0.0; n_ctx];
-                let mut worst = 0.0f32;
-                for h in 0..n_head {
-                    let (k, vt) = (cache.keys(0, 0, h), cache.values_t(0, 0, h));
-                    for j in 0..t {
-                        let mut o = vec![0.0; hd];
-                        let q = &qkv[j * 3 * c + h * hd..j * 3 * c + (h + 1) * hd];
-                        ops::attend(q, &k, &vt, j + 1, scale, &mut scores, &mut o);
-                        let b = &batched[h * t * hd + j * hd..h * t * hd + (j + 1) * hd];
-                        for (x, y) in o.iter().zip(b) {
-                            worst = worst.max((x - y).abs());
-                        }
-                    }
-                }
-                assert!(worst < 1e-5, "{ty} heads {n_head} hd {hd} T {t}: max |Δ| {worst}");
-            }
-        }
     }
 }

@@ -9,6 +9,10 @@
 //! variable `GGPT_ISA` names a lower supported one (`scalar`, `avx2`, `avx512`, `avx512vnni`,
 //! `neon`, `neondot`), which is how tests and `ggpt` compare a SIMD path against the scalar one.
 //! [`kernels_for`] gives any supported variant explicitly.
+//!
+//! Besides the row-by-row dots, a level may provide [`TileKernels`]: weight packing and
+//! register-tiled products that reuse each unpacked weight block across several tokens, which
+//! `matmul` uses for prefill. docs/kernels.md describes the layouts and the measurements.
 
 pub mod scalar;
 
@@ -35,7 +39,7 @@ pub enum Isa {
     Scalar,
     /// x86-64 AVX2 + FMA + F16C.
     Avx2,
-    /// x86-64 AVX-512 F/BW/VL (+ the AVX2 set), without VNNI.
+    /// x86-64 AVX-512 F/BW/VL/DQ (+ the AVX2 set), without VNNI.
     Avx512,
     /// AVX-512 with VNNI (`vpdpbusd`): the int8 dot-product instruction.
     Avx512Vnni,
@@ -90,6 +94,7 @@ impl Isa {
                     && is_x86_feature_detected!("avx512f")
                     && is_x86_feature_detected!("avx512bw")
                     && is_x86_feature_detected!("avx512vl")
+                    && is_x86_feature_detected!("avx512dq")
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => Isa::Avx512.is_supported() && is_x86_feature_detected!("avx512vnni"),
