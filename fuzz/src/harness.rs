@@ -374,6 +374,10 @@ pub fn quant_blocks(data: &[u8]) {
                         })
                         .sum()
                 };
+                if mag > 1e30 {
+                    // The f32 kernels overflow where the f64 reference does not.
+                    continue;
+                }
                 let got = f64::from(y[t * rows + r]);
                 let tol = act_err + 1e-4 * mag + 1e-5;
                 assert!(

@@ -6,27 +6,56 @@
 //!   multiply-add chains overlap instead of waiting on each other;
 //! - output: o = Σⱼ p[j]·V[j], an axpy of each V row into o (which stays in L1).
 //!
-//! The loops are plain Rust, compiled twice: for the baseline target (SSE2 on x86-64, NEON on
-//! aarch64) and, on x86-64, inside a `#[target_feature(enable = "avx2,fma")]` function, which
-//! lets LLVM use 8-wide FMA. The variant is picked once at run time. Both are deterministic,
-//! and prefill and decode run the same kernel on the same data, so a query's attention output
+//! Two variants, picked once at run time: portable Rust (any head size, any CPU; LLVM
+//! vectorises it for the baseline target) and, on x86-64 with AVX2+FMA+F16C, explicit
+//! intrinsics specialised for head_dim 32 and 64 (every GPT-2 size uses 64), which keep q and
+//! the output in registers and widen f16 with one `vcvtph2ps` per 8 values. (Auto-vectorising
+//! the portable loops for AVX2 gave mostly 128-bit code and was 4–5× slower.) Both are
+//! deterministic, and prefill and decode run the same kernel, so a query's attention output
 //! does not depend on how the tokens were batched.
 
 #[cfg(target_arch = "x86_64")]
 use std::sync::OnceLock;
 
+use half::f16;
+
 use crate::ops;
 
-/// One head's cached keys and values as f32, (positions, hd) row-major: row j of `k` is
-/// `k[j * hd..(j + 1) * hd]`.
+/// One head's cached keys and values, (positions, hd) row-major (row j of `k` is
+/// `k[j * hd..(j + 1) * hd]`), in the cache's element type. F16 rows are widened a few at a
+/// time inside the kernel, into a buffer that stays in L1, so a decode step reads the cache
+/// exactly once.
 #[derive(Clone, Copy, Debug)]
-pub struct HeadKv<'a> {
-    pub k: &'a [f32],
-    pub v: &'a [f32],
+pub enum HeadKv<'a> {
+    F32 { k: &'a [f32], v: &'a [f32] },
+    F16 { k: &'a [f16], v: &'a [f16] },
+}
+
+/// Rows of K or V in some element type, readable as f32.
+trait Rows {
+    /// `len` values from `start` as f32: borrowed, or widened into `buf` (≥ len).
+    fn f32s<'a>(&'a self, start: usize, len: usize, buf: &'a mut [f32]) -> &'a [f32];
+}
+
+impl Rows for &[f32] {
+    #[inline(always)]
+    fn f32s<'a>(&'a self, start: usize, len: usize, _buf: &'a mut [f32]) -> &'a [f32] {
+        &self[start..start + len]
+    }
+}
+
+impl Rows for &[f16] {
+    #[inline(always)]
+    fn f32s<'a>(&'a self, start: usize, len: usize, buf: &'a mut [f32]) -> &'a [f32] {
+        let out = &mut buf[..len];
+        f16_to_f32_impl(&self[start..start + len], out);
+        out
+    }
 }
 
 /// Causal attention of one query: out = softmax(q·Kᵀ·scale)·V over positions 0..n.
-/// q, out: (hd); scores: scratch of ≥ n. The rows of `kv` must hold at least n positions.
+/// q, out: (hd); scores: scratch of ≥ n + 4·hd (the tail holds widened f16 rows). The rows
+/// of `kv` must hold at least n positions.
 pub fn attend(
     q: &[f32],
     kv: &HeadKv<'_>,
@@ -36,10 +65,8 @@ pub fn attend(
     out: &mut [f32],
 ) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: the CPU supports AVX2 and FMA (checked at run time just above), which is
-        // all `attend_avx2` requires; it is otherwise the safe generic code.
-        return unsafe { attend_avx2(q, kv, n, scale, scores, out) };
+    if has_avx2() && avx2::attend(q, kv, n, scale, scores, out) {
+        return;
     }
     attend_impl::<false>(q, kv, n, scale, scores, out)
 }
@@ -56,27 +83,18 @@ pub fn attend_portable(
     attend_impl::<false>(q, kv, n, scale, scores, out)
 }
 
+/// Whether the AVX2 kernels may run: AVX2, FMA and F16C present, and not disabled with
+/// GGPT_ISA=scalar (the switch the matmul kernels honour too).
 #[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
+fn has_avx2() -> bool {
     static YES: OnceLock<bool> = OnceLock::new();
     *YES.get_or_init(|| {
-        // GGPT_ISA=scalar (the switch the matmul kernels honour) forces the portable path.
         let forced = std::env::var("GGPT_ISA").is_ok_and(|v| v.eq_ignore_ascii_case("scalar"));
-        !forced && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
+        !forced
+            && is_x86_feature_detected!("avx2")
+            && is_x86_feature_detected!("fma")
+            && is_x86_feature_detected!("f16c")
     })
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn attend_avx2(
-    q: &[f32],
-    kv: &HeadKv<'_>,
-    n: usize,
-    scale: f32,
-    scores: &mut [f32],
-    out: &mut [f32],
-) {
-    attend_impl::<true>(q, kv, n, scale, scores, out)
 }
 
 /// a·b + c, fused when the variant is compiled with FMA (an unfused `mul_add` would be a
@@ -99,29 +117,40 @@ fn attend_impl<const FMA: bool>(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
+    match *kv {
+        HeadKv::F32 { k, v } => attend_rows::<FMA, _>(q, k, v, n, scale, scores, out),
+        HeadKv::F16 { k, v } => attend_rows::<FMA, _>(q, k, v, n, scale, scores, out),
+    }
+}
+
+#[inline(always)]
+fn attend_rows<const FMA: bool, R: Rows>(
+    q: &[f32],
+    k: R,
+    v: R,
+    n: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
     let hd = q.len();
-    let s = &mut scores[..n];
-    let (k, v) = (&kv.k[..n * hd], &kv.v[..n * hd]);
+    let (s, wide) = scores.split_at_mut(n);
     // Scores, four keys per step.
-    let mut sc = s.chunks_exact_mut(4);
-    let mut kc = k.chunks_exact(4 * hd);
-    for (s4, k4) in (&mut sc).zip(&mut kc) {
-        let d4 = dot4::<FMA>(q, k4);
-        for (sj, dj) in s4.iter_mut().zip(d4) {
-            *sj = dj * scale;
+    let n4 = n / 4 * 4;
+    for j in (0..n4).step_by(4) {
+        let d4 = dot4::<FMA>(q, k.f32s(j * hd, 4 * hd, wide));
+        for (i, dj) in d4.into_iter().enumerate() {
+            s[j + i] = dj * scale;
         }
     }
-    for (sj, kr) in sc
-        .into_remainder()
-        .iter_mut()
-        .zip(kc.remainder().chunks_exact(hd))
-    {
-        *sj = dot_impl::<FMA>(q, kr) * scale;
+    for (j, sj) in s.iter_mut().enumerate().skip(n4) {
+        *sj = dot_impl::<FMA>(q, k.f32s(j * hd, hd, wide)) * scale;
     }
     softmax_impl::<FMA>(s);
     // Output: o = Σ p[j]·V[j].
     out.fill(0.0);
-    for (&p, vr) in s.iter().zip(v.chunks_exact(hd)) {
+    for (j, &p) in s.iter().enumerate() {
+        let vr = v.f32s(j * hd, hd, wide);
         for (o, &x) in out.iter_mut().zip(vr) {
             *o = madd::<FMA>(p, x, *o);
         }
@@ -161,19 +190,12 @@ fn dot4<const FMA: bool>(q: &[f32], k4: &[f32]) -> [f32; 4] {
     out
 }
 
-/// f16 → f32 for a whole slice (`dst.len() == src.len()`), exact, vectorised.
-pub fn f16_to_f32(src: &[half::f16], dst: &mut [f32]) {
+/// f16 → f32 for a whole slice (`dst.len() == src.len()`), exact.
+pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
     #[cfg(target_arch = "x86_64")]
-    if has_avx2_fma() {
-        // SAFETY: AVX2 and FMA are available (checked at run time just above).
-        return unsafe { f16_to_f32_avx2(src, dst) };
+    if has_avx2() {
+        return avx2::f16_to_f32(src, dst);
     }
-    f16_to_f32_impl(src, dst)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn f16_to_f32_avx2(src: &[half::f16], dst: &mut [f32]) {
     f16_to_f32_impl(src, dst)
 }
 
@@ -182,7 +204,7 @@ unsafe fn f16_to_f32_avx2(src: &[half::f16], dst: &mut [f32]) {
 /// exponent with one exact multiply by 2¹¹² (which also normalises subnormals), patch
 /// infinities and NaNs, then restore the sign. Exact for every input.
 #[inline(always)]
-fn f16_to_f32_impl(src: &[half::f16], dst: &mut [f32]) {
+fn f16_to_f32_impl(src: &[f16], dst: &mut [f32]) {
     const REBIAS: f32 = f32::from_bits((254 - 15) << 23); // 2^112
     const INF_NAN: f32 = f32::from_bits((127 + 16) << 23); // 65536: f16 exponent was all ones
     for (d, h) in dst.iter_mut().zip(src) {
@@ -246,6 +268,159 @@ fn dot_impl<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
     ((s8[0] + s8[4]) + (s8[1] + s8[5])) + ((s8[2] + s8[6]) + (s8[3] + s8[7])) + tail
 }
 
+/// Explicit AVX2/FMA/F16C kernels. Every function here is only called after [`has_avx2`]
+/// returned true, and checks slice lengths before any pointer arithmetic.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    use half::f16;
+
+    use super::{softmax_impl, HeadKv};
+
+    /// The AVX2 kernel when it supports the head size (32 or 64); `false` otherwise, or if a
+    /// slice is too short (then the caller's portable path handles, or reports, it).
+    pub(super) fn attend(
+        q: &[f32],
+        kv: &HeadKv<'_>,
+        n: usize,
+        scale: f32,
+        scores: &mut [f32],
+        out: &mut [f32],
+    ) -> bool {
+        let hd = q.len();
+        let (klen, vlen) = match kv {
+            HeadKv::F32 { k, v } => (k.len(), v.len()),
+            HeadKv::F16 { k, v } => (k.len(), v.len()),
+        };
+        let fits = out.len() == hd && scores.len() >= n && klen >= n * hd && vlen >= n * hd;
+        if !fits || !(hd == 32 || hd == 64) {
+            return false;
+        }
+        let s = &mut scores[..n];
+        // SAFETY: has_avx2() confirmed AVX2, FMA and F16C before we were called; the
+        // lengths the kernels read (n rows of hd for K and V, hd for q and out, n scores)
+        // were checked just above.
+        unsafe {
+            match (*kv, hd) {
+                (HeadKv::F32 { k, v }, 64) => attend_f32::<64>(q, k, v, n, scale, s, out),
+                (HeadKv::F32 { k, v }, _) => attend_f32::<32>(q, k, v, n, scale, s, out),
+                (HeadKv::F16 { k, v }, 64) => attend_f16::<64>(q, k, v, n, scale, s, out),
+                (HeadKv::F16 { k, v }, _) => attend_f16::<32>(q, k, v, n, scale, s, out),
+            }
+        }
+        true
+    }
+
+    /// 8 values from `p` as f32.
+    #[inline(always)]
+    unsafe fn load_f32(p: *const f32) -> __m256 {
+        _mm256_loadu_ps(p)
+    }
+
+    /// 8 f16 values from `p`, widened (exactly) to f32.
+    #[inline(always)]
+    unsafe fn load_f16(p: *const f16) -> __m256 {
+        _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>()))
+    }
+
+    /// Sum of the 8 lanes.
+    #[inline(always)]
+    unsafe fn hsum(v: __m256) -> f32 {
+        let x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+        let x = _mm_add_ss(x, _mm_movehdup_ps(x));
+        _mm_cvtss_f32(x)
+    }
+
+    /// The kernel body for one element type (`$load` reads 8 of them as f32).
+    macro_rules! kernel {
+        ($name:ident, $elem:ty, $load:ident) => {
+            /// # Safety
+            /// AVX2, FMA and F16C must be available; `k` and `v` must hold ≥ n·HD values,
+            /// `q` and `out` HD, `s` n; HD is 32 or 64.
+            #[target_feature(enable = "avx2,fma,f16c")]
+            unsafe fn $name<const HD: usize>(
+                q: &[f32],
+                k: &[$elem],
+                v: &[$elem],
+                n: usize,
+                scale: f32,
+                s: &mut [f32],
+                out: &mut [f32],
+            ) {
+                let c = HD / 8;
+                let (kp, vp, sp) = (k.as_ptr(), v.as_ptr(), s.as_mut_ptr());
+                // q·scale, in registers.
+                let mut qv = [_mm256_setzero_ps(); 8];
+                for (i, r) in qv.iter_mut().enumerate().take(c) {
+                    *r = _mm256_mul_ps(
+                        _mm256_loadu_ps(q.as_ptr().add(8 * i)),
+                        _mm256_set1_ps(scale),
+                    );
+                }
+                // Scores, four keys at a time: independent FMA chains, one combined reduction.
+                let mut j = 0;
+                while j + 4 <= n {
+                    let mut a = [_mm256_setzero_ps(); 4];
+                    for i in 0..c {
+                        for (r, acc) in a.iter_mut().enumerate() {
+                            let kx = $load(kp.add((j + r) * HD + 8 * i));
+                            *acc = _mm256_fmadd_ps(qv[i], kx, *acc);
+                        }
+                    }
+                    // hadd twice leaves, per 128-bit half, [Σa0, Σa1, Σa2, Σa3] partial sums.
+                    let t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+                    let r = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
+                    _mm_storeu_ps(sp.add(j), r);
+                    j += 4;
+                }
+                while j < n {
+                    let mut acc = _mm256_setzero_ps();
+                    for (i, qi) in qv.iter().enumerate().take(c) {
+                        acc = _mm256_fmadd_ps(*qi, $load(kp.add(j * HD + 8 * i)), acc);
+                    }
+                    *sp.add(j) = hsum(acc);
+                    j += 1;
+                }
+                softmax_impl::<true>(s);
+                // o = Σ p[j]·V[j], o in registers.
+                let mut o = [_mm256_setzero_ps(); 8];
+                for (j, &p) in s.iter().enumerate() {
+                    let pv = _mm256_set1_ps(p);
+                    for (i, oi) in o.iter_mut().enumerate().take(c) {
+                        *oi = _mm256_fmadd_ps(pv, $load(vp.add(j * HD + 8 * i)), *oi);
+                    }
+                }
+                for (i, oi) in o.iter().enumerate().take(c) {
+                    _mm256_storeu_ps(out.as_mut_ptr().add(8 * i), *oi);
+                }
+            }
+        };
+    }
+    kernel!(attend_f32, f32, load_f32);
+    kernel!(attend_f16, f16, load_f16);
+
+    /// Bulk f16 → f32 with F16C.
+    pub(super) fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
+        let n = src.len().min(dst.len());
+        // SAFETY: has_avx2() (AVX2 and F16C) was checked by the caller; `convert` reads
+        // and writes `n` elements, within both slices.
+        unsafe { convert(&src[..n], &mut dst[..n]) }
+    }
+
+    #[target_feature(enable = "avx2,f16c")]
+    unsafe fn convert(src: &[f16], dst: &mut [f32]) {
+        let n8 = src.len() / 8 * 8;
+        for i in (0..n8).step_by(8) {
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), load_f16(src.as_ptr().add(i)));
+        }
+        for (d, h) in dst[n8..].iter_mut().zip(&src[n8..]) {
+            *d = h.to_f32();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,7 +461,7 @@ mod tests {
 
     #[test]
     fn f16_conversion_is_exact_for_every_bit_pattern() {
-        let all: Vec<half::f16> = (0..=u16::MAX).map(half::f16::from_bits).collect();
+        let all: Vec<f16> = (0..=u16::MAX).map(f16::from_bits).collect();
         let mut got = vec![0.0f32; all.len()];
         f16_to_f32(&all, &mut got);
         let mut portable = vec![0.0f32; all.len()];
@@ -305,7 +480,7 @@ mod tests {
 
     #[test]
     fn both_variants_match_naive_attention() {
-        for (hd, n) in [
+        let shapes = [
             (64, 1),
             (64, 37),
             (32, 300),
@@ -313,31 +488,33 @@ mod tests {
             (6, 9),
             (64, 4),
             (12, 7),
-        ] {
+        ];
+        for (hd, n) in shapes {
             let q: Vec<f32> = values(hd, 1).iter().map(|x| x * 4.0).collect();
             // Rows beyond n hold garbage the kernel must not read into the result.
             let k = values((n + 3) * hd, 2);
             let v = values((n + 3) * hd, 3);
-            let kv = HeadKv { k: &k, v: &v };
             let scale = 1.0 / (hd as f32).sqrt();
-            let want = reference(&q, &k, &v, n, scale);
-            let mut scores = vec![0.0; n + 5];
-            let (mut a, mut b) = (vec![9.0; hd], vec![9.0; hd]);
-            attend(&q, &kv, n, scale, &mut scores, &mut a);
-            attend_portable(&q, &kv, n, scale, &mut scores, &mut b);
-            for d in 0..hd {
-                assert!(
-                    (a[d] as f64 - want[d]).abs() < 1e-5,
-                    "hd {hd} n {n}: {} vs {}",
-                    a[d],
-                    want[d]
-                );
-                assert!(
-                    (b[d] as f64 - want[d]).abs() < 1e-5,
-                    "hd {hd} n {n}: {} vs {}",
-                    b[d],
-                    want[d]
-                );
+            let mut scores = vec![0.0; n + 4 * hd];
+            // f32 rows, and the same values stored as f16 (reference computed from those).
+            let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
+            let v16: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+            let k16f: Vec<f32> = k16.iter().map(|x| x.to_f32()).collect();
+            let v16f: Vec<f32> = v16.iter().map(|x| x.to_f32()).collect();
+            let cases = [
+                (HeadKv::F32 { k: &k, v: &v }, &k, &v),
+                (HeadKv::F16 { k: &k16, v: &v16 }, &k16f, &v16f),
+            ];
+            for (kv, kr, vr) in cases {
+                let want = reference(&q, kr, vr, n, scale);
+                let (mut a, mut b) = (vec![9.0; hd], vec![9.0; hd]);
+                attend(&q, &kv, n, scale, &mut scores, &mut a);
+                attend_portable(&q, &kv, n, scale, &mut scores, &mut b);
+                for d in 0..hd {
+                    let (x, y, w) = (a[d] as f64, b[d] as f64, want[d]);
+                    assert!((x - w).abs() < 1e-5, "hd {hd} n {n}: {x} vs {w}");
+                    assert!((y - w).abs() < 1e-5, "hd {hd} n {n}: {y} vs {w}");
+                }
             }
         }
     }

@@ -165,9 +165,27 @@ impl KvCache {
         }
     }
 
-    /// Positions 0..n of (layer, seq, head) as f32 [`HeadKv`]: borrowed from an F32 cache;
-    /// converted into `buf` (grown to 2·n·hd if needed) from an F16 one.
-    pub fn head<'a>(
+    /// Positions 0..n of (layer, seq, head), read in place in the cache's element type (for
+    /// a few queries: the kernel widens f16 rows as it goes).
+    pub fn head(&self, layer: usize, seq: usize, head: usize, n: usize) -> HeadKv<'_> {
+        let base = self.base(layer, seq, head);
+        let r = base..base + n * self.head_dim;
+        match &self.store {
+            Store::F32 { k, v } => HeadKv::F32 {
+                k: &k[r.clone()],
+                v: &v[r],
+            },
+            Store::F16 { k, v } => HeadKv::F16 {
+                k: &k[r.clone()],
+                v: &v[r],
+            },
+        }
+    }
+
+    /// Positions 0..n of (layer, seq, head) as f32 (for many queries, e.g. a prompt, which
+    /// would otherwise widen every f16 row once per query): borrowed from an F32 cache,
+    /// converted once into `buf` (grown to 2·n·hd if needed) from an F16 one.
+    pub fn head_f32<'a>(
         &'a self,
         layer: usize,
         seq: usize,
@@ -178,10 +196,7 @@ impl KvCache {
         let base = self.base(layer, seq, head);
         let m = n * self.head_dim;
         match &self.store {
-            Store::F32 { k, v } => HeadKv {
-                k: &k[base..base + m],
-                v: &v[base..base + m],
-            },
+            Store::F32 { .. } => self.head(layer, seq, head, n),
             Store::F16 { k, v } => {
                 if buf.len() < 2 * m {
                     buf.resize(2 * m, 0.0);
@@ -189,7 +204,7 @@ impl KvCache {
                 let (kb, vb) = buf[..2 * m].split_at_mut(m);
                 f16_to_f32(&k[base..base + m], kb);
                 f16_to_f32(&v[base..base + m], vb);
-                HeadKv { k: kb, v: vb }
+                HeadKv::F32 { k: kb, v: vb }
             }
         }
     }
@@ -238,11 +253,23 @@ mod tests {
         (0..c).map(|i| base + i as f32 * 0.25).collect()
     }
 
-    /// K and V of positions 0..n of a head, (n, hd), through [`KvCache::head`].
+    /// K and V of positions 0..n of a head, (n, hd), through both accessors (which must
+    /// agree).
     fn read(kv: &KvCache, layer: usize, seq: usize, head: usize, n: usize) -> (Vec<f32>, Vec<f32>) {
+        let widen = |x: HeadKv<'_>| -> (Vec<f32>, Vec<f32>) {
+            match x {
+                HeadKv::F32 { k, v } => (k.to_vec(), v.to_vec()),
+                HeadKv::F16 { k, v } => (
+                    k.iter().map(|x| x.to_f32()).collect(),
+                    v.iter().map(|x| x.to_f32()).collect(),
+                ),
+            }
+        };
+        let in_place = widen(kv.head(layer, seq, head, n));
         let mut buf = Vec::new();
-        let h = kv.head(layer, seq, head, n, &mut buf);
-        (h.k.to_vec(), h.v.to_vec())
+        let converted = widen(kv.head_f32(layer, seq, head, n, &mut buf));
+        assert_eq!(in_place, converted);
+        in_place
     }
 
     #[test]

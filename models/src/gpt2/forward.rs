@@ -35,6 +35,10 @@ pub const UBATCH: usize = 512;
 /// Most sequences in one state (sampling this many continuations is already unusual).
 pub const MAX_SEQ: usize = 256;
 
+/// From this many queries of one sequence in a batch on, a head's f16 K/V is converted to
+/// f32 once instead of widened row by row for every query.
+const F32_HEAD_MIN_QUERIES: usize = 4;
+
 /// Below this many multiply-adds per layer, attention runs on the calling thread: forking
 /// work to rayon costs a few microseconds, more than a short decode step's attention.
 const PAR_ATTENTION_MIN_WORK: usize = 1 << 15;
@@ -104,9 +108,9 @@ pub enum Output<'a> {
 }
 
 thread_local! {
-    /// Per-thread attention scratch: one head's K and V as f32 (when the cache is F16) and a
-    /// scores row. Grown to the largest context seen, then reused, so decoding does not
-    /// allocate once the context has reached its length.
+    /// Per-thread attention scratch: one head's K and V as f32 (a prompt over an F16 cache),
+    /// and the scores row (sized for the full context on first use, so decoding does not
+    /// allocate).
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
@@ -503,18 +507,21 @@ fn attention(
             let (kv_buf, scores) = (&mut scratch.0, &mut scratch.1);
             // Sized for the whole context at once: growing with n_kv would reallocate
             // during decoding.
-            if scores.len() < cache.n_ctx() {
-                scores.resize(cache.n_ctx(), 0.0);
-            }
-            if cache.ty() == KvType::F16 && kv_buf.len() < 2 * hd * cache.n_ctx() {
-                kv_buf.resize(2 * hd * cache.n_ctx(), 0.0);
+            if scores.len() < cache.n_ctx() + 4 * hd {
+                scores.resize(cache.n_ctx() + 4 * hd, 0.0);
             }
             let mut i = 0;
             while i < t {
                 let s = seq[i];
                 let end = i + seq[i..].iter().take_while(|&&x| x == s).count();
                 let n_kv = pos[i..end].iter().max().map_or(0, |&p| p + 1);
-                let kv = cache.head(layer, s, h, n_kv, kv_buf);
+                // A prompt's many queries share one conversion of the head to f32; a few
+                // (decode) read the cache in place.
+                let kv = if end - i >= F32_HEAD_MIN_QUERIES {
+                    cache.head_f32(layer, s, h, n_kv, kv_buf)
+                } else {
+                    cache.head(layer, s, h, n_kv)
+                };
                 for j in i..end {
                     let q = &qkv[j * 3 * c + h * hd..j * 3 * c + (h + 1) * hd];
                     let o = &mut out_h[j * hd..(j + 1) * hd];
