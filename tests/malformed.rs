@@ -1073,6 +1073,7 @@ fn run_cases(
 ) -> (BTreeMap<&'static str, usize>, Vec<String>) {
     let next = AtomicUsize::new(0);
     let failures = Mutex::new(Vec::new());
+    let codes: Mutex<BTreeMap<(&str, String, Option<i32>), usize>> = Mutex::new(BTreeMap::new());
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {
@@ -1092,6 +1093,15 @@ fn run_cases(
                     (run_ggpt(&["mem", &p, "-t", "1"]), c.wants.mem),
                 ];
                 for (o, want) in runs {
+                    *codes
+                        .lock()
+                        .unwrap()
+                        .entry((
+                            c.category,
+                            o.cmd.split(' ').nth(1).unwrap_or("").to_string(),
+                            o.code(),
+                        ))
+                        .or_insert(0) += 1;
                     if let Some(problem) = check(&o, want, &p) {
                         failures.lock().unwrap().push(format!(
                             "[{}] {}: {problem}\n{}",
@@ -1108,6 +1118,10 @@ fn run_cases(
     let mut counts = BTreeMap::new();
     for c in cases {
         *counts.entry(c.category).or_insert(0) += 1;
+    }
+    // Exit codes per category and command, for docs/errors.md.
+    for ((cat, cmd, code), n) in codes.into_inner().unwrap() {
+        eprintln!("  exit {code:?} from {cmd:<8} {cat:<18} × {n}");
     }
     (counts, failures.into_inner().unwrap())
 }
@@ -1157,7 +1171,12 @@ fn non_finite_weights_are_detected() {
             .err()
             .unwrap_or_else(|| panic!("{}: not detected", c.name))
             .to_string();
-        let tensor = c.name.rsplit(" of ").next().unwrap().trim_end_matches(" block 0");
+        let tensor = c
+            .name
+            .rsplit(" of ")
+            .next()
+            .unwrap()
+            .trim_end_matches(" block 0");
         assert!(
             e.contains("bad.gguf") && e.contains(tensor) && e.contains("block 0")
                 || e.contains("index 0"),

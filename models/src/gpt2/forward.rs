@@ -21,14 +21,6 @@ use crate::attention;
 use crate::kv_cache::{KvCache, KvType};
 use crate::ops;
 
-pub static PROF: [std::sync::atomic::AtomicU64; 8] =
-    [const { std::sync::atomic::AtomicU64::new(0) }; 8];
-fn prof(i: usize, t: std::time::Instant) {
-    PROF[i].fetch_add(
-        t.elapsed().as_nanos() as u64,
-        std::sync::atomic::Ordering::Relaxed,
-    );
-}
 /// Most tokens pushed through the layers at once.
 pub const UBATCH: usize = 512;
 
@@ -383,10 +375,7 @@ impl Gpt2 {
         for (l, lw) in w.layers.iter().enumerate() {
             // --- attention ---
             // ln = LN1(x)                                                       (T, C)
-            let t0 = std::time::Instant::now();
             layer_norm_rows_par(x, &lw.attn_norm.w, &lw.attn_norm.b, hp.eps, ln);
-            prof(0, t0);
-            let t0 = std::time::Instant::now();
             // qkv = ln · W_qkvᵀ + b                                             (T, 3C)
             matmul(
                 &lw.attn_qkv.view(file),
@@ -396,18 +385,12 @@ impl Gpt2 {
                 qkv,
                 mm,
             );
-            prof(1, t0);
-            let t0 = std::time::Instant::now();
             // K, V rows into the cache, then each query attends over its sequence's
             // positions 0..=pos (causal: later tokens of this batch are not yet visible).
             for (i, row) in qkv.chunks_exact(3 * c).enumerate() {
                 cache.store(l, seq[i], pos[i], &row[c..2 * c], &row[2 * c..]);
             }
-            prof(2, t0);
-            let t0 = std::time::Instant::now();
             attention(cache, d, l, qkv, pos, seq, att_heads);
-            prof(3, t0);
-            let t0 = std::time::Instant::now();
             // (H, T, hd) → (T, C): heads side by side, as the output projection expects.
             let hd = d.head_dim;
             for (h, head_out) in att_heads.chunks_exact(t * hd).enumerate() {
@@ -415,8 +398,6 @@ impl Gpt2 {
                     att[i * c + h * hd..i * c + (h + 1) * hd].copy_from_slice(r);
                 }
             }
-            prof(4, t0);
-            let t0 = std::time::Instant::now();
             // x += att · W_oᵀ + b                                               (T, C)
             matmul(
                 &lw.attn_out.view(file),
@@ -433,15 +414,11 @@ impl Gpt2 {
             layer_norm_rows_par(x, &lw.ffn_norm.w, &lw.ffn_norm.b, hp.eps, ln);
             // up = GELU(ln · W_upᵀ + b)                                         (T, F)
             matmul(&lw.ffn_up.view(file), ln, t, Some(&lw.ffn_up_b), up, mm);
-            prof(1, t0);
-            let t0 = std::time::Instant::now();
             if t > 1 {
                 up.par_chunks_mut(f).for_each(ops::gelu_inplace);
             } else {
                 ops::gelu_inplace(up);
             }
-            prof(5, t0);
-            let t0 = std::time::Instant::now();
             // x += up · W_downᵀ + b                                             (T, C)
             matmul(
                 &lw.ffn_down.view(file),
@@ -452,7 +429,6 @@ impl Gpt2 {
                 mm,
             );
             ops::add_inplace(x, tmp);
-            prof(1, t0);
         }
         Ok(())
     }
