@@ -112,7 +112,16 @@ fn compare_reports_every_format() {
         .arg(repo().join("models/tiny-gpt2"))
         .arg("--text")
         .arg(&small)
-        .args(["--chunks", "4", "--bench-prompt", "32", "--bench-gen", "8", "-t", "2"])
+        .args([
+            "--chunks",
+            "4",
+            "--bench-prompt",
+            "32",
+            "--bench-gen",
+            "8",
+            "-t",
+            "2",
+        ])
         .arg("-o")
         .arg(dir.join("out"))
         .output()
@@ -126,7 +135,10 @@ fn compare_reports_every_format() {
         serde_json::from_str(&std::fs::read_to_string(dir.join("out/report.json")).unwrap())
             .unwrap();
     let formats = doc["formats"].as_array().unwrap();
-    let names: Vec<&str> = formats.iter().map(|f| f["format"].as_str().unwrap()).collect();
+    let names: Vec<&str> = formats
+        .iter()
+        .map(|f| f["format"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["F16", "Q8_0", "Q6_K", "Q4_K_M"]);
     let fields = [
         "file_bytes",

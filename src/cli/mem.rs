@@ -251,4 +251,3 @@ fn predict_checkpoint(args: &Args, kv_elem: u64, threads: u64) -> Result<()> {
     }
     Ok(())
 }
-

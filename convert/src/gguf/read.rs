@@ -842,7 +842,10 @@ mod tests {
             .validate_tensor_data()
             .unwrap_err()
             .to_string();
-        assert!(e.contains("nan.gguf") && e.contains("'a'") && e.contains("NaN"), "{e}");
+        assert!(
+            e.contains("nan.gguf") && e.contains("'a'") && e.contains("NaN"),
+            "{e}"
+        );
 
         // +inf in the scale d of the Q8_0 tensor's third block (34-byte blocks).
         let mut bad = good;
@@ -850,7 +853,10 @@ mod tests {
         bad[at..at + 2].copy_from_slice(&0x7c00u16.to_le_bytes());
         let f = GgufFile::from_bytes(bad, "inf.gguf").unwrap();
         let e = f.validate_tensor_data().unwrap_err().to_string();
-        assert!(e.contains("'b'") && e.contains("inf") && e.contains("block 2"), "{e}");
+        assert!(
+            e.contains("'b'") && e.contains("inf") && e.contains("block 2"),
+            "{e}"
+        );
         assert!(f.validate_tensor(&f.tensors()[0]).is_ok());
     }
 }
