@@ -123,16 +123,31 @@ fn replacing_the_model_file_does_not_disturb_a_running_process() {
     let w = watch(run_cmd(&model, "200").spawn().unwrap());
     w.wait_line("ggpt:");
     send_signal(w.child.id(), "STOP");
-    // Make sure it is frozen mid-run, not already finished.
-    let stat = std::fs::read_to_string(format!("/proc/{}/stat", w.child.id())).unwrap();
-    let state = stat
-        .rsplit(')')
-        .next()
-        .unwrap()
-        .split_whitespace()
-        .next()
-        .unwrap();
-    assert_eq!(state, "T", "ggpt run was not stopped mid-run: {stat}");
+    // Make sure it is frozen mid-run, not already finished. SIGSTOP is delivered
+    // asynchronously, so poll the state for a moment before concluding.
+    let mut stat = String::new();
+    for _ in 0..200 {
+        stat = std::fs::read_to_string(format!("/proc/{}/stat", w.child.id())).unwrap_or_default();
+        let state = stat
+            .rsplit(')')
+            .next()
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or("");
+        if state == "T" || state == "t" {
+            break;
+        }
+        assert!(
+            state == "R" || state == "S" || state == "D",
+            "ggpt run was not stopped mid-run: {stat}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    assert!(
+        stat.rsplit(')')
+            .next()
+            .is_some_and(|r| r.trim_start().starts_with('T')),
+        "ggpt run did not stop within 2 s: {stat}"
+    );
     let conv = Command::new(ggpt())
         .arg("convert")
         .arg(tiny_hf())

@@ -1073,7 +1073,9 @@ fn run_cases(
 ) -> (BTreeMap<&'static str, usize>, Vec<String>) {
     let next = AtomicUsize::new(0);
     let failures = Mutex::new(Vec::new());
-    let codes: Mutex<BTreeMap<(&str, String, Option<i32>), usize>> = Mutex::new(BTreeMap::new());
+    // (category, stderr class, exit code) → count.
+    type Codes<'a> = BTreeMap<(&'a str, String, Option<i32>), usize>;
+    let codes: Mutex<Codes> = Mutex::new(BTreeMap::new());
     std::thread::scope(|s| {
         for _ in 0..workers {
             s.spawn(|| loop {

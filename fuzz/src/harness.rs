@@ -333,6 +333,13 @@ pub fn quant_blocks(data: &[u8]) {
         .collect();
     let mut wf = vec![0f32; rows * cols];
     dequantize(ty, &wbytes, &mut wf).expect("dequantize weights");
+    // |w| plus the size of the constant part of each weight's dequantization, which kernels
+    // may apply separately (see `offset_terms`): the scale of the rounding error.
+    let wabs: Vec<f32> = wf
+        .iter()
+        .zip(offset_terms(ty, &wbytes))
+        .map(|(w, o)| w.abs() + o)
+        .collect();
     let exact_ok = validate_row_data(ty, &wbytes).is_ok();
     for isa in available_isas() {
         let Some(k) = kernels_for(isa) else { continue };
@@ -345,15 +352,16 @@ pub fn quant_blocks(data: &[u8]) {
             let xt = &x[t * cols..(t + 1) * cols];
             for r in 0..rows {
                 let wr = &wf[r * cols..(r + 1) * cols];
+                let wa = &wabs[r * cols..(r + 1) * cols];
                 let exact: f64 = wr
                     .iter()
                     .zip(xt)
                     .map(|(&a, &b)| f64::from(a) * f64::from(b))
                     .sum();
-                let mag: f64 = wr
+                let mag: f64 = wa
                     .iter()
                     .zip(xt)
-                    .map(|(&a, &b)| f64::from(a * b).abs())
+                    .map(|(&a, &b)| f64::from(a) * f64::from(b.abs()))
                     .sum();
                 // Quantized activations (Q8_0 / Q8_K) err by at most ~amax/200 per element
                 // within their 32- or 256-value block; float types only by summation order.
@@ -365,11 +373,11 @@ pub fn quant_blocks(data: &[u8]) {
                 let act_err: f64 = if act_block == 0 {
                     0.0
                 } else {
-                    wr.chunks(act_block)
+                    wa.chunks(act_block)
                         .zip(xt.chunks(act_block))
                         .map(|(wb, xb)| {
                             let amax = xb.iter().fold(0f32, |m, v| m.max(v.abs()));
-                            let wsum: f64 = wb.iter().map(|v| f64::from(v.abs())).sum();
+                            let wsum: f64 = wb.iter().map(|&v| f64::from(v)).sum();
                             wsum * f64::from(amax) / 200.0
                         })
                         .sum()
@@ -389,6 +397,40 @@ pub fn quant_blocks(data: &[u8]) {
     }
 
     // 3. The reference quantizer on arbitrary floats.
+    quantize_floats(ty, unit, rest);
+}
+
+/// Per weight, the magnitude of the constant part of its dequantization: `32·d·sc` for Q6_K
+/// (values are stored as q + 32), `dmin·m` for Q4_K/Q5_K, 0 for the rest. SIMD kernels apply
+/// it as a separate correction (through the activations' block sums), so a weight that
+/// dequantizes to 0 can still carry the rounding error of two large terms that cancel.
+fn offset_terms(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
+    let f16 = |b: &[u8]| half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32();
+    let mut out = Vec::with_capacity(bytes.len() / ty.type_size() * ty.block_size());
+    for blk in bytes.chunks_exact(ty.type_size()) {
+        match ty {
+            GgmlType::Q6K => {
+                let d = f16(&blk[208..]);
+                for s in 0..16 {
+                    let sc = f32::from(blk[192 + s] as i8);
+                    out.extend([(32.0 * d * sc).abs(); 16]);
+                }
+            }
+            GgmlType::Q4K | GgmlType::Q5K => {
+                let dmin = f16(&blk[2..]);
+                let scales: [u8; 12] = blk[4..16].try_into().expect("12 scale bytes");
+                for j in 0..8 {
+                    let (_, m) = ggpt_quant::util::get_scale_min_k4(j, &scales);
+                    out.extend([(dmin * f32::from(m)).abs(); 32]);
+                }
+            }
+            _ => out.extend(std::iter::repeat_n(0.0, ty.block_size())),
+        }
+    }
+    out
+}
+
+fn quantize_floats(ty: GgmlType, unit: usize, rest: &[u8]) {
     let floats: Vec<f32> = rest
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -410,8 +452,10 @@ pub fn quant_blocks(data: &[u8]) {
         for (blk, (a, b)) in src.chunks(unit).zip(back.chunks(unit)).enumerate() {
             let amax = a.iter().fold(0f32, |m, v| m.max(v.abs()));
             for (i, (&u, &v)) in a.iter().zip(b).enumerate() {
+                // Scales are fp16: for blocks whose values are all below ~1e-4 the scale
+                // underflows (as in ggml) and the block comes back as zeros.
                 assert!(
-                    (u - v).abs() <= amax * 0.51 + 1e-6 || ty == GgmlType::F32,
+                    (u - v).abs() <= amax * 0.51 + 1e-4 || ty == GgmlType::F32,
                     "{ty}: block {blk} value {i}: {u} came back as {v} (block max {amax})"
                 );
             }

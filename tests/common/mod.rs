@@ -46,10 +46,15 @@ pub fn scratch(name: &str) -> PathBuf {
 }
 
 /// models/tiny-gpt2 converted to every type (`tiny-gpt2-<TYPE>.gguf`), once per test binary.
+/// The directory is per test binary but not per process, so repeated runs reuse (and
+/// atomically overwrite) the same ~90 MB instead of leaving a copy each time.
 pub fn tiny_models() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let dir = scratch("tiny-models");
+        let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join("hardening")
+            .join(format!("tiny-models-{}", env!("CARGO_CRATE_NAME")));
+        std::fs::create_dir_all(&dir).expect("create model directory");
         let opts = ConvertOptions {
             hf_dir: tiny_hf(),
             types: FileType::ALL.to_vec(),
