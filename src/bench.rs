@@ -87,6 +87,61 @@ pub fn decode(model: &Model, n: usize, reps: usize) -> Result<TestResult> {
     })
 }
 
+/// Bytes of weights one decoded token reads: every tensor except the position embedding and,
+/// when the model has its own output matrix, the token embedding (each contributes one row
+/// per token). With a tied head the token embedding *is* the output matrix and is read whole.
+/// KV-cache reads (a few MB per token at short contexts) are left out, as in the roofline of
+/// docs/performance.md.
+pub fn bytes_per_token(model: &Model) -> u64 {
+    let tensors = model.file().tensors();
+    let has_output = tensors.iter().any(|t| t.name == "output.weight");
+    tensors
+        .iter()
+        .filter(|t| t.name != "position_embd.weight")
+        .filter(|t| !(has_output && t.name == "token_embd.weight"))
+        .map(|t| t.size)
+        .sum()
+}
+
+/// Read bandwidth of this machine in bytes per second, measured the way decoding uses memory:
+/// every thread of the current rayon pool streams its own contiguous part of a buffer much
+/// larger than the last-level cache, summing it. Best of `reps` passes.
+pub fn read_bandwidth(reps: usize) -> f64 {
+    use rayon::prelude::*;
+    // 256 MiB: eight times a 32 MiB L3, small enough for a low-memory machine.
+    const BYTES: usize = 256 << 20;
+    let buf: Vec<u64> = (0..BYTES / 8).map(|i| i as u64).collect();
+    let threads = rayon::current_num_threads().max(1);
+    let per = buf.len().div_ceil(threads);
+    let mut best = 0.0f64;
+    // One untimed pass first: it wakes the pool's threads and brings the clocks up.
+    for rep in 0..=reps.max(1) {
+        let t = Instant::now();
+        let sum: u64 = buf
+            .par_chunks(per)
+            .map(|part| {
+                // Eight independent lanes so the compiler vectorizes and the adds never
+                // become the bottleneck; memory is.
+                let mut acc = [0u64; 8];
+                let mut it = part.chunks_exact(8);
+                for c in &mut it {
+                    for (a, v) in acc.iter_mut().zip(c) {
+                        *a = a.wrapping_add(*v);
+                    }
+                }
+                let tail: u64 = it.remainder().iter().fold(0, |a, v| a.wrapping_add(*v));
+                acc.iter().fold(tail, |a, v| a.wrapping_add(*v))
+            })
+            .reduce(|| 0, u64::wrapping_add);
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(sum);
+        if rep > 0 {
+            best = best.max(BYTES as f64 / secs);
+        }
+    }
+    best
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -99,6 +154,12 @@ mod tests {
         };
         assert!((r.mean() - 2.0).abs() < 1e-12);
         assert!((r.sd() - 1.0).abs() < 1e-12);
+    }
+
+    #[test]
+    fn bandwidth_is_positive_and_finite() {
+        let b = read_bandwidth(1);
+        assert!(b.is_finite() && b > 1e8, "{b}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! GPT-2-Medium-shaped random models that ggpt builds itself (`--synthetic`).
 
 use super::common::init_threads;
-use crate::bench::{decode, prefill, TestResult};
+use crate::bench::{bytes_per_token, decode, prefill, read_bandwidth, TestResult};
 use crate::model::Model;
 use anyhow::{bail, Result};
 use std::path::PathBuf;
@@ -59,10 +59,14 @@ pub fn run(args: Args) -> Result<()> {
     if files.is_empty() {
         bail!("nothing to bench: give -m FILE (repeatable) or --synthetic gpt2-medium");
     }
+    // Decode is memory-bound: measure what memory delivers to this many threads, before and
+    // after the runs (the machine may be shared), and relate each decode result to it.
+    let bw_before = (args.n_gen > 0).then(|| read_bandwidth(5));
     if !args.json {
         println!("| model | size | params | threads | test | t/s |");
         println!("|---|---:|---:|---:|---:|---:|");
     }
+    let mut decode_rows = Vec::new();
     for file in &files {
         let model = Model::load(file)?;
         let n_ctx = model.hparams().n_ctx as usize;
@@ -83,7 +87,11 @@ pub fn run(args: Args) -> Result<()> {
         let size: u64 = model.file().tensors().iter().map(|t| t.size).sum();
         let params: u64 = model.file().tensors().iter().map(|t| t.n_elements()).sum();
         let ftype = model.file_type_name();
+        let bpt = bytes_per_token(&model);
         for r in results {
+            if r.test.starts_with("tg") {
+                decode_rows.push((file.clone(), ftype.clone(), bpt, r.mean()));
+            }
             let row = Row {
                 file: file.to_path_buf(),
                 ftype: ftype.clone(),
@@ -93,6 +101,50 @@ pub fn run(args: Args) -> Result<()> {
                 result: r,
             };
             print_row(&row, args.json);
+        }
+    }
+    if let Some(before) = bw_before {
+        let after = read_bandwidth(5);
+        // The better of the two measurements: the fraction is then a lower bound.
+        let bw = before.max(after);
+        if args.json {
+            for (file, ftype, bpt, ts) in &decode_rows {
+                let doc = serde_json::json!({
+                    "model": file.display().to_string(),
+                    "type": ftype,
+                    "test": format!("tg{}", args.n_gen),
+                    "avg_ts": ts,
+                    "bytes_per_token": bpt,
+                    "read_bandwidth_before": before,
+                    "read_bandwidth_after": after,
+                    "roofline_ts": bw / *bpt as f64,
+                    "roofline_fraction": ts * *bpt as f64 / bw,
+                });
+                println!("{doc}");
+            }
+        } else {
+            println!();
+            println!(
+                "memory read bandwidth ({threads} threads, best of 5): {:.1} GB/s before, {:.1} GB/s after",
+                before / 1e9,
+                after / 1e9
+            );
+            println!("| model | weight bytes per token | roofline t/s | tg t/s | of roofline |");
+            println!("|---|---:|---:|---:|---:|");
+            for (file, ftype, bpt, ts) in &decode_rows {
+                let roof = bw / *bpt as f64;
+                println!(
+                    "| {} {} | {:.1} MB | {:.1} | {:.2} | {:.0} % |",
+                    file.file_name()
+                        .map(|n| n.to_string_lossy().into_owned())
+                        .unwrap_or_default(),
+                    ftype,
+                    *bpt as f64 / 1e6,
+                    roof,
+                    ts,
+                    100.0 * ts / roof
+                );
+            }
         }
     }
     Ok(())

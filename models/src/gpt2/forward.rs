@@ -224,6 +224,25 @@ impl Gpt2 {
         st: &mut State,
         tokens: &[u32],
         seqs: Seqs<'_>,
+        out: Output<'_>,
+    ) -> Result<(), RunError> {
+        // Run the whole pass on a pool worker. Called from outside the pool, every parallel
+        // loop (about a hundred per decoded token) would be injected into the pool, woken up and
+        // waited for; from inside, the calling worker takes part in each loop and the others
+        // steal from it, and only this one call pays the hand-off. With `-t 2` on two cores it
+        // also keeps the number of busy threads equal to the number of cores.
+        if rayon::current_thread_index().is_some() {
+            self.eval_in_pool(st, tokens, seqs, out)
+        } else {
+            rayon::scope(|_| self.eval_in_pool(st, tokens, seqs, out))
+        }
+    }
+
+    fn eval_in_pool(
+        &self,
+        st: &mut State,
+        tokens: &[u32],
+        seqs: Seqs<'_>,
         mut out: Output<'_>,
     ) -> Result<(), RunError> {
         let hp = &self.hparams;
