@@ -19,9 +19,17 @@ const PROMPTS: [&str; 2] = [
 /// Greedy continuation of `prompt` with the kernels of `isa` (`None`: ggpt's own choice).
 fn generate(model: &std::path::Path, prompt: &str, isa: Option<Isa>) -> String {
     let mut cmd = Command::new(ggpt());
-    cmd.args(["run", "-m"])
-        .arg(model)
-        .args(["-p", prompt, "-n", "40", "--temp", "0", "--ignore-eos", "-t", "2"]);
+    cmd.args(["run", "-m"]).arg(model).args([
+        "-p",
+        prompt,
+        "-n",
+        "40",
+        "--temp",
+        "0",
+        "--ignore-eos",
+        "-t",
+        "2",
+    ]);
     match isa {
         Some(i) => cmd.env("GGPT_ISA", i.name()),
         None => cmd.env_remove("GGPT_ISA"),
