@@ -100,8 +100,8 @@ pub fn estimate(s: &MemShape, file_bytes: u64, tensor_bytes: u64, r: &RunShape) 
     let activations = 4 * t * (8 * s.n_embd + s.n_ff);
     // Q8_K activations of the widest input (F values: 292 bytes per 256).
     let quantized = t * s.n_ff.div_ceil(256) * 292;
-    // Per thread: one head's K and V in f32 and a row of scores.
-    let attention = r.threads * 4 * (2 * r.n_ctx * head_dim + r.n_ctx);
+    // Per thread: one head's K and V in f32 and two rows of scores (queries go in pairs).
+    let attention = r.threads * 4 * (2 * r.n_ctx * head_dim + 2 * (r.n_ctx + 4 * head_dim));
     let scratch_bytes = activations + quantized + attention;
     let logits_bytes = logits_bytes(s, r.n_seq);
     let ram_total = file_bytes + kv_bytes + scratch_bytes + logits_bytes + RUNTIME_BYTES;

@@ -71,6 +71,28 @@ pub fn attend(
     attend_impl::<false>(q, kv, n, scale, scores, out)
 }
 
+/// Two queries of one sequence over the same K/V (`n[i]` positions each; consecutive prompt
+/// positions in practice), each with its own scores scratch (≥ n[i] + 4·hd) and output.
+/// Every result is bit-identical to [`attend`] on that query alone — the batch a prompt is
+/// split into never changes its output — but K and V are read once for both.
+pub fn attend2(
+    q: [&[f32]; 2],
+    kv: &HeadKv<'_>,
+    n: [usize; 2],
+    scale: f32,
+    scores: [&mut [f32]; 2],
+    out: [&mut [f32]; 2],
+) {
+    let [s0, s1] = scores;
+    let [o0, o1] = out;
+    #[cfg(target_arch = "x86_64")]
+    if has_avx2() && avx2::attend2(q, kv, n, scale, [&mut *s0, &mut *s1], [&mut *o0, &mut *o1]) {
+        return;
+    }
+    attend(q[0], kv, n[0], scale, s0, o0);
+    attend(q[1], kv, n[1], scale, s1, o1);
+}
+
 /// The portable variant, whatever the CPU (tests compare the two).
 pub fn attend_portable(
     q: &[f32],
@@ -270,13 +292,51 @@ fn dot_impl<const FMA: bool>(a: &[f32], b: &[f32]) -> f32 {
 
 /// Explicit AVX2/FMA/F16C kernels. Every function here is only called after [`has_avx2`]
 /// returned true, and checks slice lengths before any pointer arithmetic.
+///
+/// The building blocks (a 4-key score block, a single key, the p·V sum) are shared by the
+/// one-query and the two-query kernels, so that a query's result is bit-identical whichever
+/// kernel computed it: the two-query kernel only interleaves two queries' independent
+/// multiply-add chains (which doubles the chains in flight: one query's four score chains
+/// leave the FMA units half idle on their 4-cycle latency) and loads each K and V row once for
+/// both.
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
     use std::arch::x86_64::*;
 
     use half::f16;
 
-    use super::{softmax_impl, HeadKv};
+    use super::HeadKv;
+
+    /// An element type of cached K/V rows, read 8 at a time as f32.
+    pub(super) trait Elem: Copy {
+        /// # Safety
+        /// AVX2/F16C available; 8 elements readable at `p`.
+        unsafe fn load8(p: *const Self) -> __m256;
+    }
+
+    impl Elem for f32 {
+        #[inline(always)]
+        unsafe fn load8(p: *const f32) -> __m256 {
+            _mm256_loadu_ps(p)
+        }
+    }
+
+    impl Elem for f16 {
+        /// Widened exactly with one `vcvtph2ps`.
+        #[inline(always)]
+        unsafe fn load8(p: *const f16) -> __m256 {
+            _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>()))
+        }
+    }
+
+    /// Whether the kernels handle this call: head size 32 or 64 and every slice long enough.
+    fn fits(hd: usize, kv: &HeadKv<'_>, n: usize, scores: usize, out: usize) -> bool {
+        let (klen, vlen) = match kv {
+            HeadKv::F32 { k, v } => (k.len(), v.len()),
+            HeadKv::F16 { k, v } => (k.len(), v.len()),
+        };
+        (hd == 32 || hd == 64) && out == hd && scores >= n && klen >= n * hd && vlen >= n * hd
+    }
 
     /// The AVX2 kernel when it supports the head size (32 or 64); `false` otherwise, or if a
     /// slice is too short (then the caller's portable path handles, or reports, it).
@@ -289,39 +349,135 @@ mod avx2 {
         out: &mut [f32],
     ) -> bool {
         let hd = q.len();
-        let (klen, vlen) = match kv {
-            HeadKv::F32 { k, v } => (k.len(), v.len()),
-            HeadKv::F16 { k, v } => (k.len(), v.len()),
-        };
-        let fits = out.len() == hd && scores.len() >= n && klen >= n * hd && vlen >= n * hd;
-        if !fits || !(hd == 32 || hd == 64) {
+        if !fits(hd, kv, n, scores.len(), out.len()) {
             return false;
         }
         let s = &mut scores[..n];
         // SAFETY: has_avx2() confirmed AVX2, FMA and F16C before we were called; the
         // lengths the kernels read (n rows of hd for K and V, hd for q and out, n scores)
-        // were checked just above.
+        // were checked by `fits`.
         unsafe {
             match (*kv, hd) {
-                (HeadKv::F32 { k, v }, 64) => attend_f32::<64>(q, k, v, n, scale, s, out),
-                (HeadKv::F32 { k, v }, _) => attend_f32::<32>(q, k, v, n, scale, s, out),
-                (HeadKv::F16 { k, v }, 64) => attend_f16::<64>(q, k, v, n, scale, s, out),
-                (HeadKv::F16 { k, v }, _) => attend_f16::<32>(q, k, v, n, scale, s, out),
+                (HeadKv::F32 { k, v }, 64) => one::<f32, 64>(q, k, v, n, scale, s, out),
+                (HeadKv::F32 { k, v }, _) => one::<f32, 32>(q, k, v, n, scale, s, out),
+                (HeadKv::F16 { k, v }, 64) => one::<f16, 64>(q, k, v, n, scale, s, out),
+                (HeadKv::F16 { k, v }, _) => one::<f16, 32>(q, k, v, n, scale, s, out),
             }
         }
         true
     }
 
-    /// 8 values from `p` as f32.
-    #[inline(always)]
-    unsafe fn load_f32(p: *const f32) -> __m256 {
-        _mm256_loadu_ps(p)
+    /// Two queries over the same K/V (`n[i]` positions each); `false` if not handled.
+    pub(super) fn attend2(
+        q: [&[f32]; 2],
+        kv: &HeadKv<'_>,
+        n: [usize; 2],
+        scale: f32,
+        scores: [&mut [f32]; 2],
+        out: [&mut [f32]; 2],
+    ) -> bool {
+        let hd = q[0].len();
+        let ok = q[1].len() == hd
+            && fits(hd, kv, n[0], scores[0].len(), out[0].len())
+            && fits(hd, kv, n[1], scores[1].len(), out[1].len());
+        if !ok {
+            return false;
+        }
+        let [s0, s1] = scores;
+        let s = [&mut s0[..n[0]], &mut s1[..n[1]]];
+        // SAFETY: as in `attend`; `fits` checked both queries' lengths.
+        unsafe {
+            match (*kv, hd) {
+                (HeadKv::F32 { k, v }, 64) => two::<f32, 64>(q, k, v, n, scale, s, out),
+                (HeadKv::F32 { k, v }, _) => two::<f32, 32>(q, k, v, n, scale, s, out),
+                (HeadKv::F16 { k, v }, 64) => two::<f16, 64>(q, k, v, n, scale, s, out),
+                (HeadKv::F16 { k, v }, _) => two::<f16, 32>(q, k, v, n, scale, s, out),
+            }
+        }
+        true
     }
 
-    /// 8 f16 values from `p`, widened (exactly) to f32.
+    /// [`crate::ops::exp`] on 8 lanes, operation for operation (separate multiplies and adds,
+    /// as the scalar code is compiled), so the results are bit-identical to it.
     #[inline(always)]
-    unsafe fn load_f16(p: *const f16) -> __m256 {
-        _mm256_cvtph_ps(_mm_loadu_si128(p.cast::<__m128i>()))
+    unsafe fn exp8(x: __m256) -> __m256 {
+        const LOG2E: f32 = std::f32::consts::LOG2_E;
+        const LN2_HI: f32 = 0.693_359_4;
+        const LN2_LO: f32 = -2.121_944_4e-4;
+        const SHIFTER: f32 = 12_582_912.0;
+        let set = _mm256_set1_ps;
+        let (mul, add) = (_mm256_mul_ps, _mm256_add_ps);
+        let x = _mm256_min_ps(_mm256_max_ps(x, set(-87.3)), set(88.0));
+        let t = add(mul(x, set(LOG2E)), set(SHIFTER));
+        let n = _mm256_sub_epi32(
+            _mm256_castps_si256(t),
+            _mm256_set1_epi32(SHIFTER.to_bits() as i32),
+        );
+        let nf = _mm256_sub_ps(t, set(SHIFTER));
+        let r = _mm256_sub_ps(_mm256_sub_ps(x, mul(nf, set(LN2_HI))), mul(nf, set(LN2_LO)));
+        let mut p = add(mul(set(1.987_569_1e-4), r), set(1.398_199_9e-3));
+        p = add(mul(p, r), set(8.333_452e-3));
+        p = add(mul(p, r), set(4.166_579_6e-2));
+        p = add(mul(p, r), set(1.666_666_5e-1));
+        p = add(mul(p, r), set(0.5));
+        let er = add(add(mul(mul(p, r), r), r), set(1.0));
+        let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
+            n,
+            _mm256_set1_epi32(127),
+        )));
+        mul(er, two_n)
+    }
+
+    /// [`super::softmax_impl`] with explicit 8-lane max and exp (LLVM keeps the portable
+    /// max loop scalar: `f32::max` is not associative for NaN): bit-identical results.
+    #[inline(always)]
+    unsafe fn softmax(x: &mut [f32]) {
+        let n8 = x.len() / 8 * 8;
+        let p = x.as_mut_ptr();
+        let mut mv = _mm256_set1_ps(f32::NEG_INFINITY);
+        for i in (0..n8).step_by(8) {
+            mv = _mm256_max_ps(mv, _mm256_loadu_ps(p.add(i)));
+        }
+        let mut lanes = [0.0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), mv);
+        let mut m = f32::NEG_INFINITY;
+        for &v in lanes.iter().chain(&x[n8..]) {
+            m = m.max(v);
+        }
+        let (mb, mut acc) = (_mm256_set1_ps(m), _mm256_setzero_ps());
+        for i in (0..n8).step_by(8) {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(p.add(i)), mb));
+            _mm256_storeu_ps(p.add(i), e);
+            acc = _mm256_add_ps(acc, e);
+        }
+        let mut total = 0.0f32;
+        for v in x[n8..].iter_mut() {
+            *v = crate::ops::exp(*v - m);
+            total += *v;
+        }
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        let a = lanes;
+        let total = (a[0] + a[4]) + (a[1] + a[5]) + ((a[2] + a[6]) + (a[3] + a[7])) + total;
+        let inv = _mm256_set1_ps(1.0 / total);
+        for i in (0..n8).step_by(8) {
+            _mm256_storeu_ps(p.add(i), _mm256_mul_ps(_mm256_loadu_ps(p.add(i)), inv));
+        }
+        let inv = 1.0 / total;
+        for v in x[n8..].iter_mut() {
+            *v *= inv;
+        }
+    }
+
+    /// The AVX2 softmax, for tests (callers check [`super::has_avx2`] first).
+    #[cfg(test)]
+    pub(super) fn softmax_checked(x: &mut [f32]) {
+        assert!(super::has_avx2());
+        #[target_feature(enable = "avx2,fma,f16c")]
+        unsafe fn run(x: &mut [f32]) {
+            softmax(x)
+        }
+        // SAFETY: AVX2/FMA/F16C asserted above.
+        unsafe { run(x) }
     }
 
     /// Sum of the 8 lanes.
@@ -333,73 +489,171 @@ mod avx2 {
         _mm_cvtss_f32(x)
     }
 
-    /// The kernel body for one element type (`$load` reads 8 of them as f32).
-    macro_rules! kernel {
-        ($name:ident, $elem:ty, $load:ident) => {
-            /// # Safety
-            /// AVX2, FMA and F16C must be available; `k` and `v` must hold ≥ n·HD values,
-            /// `q` and `out` HD, `s` n; HD is 32 or 64.
-            #[target_feature(enable = "avx2,fma,f16c")]
-            unsafe fn $name<const HD: usize>(
-                q: &[f32],
-                k: &[$elem],
-                v: &[$elem],
-                n: usize,
-                scale: f32,
-                s: &mut [f32],
-                out: &mut [f32],
-            ) {
-                let c = HD / 8;
-                let (kp, vp, sp) = (k.as_ptr(), v.as_ptr(), s.as_mut_ptr());
-                // q·scale, in registers.
-                let mut qv = [_mm256_setzero_ps(); 8];
-                for (i, r) in qv.iter_mut().enumerate().take(c) {
-                    *r = _mm256_mul_ps(
-                        _mm256_loadu_ps(q.as_ptr().add(8 * i)),
-                        _mm256_set1_ps(scale),
-                    );
-                }
-                // Scores, four keys at a time: independent FMA chains, one combined reduction.
-                let mut j = 0;
-                while j + 4 <= n {
-                    let mut a = [_mm256_setzero_ps(); 4];
-                    for i in 0..c {
-                        for (r, acc) in a.iter_mut().enumerate() {
-                            let kx = $load(kp.add((j + r) * HD + 8 * i));
-                            *acc = _mm256_fmadd_ps(qv[i], kx, *acc);
-                        }
-                    }
-                    // hadd twice leaves, per 128-bit half, [Σa0, Σa1, Σa2, Σa3] partial sums.
-                    let t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
-                    let r = _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t));
-                    _mm_storeu_ps(sp.add(j), r);
-                    j += 4;
-                }
-                while j < n {
-                    let mut acc = _mm256_setzero_ps();
-                    for (i, qi) in qv.iter().enumerate().take(c) {
-                        acc = _mm256_fmadd_ps(*qi, $load(kp.add(j * HD + 8 * i)), acc);
-                    }
-                    *sp.add(j) = hsum(acc);
-                    j += 1;
-                }
-                softmax_impl::<true>(s);
-                // o = Σ p[j]·V[j], o in registers.
-                let mut o = [_mm256_setzero_ps(); 8];
-                for (j, &p) in s.iter().enumerate() {
-                    let pv = _mm256_set1_ps(p);
-                    for (i, oi) in o.iter_mut().enumerate().take(c) {
-                        *oi = _mm256_fmadd_ps(pv, $load(vp.add(j * HD + 8 * i)), *oi);
-                    }
-                }
-                for (i, oi) in o.iter().enumerate().take(c) {
-                    _mm256_storeu_ps(out.as_mut_ptr().add(8 * i), *oi);
+    /// q·scale in registers (HD/8 vectors used).
+    #[inline(always)]
+    unsafe fn scaled_q<const HD: usize>(q: &[f32], scale: f32) -> [__m256; 8] {
+        let mut qv = [_mm256_setzero_ps(); 8];
+        for (i, r) in qv.iter_mut().enumerate().take(HD / 8) {
+            *r = _mm256_mul_ps(
+                _mm256_loadu_ps(q.as_ptr().add(8 * i)),
+                _mm256_set1_ps(scale),
+            );
+        }
+        qv
+    }
+
+    /// The four dot products of one 4-key block, reduced: hadd twice leaves, per 128-bit
+    /// half, [Σa0, Σa1, Σa2, Σa3] partial sums.
+    #[inline(always)]
+    unsafe fn reduce4(a: [__m256; 4]) -> __m128 {
+        let t = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+        _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t))
+    }
+
+    /// Scores of keys j..n for one query, from key `j` on: 4-key blocks with independent FMA
+    /// chains, then single keys.
+    #[inline(always)]
+    unsafe fn scores_from<E: Elem, const HD: usize>(
+        qv: &[__m256; 8],
+        kp: *const E,
+        mut j: usize,
+        n: usize,
+        sp: *mut f32,
+    ) {
+        while j + 4 <= n {
+            let mut a = [_mm256_setzero_ps(); 4];
+            for (i, qi) in qv.iter().enumerate().take(HD / 8) {
+                for (r, acc) in a.iter_mut().enumerate() {
+                    *acc = _mm256_fmadd_ps(*qi, E::load8(kp.add((j + r) * HD + 8 * i)), *acc);
                 }
             }
-        };
+            _mm_storeu_ps(sp.add(j), reduce4(a));
+            j += 4;
+        }
+        while j < n {
+            let mut acc = _mm256_setzero_ps();
+            for (i, qi) in qv.iter().enumerate().take(HD / 8) {
+                acc = _mm256_fmadd_ps(*qi, E::load8(kp.add(j * HD + 8 * i)), acc);
+            }
+            *sp.add(j) = hsum(acc);
+            j += 1;
+        }
     }
-    kernel!(attend_f32, f32, load_f32);
-    kernel!(attend_f16, f16, load_f16);
+
+    /// Add Σ p[j]·V[j] for j in `from..p.len()` to the output vectors `o` (chunks `i0..` of
+    /// the head): each output lane is one FMA chain over j in order.
+    #[inline(always)]
+    unsafe fn pv_from<E: Elem, const HD: usize, const W: usize>(
+        p: &[f32],
+        vp: *const E,
+        from: usize,
+        i0: usize,
+        o: &mut [__m256; W],
+    ) {
+        for (j, &pj) in p.iter().enumerate().skip(from) {
+            let pv = _mm256_set1_ps(pj);
+            for (i, oi) in o.iter_mut().enumerate() {
+                *oi = _mm256_fmadd_ps(pv, E::load8(vp.add(j * HD + 8 * (i0 + i))), *oi);
+            }
+        }
+    }
+
+    /// One query.
+    ///
+    /// # Safety
+    /// AVX2, FMA and F16C must be available; `k` and `v` must hold ≥ n·HD values, `q` and
+    /// `out` HD, `s` n; HD is 32 or 64.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn one<E: Elem, const HD: usize>(
+        q: &[f32],
+        k: &[E],
+        v: &[E],
+        n: usize,
+        scale: f32,
+        s: &mut [f32],
+        out: &mut [f32],
+    ) {
+        let qv = scaled_q::<HD>(q, scale);
+        scores_from::<E, HD>(&qv, k.as_ptr(), 0, n, s.as_mut_ptr());
+        softmax(s);
+        // o in registers.
+        let op = out.as_mut_ptr();
+        if HD == 64 {
+            let mut o = [_mm256_setzero_ps(); 8];
+            pv_from::<E, HD, 8>(s, v.as_ptr(), 0, 0, &mut o);
+            for (i, oi) in o.iter().enumerate() {
+                _mm256_storeu_ps(op.add(8 * i), *oi);
+            }
+        } else {
+            let mut o = [_mm256_setzero_ps(); 4];
+            pv_from::<E, HD, 4>(s, v.as_ptr(), 0, 0, &mut o);
+            for (i, oi) in o.iter().enumerate() {
+                _mm256_storeu_ps(op.add(8 * i), *oi);
+            }
+        }
+    }
+
+    /// Two queries; each result is bit-identical to [`one`]'s for that query.
+    ///
+    /// # Safety
+    /// As [`one`], for each query: `s[i]` has n[i] scores.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn two<E: Elem, const HD: usize>(
+        q: [&[f32]; 2],
+        k: &[E],
+        v: &[E],
+        n: [usize; 2],
+        scale: f32,
+        s: [&mut [f32]; 2],
+        out: [&mut [f32]; 2],
+    ) {
+        let (kp, vp) = (k.as_ptr(), v.as_ptr());
+        let qa = scaled_q::<HD>(q[0], scale);
+        let qb = scaled_q::<HD>(q[1], scale);
+        let [s0, s1] = s;
+        // Scores: the 4-key blocks both queries have, with K loaded once for both (eight
+        // chains in flight), then each query's own remainder.
+        let common = n[0].min(n[1]) / 4 * 4;
+        let mut j = 0;
+        while j < common {
+            let (mut a, mut b) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+            for i in 0..HD / 8 {
+                for r in 0..4 {
+                    let kx = E::load8(kp.add((j + r) * HD + 8 * i));
+                    a[r] = _mm256_fmadd_ps(qa[i], kx, a[r]);
+                    b[r] = _mm256_fmadd_ps(qb[i], kx, b[r]);
+                }
+            }
+            _mm_storeu_ps(s0.as_mut_ptr().add(j), reduce4(a));
+            _mm_storeu_ps(s1.as_mut_ptr().add(j), reduce4(b));
+            j += 4;
+        }
+        scores_from::<E, HD>(&qa, kp, j, n[0], s0.as_mut_ptr());
+        scores_from::<E, HD>(&qb, kp, j, n[1], s1.as_mut_ptr());
+        softmax(s0);
+        softmax(s1);
+        // Output, four vectors (32 lanes) of both queries at a time so the accumulators fit
+        // the 16 registers: V loaded once for the positions both queries see.
+        let both = n[0].min(n[1]);
+        let [o0, o1] = out;
+        for i0 in (0..HD / 8).step_by(4) {
+            let (mut a, mut b) = ([_mm256_setzero_ps(); 4], [_mm256_setzero_ps(); 4]);
+            for j in 0..both {
+                let (pa, pb) = (_mm256_set1_ps(s0[j]), _mm256_set1_ps(s1[j]));
+                for i in 0..4 {
+                    let vx = E::load8(vp.add(j * HD + 8 * (i0 + i)));
+                    a[i] = _mm256_fmadd_ps(pa, vx, a[i]);
+                    b[i] = _mm256_fmadd_ps(pb, vx, b[i]);
+                }
+            }
+            pv_from::<E, HD, 4>(s0, vp, both, i0, &mut a);
+            pv_from::<E, HD, 4>(s1, vp, both, i0, &mut b);
+            for i in 0..4 {
+                _mm256_storeu_ps(o0.as_mut_ptr().add(8 * (i0 + i)), a[i]);
+                _mm256_storeu_ps(o1.as_mut_ptr().add(8 * (i0 + i)), b[i]);
+            }
+        }
+    }
 
     /// Bulk f16 → f32 with F16C.
     pub(super) fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
@@ -413,7 +667,7 @@ mod avx2 {
     unsafe fn convert(src: &[f16], dst: &mut [f32]) {
         let n8 = src.len() / 8 * 8;
         for i in (0..n8).step_by(8) {
-            _mm256_storeu_ps(dst.as_mut_ptr().add(i), load_f16(src.as_ptr().add(i)));
+            _mm256_storeu_ps(dst.as_mut_ptr().add(i), f16::load8(src.as_ptr().add(i)));
         }
         for (d, h) in dst[n8..].iter_mut().zip(&src[n8..]) {
             *d = h.to_f32();
@@ -457,6 +711,89 @@ mod tests {
                     .sum()
             })
             .collect()
+    }
+
+    #[test]
+    fn two_queries_give_bit_identical_results_to_one() {
+        // Equal lengths, consecutive positions, lengths on both sides of a 4-key block, tiny
+        // prefixes, and head sizes the AVX2 kernels do not take (portable fallback).
+        let pairs = [
+            (1, 2),
+            (4, 5),
+            (7, 8),
+            (8, 9),
+            (37, 38),
+            (40, 40),
+            (3, 100),
+            (100, 3),
+        ];
+        for hd in [64, 32, 16] {
+            for (n0, n1) in pairs {
+                let nmax = n0.max(n1);
+                let q0: Vec<f32> = values(hd, 11).iter().map(|x| x * 3.0).collect();
+                let q1: Vec<f32> = values(hd, 12).iter().map(|x| x * 3.0).collect();
+                let k = values(nmax * hd, 13);
+                let v = values(nmax * hd, 14);
+                let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
+                let v16: Vec<f16> = v.iter().map(|&x| f16::from_f32(x)).collect();
+                let scale = 1.0 / (hd as f32).sqrt();
+                for kv in [
+                    HeadKv::F32 { k: &k, v: &v },
+                    HeadKv::F16 { k: &k16, v: &v16 },
+                ] {
+                    let mut s = vec![0.0; nmax + 4 * hd];
+                    let (mut w0, mut w1) = (vec![0.0; hd], vec![0.0; hd]);
+                    attend(&q0, &kv, n0, scale, &mut s, &mut w0);
+                    attend(&q1, &kv, n1, scale, &mut s, &mut w1);
+                    let (mut sa, mut sb) = (vec![0.0; nmax + 4 * hd], vec![0.0; nmax + 4 * hd]);
+                    let (mut g0, mut g1) = (vec![7.0; hd], vec![7.0; hd]);
+                    attend2(
+                        [&q0, &q1],
+                        &kv,
+                        [n0, n1],
+                        scale,
+                        [&mut sa, &mut sb],
+                        [&mut g0, &mut g1],
+                    );
+                    for d in 0..hd {
+                        assert_eq!(
+                            g0[d].to_bits(),
+                            w0[d].to_bits(),
+                            "hd {hd} n {n0}/{n1} q0[{d}]"
+                        );
+                        assert_eq!(
+                            g1[d].to_bits(),
+                            w1[d].to_bits(),
+                            "hd {hd} n {n0}/{n1} q1[{d}]"
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_softmax_is_bit_identical_to_the_portable_one() {
+        if !has_avx2() {
+            return;
+        }
+        for n in [1, 3, 8, 9, 31, 64, 200, 1023] {
+            // Scores with a wide range, so the exponent clamps and underflow are hit too.
+            let x: Vec<f32> = values(n, n as u64).iter().map(|v| v * 120.0).collect();
+            let (mut a, mut b) = (x.clone(), x.clone());
+            softmax_impl::<true>(&mut a);
+            avx2::softmax_checked(&mut b);
+            for i in 0..n {
+                assert_eq!(
+                    a[i].to_bits(),
+                    b[i].to_bits(),
+                    "n {n}, i {i}: {} vs {}",
+                    a[i],
+                    b[i]
+                );
+            }
+        }
     }
 
     #[test]

@@ -101,8 +101,8 @@ pub enum Output<'a> {
 
 thread_local! {
     /// Per-thread attention scratch: one head's K and V as f32 (a prompt over an F16 cache),
-    /// and the scores row (sized for the full context on first use, so decoding does not
-    /// allocate).
+    /// and two rows of scores (queries are attended in pairs; sized for the full context on
+    /// first use, so decoding does not allocate).
     static SCRATCH: RefCell<(Vec<f32>, Vec<f32>)> = const { RefCell::new((Vec::new(), Vec::new())) };
 }
 
@@ -502,9 +502,12 @@ fn attention(
             let (kv_buf, scores) = (&mut scratch.0, &mut scratch.1);
             // Sized for the whole context at once: growing with n_kv would reallocate
             // during decoding.
-            if scores.len() < cache.n_ctx() + 4 * hd {
-                scores.resize(cache.n_ctx() + 4 * hd, 0.0);
+            // Two rows: prompts attend two queries at a time.
+            let row = cache.n_ctx() + 4 * hd;
+            if scores.len() < 2 * row {
+                scores.resize(2 * row, 0.0);
             }
+            let (s0, s1) = scores.split_at_mut(row);
             let mut i = 0;
             while i < t {
                 let s = seq[i];
@@ -517,10 +520,19 @@ fn attention(
                 } else {
                     cache.head(layer, s, h, n_kv)
                 };
-                for j in i..end {
-                    let q = &qkv[j * 3 * c + h * hd..j * 3 * c + (h + 1) * hd];
+                let q = |j: usize| &qkv[j * 3 * c + h * hd..j * 3 * c + (h + 1) * hd];
+                let mut j = i;
+                // Queries in pairs (the kernel reads K and V once for both), results the
+                // same as one at a time.
+                while j + 2 <= end {
+                    let (o0, o1) = out_h[j * hd..(j + 2) * hd].split_at_mut(hd);
+                    let n = [pos[j] + 1, pos[j + 1] + 1];
+                    attention::attend2([q(j), q(j + 1)], &kv, n, scale, [s0, s1], [o0, o1]);
+                    j += 2;
+                }
+                if j < end {
                     let o = &mut out_h[j * hd..(j + 1) * hd];
-                    attention::attend(q, &kv, pos[j] + 1, scale, scores, o);
+                    attention::attend(q(j), &kv, pos[j] + 1, scale, s0, o);
                 }
                 i = end;
             }
