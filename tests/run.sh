@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
-# ggpt's whole test suite, as CI runs it: the Rust tests of every crate, then the Python
-# cross-check that llama.cpp's own gguf reader agrees with every file ggpt writes.
+# ggpt's whole test suite, as CI runs it: the Rust tests of every crate, the quant tests again
+# for aarch64 under emulation (tests/neon.sh), then the Python cross-check that llama.cpp's own
+# gguf reader agrees with every file ggpt writes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 cargo build --release --bin ggpt
 cargo test --release --workspace
+# The aarch64 NEON kernels, under qemu-user (skips with one line if the tools are missing).
+bash tests/neon.sh
 
 # The independent reader: llama.cpp's gguf-py (and numpy, pytest) from PyPI.
 python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt

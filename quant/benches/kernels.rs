@@ -7,6 +7,8 @@
 //!   memory-bound path, like decoding a real model.
 //! - `matmat/<isa>/<threads>t/<type>/<tokens>`: one layer for 64..512 tokens (prefill).
 //!   Throughput is reported in "elements" = multiply-adds; GFLOP/s = 2 × Melem/s / 1000.
+//!   `matmat/avx2-rows/…` is the AVX2 level with its tile kernels removed (row-by-row dots),
+//!   the prefill path AVX2-only CPUs had before the tiles.
 //!
 //! Filter with e.g. `cargo bench -p ggpt-quant --bench kernels -- matvec/avx512vnni/2t`.
 //! Weights are real quantizations (ggml's reference quantizers) of GPT-2-like random values,
@@ -147,18 +149,26 @@ fn matmat(c: &mut Criterion) {
     let x = gpt2_like(512 * 4096, 9);
     let mut y = vec![0.0; 512 * 4096];
     let macs_per_token: usize = SHAPES.iter().map(|(r, c)| r * c).sum();
+    // The AVX2 row-by-row path (its level without tile kernels), to show what the tiles gain.
+    let avx2_rows = kernels_for(Isa::Avx2).map(|k| Kernels { tile: None, ..*k });
     for ty in TYPES {
         let ws = layer_weights(ty, 1);
+        let mut levels: Vec<(String, &Kernels)> = Vec::new();
         for isa in isas() {
             if isa == Isa::Scalar {
                 continue; // minutes per sample; the scalar path is the reference, not a target
             }
-            let k = kernels_for(isa).unwrap();
+            levels.push((isa.to_string(), kernels_for(isa).unwrap()));
+            if let (Isa::Avx2, Some(rows)) = (isa, &avx2_rows) {
+                levels.push(("avx2-rows".into(), rows));
+            }
+        }
+        for (name, k) in levels {
             for (n, pool) in pools() {
                 for t in [64usize, 128, 512] {
                     g.throughput(Throughput::Elements((macs_per_token * t) as u64));
                     let mut s = Scratch::default();
-                    let id = BenchmarkId::new(format!("{isa}/{n}t/{}", ty.name()), t);
+                    let id = BenchmarkId::new(format!("{name}/{n}t/{}", ty.name()), t);
                     g.bench_function(id, |b| {
                         pool.install(|| b.iter(|| run_layers(k, ty, &ws, &x, &mut y, t, &mut s)))
                     });

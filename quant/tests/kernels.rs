@@ -885,8 +885,21 @@ fn ggpt_isa_env_forces_an_available_level() {
             best
         },
     ));
+    // Under user-mode emulation (tests/neon.sh runs the aarch64 build with qemu-aarch64) the
+    // host cannot exec this binary itself, so the child goes through the same emulator.
+    let runner = std::env::var("GGPT_TEST_RUNNER").unwrap_or_default();
+    let runner: Vec<&str> = runner.split_whitespace().collect();
     for (env, want) in cases {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
+        let exe = std::env::current_exe().unwrap();
+        let mut cmd = match runner.split_first() {
+            Some((prog, args)) => {
+                let mut c = std::process::Command::new(prog);
+                c.args(args).arg(exe);
+                c
+            }
+            None => std::process::Command::new(exe),
+        };
+        let out = cmd
             .args([
                 "--exact",
                 "ggpt_isa_env_forces_an_available_level",
@@ -901,5 +914,562 @@ fn ggpt_isa_env_forces_an_available_level() {
             out.status.success() && stdout.contains("1 passed"),
             "GGPT_ISA={env:?} did not select {want}: {stdout}"
         );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Prefill tile kernels (`TileKernels`) of every level that has them, called directly.
+
+use ggpt_quant::act::{Q8KTile, Q8_0Tile};
+use ggpt_quant::dot::{KPacked, Q8_0Packed, TileKernels};
+
+/// (level, its tile kernels) for every available level that has tile kernels.
+fn tile_levels() -> Vec<(Isa, &'static TileKernels)> {
+    let v: Vec<_> = all_kernels()
+        .into_iter()
+        .filter_map(|k| k.tile.map(|t| (k.isa, t)))
+        .collect();
+    #[cfg(target_arch = "x86_64")]
+    if available_isas().contains(&Isa::Avx2) {
+        // Prefill on AVX2-only CPUs must not fall back to row-by-row dots.
+        assert!(
+            v.iter().any(|(i, _)| *i == Isa::Avx2),
+            "AVX2 has no tile kernels"
+        );
+    }
+    v
+}
+
+/// `rows` (each `n` blocks) packed with `pack` and multiplied by `tokens` (each `n` Q8_K
+/// blocks) with the K-quant tile kernel; result `[token][row]`.
+fn tile_kq<B>(
+    tk: &TileKernels,
+    pack: fn(&[B], &mut [KPacked]),
+    rows: &[Vec<B>],
+    tokens: &[Vec<BlockQ8K>],
+    bias: Option<&[f32]>,
+) -> Vec<Vec<f32>> {
+    let n = tokens[0].len();
+    let mut w = vec![KPacked::ZERO; rows.len() * n];
+    for (row, p) in rows.iter().zip(w.chunks_exact_mut(n)) {
+        pack(row, p);
+    }
+    let a: Vec<Q8KTile> = tokens.iter().flatten().map(Q8KTile::from_block).collect();
+    let mut out = vec![vec![f32::NAN; rows.len()]; tokens.len()];
+    let mut outs: Vec<&mut [f32]> = out.iter_mut().map(|o| o.as_mut_slice()).collect();
+    (tk.kq)(&w, &a, n, bias, &mut outs);
+    out
+}
+
+/// Q8_0 rows × token rows `x` (quantized with `act::quantize_q8_0_tile`); `[token][row]`.
+fn tile_q8_0(
+    tk: &TileKernels,
+    rows: &[Vec<BlockQ8_0>],
+    x: &[Vec<f32>],
+    bias: Option<&[f32]>,
+) -> Vec<Vec<f32>> {
+    let nt = act::q8_0_tiles(rows[0].len());
+    let mut w = vec![Q8_0Packed::ZERO; rows.len() * nt];
+    for (row, p) in rows.iter().zip(w.chunks_exact_mut(nt)) {
+        (tk.pack_q8_0)(row, p);
+    }
+    let mut a = vec![Q8_0Tile::ZERO; x.len() * nt];
+    for (xt, at) in x.iter().zip(a.chunks_exact_mut(nt)) {
+        act::quantize_q8_0_tile(xt, at);
+    }
+    let mut out = vec![vec![f32::NAN; rows.len()]; x.len()];
+    let mut outs: Vec<&mut [f32]> = out.iter_mut().map(|o| o.as_mut_slice()).collect();
+    (tk.q8_0)(&w, &a, nt, bias, &mut outs);
+    out
+}
+
+/// A float gemm over `rows` weight rows and `x` token rows; `[token][row]`.
+fn tile_float<E: Copy>(
+    gemm: dot::GemmFn<E, f32>,
+    rows: &[Vec<E>],
+    x: &[Vec<f32>],
+    bias: Option<&[f32]>,
+) -> Vec<Vec<f32>> {
+    let n = x[0].len();
+    let w: Vec<E> = rows.iter().flatten().copied().collect();
+    let a: Vec<f32> = x.iter().flatten().copied().collect();
+    let mut out = vec![vec![f32::NAN; rows.len()]; x.len()];
+    let mut outs: Vec<&mut [f32]> = out.iter_mut().map(|o| o.as_mut_slice()).collect();
+    gemm(&w, &a, n, bias, &mut outs);
+    out
+}
+
+/// Q8_K activations with d = 1 and values in `lo..=hi` (bsums consistent).
+fn q8k_ints(r: &mut Rng, lo: i32, hi: i32) -> BlockQ8K {
+    let span = (hi - lo + 1) as u64;
+    let qs: [i8; 256] = std::array::from_fn(|_| (lo + (r.next() % span) as i32) as i8);
+    let bsums = std::array::from_fn(|g| qs[16 * g..16 * g + 16].iter().map(|&q| q as i16).sum());
+    BlockQ8K { d: 1.0, qs, bsums }
+}
+
+/// Q4_K/Q5_K scale bytes whose eight 6-bit scales and mins are all 1.
+const UNIT_K4_SCALES: [u8; 12] = [1, 1, 1, 1, 1, 1, 1, 1, 0x11, 0x11, 0x11, 0x11];
+
+/// With every scale a power of two (weights d = dmin = 1, activations d = 1) and sums below
+/// 2²⁴, every partial sum is an integer that f32 holds exactly, whatever the summation order:
+/// the tile kernels must then give the scalar reference's result bit for bit. This pins the
+/// integer parts (no saturated `vpmaddubsw` pair, no dropped lane or group), including the
+/// extremes: weights at their largest value with activations of −128 and 127.
+#[test]
+fn tile_kernels_integer_parts_are_exact() {
+    let one = f16::from_f32(1.0);
+    let mut r = Rng(21);
+    let s = scalar();
+    for (isa, tk) in tile_levels() {
+        for n in 1..=3usize {
+            for n_rows in [1usize, 2, 5, 7] {
+                let n_tok = 1 + (r.next() % 9) as usize;
+                // Random case: full-range weight bytes, scales ≤ 63 (Q6_K |sc| ≤ 32),
+                // activations in −8..=8: |Σ| ≤ 3·63·31·8·256 < 2²⁴.
+                // Extreme case: every weight at its maximum, unit scales, activations all −128
+                // or all 127 (|Σ| ≤ 3·63·128·256 < 2²⁴).
+                for extreme in [false, true] {
+                    let tokens: Vec<Vec<BlockQ8K>> = (0..n_tok)
+                        .map(|t| {
+                            (0..n)
+                                .map(|_| match (extreme, t % 2) {
+                                    (false, _) => q8k_ints(&mut r, -8, 8),
+                                    (true, 0) => q8k_ints(&mut r, -128, -128),
+                                    (true, _) => q8k_ints(&mut r, 127, 127),
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    let bias: Vec<f32> = (0..n_rows).map(|i| i as f32 - 2.0).collect();
+                    let k4 = |r: &mut Rng| BlockQ4K {
+                        d: one,
+                        dmin: one,
+                        scales: if extreme { UNIT_K4_SCALES } else { r.bytes() },
+                        qs: if extreme { [0xff; 128] } else { r.bytes() },
+                    };
+                    let w4: Vec<Vec<_>> = (0..n_rows)
+                        .map(|_| (0..n).map(|_| k4(&mut r)).collect())
+                        .collect();
+                    let w5: Vec<Vec<_>> = (0..n_rows)
+                        .map(|_| {
+                            (0..n)
+                                .map(|_| {
+                                    let b = k4(&mut r);
+                                    BlockQ5K {
+                                        d: b.d,
+                                        dmin: b.dmin,
+                                        scales: b.scales,
+                                        qh: if extreme { [0xff; 32] } else { r.bytes() },
+                                        qs: b.qs,
+                                    }
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    let w6: Vec<Vec<_>> = (0..n_rows)
+                        .map(|_| {
+                            (0..n)
+                                .map(|_| {
+                                    let sc: [u8; 16] = r.bytes();
+                                    BlockQ6K {
+                                        ql: if extreme { [0xff; 128] } else { r.bytes() },
+                                        qh: if extreme { [0xff; 64] } else { r.bytes() },
+                                        scales: if extreme {
+                                            [1; 16] // one sign: uniform errors must not cancel
+                                        } else {
+                                            sc.map(|b| (b as i8) >> 2)
+                                        },
+                                        d: one,
+                                    }
+                                })
+                                .collect()
+                        })
+                        .collect();
+                    let got = [
+                        tile_kq(tk, tk.pack_q4k, &w4, &tokens, Some(&bias)),
+                        tile_kq(tk, tk.pack_q5k, &w5, &tokens, Some(&bias)),
+                        tile_kq(tk, tk.pack_q6k, &w6, &tokens, Some(&bias)),
+                    ];
+                    for (t, a) in tokens.iter().enumerate() {
+                        for row in 0..n_rows {
+                            let want = [
+                                (s.q4k_q8k)(&w4[row], a),
+                                (s.q5k_q8k)(&w5[row], a),
+                                (s.q6k_q8k)(&w6[row], a),
+                            ];
+                            for (f, name) in ["q4k", "q5k", "q6k"].iter().enumerate() {
+                                assert_eq!(
+                                    got[f][t][row],
+                                    want[f] + bias[row],
+                                    "{isa} {name} extreme={extreme} n={n} rows={n_rows} token {t} row {row}"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Q8_0: weights over the full i8 range (with −128), activations that quantize to
+        // themselves (integers with a ±127 in every block, so d = 1): |Σ| ≤ 32·32·128·127
+        // < 2²⁴. Block counts around the 16-block tile (padding lanes, two tiles).
+        for nb in [1usize, 15, 16, 17, 32] {
+            let n_rows = 1 + (r.next() % 7) as usize;
+            let n_tok = 1 + (r.next() % 9) as usize;
+            let rows: Vec<Vec<BlockQ8_0>> = (0..n_rows)
+                .map(|i| {
+                    (0..nb)
+                        .map(|_| {
+                            let mut b = rand_q8_0(&mut r);
+                            b.d = one;
+                            if i == 0 {
+                                b.qs = [-128; 32]; // the largest |w|
+                            }
+                            b
+                        })
+                        .collect()
+                })
+                .collect();
+            let x: Vec<Vec<f32>> = (0..n_tok)
+                .map(|_| {
+                    let mut v: Vec<f32> = (0..nb * 32)
+                        .map(|_| (r.next() % 255) as f32 - 127.0)
+                        .collect();
+                    for blk in v.chunks_mut(32) {
+                        blk[(r.next() % 32) as usize] = if r.next().is_multiple_of(2) {
+                            127.0
+                        } else {
+                            -127.0
+                        };
+                    }
+                    v
+                })
+                .collect();
+            let bias: Vec<f32> = (0..n_rows).map(|i| 3.0 * i as f32).collect();
+            let got = tile_q8_0(tk, &rows, &x, Some(&bias));
+            for (t, xt) in x.iter().enumerate() {
+                let mut a = vec![
+                    BlockQ8_0 {
+                        d: f16::ZERO,
+                        qs: [0; 32]
+                    };
+                    nb
+                ];
+                act::quantize_q8_0(xt, &mut a);
+                assert!(
+                    a.iter().all(|b| b.d == one),
+                    "test activations must have d = 1"
+                );
+                for (row, w) in rows.iter().enumerate() {
+                    let want = (s.q8_0_q8_0)(w, &a) + bias[row];
+                    assert_eq!(got[t][row], want, "{isa} q8_0 nb={nb} token {t} row {row}");
+                }
+            }
+        }
+        // Float gemms with small integers: exact sums, over column counts with every tail
+        // length of an 8- or 16-wide loop.
+        for cols in [1usize, 7, 8, 9, 15, 16, 17, 31, 100, 257] {
+            let n_rows = 1 + (r.next() % 8) as usize;
+            let n_tok = 1 + (r.next() % 9) as usize;
+            let int = |r: &mut Rng| (r.next() % 17) as f32 - 8.0;
+            let wf: Vec<Vec<f32>> = (0..n_rows)
+                .map(|_| (0..cols).map(|_| int(&mut r)).collect())
+                .collect();
+            let x: Vec<Vec<f32>> = (0..n_tok)
+                .map(|_| (0..cols).map(|_| int(&mut r)).collect())
+                .collect();
+            let wh: Vec<Vec<f16>> = wf
+                .iter()
+                .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
+                .collect();
+            let wb: Vec<Vec<bf16>> = wf
+                .iter()
+                .map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect())
+                .collect();
+            let got = [
+                tile_float(tk.f16, &wh, &x, None),
+                tile_float(tk.bf16, &wb, &x, None),
+                tile_float(tk.f32, &wf, &x, None),
+            ];
+            for (t, xt) in x.iter().enumerate() {
+                for row in 0..n_rows {
+                    let want = (s.f32_f32)(&wf[row], xt);
+                    for (g, name) in got.iter().zip(["f16", "bf16", "f32"]) {
+                        assert_eq!(
+                            g[t][row], want,
+                            "{isa} {name} cols={cols} token {t} row {row}"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Realistic scales: the tile kernels equal the scalar dots (plus bias) up to float summation
+/// order, i.e. within 1e-5 of the magnitude of the summed terms.
+#[test]
+fn tile_kernels_equal_scalar_dots_on_random_data() {
+    let mut r = Rng(22);
+    let s = scalar();
+    for (isa, tk) in tile_levels() {
+        for n in 1..=3usize {
+            for n_tok in 1..=9usize {
+                let n_rows = 1 + (r.next() % 9) as usize;
+                let tokens: Vec<Vec<BlockQ8K>> = (0..n_tok)
+                    .map(|_| (0..n).map(|_| rand_q8k(&mut r)).collect())
+                    .collect();
+                let bias = rand_f32s(&mut r, n_rows);
+                let w4: Vec<Vec<_>> = (0..n_rows)
+                    .map(|_| (0..n).map(|_| rand_q4k(&mut r)).collect())
+                    .collect();
+                let w5: Vec<Vec<_>> = (0..n_rows)
+                    .map(|_| (0..n).map(|_| rand_q5k(&mut r)).collect())
+                    .collect();
+                let w6: Vec<Vec<_>> = (0..n_rows)
+                    .map(|_| (0..n).map(|_| rand_q6k(&mut r)).collect())
+                    .collect();
+                let got4 = tile_kq(tk, tk.pack_q4k, &w4, &tokens, Some(&bias));
+                let got5 = tile_kq(tk, tk.pack_q5k, &w5, &tokens, Some(&bias));
+                let got6 = tile_kq(tk, tk.pack_q6k, &w6, &tokens, None);
+                for (t, a) in tokens.iter().enumerate() {
+                    for row in 0..n_rows {
+                        let b = bias[row];
+                        let what =
+                            |f: &str| format!("{isa} {f} n={n} T={n_tok} token {t} row {row}");
+                        let mag4 = mag_q4k(&w4[row], a) + b.abs();
+                        check_close(
+                            &what("q4k"),
+                            got4[t][row],
+                            (s.q4k_q8k)(&w4[row], a) + b,
+                            mag4,
+                            1e-5,
+                        );
+                        let mag5 = mag_q5k(&w5[row], a) + b.abs();
+                        check_close(
+                            &what("q5k"),
+                            got5[t][row],
+                            (s.q5k_q8k)(&w5[row], a) + b,
+                            mag5,
+                            1e-5,
+                        );
+                        let mag6 = mag_q6k(&w6[row], a);
+                        check_close(
+                            &what("q6k"),
+                            got6[t][row],
+                            (s.q6k_q8k)(&w6[row], a),
+                            mag6,
+                            1e-5,
+                        );
+                    }
+                }
+            }
+        }
+        for nb in [1usize, 5, 16, 17, 40] {
+            for n_tok in [1usize, 4, 6, 9] {
+                let n_rows = 1 + (r.next() % 9) as usize;
+                let rows: Vec<Vec<BlockQ8_0>> = (0..n_rows)
+                    .map(|_| (0..nb).map(|_| rand_q8_0(&mut r)).collect())
+                    .collect();
+                let x: Vec<Vec<f32>> = (0..n_tok).map(|_| rand_f32s(&mut r, nb * 32)).collect();
+                let got = tile_q8_0(tk, &rows, &x, None);
+                for (t, xt) in x.iter().enumerate() {
+                    let mut a = vec![
+                        BlockQ8_0 {
+                            d: f16::ZERO,
+                            qs: [0; 32]
+                        };
+                        nb
+                    ];
+                    act::quantize_q8_0(xt, &mut a);
+                    for (row, w) in rows.iter().enumerate() {
+                        let what = format!("{isa} q8_0 nb={nb} T={n_tok} token {t} row {row}");
+                        check_close(
+                            &what,
+                            got[t][row],
+                            (s.q8_0_q8_0)(w, &a),
+                            mag_q8_0(w, &a),
+                            1e-5,
+                        );
+                    }
+                }
+            }
+        }
+        for cols in [3usize, 64, 100, 1031] {
+            for n_tok in [1usize, 3, 4, 5, 9] {
+                let n_rows = 1 + (r.next() % 10) as usize;
+                let wf: Vec<Vec<f32>> = (0..n_rows).map(|_| rand_f32s(&mut r, cols)).collect();
+                let x: Vec<Vec<f32>> = (0..n_tok).map(|_| rand_f32s(&mut r, cols)).collect();
+                let bias = rand_f32s(&mut r, n_rows);
+                let wh: Vec<Vec<f16>> = wf
+                    .iter()
+                    .map(|w| w.iter().map(|&v| f16::from_f32(v)).collect())
+                    .collect();
+                let wb: Vec<Vec<bf16>> = wf
+                    .iter()
+                    .map(|w| w.iter().map(|&v| bf16::from_f32(v)).collect())
+                    .collect();
+                let gh = tile_float(tk.f16, &wh, &x, Some(&bias));
+                let gb = tile_float(tk.bf16, &wb, &x, Some(&bias));
+                let gf = tile_float(tk.f32, &wf, &x, Some(&bias));
+                for (t, xt) in x.iter().enumerate() {
+                    for row in 0..n_rows {
+                        let b = bias[row];
+                        let what = |f: &str| {
+                            format!("{isa} {f} cols={cols} T={n_tok} token {t} row {row}")
+                        };
+                        let mag = mag_float(wf[row].iter().copied(), xt) + b.abs();
+                        check_close(
+                            &what("f16"),
+                            gh[t][row],
+                            (s.f16_f32)(&wh[row], xt) + b,
+                            mag,
+                            1e-5,
+                        );
+                        check_close(
+                            &what("bf16"),
+                            gb[t][row],
+                            (s.bf16_f32)(&wb[row], xt) + b,
+                            mag,
+                            1e-5,
+                        );
+                        check_close(
+                            &what("f32"),
+                            gf[t][row],
+                            (s.f32_f32)(&wf[row], xt) + b,
+                            mag,
+                            1e-5,
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Every level packs weights into the layout documented on `KPacked` / `Q8_0Packed`, derived
+/// here independently: the unsigned values from the dequantizer (with unit scales, d = 1 and
+/// no min, `to_float` returns the quantized value itself; Q6_K's is offset by −32), the
+/// factors from the scalar scale unpacking.
+#[test]
+fn tile_packing_matches_the_documented_layout() {
+    let one = f16::from_f32(1.0);
+    let mut r = Rng(23);
+    // qs[64k + 4g + j] must be value 16g + 4k + j.
+    let check_qs = |what: &str, p: &KPacked, vals: &[f32; 256]| {
+        for g in 0..16 {
+            for k in 0..4 {
+                for j in 0..4 {
+                    let want = vals[16 * g + 4 * k + j];
+                    assert_eq!(
+                        p.qs[64 * k + 4 * g + j] as f32,
+                        want,
+                        "{what}: group {g} dword {k} byte {j}"
+                    );
+                }
+            }
+        }
+    };
+    for (isa, tk) in tile_levels() {
+        for _ in 0..20 {
+            let x4 = [rand_q4k(&mut r), rand_q4k(&mut r)];
+            let x5 = [rand_q5k(&mut r), rand_q5k(&mut r)];
+            let x6 = [rand_q6k(&mut r), rand_q6k(&mut r)];
+            let mut p = [KPacked::ZERO; 2];
+            let mut vals = [0.0f32; 256];
+            (tk.pack_q4k)(&x4, &mut p);
+            for (x, p) in x4.iter().zip(&p) {
+                BlockQ4K::to_float(
+                    &[BlockQ4K {
+                        d: one,
+                        dmin: f16::ZERO,
+                        scales: UNIT_K4_SCALES,
+                        ..*x
+                    }],
+                    &mut vals,
+                );
+                check_qs(&format!("{isa} q4k"), p, &vals);
+                let (sc, mn) = dot::scalar::unpack_scales_mins(&x.scales);
+                for g in 0..16 {
+                    assert_eq!(
+                        p.ws[g],
+                        x.d.to_f32() * sc[g / 2] as f32,
+                        "{isa} q4k ws[{g}]"
+                    );
+                    assert_eq!(
+                        p.wm[g],
+                        x.dmin.to_f32() * mn[g / 2] as f32,
+                        "{isa} q4k wm[{g}]"
+                    );
+                }
+            }
+            (tk.pack_q5k)(&x5, &mut p);
+            for (x, p) in x5.iter().zip(&p) {
+                BlockQ5K::to_float(
+                    &[BlockQ5K {
+                        d: one,
+                        dmin: f16::ZERO,
+                        scales: UNIT_K4_SCALES,
+                        ..*x
+                    }],
+                    &mut vals,
+                );
+                check_qs(&format!("{isa} q5k"), p, &vals);
+                let (sc, mn) = dot::scalar::unpack_scales_mins(&x.scales);
+                for g in 0..16 {
+                    assert_eq!(
+                        p.ws[g],
+                        x.d.to_f32() * sc[g / 2] as f32,
+                        "{isa} q5k ws[{g}]"
+                    );
+                    assert_eq!(
+                        p.wm[g],
+                        x.dmin.to_f32() * mn[g / 2] as f32,
+                        "{isa} q5k wm[{g}]"
+                    );
+                }
+            }
+            (tk.pack_q6k)(&x6, &mut p);
+            for (x, p) in x6.iter().zip(&p) {
+                BlockQ6K::to_float(
+                    &[BlockQ6K {
+                        d: one,
+                        scales: [1; 16],
+                        ..*x
+                    }],
+                    &mut vals,
+                );
+                check_qs(&format!("{isa} q6k"), p, &vals.map(|v| v + 32.0));
+                for g in 0..16 {
+                    let ws = x.d.to_f32() * x.scales[g] as f32;
+                    assert_eq!(
+                        (p.ws[g], p.wm[g]),
+                        (ws, 32.0 * ws),
+                        "{isa} q6k factors [{g}]"
+                    );
+                }
+            }
+        }
+        // Q8_0: `w + 128` per block b in lane b, padding lanes w = 0 with d = 0.
+        for nb in [1usize, 16, 21] {
+            let row: Vec<BlockQ8_0> = (0..nb).map(|_| rand_q8_0(&mut r)).collect();
+            let mut p = vec![Q8_0Packed::ZERO; act::q8_0_tiles(nb)];
+            (tk.pack_q8_0)(&row, &mut p);
+            for (i, tile) in p.iter().enumerate() {
+                for b in 0..16 {
+                    let blk = row.get(16 * i + b);
+                    assert_eq!(tile.d[b], blk.map_or(0.0, |x| x.d.to_f32()), "{isa} q8_0 d");
+                    for k in 0..8 {
+                        for j in 0..4 {
+                            let w = blk.map_or(0, |x| x.qs[4 * k + j] as i32);
+                            assert_eq!(
+                                tile.qs[64 * k + 4 * b + j] as i32,
+                                w + 128,
+                                "{isa} q8_0 nb={nb} tile {i} block {b}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
     }
 }

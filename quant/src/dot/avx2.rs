@@ -5,6 +5,8 @@
 //! weight side is at most 63) and `vpmaddwd` with the group scale, accumulated in i32 per
 //! superblock, scaled once per superblock in f32. Q8_0 widens both sides to i16 so that
 //! signed × signed products are exact for every byte value.
+//!
+//! The multi-token (prefill) kernels of this level are in `avx2_tile.rs`.
 
 use super::scalar::scales_mins_bytes;
 use super::{Isa, Kernels};
@@ -18,13 +20,13 @@ use std::arch::x86_64::*;
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn load(p: *const u8) -> __m256i {
+pub(super) unsafe fn load(p: *const u8) -> __m256i {
     _mm256_loadu_si256(p.cast())
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-unsafe fn f16_to_f32(h: f16) -> f32 {
+pub(super) unsafe fn f16_to_f32(h: f16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
 }
 
@@ -292,5 +294,5 @@ pub(super) static AVX2: Kernels = Kernels {
     f16_f32,
     bf16_f32,
     f32_f32,
-    tile: None,
+    tile: Some(&super::avx2_tile::TILE),
 };
