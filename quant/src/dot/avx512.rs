@@ -519,7 +519,10 @@ macro_rules! avx512_family {
                 for g in 0..n {
                     let p = &*w.add(g);
                     let wq = p.qs.as_ptr();
-                    let wv: [__m512i; 8] = std::array::from_fn(|k| load(wq.add(64 * k)));
+                    let mut wv = [_mm512_setzero_si512(); 8];
+                    for (k, v) in wv.iter_mut().enumerate() {
+                        *v = load(wq.add(64 * k)); // a loop, not a closure: see float_micro
+                    }
                     let dw = _mm512_loadu_ps(p.d.as_ptr());
                     for (t, acc_t) in acc.iter_mut().enumerate() {
                         let at = &*a.add(t * n + g);
@@ -606,25 +609,45 @@ macro_rules! avx512_family {
                 n: usize,
                 wload: &impl Fn(*const E, __mmask16) -> __m512,
             ) -> [[f32; T]; R] {
+                // Plain loops, no closures: a closure is a separate function that LLVM may
+                // leave un-inlined (it did once, after unrelated code moved between codegen
+                // units, costing F16 prefill 25 %), and outside this function's target features.
                 let mut acc = [[_mm512_setzero_ps(); T]; R];
-                let mut i = 0;
-                let mut step = |i: usize, m: __mmask16| {
-                    let wv: [__m512; R] = std::array::from_fn(|r| wload(w.add(r * n + i), m));
-                    let av: [__m512; T] = std::array::from_fn(|t| _mm512_maskz_loadu_ps(m, a.add(t * n + i)));
-                    for r in 0..R {
-                        for t in 0..T {
-                            acc[r][t] = _mm512_fmadd_ps(wv[r], av[t], acc[r][t]);
+                // One step of 16 columns from `i` with lane mask `m` (all ones in the main loop,
+                // so the loads there are plain).
+                macro_rules! step {
+                    ($i:expr, $m:expr) => {{
+                        let (i, m): (usize, __mmask16) = ($i, $m);
+                        let mut wv = [_mm512_setzero_ps(); R];
+                        for (r, v) in wv.iter_mut().enumerate() {
+                            *v = wload(w.add(r * n + i), m);
                         }
-                    }
-                };
+                        let mut av = [_mm512_setzero_ps(); T];
+                        for (t, v) in av.iter_mut().enumerate() {
+                            *v = _mm512_maskz_loadu_ps(m, a.add(t * n + i));
+                        }
+                        for r in 0..R {
+                            for t in 0..T {
+                                acc[r][t] = _mm512_fmadd_ps(wv[r], av[t], acc[r][t]);
+                            }
+                        }
+                    }};
+                }
+                let mut i = 0;
                 while i + 16 <= n {
-                    step(i, !0);
+                    step!(i, !0);
                     i += 16;
                 }
                 if i < n {
-                    step(i, ((1u32 << (n - i)) - 1) as u16);
+                    step!(i, ((1u32 << (n - i)) - 1) as u16);
                 }
-                acc.map(|row| row.map(|v| hsum(v)))
+                let mut out = [[0.0f32; T]; R];
+                for r in 0..R {
+                    for t in 0..T {
+                        out[r][t] = hsum(acc[r][t]);
+                    }
+                }
+                out
             }
 
             #[target_feature(enable = $features)]
