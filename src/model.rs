@@ -1,20 +1,38 @@
 //! A loaded model: the mmapped GGUF file, its validated GPT-2 weights and its tokenizer.
 //!
 //! Loading maps the file and checks it (metadata, every tensor's shape and type, the
-//! tokenizer tables); the weights themselves are not read until inference touches them, so
-//! [`Model::load_ms`] measures validation, not disk I/O.
+//! tokenizer tables, and the fp16 scales of every quantized block); F16/F32 weight values
+//! are not read until inference touches them, so [`Model::load_ms`] measures validation, not
+//! reading the whole file.
+//!
+//! Why only the quantized scales: a NaN or infinite scale turns every activation it touches
+//! into NaN, and checking scales reads a few bytes per 32 or 256 weights — about 2 % of a
+//! short `ggpt run` on GPT-2 Medium Q4_K_M. Checking every F16 value reads the whole file,
+//! 13–19 % of such a run, so non-finite F16/F32 weights are caught instead by the session's
+//! check of every logit it returns ([`NonFiniteWeights`]), and `ggpt inspect` checks all
+//! values (docs/errors.md has the measurements).
 
 use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use anyhow::Context;
 use ggpt_convert::gguf::GgufFile;
 use ggpt_models::Gpt2;
+use rayon::prelude::*;
 
-use crate::tokenizer::Tokenizer;
+use crate::tokenizer::{Tokenizer, TokenizerError};
 
 pub use ggpt_models::{Hparams, KvType, LoadError, RunError};
+
+/// A well-formed model file whose weights hold NaN or infinity, found when a forward pass
+/// produced non-finite outputs (a bit flip, a broken converter). The file is bad input, not a
+/// runtime failure: the command line reports it like a corrupt file.
+#[derive(Debug, thiserror::Error)]
+#[error("{file}: the weights contain NaN or infinity: {what}")]
+pub struct NonFiniteWeights {
+    pub file: String,
+    pub what: String,
+}
 
 /// A GPT-2 GGUF ready to run. Create [`Session`](crate::session::Session)s from it to
 /// evaluate tokens; any number of sessions can share one model.
@@ -35,7 +53,8 @@ pub struct Model {
 
 impl Model {
     /// Map and validate a GGUF file: GPT-2 architecture, hyper-parameters, every tensor's
-    /// presence, shape and type, and the tokenizer tables.
+    /// presence, shape and type, the scales of every quantized block, and the tokenizer
+    /// tables.
     pub fn load(path: &Path) -> anyhow::Result<Model> {
         let start = Instant::now();
         let file = GgufFile::open(path)?;
@@ -50,16 +69,19 @@ impl Model {
         let start = Instant::now();
         let file = Arc::new(file);
         let gpt2 = Gpt2::from_gguf(Arc::clone(&file))?;
-        let tokenizer = Tokenizer::from_gguf(&file)
-            .with_context(|| format!("{}: tokenizer", file.path().display()))?;
+        let tokenizer = Tokenizer::from_gguf(&file)?;
         if tokenizer.n_vocab() as u64 != gpt2.hparams().n_vocab {
-            anyhow::bail!(
-                "{}: the tokenizer has {} tokens but token_embd.weight has {} rows",
-                file.path().display(),
-                tokenizer.n_vocab(),
-                gpt2.hparams().n_vocab
-            );
+            return Err(TokenizerError::Invalid {
+                file: file.path().display().to_string(),
+                problem: format!(
+                    "the tokenizer has {} tokens but token_embd.weight has {} rows",
+                    tokenizer.n_vocab(),
+                    gpt2.hparams().n_vocab
+                ),
+            }
+            .into());
         }
+        check_quantized_scales(&file)?;
         Ok(Model {
             gpt2,
             tokenizer,
@@ -105,6 +127,24 @@ impl Model {
             Ok(Some(t)) => file_type_name(t),
             _ => "unknown".to_string(),
         }
+    }
+}
+
+/// Check the fp16 scales of every quantized tensor (ggml's row-data validation): the error
+/// names the file, the tensor and the block. Float tensors are left to the session's logit
+/// check (see the module comment); their 1-D parameters were already checked when loading.
+fn check_quantized_scales(file: &GgufFile) -> Result<(), ggpt_convert::gguf::GgufError> {
+    let errors: Vec<(usize, ggpt_convert::gguf::GgufError)> = file
+        .tensors()
+        .par_iter()
+        .enumerate()
+        .filter(|(_, t)| t.ty.block_size() > 1)
+        .filter_map(|(i, t)| file.validate_tensor(t).err().map(|e| (i, e)))
+        .collect();
+    // The first bad tensor in file order, whatever order the threads finished in.
+    match errors.into_iter().min_by_key(|(i, _)| *i) {
+        Some((_, e)) => Err(e),
+        None => Ok(()),
     }
 }
 

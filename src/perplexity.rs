@@ -10,6 +10,7 @@ use crate::scoring::{score, Aggregate, Summary, TokenScore};
 use crate::session::Session;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
+use std::fmt;
 use std::time::Instant;
 
 /// How the text is windowed and scored.
@@ -24,7 +25,54 @@ pub struct Method {
     pub score_all: bool,
 }
 
+/// Why a [`Method`] cannot run on a model: the window scores no prediction (shorter than 2
+/// tokens, or 3 when only the second half is scored) or is longer than the model's context,
+/// or no window may be evaluated.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MethodError {
+    BadWindow {
+        n_ctx: usize,
+        min: usize,
+        max: usize,
+    },
+    NoChunks,
+}
+
+impl fmt::Display for MethodError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MethodError::BadWindow { n_ctx, min, max } => write!(
+                f,
+                "a window of {n_ctx} tokens is outside {min}..={max} (at least one scored \
+                 prediction, at most the model's context)"
+            ),
+            MethodError::NoChunks => write!(f, "at most 0 windows: nothing to evaluate"),
+        }
+    }
+}
+
+impl std::error::Error for MethodError {}
+
 impl Method {
+    /// Check the method against a model's trained context `n_ctx_train`. [`evaluate`] does
+    /// this first; callers that print [`describe`](Self::describe) should too.
+    pub fn validate(&self, n_ctx_train: usize) -> Result<(), MethodError> {
+        // The shortest window that scores one prediction: 0 → 1 with every prediction
+        // scored; position 1 → 2 when scoring starts half way (n_ctx / 2 = 1 needs n_ctx 3).
+        let min = if self.score_all { 2 } else { 3 };
+        if self.n_ctx < min || self.n_ctx > n_ctx_train {
+            return Err(MethodError::BadWindow {
+                n_ctx: self.n_ctx,
+                min,
+                max: n_ctx_train,
+            });
+        }
+        if self.max_chunks == Some(0) {
+            return Err(MethodError::NoChunks);
+        }
+        Ok(())
+    }
+
     /// The first position whose prediction is scored.
     pub fn first_scored(&self) -> usize {
         if self.score_all {
@@ -34,9 +82,10 @@ impl Method {
         }
     }
 
-    /// Scored predictions per window.
+    /// Scored predictions per window (0 for a window that [`validate`](Self::validate)
+    /// refuses, rather than an underflow).
     pub fn scored_per_window(&self) -> usize {
-        self.n_ctx - 1 - self.first_scored()
+        self.n_ctx.saturating_sub(1 + self.first_scored())
     }
 
     /// One line describing the method, printed beside every number.
@@ -51,7 +100,7 @@ impl Method {
             } else {
                 "second half, as llama-perplexity"
             },
-            n_windows * self.scored_per_window()
+            n_windows.saturating_mul(self.scored_per_window())
         )
     }
 }
@@ -81,13 +130,7 @@ pub fn evaluate(
     method: Method,
     mut progress: impl FnMut(usize, usize, &Aggregate),
 ) -> Result<Report> {
-    if method.n_ctx < 2 || method.n_ctx > model.hparams().n_ctx as usize {
-        bail!(
-            "--ctx {} is outside 2..={} (the model's context)",
-            method.n_ctx,
-            model.hparams().n_ctx
-        );
-    }
+    method.validate(model.hparams().n_ctx as usize)?;
     if let Some(b) = base {
         if b.hparams().n_vocab != model.hparams().n_vocab {
             bail!(
@@ -148,4 +191,60 @@ pub fn evaluate(
         seconds: t0.elapsed().as_secs_f64(),
         tokens_per_second: (windows * method.n_ctx) as f64 / model_secs.max(1e-9),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn method(n_ctx: usize, score_all: bool) -> Method {
+        Method {
+            n_ctx,
+            max_chunks: None,
+            score_all,
+        }
+    }
+
+    #[test]
+    fn windows_too_short_or_too_long_are_errors_not_underflows() {
+        for n_ctx in [0, 1, 1025, usize::MAX] {
+            for score_all in [false, true] {
+                let m = method(n_ctx, score_all);
+                let min = if score_all { 2 } else { 3 };
+                assert_eq!(
+                    m.validate(1024),
+                    Err(MethodError::BadWindow {
+                        n_ctx,
+                        min,
+                        max: 1024
+                    })
+                );
+                // Describing a refused method must not panic either.
+                let _ = m.describe(window_count(1000, &m));
+            }
+        }
+        assert_eq!(method(0, false).scored_per_window(), 0);
+        assert_eq!(method(1, true).scored_per_window(), 0);
+        let none = Method {
+            max_chunks: Some(0),
+            ..method(16, false)
+        };
+        assert_eq!(none.validate(1024), Err(MethodError::NoChunks));
+    }
+
+    #[test]
+    fn scored_positions_follow_llama_perplexity() {
+        // llama-perplexity scores positions n_ctx/2 .. n_ctx-2 of each window.
+        // A window of 2 scores nothing in llama.cpp's mode, one prediction with --score-all.
+        assert_eq!(method(2, false).scored_per_window(), 0);
+        assert!(method(2, false).validate(1024).is_err());
+        assert_eq!(method(2, true).scored_per_window(), 1);
+        assert!(method(2, true).validate(1024).is_ok());
+        assert_eq!(method(3, false).scored_per_window(), 1);
+        assert!(method(3, false).validate(1024).is_ok());
+        assert!(method(1024, false).validate(1024).is_ok());
+        assert_eq!(method(512, false).scored_per_window(), 255);
+        assert_eq!(method(512, true).scored_per_window(), 511);
+        assert_eq!(window_count(1000, &method(512, false)), 1);
+    }
 }

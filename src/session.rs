@@ -25,7 +25,7 @@
 use anyhow::Result;
 use ggpt_models::{KvType, Output, RunError, Seqs, State};
 
-use crate::model::Model;
+use crate::model::{Model, NonFiniteWeights};
 
 /// A running context over a [`Model`]: the KV cache for `n_seq` sequences of up to `n_ctx`
 /// tokens, and the buffers one forward pass needs (allocated once, reused every step).
@@ -71,6 +71,7 @@ impl<'m> Session<'m> {
         self.model
             .gpt2()
             .eval(&mut self.state, tokens, Seqs::One(0), out)?;
+        self.check_finite(&self.logits[..v], "logits")?;
         Ok(&self.logits[..v])
     }
 
@@ -83,7 +84,7 @@ impl<'m> Session<'m> {
         self.model
             .gpt2()
             .eval(&mut self.state, tokens, Seqs::One(0), o)?;
-        Ok(())
+        self.check_finite(out, "logits")
     }
 
     /// Append one token to sequence 0 and return the next-token logits (V).
@@ -112,6 +113,7 @@ impl<'m> Session<'m> {
         let out = Output::AllLogits(&mut self.logits[..n]);
         let seqs = Seqs::Each(&self.seq_ids);
         self.model.gpt2().eval(&mut self.state, tokens, seqs, out)?;
+        self.check_finite(&self.logits[..n], "logits")?;
         Ok(&self.logits[..n])
     }
 
@@ -125,7 +127,32 @@ impl<'m> Session<'m> {
         self.model
             .gpt2()
             .eval(&mut self.state, tokens, Seqs::One(0), o)?;
+        self.check_finite(&out, "hidden-state values")?;
         Ok(out)
+    }
+
+    /// With finite weights every output is finite (an f32 overflow would need values near
+    /// 3e38), so a NaN or infinity means the file's weights hold one: a bad F16/F32 value or
+    /// a scale that loading did not check. Refusing here keeps NaN out of the sampler, which
+    /// would otherwise turn it into plausible-looking garbage. The sequence has advanced by
+    /// then; the error is meant to end the run.
+    fn check_finite(&self, values: &[f32], what: &str) -> Result<()> {
+        // No early exit, so the scan vectorises: microseconds for a row of 50k logits.
+        if !values.iter().fold(false, |bad, x| bad | !x.is_finite()) {
+            return Ok(());
+        }
+        let n_bad = values.iter().filter(|x| !x.is_finite()).count();
+        let file = self.model.file().path().display().to_string();
+        Err(NonFiniteWeights {
+            what: format!(
+                "{n_bad} of the {} {what} a forward pass produced are NaN or infinite; the file \
+                 is damaged or was converted from a broken checkpoint (`ggpt inspect` on it \
+                 names the tensor)",
+                values.len()
+            ),
+            file,
+        }
+        .into())
     }
 
     /// Tokens in sequence 0.

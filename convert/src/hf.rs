@@ -293,66 +293,85 @@ impl HfVocab {
         let config_path = dir.join("config.json");
         let config_json = read_json_opt(&config_path)?;
 
-        let (vocab, merges, added, source) = match &tokenizer_json {
-            Some(tj) => {
-                let model = tj
-                    .get("model")
-                    .and_then(Json::as_object)
-                    .ok_or_else(|| InputError::new(&tj_path, "no \"model\" object"))?;
-                match model.get("type") {
-                    Some(Json::String(t)) if t == "BPE" => {}
-                    other => {
-                        return Err(InputError::new(
-                            &tj_path,
-                            format!(
+        // Which file each part came from, so that errors name a file that exists.
+        let (vocab, merges, added, source, vocab_file, merges_file, added_file) =
+            match &tokenizer_json {
+                Some(tj) => {
+                    let model = tj
+                        .get("model")
+                        .and_then(Json::as_object)
+                        .ok_or_else(|| InputError::new(&tj_path, "no \"model\" object"))?;
+                    match model.get("type") {
+                        Some(Json::String(t)) if t == "BPE" => {}
+                        other => {
+                            return Err(InputError::new(
+                                &tj_path,
+                                format!(
                                 "model.type is {other:?}; a GPT-2 tokenizer is byte-level \"BPE\""
                             ),
-                        ))
+                            ))
+                        }
                     }
+                    let vocab_json = model
+                        .get("vocab")
+                        .ok_or_else(|| InputError::new(&tj_path, "model.vocab is missing"))?;
+                    let vocab = parse_vocab(vocab_json, &tj_path, "model.vocab")?;
+                    let merges_json = model
+                        .get("merges")
+                        .ok_or_else(|| InputError::new(&tj_path, "model.merges is missing"))?;
+                    let merges = parse_merges_json(merges_json, &tj_path)?;
+                    let added = parse_added_tokens(tj.get("added_tokens"), &tj_path)?;
+                    (
+                        vocab,
+                        merges,
+                        added,
+                        "tokenizer.json".to_string(),
+                        tj_path.clone(),
+                        tj_path.clone(),
+                        tj_path.clone(),
+                    )
                 }
-                let vocab_json = model
-                    .get("vocab")
-                    .ok_or_else(|| InputError::new(&tj_path, "model.vocab is missing"))?;
-                let vocab = parse_vocab(vocab_json, &tj_path, "model.vocab")?;
-                let merges_json = model
-                    .get("merges")
-                    .ok_or_else(|| InputError::new(&tj_path, "model.merges is missing"))?;
-                let merges = parse_merges_json(merges_json, &tj_path)?;
-                let added = parse_added_tokens(tj.get("added_tokens"), &tj_path)?;
-                (vocab, merges, added, "tokenizer.json".to_string())
-            }
-            None => {
-                let vocab_path = dir.join("vocab.json");
-                if !vocab_path.is_file() {
-                    return Err(InputError::new(
+                None => {
+                    let vocab_path = dir.join("vocab.json");
+                    if !vocab_path.is_file() {
+                        return Err(InputError::new(
                         &vocab_path,
                         "missing: the tokenizer needs tokenizer.json or vocab.json + merges.txt",
                     ));
-                }
-                let vocab = parse_vocab(&read_json(&vocab_path)?, &vocab_path, "the top level")?;
-                let merges_path = dir.join("merges.txt");
-                if !merges_path.is_file() {
-                    return Err(InputError::new(
+                    }
+                    let vocab =
+                        parse_vocab(&read_json(&vocab_path)?, &vocab_path, "the top level")?;
+                    let merges_path = dir.join("merges.txt");
+                    if !merges_path.is_file() {
+                        return Err(InputError::new(
                         &merges_path,
                         "missing: vocab.json needs merges.txt next to it (or provide tokenizer.json)",
                     ));
-                }
-                let text = fs::read_to_string(&merges_path).map_err(|e| {
-                    InputError::new(&merges_path, format!("cannot read as UTF-8 text: {e}"))
-                })?;
-                let merges = parse_merges_txt(&text, &merges_path)?;
-                let added = match &tokenizer_config {
-                    Some(tc) => {
-                        parse_added_tokens_decoder(tc.get("added_tokens_decoder"), &tc_path)?
                     }
-                    None => Vec::new(),
-                };
-                (vocab, merges, added, "vocab.json + merges.txt".to_string())
-            }
-        };
+                    let text = fs::read_to_string(&merges_path).map_err(|e| {
+                        InputError::new(&merges_path, format!("cannot read as UTF-8 text: {e}"))
+                    })?;
+                    let merges = parse_merges_txt(&text, &merges_path)?;
+                    let added = match &tokenizer_config {
+                        Some(tc) => {
+                            parse_added_tokens_decoder(tc.get("added_tokens_decoder"), &tc_path)?
+                        }
+                        None => Vec::new(),
+                    };
+                    (
+                        vocab,
+                        merges,
+                        added,
+                        "vocab.json + merges.txt".to_string(),
+                        vocab_path,
+                        merges_path,
+                        tc_path.clone(),
+                    )
+                }
+            };
         if merges.is_empty() {
             return Err(InputError::new(
-                dir.join(&source),
+                &merges_file,
                 "no merges: a BPE tokenizer cannot work without them",
             ));
         }
@@ -363,13 +382,13 @@ impl HfVocab {
         for (text, id) in vocab {
             if id >= n {
                 return Err(InputError::new(
-                    dir.join(&source),
+                    &vocab_file,
                     format!("token {text:?} has id {id}, but config.json vocab_size is {n}"),
                 ));
             }
             if let Some(prev) = &tokens[id] {
                 return Err(InputError::new(
-                    dir.join(&source),
+                    &vocab_file,
                     format!("tokens {prev:?} and {text:?} share id {id}"),
                 ));
             }
@@ -394,7 +413,7 @@ impl HfVocab {
         for a in &added {
             if a.id >= n {
                 return Err(InputError::new(
-                    dir.join(&source),
+                    &added_file,
                     format!(
                         "added token {:?} has id {}, but vocab_size is {n}",
                         a.content, a.id

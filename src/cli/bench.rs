@@ -1,10 +1,10 @@
 //! `ggpt bench`: llama-bench-style speed table for one or more GGUF files, or for
 //! GPT-2-Medium-shaped random models that ggpt builds itself (`--synthetic`).
 
-use super::common::init_threads;
+use super::common::{bail_flag, init_threads, Stdout};
 use crate::bench::{bytes_per_token, decode, prefill, read_bandwidth, TestResult};
 use crate::model::Model;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -50,31 +50,34 @@ pub struct Row {
 pub fn run(args: Args) -> Result<()> {
     let threads = init_threads(args.threads)?;
     if args.reps == 0 || args.reps > 1000 {
-        bail!("-r must be between 1 and 1000");
+        bail_flag!("-r {} is outside 1..=1000", args.reps);
     }
     let files = match &args.synthetic {
         Some(shape) => synthetic_models(shape, &args.ftype, &args.synth_dir)?,
         None => args.models.clone(),
     };
     if files.is_empty() {
-        bail!("nothing to bench: give -m FILE (repeatable) or --synthetic gpt2-medium");
+        bail_flag!("nothing to bench: give -m FILE (repeatable) or --synthetic gpt2-medium");
     }
     // Decode is memory-bound: measure what memory delivers to this many threads, before and
     // after the runs (the machine may be shared), and relate each decode result to it.
     let bw_before = (args.n_gen > 0).then(|| read_bandwidth(5));
+    let mut out = Stdout::new();
     if !args.json {
-        println!("| model | size | params | threads | test | t/s |");
-        println!("|---|---:|---:|---:|---:|---:|");
+        out.write(
+            "| model | size | params | threads | test | t/s |\n|---|---:|---:|---:|---:|---:|\n",
+        )?;
     }
     let mut decode_rows = Vec::new();
     for file in &files {
         let model = Model::load(file)?;
         let n_ctx = model.hparams().n_ctx as usize;
         if args.n_prompt > n_ctx || args.n_gen > n_ctx {
-            bail!(
-                "-p {} / -n {} exceed the model's context of {n_ctx}",
+            bail_flag!(
+                "-p {} / -n {} exceed the context of {}: {n_ctx} tokens",
                 args.n_prompt,
-                args.n_gen
+                args.n_gen,
+                file.display()
             );
         }
         let mut results = Vec::new();
@@ -100,7 +103,7 @@ pub fn run(args: Args) -> Result<()> {
                 threads,
                 result: r,
             };
-            print_row(&row, args.json);
+            out.write(&format_row(&row, args.json))?;
         }
     }
     if let Some(before) = bw_before {
@@ -120,21 +123,19 @@ pub fn run(args: Args) -> Result<()> {
                     "roofline_ts": bw / *bpt as f64,
                     "roofline_fraction": ts * *bpt as f64 / bw,
                 });
-                println!("{doc}");
+                out.write(&format!("{doc}\n"))?;
             }
         } else {
-            println!();
-            println!(
-                "memory read bandwidth ({threads} threads, best of 5): {:.1} GB/s before, {:.1} GB/s after",
+            out.write(&format!(
+                "\nmemory read bandwidth ({threads} threads, best of 5): {:.1} GB/s before, {:.1} GB/s after\n",
                 before / 1e9,
                 after / 1e9
-            );
-            println!("| model | weight bytes per token | roofline t/s | tg t/s | of roofline |");
-            println!("|---|---:|---:|---:|---:|");
+            ))?;
+            out.write("| model | weight bytes per token | roofline t/s | tg t/s | of roofline |\n|---|---:|---:|---:|---:|\n")?;
             for (file, ftype, bpt, ts) in &decode_rows {
                 let roof = bw / *bpt as f64;
-                println!(
-                    "| {} {} | {:.1} MB | {:.1} | {:.2} | {:.0} % |",
+                out.write(&format!(
+                    "| {} {} | {:.1} MB | {:.1} | {:.2} | {:.0} % |\n",
                     file.file_name()
                         .map(|n| n.to_string_lossy().into_owned())
                         .unwrap_or_default(),
@@ -143,14 +144,14 @@ pub fn run(args: Args) -> Result<()> {
                     roof,
                     ts,
                     100.0 * ts / roof
-                );
+                ))?;
             }
         }
     }
     Ok(())
 }
 
-fn print_row(r: &Row, json: bool) {
+fn format_row(r: &Row, json: bool) -> String {
     if json {
         let doc = serde_json::json!({
             "model": r.file.display().to_string(),
@@ -163,10 +164,10 @@ fn print_row(r: &Row, json: bool) {
             "avg_ts": r.result.mean(),
             "stddev_ts": r.result.sd(),
         });
-        println!("{doc}");
+        format!("{doc}\n")
     } else {
-        println!(
-            "| {} {} | {:.2} MiB | {:.2} M | {} | {} | {:.2} ± {:.2} |",
+        format!(
+            "| {} {} | {:.2} MiB | {:.2} M | {} | {} | {:.2} ± {:.2} |\n",
             r.file
                 .file_name()
                 .map(|n| n.to_string_lossy().into_owned())
@@ -178,7 +179,7 @@ fn print_row(r: &Row, json: bool) {
             r.result.test,
             r.result.mean(),
             r.result.sd()
-        );
+        )
     }
 }
 
@@ -189,12 +190,13 @@ fn synthetic_models(shape: &str, ftype: &str, dir: &std::path::Path) -> Result<V
     use ggpt_convert::policy::FileType;
     use ggpt_convert::synth::{synth, SynthOptions, SynthShape};
     let Some(s) = SynthShape::named(shape) else {
-        bail!("--synthetic {shape:?}: expected gpt2-medium, gpt2 or tiny");
+        bail_flag!("--synthetic {shape:?}: expected gpt2-medium, gpt2 or tiny");
     };
-    let types = FileType::parse_list(ftype).map_err(|e| anyhow::anyhow!("--type: {e}"))?;
+    let types = FileType::parse_list(ftype)
+        .map_err(|e| super::common::flag_error(format!("--type: {e}")))?;
     let hf = dir.join(shape);
     if !hf.join("model.safetensors").is_file() {
-        eprintln!("writing a random {shape} checkpoint to {}", hf.display());
+        super::common::note!("writing a random {shape} checkpoint to {}", hf.display());
         let opts = SynthOptions {
             shape: s,
             dtype: ggpt_convert::safetensors::SrcDtype::F16,
@@ -216,7 +218,7 @@ fn synthetic_models(shape: &str, ftype: &str, dir: &std::path::Path) -> Result<V
         .map(|(t, _)| *t)
         .collect();
     if !missing.is_empty() {
-        eprintln!("converting {} to {} format(s)", hf.display(), missing.len());
+        super::common::note!("converting {} to {} format(s)", hf.display(), missing.len());
         let opts = ConvertOptions {
             hf_dir: hf,
             types: missing,

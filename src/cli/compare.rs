@@ -3,15 +3,20 @@
 //! and quality against F16, and write a Markdown table, a JSON report and two SVG charts.
 //! With no arguments it runs on the bundled tiny GPT-2 and its held-out text.
 
-use super::common::{init_threads, read_text_file};
+use super::common::{
+    bail_flag, flag_error, init_threads, output_error, print_stdout, read_text_file,
+};
 use crate::compare::{charts, markdown, to_json, FormatRow, Setup};
 use crate::memory::{estimate, RunShape};
 use crate::model::Model;
 use crate::perplexity::{evaluate, window_count, Method};
 use anyhow::{bail, Context, Result};
+use ggpt_convert::atomic::AtomicFile;
+use ggpt_convert::hf::{HfConfig, InputError};
 use ggpt_convert::pipeline::{convert_hf, model_name, ConvertOptions, NoProgress};
 use ggpt_convert::policy::FileType;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -73,22 +78,45 @@ pub fn run(args: Args) -> Result<()> {
         .clone()
         .unwrap_or_else(|| bundled("models/tiny-gpt2"));
     if !hf_dir.is_dir() {
-        bail!(
-            "{}: not a directory (expected a Hugging Face GPT-2 checkpoint)",
-            hf_dir.display()
+        return Err(InputError::new(
+            &hf_dir,
+            "not a directory (expected a Hugging Face GPT-2 checkpoint)",
+        )
+        .into());
+    }
+    // Every flag and input is checked before the (minutes long, for real models) conversion.
+    if args.chunks == 0 {
+        bail_flag!("--chunks 0: must be at least 1");
+    }
+    if args.bench_prompt == 0 || args.bench_gen == 0 {
+        bail_flag!(
+            "--bench-prompt {} / --bench-gen {}: both must be at least 1",
+            args.bench_prompt,
+            args.bench_gen
         );
     }
+    let config = HfConfig::load(&hf_dir)?;
+    let method = Method {
+        n_ctx: args.ctx,
+        max_chunks: Some(args.chunks),
+        score_all: false,
+    };
+    method
+        .validate(config.n_ctx)
+        .map_err(|e| flag_error(format!("--ctx {}: {e}", args.ctx)))?;
     let text_path = match &args.text {
         Some(t) => t.clone(),
         None if is_default => bundled("models/tiny-gpt2/val.txt"),
         None => bundled("tests/fixtures/text/wikitext-2-test.txt"),
     };
+    let text = read_text_file(&text_path)?;
     let name = model_name(&hf_dir);
     let out = args
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("out/compare").join(&name));
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create {}", out.display()))?;
+    std::fs::create_dir_all(&out)
+        .map_err(|e| output_error(&out, "cannot create the output directory", e))?;
 
     // 1. Convert what is missing (one pass over the checkpoint for all missing formats).
     let files: Vec<(FileType, PathBuf)> = FileType::ALL
@@ -101,7 +129,7 @@ pub fn run(args: Args) -> Result<()> {
         .map(|(t, _)| *t)
         .collect();
     if !missing.is_empty() {
-        eprintln!(
+        super::common::note!(
             "converting {} to {}",
             hf_dir.display(),
             missing
@@ -117,34 +145,28 @@ pub fn run(args: Args) -> Result<()> {
             name: Some(name.clone()),
         };
         let report = convert_hf(&opts, &NoProgress)?;
-        eprintln!("converted in {:.1} s", report.seconds);
+        super::common::note!("converted in {:.1} s", report.seconds);
     } else {
-        eprintln!("reusing the GGUF files in {}", out.display());
+        super::common::note!("reusing the GGUF files in {}", out.display());
     }
 
     // 2. The evaluation text, tokenized once with the F16 file's tokenizer.
-    let text = read_text_file(&text_path)?;
     let base = Model::load(&files[0].1)?;
     let tokens = base.tokenizer().encode_ordinary(&text);
-    let method = Method {
-        n_ctx: args.ctx,
-        max_chunks: Some(args.chunks),
-        score_all: false,
-    };
     let windows = window_count(tokens.len(), &method);
     if windows == 0 {
-        bail!(
-            "{}: {} tokens, fewer than one window of {}",
+        bail_flag!(
+            "--ctx {}: {} has {} tokens, fewer than one window",
+            args.ctx,
             text_path.display(),
-            tokens.len(),
-            args.ctx
+            tokens.len()
         );
     }
     let mem_ctx = base.hparams().n_ctx as usize;
 
     let mut rows: Vec<FormatRow> = Vec::new();
     for (ftype, path) in &files {
-        eprintln!("== {} ({})", ftype.label(), path.display());
+        super::common::note!("== {} ({})", ftype.label(), path.display());
         let model = Model::load(path)?;
         let shape = super::mem::shape_of(&model);
         let tensors = model.file().tensors();
@@ -206,7 +228,7 @@ pub fn run(args: Args) -> Result<()> {
             same_top_err_pct: vs.map_or(0.0, |v| v.same_top_err * 100.0),
             rms_delta_p_pct: vs.map_or(0.0, |v| v.rms_delta_p * 100.0),
         });
-        eprintln!("   PPL {:.4} ± {:.4}", s.ppl, s.ppl_err);
+        super::common::note!("   PPL {:.4} ± {:.4}", s.ppl, s.ppl_err);
     }
 
     let setup = Setup {
@@ -222,7 +244,7 @@ pub fn run(args: Args) -> Result<()> {
         threads,
     };
     let md = markdown(&setup, &rows);
-    println!("{md}");
+    print_stdout(&format!("{md}\n"))?;
     let (ppl_svg, kld_svg) = charts(&setup, &rows);
     write(&out.join("report.md"), md.as_bytes())?;
     write(
@@ -231,15 +253,21 @@ pub fn run(args: Args) -> Result<()> {
     )?;
     write(&out.join("ppl_vs_size.svg"), ppl_svg.as_bytes())?;
     write(&out.join("kld_vs_size.svg"), kld_svg.as_bytes())?;
-    eprintln!(
+    super::common::note!(
         "wrote {}/report.md, report.json, ppl_vs_size.svg, kld_vs_size.svg",
         out.display()
     );
     Ok(())
 }
 
+/// Write a report file whole or not at all (a temporary renamed into place).
 fn write(path: &Path, bytes: &[u8]) -> Result<()> {
-    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+    let write = || -> std::io::Result<()> {
+        let mut f = AtomicFile::create(path)?;
+        f.write_all(bytes)?;
+        f.commit()
+    };
+    write().map_err(|e| output_error(path, "cannot write", e))
 }
 
 /// Peak RSS of a fresh process that loads `path`, prefills the context and decodes

@@ -9,6 +9,9 @@ use anyhow::Result;
 use ggpt_convert::pipeline::{convert_hf, ConvertOptions, FileSummary, Progress};
 use ggpt_convert::policy::FileType;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::fmt::Write as _;
+
+use super::common::{bail_flag, print_stdout};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -35,6 +38,12 @@ fn parse_types(s: &str) -> Result<Types, String> {
 }
 
 pub fn run(args: Args) -> Result<()> {
+    if let Some(name) = &args.name {
+        // The name becomes part of a file name in the output directory.
+        if name.is_empty() || name.contains(['/', '\\', '\0']) || name == "." || name == ".." {
+            bail_flag!("--name {name:?}: must be a non-empty file-name stem without '/' or '\\'");
+        }
+    }
     let opts = ConvertOptions {
         hf_dir: args.hf_dir,
         types: args.types.0,
@@ -43,13 +52,15 @@ pub fn run(args: Args) -> Result<()> {
     };
     let progress = Bars::new();
     let report = convert_hf(&opts, &progress)?;
-    print_summary(&report.files, report.seconds);
-    Ok(())
+    print_summary(&report.files, report.seconds)
 }
 
 /// Print the per-file table and any place where the output differs from llama.cpp's.
-pub fn print_summary(files: &[FileSummary], seconds: f64) {
-    println!(
+/// Formatting into a String cannot fail; only writing it to standard output can.
+pub fn print_summary(files: &[FileSummary], seconds: f64) -> Result<()> {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
         "{:<40} {:>7} {:>10} {:>6} {:>8}  types",
         "file", "tensors", "MiB", "bpw", "seconds"
     );
@@ -59,7 +70,8 @@ pub fn print_summary(files: &[FileSummary], seconds: f64) {
             .iter()
             .map(|(t, n)| format!("{t}×{n}"))
             .collect();
-        println!(
+        let _ = writeln!(
+            o,
             "{:<40} {:>7} {:>10.2} {:>6.2} {:>8.2}  {}",
             f.path.display(),
             f.n_tensors,
@@ -69,7 +81,8 @@ pub fn print_summary(files: &[FileSummary], seconds: f64) {
             types.join(" ")
         );
     }
-    println!("total: {seconds:.2} s");
+    let _ = writeln!(o, "total: {seconds:.2} s");
+    print_stdout(&o)?;
     for f in files {
         for (name, wrote, d) in &f.differs {
             let llama = d
@@ -77,13 +90,14 @@ pub fn print_summary(files: &[FileSummary], seconds: f64) {
                 .map_or("nothing (it refuses the tensor)".to_string(), |t| {
                     t.to_string()
                 });
-            eprintln!(
+            super::common::note!(
                 "warning: {}: {name}: rows are not a whole number of {} blocks; wrote {wrote} where llama-quantize writes {llama}",
                 f.path.display(),
                 d.wanted,
             );
         }
     }
+    Ok(())
 }
 
 /// indicatif bars: one per output file (bytes written) plus one for tensors. Drawn only when

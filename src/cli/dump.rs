@@ -6,8 +6,11 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use ggpt_convert::atomic::AtomicFile;
+use ggpt_convert::hf::InputError;
+
+use super::common::{flag_error, output_error};
 use ggpt_convert::gguf::{GgufFile, TensorInfo};
 
 #[derive(clap::Args, Debug)]
@@ -24,6 +27,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let f = GgufFile::open(&args.file)?;
     let file = args.file.display();
+    let bad_file = |problem: String| InputError::new(&args.file, problem);
 
     let selected: Vec<&TensorInfo> = if args.tensors.is_empty() {
         f.tensors().iter().collect()
@@ -31,8 +35,9 @@ pub fn run(args: Args) -> Result<()> {
         args.tensors
             .iter()
             .map(|n| {
-                f.tensor(n)
-                    .with_context(|| format!("{file}: no tensor named '{n}'"))
+                f.tensor(n).ok_or_else(|| {
+                    flag_error(format!("--tensor {n}: {file} has no tensor named '{n}'"))
+                })
             })
             .collect::<Result<_>>()?
     };
@@ -40,31 +45,32 @@ pub fn run(args: Args) -> Result<()> {
     let mut seen = HashSet::new();
     for t in &selected {
         if !ggpt_quant::tensor::can_dequantize(t.ty) {
-            bail!(
-                "{file}: tensor '{}' has type {}, which ggpt cannot dequantize",
-                t.name,
-                t.ty
-            );
+            return Err(bad_file(format!(
+                "tensor '{}' has type {}, which ggpt cannot dequantize",
+                t.name, t.ty
+            ))
+            .into());
         }
         if !seen.insert(file_name(&t.name)) {
-            bail!(
-                "{file}: tensor '{}' maps to the same .npy file name as another tensor",
+            return Err(bad_file(format!(
+                "tensor '{}' maps to the same .npy file name as another tensor",
                 t.name
-            );
+            ))
+            .into());
         }
     }
 
     std::fs::create_dir_all(&args.outdir)
-        .with_context(|| format!("cannot create {}", args.outdir.display()))?;
+        .map_err(|e| output_error(&args.outdir, "cannot create the output directory", e))?;
     let mut values = Vec::new();
     for t in &selected {
-        let n = usize::try_from(t.n_elements()).with_context(|| {
-            format!("{file}: tensor '{}' is too large for this machine", t.name)
-        })?;
+        // The reader bounds every tensor by the file's size, so this fits in memory.
+        let n = usize::try_from(t.n_elements())
+            .map_err(|_| bad_file(format!("tensor '{}' is too large for this machine", t.name)))?;
         values.clear();
         values.resize(n, 0.0f32);
         ggpt_quant::tensor::dequantize(t.ty, f.tensor_data(t), &mut values)
-            .map_err(|e| anyhow::anyhow!("{file}: tensor '{}': {e}", t.name))?;
+            .map_err(|e| bad_file(format!("tensor '{}': {e}", t.name)))?;
 
         let shape: Vec<usize> = t.dims.iter().rev().map(|&d| d as usize).collect();
         let path = args.outdir.join(file_name(&t.name));
@@ -74,9 +80,10 @@ pub fn run(args: Args) -> Result<()> {
             out.flush()?;
             out.commit()
         };
-        write().with_context(|| format!("cannot write {}", path.display()))?;
+        // Each file appears complete or not at all (AtomicFile); a failure stops the dump.
+        write().map_err(|e| output_error(&path, "cannot write", e))?;
     }
-    eprintln!(
+    super::common::note!(
         "wrote {} tensors from {file} to {}",
         selected.len(),
         args.outdir.display()

@@ -1,10 +1,11 @@
 //! `ggpt features`: the final hidden state (after the last LayerNorm) for every token of a text —
 //! what Hugging Face's `GPT2Model(...).last_hidden_state` returns — as JSON or `.npy`.
 
-use super::common::{init_threads, text_arg};
+use super::common::{bail_flag, init_threads, output_error, print_stdout, text_arg};
 use crate::model::Model;
 use crate::session::Session;
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
+use ggpt_convert::atomic::AtomicFile;
 use std::io::Write;
 use std::path::PathBuf;
 
@@ -27,11 +28,11 @@ pub fn run(args: Args) -> Result<()> {
     let model = Model::load(&args.model)?;
     let ids = model.tokenizer().encode(&text);
     if ids.is_empty() {
-        bail!("the text has no tokens");
+        bail_flag!("the text is empty: there is no token to compute a hidden state for");
     }
     let n_ctx = model.hparams().n_ctx as usize;
     if ids.len() > n_ctx {
-        bail!(
+        bail_flag!(
             "the text has {} tokens, more than the model's context of {n_ctx}",
             ids.len()
         );
@@ -41,14 +42,15 @@ pub fn run(args: Args) -> Result<()> {
     let n_embd = model.hparams().n_embd as usize;
     match &args.npy {
         Some(path) => {
-            let mut f = std::io::BufWriter::new(
-                std::fs::File::create(path)
-                    .with_context(|| format!("cannot create {}", path.display()))?,
-            );
-            crate::npy::write_f32(&mut f, &[ids.len(), n_embd], &hidden)
-                .and_then(|_| f.flush())
-                .with_context(|| format!("writing {}", path.display()))?;
-            eprintln!(
+            // Through a temporary and a rename: a failed write leaves no partial .npy behind.
+            let write = || -> std::io::Result<()> {
+                let mut f = AtomicFile::create(path)?;
+                crate::npy::write_f32(&mut f, &[ids.len(), n_embd], &hidden)?;
+                f.flush()?;
+                f.commit()
+            };
+            write().map_err(|e| output_error(path, "cannot write", e))?;
+            super::common::note!(
                 "wrote {} × {} hidden states to {}",
                 ids.len(),
                 n_embd,
@@ -61,7 +63,7 @@ pub fn run(args: Args) -> Result<()> {
                 .map(|r| serde_json::Value::from(r.to_vec()))
                 .collect();
             let doc = serde_json::json!({ "tokens": ids, "n_embd": n_embd, "hidden": rows });
-            println!("{doc}");
+            print_stdout(&format!("{doc}\n"))?;
         }
     }
     Ok(())

@@ -1,13 +1,18 @@
 //! `ggpt inspect FILE.gguf [--json]`: the header of a GGUF file — every metadata key with its
-//! type and value, a tensor table like llama.cpp's gguf-dump, and size totals.
+//! type and value, a tensor table like llama.cpp's gguf-dump, and size totals — then a check
+//! of every tensor's values (NaN/inf scales and weights, as ggml validates row data), which
+//! names the first bad tensor and makes the command fail after printing the header.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::path::PathBuf;
+use std::time::Instant;
 
-use anyhow::{Context, Result};
-use ggpt_convert::gguf::{Array, GgufFile, Value};
+use anyhow::Result;
+use ggpt_convert::gguf::{Array, GgufError, GgufFile, Value};
 use serde_json::json;
+
+use super::common::print_stdout;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -19,6 +24,15 @@ pub struct Args {
     /// Print arrays in full instead of their first few items.
     #[arg(long)]
     pub full: bool,
+    /// Skip reading the tensor data (the NaN/inf check): header only, no I/O beyond it.
+    #[arg(long)]
+    pub no_check: bool,
+}
+
+/// The outcome of the tensor-value check.
+struct DataCheck {
+    result: Result<(), GgufError>,
+    ms: f64,
 }
 
 /// Array items shown before "…" unless `--full`.
@@ -29,24 +43,53 @@ const SHOWN_CHARS: usize = 120;
 
 pub fn run(args: Args) -> Result<()> {
     let f = GgufFile::open(&args.file)?;
+    let check = (!args.no_check).then(|| {
+        let t = Instant::now();
+        let result = f.validate_tensor_data();
+        DataCheck {
+            result,
+            ms: t.elapsed().as_secs_f64() * 1e3,
+        }
+    });
     let max_items = if args.full { usize::MAX } else { SHOWN_ITEMS };
     let out = if args.json {
-        let mut s = serde_json::to_string_pretty(&to_json(&f, max_items))?;
+        let mut j = to_json(&f, max_items);
+        j["tensor_data"] = match &check {
+            None => json!({ "checked": false }),
+            Some(c) => json!({
+                "checked": true,
+                "valid": c.result.is_ok(),
+                "error": c.result.as_ref().err().map(|e| e.to_string()),
+                "ms": c.ms,
+            }),
+        };
+        let mut s = serde_json::to_string_pretty(&j)?;
         s.push('\n');
         s
     } else {
-        to_text(
+        let mut s = to_text(
             &f,
             max_items,
             if args.full { usize::MAX } else { SHOWN_CHARS },
-        )
+        );
+        let _ = match &check {
+            None => writeln!(s, "  tensor data      not checked (--no-check)"),
+            Some(DataCheck { result: Ok(()), ms }) => writeln!(
+                s,
+                "  tensor data      every value finite (checked in {ms:.1} ms)"
+            ),
+            Some(DataCheck { result: Err(_), .. }) => {
+                writeln!(s, "  tensor data      INVALID (see the error below)")
+            }
+        };
+        s
     };
-    use std::io::Write;
-    let mut stdout = std::io::stdout().lock();
-    match stdout.write_all(out.as_bytes()) {
-        // `ggpt inspect x.gguf | head` closes the pipe early; that is not an error.
-        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
-        r => r.context("writing to standard output"),
+    // A closed pipe (`ggpt inspect x.gguf | head`) is not an error; see `Stdout`.
+    print_stdout(&out)?;
+    // The header was worth showing; the file is still bad input.
+    match check {
+        Some(DataCheck { result: Err(e), .. }) => Err(e.into()),
+        _ => Ok(()),
     }
 }
 

@@ -1,14 +1,18 @@
 //! `ggpt mem`: what a model costs in memory — predicted term by term, and with `--measure`
 //! measured in this process (peak RSS, split into file-backed and anonymous pages).
 
-use super::common::init_threads;
+use super::common::{bail_flag, flag_error, init_threads, print_stdout};
 use crate::memory::{estimate, rss, Estimate, MemShape, Mib, RunShape};
 use crate::model::Model;
 use crate::session::Session;
-use anyhow::{bail, Result};
+use anyhow::Result;
 use ggpt_models::KvType;
 use serde_json::json;
+use std::fmt::Write as _;
 use std::path::PathBuf;
+
+/// Most sequences `--seqs` may ask for (the forward pass's own limit).
+const MAX_SEQS: usize = ggpt_models::gpt2::forward::MAX_SEQ;
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -42,15 +46,21 @@ fn kv_type(name: &str) -> Result<(KvType, u64)> {
     match name.to_ascii_lowercase().as_str() {
         "f16" => Ok((KvType::F16, 2)),
         "f32" => Ok((KvType::F32, 4)),
-        other => bail!("--kv {other}: expected f16 or f32"),
+        other => bail_flag!("--kv {other}: expected f16 or f32"),
     }
 }
 
 pub fn run(args: Args) -> Result<()> {
     let threads = init_threads(args.threads)? as u64;
     let (kv, kv_elem) = kv_type(&args.kv)?;
-    if args.seqs == 0 || args.seqs > 256 {
-        bail!("--seqs must be between 1 and 256");
+    if args.seqs == 0 || args.seqs > MAX_SEQS {
+        bail_flag!("--seqs {} is outside 1..={MAX_SEQS}", args.seqs);
+    }
+    if args.batch == Some(0) {
+        bail_flag!("--batch 0: must be at least 1");
+    }
+    if args.ctx == Some(0) {
+        bail_flag!("--ctx 0: must be at least 1");
     }
     if args.path.is_dir() {
         return predict_checkpoint(&args, kv_elem, threads);
@@ -59,15 +69,12 @@ pub fn run(args: Args) -> Result<()> {
     let hp = model.hparams().clone();
     let n_ctx = args.ctx.unwrap_or(hp.n_ctx as usize);
     if n_ctx == 0 || n_ctx as u64 > hp.n_ctx {
-        bail!("--ctx {n_ctx} is outside 1..={}", hp.n_ctx);
+        bail_flag!("--ctx {n_ctx} is outside 1..={}", hp.n_ctx);
     }
     let n_batch = args
         .batch
         .unwrap_or(ggpt_models::gpt2::forward::UBATCH)
-        .min(n_ctx);
-    if n_batch == 0 {
-        bail!("--batch must be at least 1");
-    }
+        .clamp(1, n_ctx);
     let shape = shape_of(&model);
     let tensor_bytes: u64 = model.file().tensors().iter().map(|t| t.size).sum();
     let run = RunShape {
@@ -80,6 +87,19 @@ pub fn run(args: Args) -> Result<()> {
     let est = estimate(&shape, model.file().file_len(), tensor_bytes, &run);
 
     let measured = if args.measure {
+        // The measurement fills the whole KV cache of every sequence: refuse a shape this
+        // machine cannot hold rather than be killed by the OOM killer half way.
+        if let Some(avail) = mem_available() {
+            if est.ram_total > avail {
+                bail_flag!(
+                    "--measure with --ctx {n_ctx} --seqs {} needs about {} of RAM, but only {} \
+                     is available; lower --ctx or --seqs",
+                    args.seqs,
+                    Mib(est.ram_total),
+                    Mib(avail)
+                );
+            }
+        }
         Some(measure(&model, n_ctx, n_batch, args.seqs, kv)?)
     } else {
         None
@@ -90,12 +110,13 @@ pub fn run(args: Args) -> Result<()> {
         if let Some(m) = &measured {
             doc["measured"] = m.clone();
         }
-        println!("{doc}");
+        print_stdout(&format!("{doc}\n"))?;
     } else {
-        print_table(&args.path.display().to_string(), &name, &est, &run);
+        let mut o = table(&args.path.display().to_string(), &name, &est, &run);
         if let Some(m) = &measured {
             let peak = m["peak_rss_bytes"].as_u64().unwrap_or(0);
-            println!(
+            let _ = writeln!(
+                o,
                 "measured: peak RSS {} (file-backed {}, anonymous {}); estimate {} ({:+.1} %)",
                 Mib(peak),
                 Mib(m["rss_file_bytes"].as_u64().unwrap_or(0)),
@@ -104,8 +125,17 @@ pub fn run(args: Args) -> Result<()> {
                 (est.ram_total as f64 / peak.max(1) as f64 - 1.0) * 100.0
             );
         }
+        print_stdout(&o)?;
     }
     Ok(())
+}
+
+/// `MemAvailable` from /proc/meminfo in bytes (`None` where there is no such file).
+fn mem_available() -> Option<u64> {
+    let info = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    kib.checked_mul(1024)
 }
 
 /// The memory shape of a loaded model.
@@ -132,7 +162,10 @@ fn measure(
     // Decode the last few positions one at a time; prefill the rest in micro-batches.
     let n_decode = (n_ctx / 8).clamp(1, 16).min(n_ctx);
     let n_prompt = n_ctx - n_decode;
-    let prompt: Vec<u32> = (0..n_prompt as u32).map(|i| (i * 7919) % n_vocab).collect();
+    // Arbitrary in-vocabulary ids; u64 so that i × 7919 cannot overflow at any context size.
+    let prompt: Vec<u32> = (0..n_prompt as u64)
+        .map(|i| (i * 7919 % u64::from(n_vocab)) as u32)
+        .collect();
     let mut session = Session::with_kv_type(model, n_ctx, n_seq, kv)?;
     let t = std::time::Instant::now();
     for chunk in prompt.chunks(n_batch.max(1)) {
@@ -143,7 +176,7 @@ fn measure(
     }
     let remaining = n_ctx - session.n_past();
     for i in 0..remaining.min(n_decode) {
-        let tok = (i as u32 * 31) % n_vocab;
+        let tok = (i as u64 * 31 % u64::from(n_vocab)) as u32;
         if n_seq > 1 {
             session.decode_batch(&vec![tok; n_seq])?;
         } else {
@@ -181,8 +214,11 @@ fn estimate_json(name: &str, e: &Estimate, r: &RunShape) -> serde_json::Value {
     })
 }
 
-fn print_table(what: &str, name: &str, e: &Estimate, r: &RunShape) {
-    println!(
+/// The estimate as text. Formatting into a String cannot fail, hence the ignored results.
+fn table(what: &str, name: &str, e: &Estimate, r: &RunShape) -> String {
+    let mut o = String::new();
+    let _ = writeln!(
+        o,
         "{what} ({name}), ctx {}, batch {}, {} sequence(s), KV {}",
         r.n_ctx,
         r.n_batch,
@@ -201,16 +237,19 @@ fn print_table(what: &str, name: &str, e: &Estimate, r: &RunShape) {
         ("VRAM for full offload", e.vram_total),
     ];
     for (label, v) in rows {
-        println!("  {label:<30} {:>14}", Mib(v).to_string());
+        let _ = writeln!(o, "  {label:<30} {:>14}", Mib(v).to_string());
     }
+    o
 }
 
 /// `ggpt mem HF_DIR`: predict each format's file and memory before converting.
 fn predict_checkpoint(args: &Args, kv_elem: u64, threads: u64) -> Result<()> {
     use ggpt_convert::policy::FileType;
-    let types = FileType::parse_list(&args.ftype).map_err(|e| anyhow::anyhow!("--type: {e}"))?;
+    let types =
+        FileType::parse_list(&args.ftype).map_err(|e| flag_error(format!("--type: {e}")))?;
     let plans = ggpt_convert::pipeline::predict(&args.path, &types)?;
     let mut docs = Vec::new();
+    let mut text = String::new();
     for p in &plans {
         let c = &p.config;
         let shape = MemShape {
@@ -222,14 +261,14 @@ fn predict_checkpoint(args: &Args, kv_elem: u64, threads: u64) -> Result<()> {
         };
         let n_ctx = args.ctx.unwrap_or(c.n_ctx) as u64;
         if n_ctx == 0 || n_ctx > c.n_ctx as u64 {
-            bail!("--ctx {n_ctx} is outside 1..={}", c.n_ctx);
+            bail_flag!("--ctx {n_ctx} is outside 1..={}", c.n_ctx);
         }
         let run = RunShape {
             n_ctx,
             n_batch: args
                 .batch
                 .unwrap_or(ggpt_models::gpt2::forward::UBATCH)
-                .min(n_ctx as usize) as u64,
+                .clamp(1, n_ctx as usize) as u64,
             n_seq: args.seqs as u64,
             kv_elem,
             threads,
@@ -238,16 +277,16 @@ fn predict_checkpoint(args: &Args, kv_elem: u64, threads: u64) -> Result<()> {
         if args.json {
             docs.push(estimate_json(p.ftype.label(), &est, &run));
         } else {
-            print_table(
+            text.push_str(&table(
                 &args.path.display().to_string(),
                 p.ftype.label(),
                 &est,
                 &run,
-            );
+            ));
         }
     }
     if args.json {
-        println!("{}", serde_json::Value::from(docs));
+        text = format!("{}\n", serde_json::Value::from(docs));
     }
-    Ok(())
+    print_stdout(&text)
 }

@@ -70,17 +70,24 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
-/// Exit codes (docs/errors.md): 1 = any other failure, 2 = bad command line (clap's own),
-/// 3 = a bad or unsupported input file (GGUF, safetensors, config, tokenizer, model shape),
-/// 4 = the output could not be written, 130 = interrupted (SIGINT/SIGTERM).
+/// Exit codes (docs/errors.md): 1 = any other failure, 2 = bad command line (clap's own
+/// errors and [`common::FlagError`]), 3 = a bad or unsupported input file (GGUF, safetensors,
+/// config, tokenizer, model shape, NaN/inf weights, a prompt or text file), 4 = the output
+/// could not be written, 130 = interrupted (SIGINT/SIGTERM). The outermost typed error in
+/// the chain decides.
 pub fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
         if cause.is::<ggpt_convert::pipeline::OutputError>() {
             return EXIT_OUTPUT;
         }
+        if cause.is::<common::FlagError>() {
+            return EXIT_USAGE;
+        }
         if cause.is::<ggpt_convert::gguf::GgufError>()
             || cause.is::<ggpt_convert::hf::InputError>()
             || cause.is::<ggpt_models::LoadError>()
+            || cause.is::<crate::tokenizer::TokenizerError>()
+            || cause.is::<crate::model::NonFiniteWeights>()
         {
             return EXIT_INPUT;
         }
@@ -88,6 +95,8 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
     1
 }
 
+/// The same code clap uses for a command line it cannot parse.
+pub const EXIT_USAGE: i32 = 2;
 pub const EXIT_INPUT: i32 = 3;
 pub const EXIT_OUTPUT: i32 = 4;
 pub const EXIT_INTERRUPTED: i32 = 130;
@@ -97,7 +106,7 @@ pub const EXIT_INTERRUPTED: i32 = 130;
 pub fn install_signal_handler() {
     let _ = ctrlc::set_handler(|| {
         ggpt_convert::atomic::cleanup_temp_files();
-        eprintln!("interrupted");
+        common::note!("interrupted");
         std::process::exit(EXIT_INTERRUPTED);
     });
 }

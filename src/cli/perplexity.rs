@@ -1,11 +1,12 @@
 //! `ggpt perplexity`: llama-perplexity's measurement, and with `--kl-base` the KL divergence,
 //! top-1 agreement and Δp against a base model run in lockstep on the same windows.
 
-use super::common::{init_threads, read_text_file};
+use super::common::{bail_flag, flag_error, init_threads, print_stdout, read_text_file};
 use crate::model::Model;
 use crate::perplexity::{evaluate, window_count, Method};
-use anyhow::{bail, Result};
+use anyhow::Result;
 use indicatif::{ProgressBar, ProgressStyle};
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -38,22 +39,44 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     init_threads(args.threads)?;
     if args.chunks == Some(0) {
-        bail!("--chunks must be at least 1");
+        bail_flag!("--chunks 0: must be at least 1");
     }
-    let text = read_text_file(&args.file)?;
-    let model = Model::load(&args.model)?;
-    let base = match &args.kl_base {
-        Some(p) => Some(Model::load(p)?),
-        None => None,
-    };
-    let tokens = model.tokenizer().encode_ordinary(&text);
     let method = Method {
         n_ctx: args.ctx,
         max_chunks: args.chunks,
         score_all: args.score_all,
     };
+    let text = read_text_file(&args.file)?;
+    let model = Model::load(&args.model)?;
+    // Everything about the method is checked before anything is printed or evaluated.
+    method
+        .validate(model.hparams().n_ctx as usize)
+        .map_err(|e| flag_error(format!("--ctx {}: {e}", args.ctx)))?;
+    let base = match &args.kl_base {
+        Some(p) => Some(Model::load(p)?),
+        None => None,
+    };
+    if let (Some(b), Some(p)) = (&base, &args.kl_base) {
+        if b.hparams().n_vocab != model.hparams().n_vocab {
+            bail_flag!(
+                "--kl-base {}: its vocabulary ({} tokens) differs from the model's ({})",
+                p.display(),
+                b.hparams().n_vocab,
+                model.hparams().n_vocab
+            );
+        }
+    }
+    let tokens = model.tokenizer().encode_ordinary(&text);
     let n_windows = window_count(tokens.len(), &method);
-    eprintln!(
+    if n_windows == 0 {
+        bail_flag!(
+            "--ctx {}: {} has {} tokens, fewer than one window",
+            args.ctx,
+            args.file.display(),
+            tokens.len()
+        );
+    }
+    super::common::note!(
         "{}: {} tokens; {}",
         args.file.display(),
         tokens.len(),
@@ -99,39 +122,44 @@ pub fn run(args: Args) -> Result<()> {
                 "rms_delta_p": b.rms_delta_p,
             });
         }
-        println!("{doc}");
-        return Ok(());
+        return print_stdout(&format!("{doc}\n"));
     }
-    println!("method: {how}");
-    println!("text:   {}", args.file.display());
-    println!(
+    // Formatting into a String cannot fail; only writing it out can.
+    let mut o = String::new();
+    let _ = writeln!(o, "method: {how}");
+    let _ = writeln!(o, "text:   {}", args.file.display());
+    let _ = writeln!(
+        o,
         "PPL = {:.4} ± {:.4}  (mean NLL {:.5}, {} tokens scored, {:.1} tokens/s)",
         s.ppl, s.ppl_err, s.mean_nll, s.tokens, report.tokens_per_second
     );
     if let Some(b) = &s.vs_base {
-        println!(
+        let _ = writeln!(
+            o,
             "vs base {}:",
             args.kl_base
                 .as_ref()
                 .map_or(String::new(), |p| p.display().to_string())
         );
-        println!("  base PPL        {:.4}", b.base_ppl);
-        println!(
+        let _ = writeln!(o, "  base PPL        {:.4}", b.base_ppl);
+        let _ = writeln!(
+            o,
             "  PPL ratio       {:.6} ({:+.3} %)",
             b.ppl_ratio,
             (b.ppl_ratio - 1.0) * 100.0
         );
-        println!("  mean KLD        {:.6}", b.mean_kld);
-        println!("  median KLD      {:.6}", b.median_kld);
-        println!("  99th pct KLD    {:.6}", b.p99_kld);
-        println!("  max KLD         {:.6}", b.max_kld);
-        println!(
+        let _ = writeln!(o, "  mean KLD        {:.6}", b.mean_kld);
+        let _ = writeln!(o, "  median KLD      {:.6}", b.median_kld);
+        let _ = writeln!(o, "  99th pct KLD    {:.6}", b.p99_kld);
+        let _ = writeln!(o, "  max KLD         {:.6}", b.max_kld);
+        let _ = writeln!(
+            o,
             "  same top p      {:.3} ± {:.3} %",
             b.same_top * 100.0,
             b.same_top_err * 100.0
         );
-        println!("  mean Δp         {:+.4} %", b.mean_delta_p * 100.0);
-        println!("  RMS Δp          {:.4} %", b.rms_delta_p * 100.0);
+        let _ = writeln!(o, "  mean Δp         {:+.4} %", b.mean_delta_p * 100.0);
+        let _ = writeln!(o, "  RMS Δp          {:.4} %", b.rms_delta_p * 100.0);
     }
-    Ok(())
+    print_stdout(&o)
 }

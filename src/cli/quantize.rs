@@ -29,6 +29,5 @@ pub fn run(args: Args) -> Result<()> {
     let bars = Bars::new();
     let summary = requantize(&args.input, &args.output, args.ftype, &bars)?;
     let seconds = summary.seconds;
-    print_summary(&[summary], seconds);
-    Ok(())
+    print_summary(&[summary], seconds)
 }

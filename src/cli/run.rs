@@ -1,12 +1,11 @@
 //! `ggpt run`: generate text from a prompt, streaming it to stdout, with llama.cpp-style timing
 //! lines on stderr.
 
-use super::common::{init_threads, read_text_file, text_arg};
+use super::common::{bail_flag, flag_error, init_threads, read_text_file, text_arg, Stdout};
 use crate::model::Model;
 use crate::sampler::{Sampler, SamplerConfig};
 use crate::session::Session;
 use anyhow::{bail, Context, Result};
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -64,11 +63,56 @@ pub struct Args {
     pub ignore_eos: bool,
 }
 
+/// The sampling flags, each checked by name (the sampler's own validation, run after this,
+/// knows the values but not the flags).
+fn check_sampling_flags(a: &Args) -> Result<()> {
+    if !(a.temp.is_finite() && a.temp >= 0.0) {
+        bail_flag!(
+            "--temp {}: the temperature must be a finite number >= 0 (0 = greedy)",
+            a.temp
+        );
+    }
+    if !(a.top_p > 0.0 && a.top_p <= 1.0) {
+        bail_flag!("--top-p {}: top_p must be in (0, 1] (1 = off)", a.top_p);
+    }
+    if !(0.0..=1.0).contains(&a.min_p) {
+        bail_flag!("--min-p {}: min_p must be in [0, 1] (0 = off)", a.min_p);
+    }
+    if !(a.repeat_penalty.is_finite() && a.repeat_penalty > 0.0) {
+        bail_flag!(
+            "--repeat-penalty {}: must be a finite number > 0 (1 = off)",
+            a.repeat_penalty
+        );
+    }
+    Ok(())
+}
+
+/// `-n` against the context: checked before any work, without overflow for any `-n`.
+fn check_lengths(n_prompt: usize, n_predict: usize, n_ctx: usize) -> Result<()> {
+    if n_predict >= n_ctx {
+        bail_flag!(
+            "-n {n_predict} leaves no room for the prompt in a context of {n_ctx} tokens \
+             (--ctx); lower -n"
+        );
+    }
+    match n_prompt.checked_add(n_predict) {
+        Some(total) if total <= n_ctx => Ok(()),
+        _ => Err(flag_error(format!(
+            "the prompt ({n_prompt} tokens) plus -n {n_predict} exceeds the context of {n_ctx} \
+             tokens (--ctx); shorten the prompt or lower -n"
+        ))),
+    }
+}
+
 pub fn run(args: Args) -> Result<()> {
     let threads = init_threads(args.threads)?;
     if args.num_return_sequences == 0 || args.num_return_sequences > MAX_SEQUENCES {
-        bail!("--num-return-sequences must be between 1 and {MAX_SEQUENCES}");
+        bail_flag!(
+            "--num-return-sequences {} is outside 1..={MAX_SEQUENCES}",
+            args.num_return_sequences
+        );
     }
+    check_sampling_flags(&args)?;
     let prompt = match (&args.prompt, &args.file) {
         (Some(p), _) => text_arg(p)?,
         (None, Some(f)) => read_text_file(f)?,
@@ -88,14 +132,14 @@ pub fn run(args: Args) -> Result<()> {
         repeat_last_n: args.repeat_last_n,
         seed,
     };
-    cfg.validate()?;
+    cfg.validate().map_err(|e| flag_error(format!("{e:#}")))?;
 
     let model = Model::load(&args.model)?;
     let tok = model.tokenizer();
     let n_ctx_train = model.hparams().n_ctx as usize;
     let n_ctx = args.ctx.unwrap_or(n_ctx_train);
     if n_ctx == 0 || n_ctx > n_ctx_train {
-        bail!("--ctx {n_ctx} is outside 1..={n_ctx_train} (the model's trained context)");
+        bail_flag!("--ctx {n_ctx} is outside 1..={n_ctx_train} (the model's trained context)");
     }
     let mut prompt_ids = if args.no_special {
         tok.encode_ordinary(&prompt)
@@ -112,15 +156,8 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
     }
-    if prompt_ids.len() + args.n_predict > n_ctx {
-        bail!(
-            "the prompt ({} tokens) plus -n {} exceeds the context of {} tokens; shorten the prompt or lower -n",
-            prompt_ids.len(),
-            args.n_predict,
-            n_ctx
-        );
-    }
-    eprintln!(
+    check_lengths(prompt_ids.len(), args.n_predict, n_ctx)?;
+    super::common::note!(
         "ggpt: {} | {} threads | seed {} | prompt {} tokens",
         args.model.display(),
         threads,
@@ -145,12 +182,10 @@ pub fn run(args: Args) -> Result<()> {
     let mut histories: Vec<Vec<u32>> = vec![prompt_ids.clone(); n_seq];
     let mut done = vec![false; n_seq];
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); n_seq];
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
+    let mut out = Stdout::new();
     let mut stream = tok.stream_decoder();
     if n_seq == 1 {
-        write!(out, "{prompt}")?;
-        out.flush()?;
+        out.write(&prompt)?;
     } else {
         session.fork_prompt();
     }
@@ -177,10 +212,9 @@ pub fn run(args: Args) -> Result<()> {
                 } else {
                     outputs[s].push(id);
                     n_generated += 1;
-                    if n_seq == 1 {
-                        let text = stream.push(id)?;
-                        out.write_all(text.as_bytes())?;
-                        out.flush()?;
+                    if n_seq == 1 && !out.write(&stream.push(id)?)? {
+                        // The reader closed the pipe (`| head`): nothing more to generate for.
+                        done[s] = true;
                     }
                 }
             }
@@ -197,18 +231,16 @@ pub fn run(args: Args) -> Result<()> {
     }
     let gen_ms = t_gen.elapsed().as_secs_f64() * 1e3;
     if n_seq == 1 {
-        out.write_all(stream.finish().as_bytes())?;
-        writeln!(out)?;
+        out.write(&format!("{}\n", stream.finish()))?;
     } else {
         for (s, ids) in outputs.iter().enumerate() {
             let text = tok
                 .decode_bytes(ids)
                 .map(|b| String::from_utf8_lossy(&b).into_owned())
                 .context("decoding generated tokens")?;
-            writeln!(out, "=== sequence {} ===\n{prompt}{text}", s + 1)?;
+            out.write(&format!("=== sequence {} ===\n{prompt}{text}\n", s + 1))?;
         }
     }
-    out.flush()?;
 
     let per = |ms: f64, n: usize| {
         if n == 0 {
@@ -219,17 +251,40 @@ pub fn run(args: Args) -> Result<()> {
     };
     let (pp_ms, pp_tps) = per(prompt_ms, prompt_ids.len());
     let (tg_ms, tg_tps) = per(gen_ms, n_generated);
-    eprintln!("ggpt: load time        = {:10.2} ms", model.load_ms());
-    eprintln!(
+    super::common::note!("ggpt: load time        = {:10.2} ms", model.load_ms());
+    super::common::note!(
         "ggpt: prompt eval time = {:10.2} ms / {:5} tokens ({:8.2} ms per token, {:8.2} tokens per second)",
         prompt_ms,
         prompt_ids.len(),
         pp_ms,
         pp_tps
     );
-    eprintln!(
+    super::common::note!(
         "ggpt:        eval time = {:10.2} ms / {:5} tokens ({:8.2} ms per token, {:8.2} tokens per second)",
         gen_ms, n_generated, tg_ms, tg_tps
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::common::FlagError;
+
+    #[test]
+    fn lengths_are_checked_without_overflow() {
+        assert!(check_lengths(1, 1023, 1024).is_ok());
+        assert!(check_lengths(1000, 24, 1024).is_ok());
+        assert!(check_lengths(1, 0, 1).is_ok());
+        for (prompt, n, want) in [
+            (1, usize::MAX, "leaves no room"),
+            (usize::MAX, 1, "plus -n 1 exceeds"),
+            (1, 1024, "leaves no room"),
+            (1000, 25, "plus -n 25 exceeds"),
+        ] {
+            let e = check_lengths(prompt, n, 1024).unwrap_err();
+            assert!(e.is::<FlagError>(), "{e}");
+            assert!(e.to_string().contains(want), "{e}");
+        }
+    }
 }

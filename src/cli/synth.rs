@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use ggpt_convert::safetensors::SrcDtype;
 use ggpt_convert::synth::{synth, SynthOptions, SynthShape};
 
@@ -31,8 +31,8 @@ pub struct Args {
 
 pub fn run(args: Args) -> Result<()> {
     let Some(shape) = SynthShape::named(&args.shape) else {
-        bail!(
-            "unknown shape {:?}; expected gpt2-medium, gpt2 or tiny",
+        super::common::bail_flag!(
+            "--shape {:?}: expected gpt2-medium, gpt2 or tiny",
             args.shape
         );
     };
@@ -40,7 +40,7 @@ pub fn run(args: Args) -> Result<()> {
         "f32" => SrcDtype::F32,
         "f16" => SrcDtype::F16,
         "bf16" => SrcDtype::BF16,
-        other => bail!("unknown dtype {other:?}; expected f32, f16 or bf16"),
+        other => super::common::bail_flag!("--dtype {other:?}: expected f32, f16 or bf16"),
     };
     let vocab_from = args.vocab_from.unwrap_or_else(|| {
         let local = PathBuf::from("models/tiny-gpt2");
@@ -60,8 +60,8 @@ pub fn run(args: Args) -> Result<()> {
     };
     let t0 = Instant::now();
     let bytes = synth(&opts, &args.output, &vocab_from)?;
-    println!(
-        "{}: {} ({} layers, n_embd {}), {} weights, model.safetensors {:.1} MiB in {:.1} s",
+    super::common::print_stdout(&format!(
+        "{}: {} ({} layers, n_embd {}), {} weights, model.safetensors {:.1} MiB in {:.1} s\n",
         args.output.display(),
         args.shape,
         shape.n_layer,
@@ -69,6 +69,5 @@ pub fn run(args: Args) -> Result<()> {
         args.dtype,
         bytes as f64 / (1024.0 * 1024.0),
         t0.elapsed().as_secs_f64()
-    );
-    Ok(())
+    ))
 }

@@ -1,8 +1,9 @@
 //! `ggpt tokenize`: print the token ids of a text with a model file's tokenizer.
 
-use super::common::text_arg;
+use super::common::{print_stdout, text_arg};
 use crate::model::Model;
 use anyhow::Result;
+use std::fmt::Write as _;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
@@ -29,14 +30,16 @@ pub fn run(args: Args) -> Result<()> {
     } else {
         tok.encode(&text)
     };
+    let mut out = String::new();
     if args.pieces {
         for &id in &ids {
             let bytes = tok.token_bytes(id).unwrap_or_default();
-            println!("{id:6} -> {:?}", String::from_utf8_lossy(bytes));
+            // Writing into a String cannot fail.
+            let _ = writeln!(out, "{id:6} -> {:?}", String::from_utf8_lossy(bytes));
         }
     } else {
         let list: Vec<String> = ids.iter().map(|i| i.to_string()).collect();
-        println!("[{}]", list.join(", "));
+        out = format!("[{}]\n", list.join(", "));
     }
-    Ok(())
+    print_stdout(&out)
 }

@@ -5,8 +5,7 @@
 //! vocabularies with other split regexes (`llama3`, `qwen2`, …); encoding those with GPT-2's
 //! regex would silently give wrong ids, so they are refused instead.
 
-use anyhow::{bail, Context, Result};
-use ggpt_convert::gguf::GgufFile;
+use ggpt_convert::gguf::{GgufError, GgufFile};
 
 use super::Tokenizer;
 
@@ -17,41 +16,59 @@ pub const KEY_MERGES: &str = "tokenizer.ggml.merges";
 pub const KEY_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
 pub const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
 
+/// Why a GGUF file's tokenizer metadata cannot be used. A typed error so the command line can
+/// report it as a bad input file (exit 3); every message names the file once.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TokenizerError {
+    /// A key has the wrong type or the metadata cannot be read (the reader names file and key).
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    /// The metadata reads fine but does not describe a GPT-2 tokenizer ggpt can use.
+    #[error("{file}: {problem}")]
+    Invalid { file: String, problem: String },
+}
+
 impl Tokenizer {
     /// Reads the vocabulary, merges, token types and EOS id from GGUF metadata.
-    pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer> {
-        let file = gguf.path().display();
-        let model = gguf.get_str(KEY_MODEL)?.with_context(|| {
-            format!("{file}: no tokenizer in the file ({KEY_MODEL} is missing)")
-        })?;
+    pub fn from_gguf(gguf: &GgufFile) -> Result<Tokenizer, TokenizerError> {
+        let invalid = |problem: String| TokenizerError::Invalid {
+            file: gguf.path().display().to_string(),
+            problem,
+        };
+        let model = gguf
+            .get_str(KEY_MODEL)?
+            .ok_or_else(|| invalid(format!("no tokenizer in the file ({KEY_MODEL} is missing)")))?;
         if model != "gpt2" {
-            bail!(
-                "{file}: tokenizer model {model:?} is not supported ({KEY_MODEL} must be \"gpt2\", \
+            return Err(invalid(format!(
+                "tokenizer model {model:?} is not supported ({KEY_MODEL} must be \"gpt2\", \
                  GPT-2's byte-level BPE)"
-            );
+            )));
         }
         if let Some(pre) = gguf.get_str(KEY_PRE)? {
             if pre != "gpt-2" {
-                bail!(
-                    "{file}: pre-tokenizer {pre:?} is not supported ({KEY_PRE} must be \"gpt-2\"; \
+                return Err(invalid(format!(
+                    "pre-tokenizer {pre:?} is not supported ({KEY_PRE} must be \"gpt-2\"; \
                      other BPE vocabularies split text differently)"
-                );
+                )));
             }
         }
         let tokens = gguf
             .get_str_array(KEY_TOKENS)?
-            .with_context(|| format!("{file}: cannot find tokenizer vocab ({KEY_TOKENS})"))?;
+            .ok_or_else(|| invalid(format!("cannot find tokenizer vocab ({KEY_TOKENS})")))?;
         let merges = gguf
             .get_str_array(KEY_MERGES)?
-            .with_context(|| format!("{file}: cannot find tokenizer merges ({KEY_MERGES})"))?;
+            .ok_or_else(|| invalid(format!("cannot find tokenizer merges ({KEY_MERGES})")))?;
         let types = gguf.get_i32_array(KEY_TOKEN_TYPE)?;
+        // `Tokenizer::new` does not know the file; its message (and cause chain) goes after
+        // the file name.
         let mut tok = Tokenizer::new(tokens, merges, types)
-            .with_context(|| format!("{file}: invalid tokenizer metadata"))?;
+            .map_err(|e| invalid(format!("invalid tokenizer metadata: {e:#}")))?;
         if let Some(eos) = gguf.get_u64(KEY_EOS)? {
             let eos = u32::try_from(eos).unwrap_or(u32::MAX);
             tok = tok
                 .with_eos(eos)
-                .with_context(|| format!("{file}: invalid {KEY_EOS}"))?;
+                .map_err(|e| invalid(format!("invalid {KEY_EOS}: {e:#}")))?;
         }
         Ok(tok)
     }

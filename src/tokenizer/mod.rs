@@ -24,6 +24,7 @@ use std::sync::{Mutex, PoisonError};
 use anyhow::{bail, Context};
 
 use bpe::{FxBuildHasher, Merge, MergeTable};
+pub use gguf::TokenizerError;
 pub use stream::StreamDecoder;
 
 /// GGUF `tokenizer.ggml.token_type` of an ordinary token.
