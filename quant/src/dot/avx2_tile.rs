@@ -455,7 +455,12 @@ unsafe fn float_micro<E: FloatWeight, const R: usize, const T: usize>(
     let mut acc = [[_mm256_setzero_ps(); R]; T];
     let mut i = 0;
     while i + 8 <= n {
-        let wv: [__m256; R] = std::array::from_fn(|r| E::load8(w.add(r * n + i)));
+        // A loop, not `array::from_fn`: a closure may be left un-inlined, outside this
+        // function's target features (it happened to the AVX-512 float kernel).
+        let mut wv = [_mm256_setzero_ps(); R];
+        for (r, v) in wv.iter_mut().enumerate() {
+            *v = E::load8(w.add(r * n + i));
+        }
         for (t, acc_t) in acc.iter_mut().enumerate() {
             let av = _mm256_loadu_ps(a.add(t * n + i));
             for (s, wr) in acc_t.iter_mut().zip(&wv) {
@@ -467,7 +472,10 @@ unsafe fn float_micro<E: FloatWeight, const R: usize, const T: usize>(
     if i < n {
         let len = n - i;
         let mask = first_lanes(len);
-        let wv: [__m256; R] = std::array::from_fn(|r| E::load_tail(w.add(r * n + i), len));
+        let mut wv = [_mm256_setzero_ps(); R];
+        for (r, v) in wv.iter_mut().enumerate() {
+            *v = E::load_tail(w.add(r * n + i), len);
+        }
         for (t, acc_t) in acc.iter_mut().enumerate() {
             let av = _mm256_maskload_ps(a.add(t * n + i), mask);
             for (s, wr) in acc_t.iter_mut().zip(&wv) {
