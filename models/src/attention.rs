@@ -401,13 +401,10 @@ mod avx2 {
     /// as the scalar code is compiled), so the results are bit-identical to it.
     #[inline(always)]
     unsafe fn exp8(x: __m256) -> __m256 {
-        const LOG2E: f32 = std::f32::consts::LOG2_E;
-        const LN2_HI: f32 = 0.693_359_4;
-        const LN2_LO: f32 = -2.121_944_4e-4;
-        const SHIFTER: f32 = 12_582_912.0;
+        use crate::ops::exp_consts::*;
         let set = _mm256_set1_ps;
         let (mul, add) = (_mm256_mul_ps, _mm256_add_ps);
-        let x = _mm256_min_ps(_mm256_max_ps(x, set(-87.3)), set(88.0));
+        let x = _mm256_min_ps(_mm256_max_ps(x, set(X_MIN)), set(X_MAX));
         let t = add(mul(x, set(LOG2E)), set(SHIFTER));
         let n = _mm256_sub_epi32(
             _mm256_castps_si256(t),
@@ -415,11 +412,10 @@ mod avx2 {
         );
         let nf = _mm256_sub_ps(t, set(SHIFTER));
         let r = _mm256_sub_ps(_mm256_sub_ps(x, mul(nf, set(LN2_HI))), mul(nf, set(LN2_LO)));
-        let mut p = add(mul(set(1.987_569_1e-4), r), set(1.398_199_9e-3));
-        p = add(mul(p, r), set(8.333_452e-3));
-        p = add(mul(p, r), set(4.166_579_6e-2));
-        p = add(mul(p, r), set(1.666_666_5e-1));
-        p = add(mul(p, r), set(0.5));
+        let mut p = set(P[0]);
+        for c in &P[1..] {
+            p = add(mul(p, r), set(*c));
+        }
         let er = add(add(mul(mul(p, r), r), r), set(1.0));
         let two_n = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
             n,

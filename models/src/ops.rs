@@ -118,23 +118,38 @@ pub fn layer_norm_rows(x: &[f32], w: &[f32], b: &[f32], eps: f32, out: &mut [f32
 /// which every caller treats as zero anyway.
 #[inline(always)]
 pub fn exp(x: f32) -> f32 {
-    const LOG2E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4;
-    const LN2_LO: f32 = -2.121_944_4e-4;
-    // Adding 1.5·2²³ rounds to an integer (ties to even) and leaves n in the low mantissa bits.
-    const SHIFTER: f32 = 12_582_912.0;
-    let x = x.clamp(-87.3, 88.0);
+    use exp_consts::*;
+    let x = x.clamp(X_MIN, X_MAX);
     let t = x * LOG2E + SHIFTER;
     let n = t.to_bits() as i32 - SHIFTER.to_bits() as i32;
     let nf = t - SHIFTER;
     let r = x - nf * LN2_HI - nf * LN2_LO;
-    let p = ((((1.987_569_1e-4 * r + 1.398_199_9e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 1.666_666_5e-1)
-        * r
-        + 0.5;
+    let p = ((((P[0] * r + P[1]) * r + P[2]) * r + P[3]) * r + P[4]) * r + P[5];
     let er = p * r * r + r + 1.0;
     let two_n = f32::from_bits(((n + 127) as u32) << 23);
     er * two_n
+}
+
+/// The constants of [`exp`], shared with the attention kernel's 8-lane copy, which must stay
+/// bit-identical to it.
+pub(crate) mod exp_consts {
+    pub const LOG2E: f32 = std::f32::consts::LOG2_E;
+    pub const LN2_HI: f32 = 0.693_359_4;
+    pub const LN2_LO: f32 = -2.121_944_4e-4;
+    /// Adding 1.5·2²³ rounds to an integer (ties to even) and leaves n in the low mantissa bits.
+    pub const SHIFTER: f32 = 12_582_912.0;
+    /// The input clamp that keeps 2ⁿ a normal float.
+    pub const X_MIN: f32 = -87.3;
+    pub const X_MAX: f32 = 88.0;
+    /// e^r ≈ 1 + r + r²·(P[5] + P[4]·r + … + P[0]·r⁵).
+    pub const P: [f32; 6] = [
+        1.987_569_1e-4,
+        1.398_199_9e-3,
+        8.333_452e-3,
+        4.166_579_6e-2,
+        1.666_666_5e-1,
+        0.5,
+    ];
 }
 
 /// √(2/π), the GELU tanh-approximation constant.
