@@ -21,8 +21,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Mutex;
 
 use common::{
-    drain, ggpt, run_ggpt, run_ggpt_with, scratch, tiny_hf, tiny_model, wait_timeout, Outcome,
-    TIMEOUT,
+    drain, ggpt, run_ggpt, run_ggpt_io, run_ggpt_with, scratch, tiny_hf, tiny_model, wait_timeout,
+    Outcome, TIMEOUT,
 };
 
 /// One command line and what it must do.
@@ -66,28 +66,6 @@ fn problem(o: &Outcome, code: i32, names: &str) -> Option<String> {
         return Some("more than one error line".to_string());
     }
     None
-}
-
-/// Run `ggpt` with standard output connected to `stdout` (e.g. /dev/full).
-fn run_with_stdout(args: &[&str], stdout: Stdio) -> Outcome {
-    let start = std::time::Instant::now();
-    let mut child = Command::new(ggpt())
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn ggpt");
-    let (out_t, err_t) = drain(&mut child);
-    let (status, timed_out) = wait_timeout(&mut child, TIMEOUT);
-    Outcome {
-        status,
-        stdout: out_t.join().unwrap_or_default(),
-        stderr: err_t.join().unwrap_or_default(),
-        timed_out,
-        elapsed: start.elapsed(),
-        cmd: format!("ggpt {}", args.join(" ")),
-    }
 }
 
 /// Temporary files (`.NAME.ggpt-tmp.PID.N`) left in `dir`.
@@ -320,7 +298,7 @@ fn hostile_command_lines() {
             .write(true)
             .open("/dev/full")
             .expect("open /dev/full");
-        let o = run_with_stdout(&args, Stdio::from(full));
+        let o = run_ggpt_io(&args, None, Stdio::from(full), TIMEOUT);
         let last = o.stderr.lines().last().unwrap_or("");
         let p = o.problem_if_not_orderly().or_else(|| {
             (o.code() != Some(4) || !last.starts_with("error: standard output"))

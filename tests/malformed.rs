@@ -1487,36 +1487,24 @@ fn hf_cases() -> Vec<HfCase> {
             h["transformer.h.0.mlp.c_fc.weight"]["shape"] = json!([1024, 256])
         }),
         hdr("unknown tensor name", |h| {
-            let v = h
-                .as_object_mut()
-                .unwrap()
-                .remove("transformer.h.0.mlp.c_fc.bias")
-                .unwrap();
-            h["transformer.h.0.mlp.c_fc.bias_x"] = v;
+            rename_key(
+                h,
+                "transformer.h.0.mlp.c_fc.bias",
+                "transformer.h.0.mlp.c_fc.bias_x",
+            );
         }),
         hdr("tensor also in the other shard", |h| {
-            let v = h
-                .as_object_mut()
-                .unwrap()
-                .remove("transformer.ln_f.weight")
-                .unwrap();
-            h["transformer.wte.weight"] = v;
+            rename_key(h, "transformer.ln_f.weight", "transformer.wte.weight");
         }),
         hdr("layer 6 in a 6-layer model", |h| {
-            let v = h
-                .as_object_mut()
-                .unwrap()
-                .remove("transformer.h.5.ln_1.weight")
-                .unwrap();
-            h["transformer.h.6.ln_1.weight"] = v;
+            rename_key(
+                h,
+                "transformer.h.5.ln_1.weight",
+                "transformer.h.6.ln_1.weight",
+            );
         }),
         hdr("untied lm_head of the wrong shape", |h| {
-            let v = h
-                .as_object_mut()
-                .unwrap()
-                .remove("transformer.ln_f.weight")
-                .unwrap();
-            h["lm_head.weight"] = v;
+            rename_key(h, "transformer.ln_f.weight", "lm_head.weight");
         }),
     ] {
         add("gpt2 tensors", &name, SHARD2, Refused, edits);
@@ -2441,4 +2429,13 @@ fn fuzz_regressions_replay() {
     }
     eprintln!("replayed {replayed} saved fuzz inputs");
     assert!(failures.is_empty(), "{}", failures.join("\n\n"));
+}
+
+/// Move the entry `from` of a JSON object to the key `to` (a header tensor renamed or moved).
+fn rename_key(j: &mut Json, from: &str, to: &str) {
+    let v = j
+        .as_object_mut()
+        .and_then(|o| o.remove(from))
+        .unwrap_or_else(|| panic!("no key {from:?} to rename"));
+    j[to] = v;
 }

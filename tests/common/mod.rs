@@ -157,6 +157,17 @@ pub fn run_ggpt_with<S: AsRef<OsStr>>(
     stdin: Option<&[u8]>,
     timeout: Duration,
 ) -> Outcome {
+    run_ggpt_io(args, stdin, Stdio::piped(), timeout)
+}
+
+/// [`run_ggpt_with`] with standard output connected to `stdout` (captured only if piped; e.g.
+/// /dev/full to test write failures).
+pub fn run_ggpt_io<S: AsRef<OsStr>>(
+    args: &[S],
+    stdin: Option<&[u8]>,
+    stdout: Stdio,
+    timeout: Duration,
+) -> Outcome {
     let mut cmd = Command::new(ggpt());
     cmd.args(args)
         .stdin(if stdin.is_some() {
@@ -164,7 +175,7 @@ pub fn run_ggpt_with<S: AsRef<OsStr>>(
         } else {
             Stdio::null()
         })
-        .stdout(Stdio::piped())
+        .stdout(stdout)
         .stderr(Stdio::piped());
     let line = std::iter::once("ggpt".to_string())
         .chain(
