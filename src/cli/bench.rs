@@ -43,8 +43,20 @@ pub struct Row {
     pub ftype: String,
     pub size: u64,
     pub params: u64,
+    /// Weight bytes one decoded token reads (for the roofline of `tg` rows).
+    pub bytes_per_token: u64,
     pub threads: usize,
     pub result: TestResult,
+}
+
+impl Row {
+    /// The file's name, as the tables show it.
+    fn name(&self) -> String {
+        self.file
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default()
+    }
 }
 
 pub fn run(args: Args) -> Result<()> {
@@ -90,20 +102,21 @@ pub fn run(args: Args) -> Result<()> {
         let size: u64 = model.file().tensors().iter().map(|t| t.size).sum();
         let params: u64 = model.file().tensors().iter().map(|t| t.n_elements()).sum();
         let ftype = model.file_type_name();
-        let bpt = bytes_per_token(&model);
+        let bytes_per_token = bytes_per_token(&model);
         for r in results {
-            if r.test.starts_with("tg") {
-                decode_rows.push((file.clone(), ftype.clone(), bpt, r.mean()));
-            }
             let row = Row {
                 file: file.to_path_buf(),
                 ftype: ftype.clone(),
                 size,
                 params,
+                bytes_per_token,
                 threads,
                 result: r,
             };
             out.write(&format_row(&row, args.json))?;
+            if row.result.test.starts_with("tg") {
+                decode_rows.push(row);
+            }
         }
     }
     if let Some(before) = bw_before {
@@ -111,17 +124,18 @@ pub fn run(args: Args) -> Result<()> {
         // The better of the two measurements: the fraction is then a lower bound.
         let bw = before.max(after);
         if args.json {
-            for (file, ftype, bpt, ts) in &decode_rows {
+            for r in &decode_rows {
+                let (ts, bpt) = (r.result.mean(), r.bytes_per_token as f64);
                 let doc = serde_json::json!({
-                    "model": file.display().to_string(),
-                    "type": ftype,
-                    "test": format!("tg{}", args.n_gen),
+                    "model": r.file.display().to_string(),
+                    "type": r.ftype,
+                    "test": r.result.test,
                     "avg_ts": ts,
-                    "bytes_per_token": bpt,
+                    "bytes_per_token": r.bytes_per_token,
                     "read_bandwidth_before": before,
                     "read_bandwidth_after": after,
-                    "roofline_ts": bw / *bpt as f64,
-                    "roofline_fraction": ts * *bpt as f64 / bw,
+                    "roofline_ts": bw / bpt,
+                    "roofline_fraction": ts * bpt / bw,
                 });
                 out.write(&format!("{doc}\n"))?;
             }
@@ -132,15 +146,14 @@ pub fn run(args: Args) -> Result<()> {
                 after / 1e9
             ))?;
             out.write("| model | weight bytes per token | roofline t/s | tg t/s | of roofline |\n|---|---:|---:|---:|---:|\n")?;
-            for (file, ftype, bpt, ts) in &decode_rows {
-                let roof = bw / *bpt as f64;
+            for r in &decode_rows {
+                let (ts, bpt) = (r.result.mean(), r.bytes_per_token as f64);
+                let roof = bw / bpt;
                 out.write(&format!(
                     "| {} {} | {:.1} MB | {:.1} | {:.2} | {:.0} % |\n",
-                    file.file_name()
-                        .map(|n| n.to_string_lossy().into_owned())
-                        .unwrap_or_default(),
-                    ftype,
-                    *bpt as f64 / 1e6,
+                    r.name(),
+                    r.ftype,
+                    bpt / 1e6,
                     roof,
                     ts,
                     100.0 * ts / roof
@@ -168,10 +181,7 @@ fn format_row(r: &Row, json: bool) -> String {
     } else {
         format!(
             "| {} {} | {:.2} MiB | {:.2} M | {} | {} | {:.2} ± {:.2} |\n",
-            r.file
-                .file_name()
-                .map(|n| n.to_string_lossy().into_owned())
-                .unwrap_or_default(),
+            r.name(),
             r.ftype,
             r.size as f64 / (1024.0 * 1024.0),
             r.params as f64 / 1e6,
