@@ -230,3 +230,9 @@ pub fn quantize_q8_0_tile(x: &[f32], out: &mut [Q8_0Tile]) {
         }
     }
 }
+
+// SAFETY: repr(C) arrays of integers and floats, sizes asserted above (no padding beyond the
+// explicit `_pad`), valid for every bit pattern.
+unsafe impl crate::Plain for Q8KTile {}
+// SAFETY: as above.
+unsafe impl crate::Plain for Q8_0Tile {}

@@ -1,5 +1,5 @@
 //! Whole-tensor helpers: view bytes as blocks, quantize/dequantize rows of any supported type
-//! (parallel over rows with rayon). (H1 owns this module.)
+//! (parallel over rows with rayon). Every type-specific step goes through [`crate::format`].
 //!
 //! **Alignment.** Block structs have alignment 2 (f16 fields) or 4 (Q8_K's f32), but byte
 //! buffers from a `Vec<u8>` or a file offset need not be aligned. [`cast_blocks`] therefore
@@ -11,14 +11,8 @@
 //! **Byte order.** Blocks are read and written in native order, which is the on-disk
 //! little-endian order on every target this crate builds for.
 
-use crate::f16::{bf16_bits_to_f32, f32_to_bf16_bits};
-use crate::q4_k::BlockQ4K;
-use crate::q5_k::BlockQ5K;
-use crate::q6_k::BlockQ6K;
-use crate::q8_0::BlockQ8_0;
-use crate::q8_k::BlockQ8K;
-use crate::{BlockFormat, GgmlType};
-use half::f16;
+use crate::format::format;
+use crate::{BlockFormat, GgmlType, Plain};
 use rayon::prelude::*;
 use std::mem::{align_of, size_of};
 
@@ -29,7 +23,7 @@ compile_error!(
 
 /// View `bytes` as blocks. `None` if the length is not a whole number of blocks or the start
 /// is not aligned for `B`.
-pub fn cast_blocks<B: BlockFormat>(bytes: &[u8]) -> Option<&[B]> {
+pub fn cast_blocks<B: Plain>(bytes: &[u8]) -> Option<&[B]> {
     let size = size_of::<B>();
     if !bytes.len().is_multiple_of(size) || bytes.as_ptr().align_offset(align_of::<B>()) != 0 {
         return None;
@@ -42,7 +36,7 @@ pub fn cast_blocks<B: BlockFormat>(bytes: &[u8]) -> Option<&[B]> {
 }
 
 /// Mutable version of [`cast_blocks`].
-pub fn cast_blocks_mut<B: BlockFormat>(bytes: &mut [u8]) -> Option<&mut [B]> {
+pub fn cast_blocks_mut<B: Plain>(bytes: &mut [u8]) -> Option<&mut [B]> {
     let size = size_of::<B>();
     if !bytes.len().is_multiple_of(size) || bytes.as_ptr().align_offset(align_of::<B>()) != 0 {
         return None;
@@ -86,7 +80,7 @@ fn zeroed<B: BlockFormat>() -> B {
 const STAGE: usize = 16;
 
 /// Quantize `src` (whole blocks) into `out` bytes, aligned or not.
-fn from_float_bytes<B: BlockFormat>(src: &[f32], out: &mut [u8]) {
+pub(crate) fn from_float_bytes<B: BlockFormat>(src: &[f32], out: &mut [u8]) {
     debug_assert_eq!(src.len() / B::BLOCK * size_of::<B>(), out.len());
     if let Some(blocks) = cast_blocks_mut::<B>(out) {
         B::from_float(src, blocks);
@@ -104,7 +98,7 @@ fn from_float_bytes<B: BlockFormat>(src: &[f32], out: &mut [u8]) {
 }
 
 /// Dequantize `bytes` (whole blocks) into `out`, aligned or not.
-fn to_float_bytes<B: BlockFormat>(bytes: &[u8], out: &mut [f32]) {
+pub(crate) fn to_float_bytes<B: BlockFormat>(bytes: &[u8], out: &mut [f32]) {
     debug_assert_eq!(bytes.len() / size_of::<B>() * B::BLOCK, out.len());
     if let Some(blocks) = cast_blocks::<B>(bytes) {
         B::to_float(blocks, out);
@@ -121,38 +115,9 @@ fn to_float_bytes<B: BlockFormat>(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Rows of F32 are just the values' little-endian bytes.
-fn f32_to_bytes(src: &[f32], out: &mut [u8]) {
-    for (o, v) in out.chunks_exact_mut(4).zip(src) {
-        o.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-fn bf16_from_float_bytes(src: &[f32], out: &mut [u8]) {
-    for (o, &v) in out.chunks_exact_mut(2).zip(src) {
-        o.copy_from_slice(&f32_to_bf16_bits(v).to_le_bytes());
-    }
-}
-
-/// Quantize one run of whole blocks of type `ty`.
-fn quantize_run(ty: GgmlType, src: &[f32], out: &mut [u8]) {
-    match ty {
-        GgmlType::F32 => f32_to_bytes(src, out),
-        GgmlType::F16 => from_float_bytes::<f16>(src, out),
-        GgmlType::BF16 => bf16_from_float_bytes(src, out),
-        GgmlType::Q8_0 => from_float_bytes::<BlockQ8_0>(src, out),
-        GgmlType::Q4K => from_float_bytes::<BlockQ4K>(src, out),
-        GgmlType::Q5K => from_float_bytes::<BlockQ5K>(src, out),
-        GgmlType::Q6K => from_float_bytes::<BlockQ6K>(src, out),
-        GgmlType::Q8K => from_float_bytes::<BlockQ8K>(src, out),
-        _ => unreachable!("checked by can_quantize"),
-    }
-}
-
 /// Types [`quantize`] can produce.
 pub fn can_quantize(ty: GgmlType) -> bool {
-    use GgmlType::*;
-    matches!(ty, F32 | F16 | BF16 | Q8_0 | Q4K | Q5K | Q6K | Q8K)
+    format(ty).is_some()
 }
 
 /// Types [`dequantize`] can read.
@@ -212,15 +177,18 @@ pub fn quantize_into(ty: GgmlType, src: &[f32], cols: usize, out: &mut [u8]) -> 
     if rows == 0 {
         return Ok(());
     }
-    // Cheap types are memory-bound: give rayon bigger pieces of work for them.
-    let min_rows = match ty {
-        GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => 1,
-        _ => (1 << 16) / cols + 1,
+    let quantize = format(ty).expect("checked by check_quantize").quantize;
+    // Super-block quantizers search for scales and are compute-bound; the others are
+    // memory-bound: give rayon bigger pieces of work for them.
+    let min_rows = if ty.block_size() >= 256 {
+        1
+    } else {
+        (1 << 16) / cols + 1
     };
     out.par_chunks_mut(row_bytes)
         .zip(src.par_chunks(cols))
         .with_min_len(min_rows)
-        .for_each(|(o, x)| quantize_run(ty, x, o));
+        .for_each(|(o, x)| quantize(x, o));
     Ok(())
 }
 
@@ -249,25 +217,7 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), Str
     let blocks_per_piece = ((1usize << 16) / ty.block_size()).max(1);
     let piece_bytes = blocks_per_piece * ty.type_size();
     let piece_vals = blocks_per_piece * ty.block_size();
-    let run = |b: &[u8], y: &mut [f32]| match ty {
-        GgmlType::F32 => {
-            for (o, c) in y.iter_mut().zip(b.chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        GgmlType::BF16 => {
-            for (o, c) in y.iter_mut().zip(b.chunks_exact(2)) {
-                *o = bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]]));
-            }
-        }
-        GgmlType::F16 => to_float_bytes::<f16>(b, y),
-        GgmlType::Q8_0 => to_float_bytes::<BlockQ8_0>(b, y),
-        GgmlType::Q4K => to_float_bytes::<BlockQ4K>(b, y),
-        GgmlType::Q5K => to_float_bytes::<BlockQ5K>(b, y),
-        GgmlType::Q6K => to_float_bytes::<BlockQ6K>(b, y),
-        GgmlType::Q8K => to_float_bytes::<BlockQ8K>(b, y),
-        _ => unreachable!("checked by can_dequantize"),
-    };
+    let run = format(ty).expect("checked by can_dequantize").dequantize;
     if out.len() <= piece_vals {
         run(bytes, out);
     } else {
@@ -372,6 +322,9 @@ pub fn validate_row_data(ty: GgmlType, bytes: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::q6_k::BlockQ6K;
+    use crate::q8_0::BlockQ8_0;
+    use crate::q8_k::BlockQ8K;
 
     fn data(n: usize) -> Vec<f32> {
         (0..n)

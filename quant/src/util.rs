@@ -447,7 +447,7 @@ pub fn make_qkx2_quants_superblock(
 ) -> [(f32, f32); 8] {
     #[cfg(target_arch = "x86_64")]
     {
-        if simd_level() >= SimdLevel::Avx2 {
+        if crate::cpu::avx2() {
             return x86::make_qkx2_quants_superblock(x, w, p, l);
         }
     }
@@ -610,7 +610,7 @@ fn make_qx_quants_lanes(
 pub fn make_qx_quants(x: &[f32; QX_N], nmax: i32, l: &mut [u8; QX_N]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if simd_level() >= SimdLevel::Avx2 {
+        if crate::cpu::avx2() {
             return x86::make_qx_quants(x, nmax, l);
         }
     }
@@ -629,7 +629,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// `make_qkx2_quants_superblock` with the whole search compiled for AVX2.
-    /// Callers must have checked that the CPU has AVX2 (`simd_level()`).
+    /// Callers must have checked that the CPU has AVX2 (`cpu::avx2()`).
     pub(super) fn make_qkx2_quants_superblock(
         x: &[f32; 256],
         w: &[f32; 256],
@@ -637,14 +637,14 @@ mod x86 {
         l: &mut [u8; 256],
     ) -> [(f32, f32); 8] {
         debug_assert!(std::arch::is_x86_feature_detected!("avx2"));
-        // SAFETY: only called after `simd_level()` confirmed AVX2.
+        // SAFETY: only called after `cpu::avx2()` confirmed AVX2.
         unsafe { qkx2_superblock_avx2(x, w, p, l) }
     }
 
     /// `make_qx_quants` with the whole search compiled for AVX2 (same precondition).
     pub(super) fn make_qx_quants(x: &[f32; QX_N], nmax: i32, l: &mut [u8; QX_N]) -> f32 {
         debug_assert!(std::arch::is_x86_feature_detected!("avx2"));
-        // SAFETY: only called after `simd_level()` confirmed AVX2.
+        // SAFETY: only called after `cpu::avx2()` confirmed AVX2.
         unsafe { make_qx_quants_avx2(x, nmax, l) }
     }
 
@@ -798,35 +798,6 @@ mod x86 {
             suml2[8 * v..8 * v + 8].copy_from_slice(&to_array(sl2[v]));
         }
     }
-}
-
-/// Which vector instructions the lane-parallel searches may use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum SimdLevel {
-    /// Plain Rust arrays (whatever the compiler vectorises for the baseline target).
-    Portable,
-    Avx2,
-}
-
-/// Detected once per process. `GGPT_ISA=scalar` (the switch the dot-product kernels obey
-/// too) forces the portable path, e.g. to compare both in tests; results are identical.
-pub fn simd_level() -> SimdLevel {
-    use std::sync::OnceLock;
-    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        let forced =
-            std::env::var("GGPT_ISA").is_ok_and(|v| v.trim().eq_ignore_ascii_case("scalar"));
-        if forced {
-            return SimdLevel::Portable;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2") {
-                return SimdLevel::Avx2;
-            }
-        }
-        SimdLevel::Portable
-    })
 }
 
 /// Pack sub-block `j`'s 6-bit scale `ls` and min `lm` into the 12-byte K-quant scale array

@@ -14,7 +14,6 @@ use super::{Hparams, LoadError};
 /// Largest vocabulary accepted (far above GPT-2's 50257; bounds the logits buffer).
 const MAX_VOCAB: u64 = 1 << 22;
 
-const MATRIX_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_K, Q5_K, Q6_K";
 const VECTOR_TYPES: &str = "F32, F16, BF16";
 
 /// A 2-D weight in the mapped file: `rows` rows of `cols` values (ne0 = cols, contiguous).
@@ -31,12 +30,8 @@ pub struct Matrix {
 impl Matrix {
     /// Borrow the weight from `file` (the file it was loaded from) for a matmul.
     pub fn view<'a>(&self, file: &'a GgufFile) -> QMatrix<'a> {
-        QMatrix {
-            ty: self.ty,
-            rows: self.rows,
-            cols: self.cols,
-            data: file.tensor_data(&self.info),
-        }
+        QMatrix::new(self.ty, self.rows, self.cols, file.tensor_data(&self.info))
+            .expect("the matrix was checked when the model was loaded")
     }
 
     /// The bytes of row `r` (`None` if `r` is out of range).
@@ -223,7 +218,7 @@ impl Loader<'_> {
                 file: self.path.clone(),
                 name: name.to_string(),
                 ty: info.ty,
-                supported: MATRIX_TYPES,
+                supported: ggpt_quant::format::weight_type_list(),
             });
         }
         let bad = |what: String| LoadError::BadValues {

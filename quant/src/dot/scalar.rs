@@ -156,20 +156,7 @@ pub fn q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
     sum
 }
 
-/// f16 bits to f32, exactly, without branches on the common path so loops vectorise (the
-/// `half` crate converts one value at a time in software on baseline x86-64). Placing the
-/// f16 exponent and mantissa at the f32 positions and multiplying by 2¹¹² rebias the exponent
-/// exactly, for subnormals too; infinities and NaNs get the all-ones exponent.
-#[inline(always)]
-pub fn f16_bits_to_f32(b: u16) -> f32 {
-    let h = b as u32;
-    let em = h & 0x7fff;
-    let mut v = f32::from_bits(em << 13) * f32::from_bits(0x7780_0000);
-    if em >= 0x7c00 {
-        v = f32::from_bits((em << 13) | 0x7f80_0000);
-    }
-    f32::from_bits(v.to_bits() | ((h & 0x8000) << 16))
-}
+pub use crate::f16::f16_bits_to_f32;
 
 /// Σ w·a over 8 interleaved partial sums (so the compiler can vectorise), `w` converted by
 /// `cvt`.
