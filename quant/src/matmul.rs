@@ -16,6 +16,7 @@ use crate::tensor::cast_blocks;
 use crate::{GgmlType, Plain};
 use rayon::prelude::*;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// A row-major weight matrix in a format the runtime multiplies, borrowed (usually from an
 /// mmapped GGUF): `rows` rows (output features) of `cols` values (input features, contiguous,
@@ -245,6 +246,22 @@ pub fn matmul_at(
     run(level, w, x, n_tokens, bias, y, scratch)
 }
 
+static BATCH_INVARIANT: AtomicBool = AtomicBool::new(false);
+
+/// Make every matmul of this process batch-invariant: a token's output row is then
+/// bit-identical whatever the number of tokens in the call and the token's position among them
+/// (what a server batching sequences needs to give a request the same logits alone or beside
+/// others). Float formats always are; for packed formats it routes one to three tokens through
+/// the tile kernels too, which costs decode speed on levels with tile kernels (docs/kernels.md).
+pub fn set_batch_invariant(on: bool) {
+    BATCH_INVARIANT.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_batch_invariant`] is on.
+pub fn batch_invariant() -> bool {
+    BATCH_INVARIANT.load(Ordering::Relaxed)
+}
+
 /// The product for one format `W` (the [`Format`] table's `matmul` entry).
 pub(crate) fn matmul_format<W: WeightFormat>(
     level: Level,
@@ -259,17 +276,19 @@ pub(crate) fn matmul_format<W: WeightFormat>(
     let wb = cast_blocks::<W>(w.data).expect("QMatrix::new checked length and alignment");
     let nb = cols / W::BLOCK;
     let k = W::kernels(level);
-    if n_tokens >= TILE_MIN_TOKENS {
-        match k.tile {
-            Some(Tile::Direct(gemm)) => {
-                let act = W::activations(x, cols, &mut scratch.act);
-                return direct_tiled(wb, act, nb, rows, bias, y, gemm);
-            }
-            Some(Tile::Packed { pack, gemm }) => {
-                return packed_tiled(wb, x, nb, rows, bias, y, &mut scratch.act, pack, gemm);
-            }
-            None => {}
+    match k.tile {
+        // Rows used as stored: the tile kernels serve every token count, one included, so a
+        // token's result comes from the same code in the same order alone or in a batch.
+        Some(Tile::Direct(gemm)) => {
+            let act = W::activations(x, cols, &mut scratch.act);
+            return direct_tiled(wb, act, nb, rows, bias, y, gemm);
         }
+        // Packed rows: packing costs more than it saves below TILE_MIN_TOKENS, unless batch
+        // invariance is asked for (then every token count packs; see `set_batch_invariant`).
+        Some(Tile::Packed { pack, gemm }) if n_tokens >= TILE_MIN_TOKENS || batch_invariant() => {
+            return packed_tiled(wb, x, nb, rows, bias, y, &mut scratch.act, pack, gemm);
+        }
+        _ => {}
     }
     let act = W::activations(x, cols, &mut scratch.act);
     run(
@@ -369,8 +388,7 @@ fn run<W: Sync, A: Sync>(
 // ---------------------------------------------------------------------------------------------
 // Prefill: weight tiles packed once, multiplied with many tokens.
 
-/// From this many tokens on, formats with tile kernels at the level use them (packing weights
-/// where the format needs it);
+/// From this many tokens on, packed formats with tile kernels at the level use them;
 /// below it, packing would cost more than it saves and rows are dotted one by one.
 const TILE_MIN_TOKENS: usize = 4;
 
