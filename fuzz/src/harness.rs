@@ -420,7 +420,7 @@ fn offset_terms(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
                 let dmin = f16(&blk[2..]);
                 let scales: [u8; 12] = blk[4..16].try_into().expect("12 scale bytes");
                 for j in 0..8 {
-                    let (_, m) = ggpt_quant::util::get_scale_min_k4(j, &scales);
+                    let (_, m) = ggpt_quant::kscale::get_scale_min_k4(j, &scales);
                     out.extend([(dmin * f32::from(m)).abs(); 32]);
                 }
             }

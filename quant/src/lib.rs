@@ -10,8 +10,9 @@
 //! [`cpu`]) and whole-matrix products in [`matmul`].
 
 pub mod cpu;
+pub mod kscale;
+pub mod search;
 pub mod types;
-pub mod util;
 
 pub mod f16;
 pub mod float;

@@ -1,10 +1,11 @@
 //! Q4_K: 256 values in 8 sub-blocks of 32, 4-bit quants with 6-bit scales and mins (4.5 bpw).
 
 use crate::f16::{f16_to_f32, f32_to_f16};
+use crate::kscale::{get_scale_min_k4, set_scale_min_k4};
 use crate::q8_k::QK_K;
-use crate::util::Qkx2Params;
-use crate::util::{get_scale_min_k4, make_qkx2_quants_superblock, nearest_int, set_scale_min_k4};
-use crate::util::{QKX2_N, QKX2_Q4K};
+use crate::search::Qkx2Params;
+use crate::search::{make_qkx2_quants_superblock, nearest_int};
+use crate::search::{QKX2_N, QKX2_Q4K};
 use crate::{BlockFormat, GgmlType};
 use half::f16;
 

@@ -1,9 +1,10 @@
 //! Q5_K: Q4_K plus a fifth bit per value (5.5 bpw). llama.cpp's Q4_K_M stores `attn_qkv` in it.
 
 use crate::f16::f16_to_f32;
+use crate::kscale::get_scale_min_k4;
 use crate::q4_k::quantize_superblock_kx;
 use crate::q8_k::QK_K;
-use crate::util::{get_scale_min_k4, QKX2_Q5K};
+use crate::search::QKX2_Q5K;
 use crate::{BlockFormat, GgmlType};
 use half::f16;
 

@@ -2,7 +2,7 @@
 
 use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::q8_k::QK_K;
-use crate::util::{make_qx_quants, nearest_int, QX_N};
+use crate::search::{make_qx_quants, nearest_int, QX_N};
 use crate::{BlockFormat, GgmlType};
 use half::f16;
 

@@ -16,6 +16,61 @@ use crate::{BlockFormat, GgmlType, Plain};
 use rayon::prelude::*;
 use std::mem::{align_of, size_of};
 
+/// Why a tensor cannot be converted or checked. The messages name the type and the numbers.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TensorError {
+    #[error("cannot quantize to {0}: not implemented")]
+    CannotQuantize(GgmlType),
+    #[error("cannot dequantize {0}: not implemented")]
+    CannotDequantize(GgmlType),
+    #[error("quantize to {0}: row length is 0")]
+    EmptyRow(GgmlType),
+    #[error("quantize to {ty}: {len} values are not a whole number of rows of {cols}")]
+    PartialRow {
+        ty: GgmlType,
+        len: usize,
+        cols: usize,
+    },
+    #[error("quantize to {ty}: row length {cols} is not a multiple of the block size {}", ty.block_size())]
+    RaggedRow { ty: GgmlType, cols: usize },
+    #[error("quantize to {ty}: {rows} rows of {row_bytes} bytes overflow")]
+    TooLarge {
+        ty: GgmlType,
+        rows: usize,
+        row_bytes: usize,
+    },
+    #[error("quantize to {ty}: output is {found} bytes, expected {rows} rows × {row_bytes} bytes")]
+    OutputSize {
+        ty: GgmlType,
+        found: usize,
+        rows: usize,
+        row_bytes: usize,
+    },
+    #[error("dequantize {ty}: {values} values are not a whole number of {}-value blocks", ty.block_size())]
+    PartialBlock { ty: GgmlType, values: usize },
+    #[error("dequantize {ty}: {found} bytes given, {values} values need {expected}")]
+    InputSize {
+        ty: GgmlType,
+        found: usize,
+        values: usize,
+        expected: u64,
+    },
+    #[error("{ty}: {len} bytes is not a whole number of {size}-byte blocks")]
+    PartialBytes {
+        ty: GgmlType,
+        len: usize,
+        size: usize,
+    },
+    /// A NaN or infinite value (`field: None`, `index` = value) or block scale (`index` = block).
+    #[error("{ty}: found {what} {}", match field { Some(f) => format!("in {f} of block {index}"), None => format!("value at index {index}") })]
+    NonFinite {
+        ty: GgmlType,
+        what: &'static str,
+        field: Option<&'static str>,
+        index: usize,
+    },
+}
+
 #[cfg(target_endian = "big")]
 compile_error!(
     "ggpt-quant reads ggml blocks in native byte order and needs a little-endian target"
@@ -126,27 +181,28 @@ pub fn can_dequantize(ty: GgmlType) -> bool {
 }
 
 /// Check `src.len()`/`cols`/`ty` and return (rows, bytes per row).
-fn check_quantize(ty: GgmlType, src_len: usize, cols: usize) -> Result<(usize, usize), String> {
+fn check_quantize(
+    ty: GgmlType,
+    src_len: usize,
+    cols: usize,
+) -> Result<(usize, usize), TensorError> {
     if !can_quantize(ty) {
-        return Err(format!("cannot quantize to {ty}: not implemented"));
+        return Err(TensorError::CannotQuantize(ty));
     }
     if cols == 0 {
-        return Err(format!("quantize to {ty}: row length is 0"));
+        return Err(TensorError::EmptyRow(ty));
     }
     if !src_len.is_multiple_of(cols) {
-        return Err(format!(
-            "quantize to {ty}: {src_len} values are not a whole number of rows of {cols}"
-        ));
+        return Err(TensorError::PartialRow {
+            ty,
+            len: src_len,
+            cols,
+        });
     }
     let row_bytes = ty
         .row_bytes(cols as u64)
         .and_then(|b| usize::try_from(b).ok())
-        .ok_or_else(|| {
-            format!(
-                "quantize to {ty}: row length {cols} is not a multiple of the block size {}",
-                ty.block_size()
-            )
-        })?;
+        .ok_or(TensorError::RaggedRow { ty, cols })?;
     Ok((src_len / cols, row_bytes))
 }
 
@@ -154,11 +210,13 @@ fn check_quantize(ty: GgmlType, src_len: usize, cols: usize) -> Result<(usize, u
 /// quantizer for `ty` (F32, F16, BF16, Q8_0, Q4_K, Q5_K, Q6_K, Q8_K), in parallel over rows.
 /// `cols` must be a multiple of the type's block size. The result is the tensor's bytes as
 /// ggml lays them out (see the module docs about alignment).
-pub fn quantize(ty: GgmlType, src: &[f32], cols: usize) -> Result<Vec<u8>, String> {
+pub fn quantize(ty: GgmlType, src: &[f32], cols: usize) -> Result<Vec<u8>, TensorError> {
     let (rows, row_bytes) = check_quantize(ty, src.len(), cols)?;
-    let total = rows
-        .checked_mul(row_bytes)
-        .ok_or_else(|| format!("quantize to {ty}: {rows} rows of {row_bytes} bytes overflow"))?;
+    let total = rows.checked_mul(row_bytes).ok_or(TensorError::TooLarge {
+        ty,
+        rows,
+        row_bytes,
+    })?;
     let mut out = vec![0u8; total];
     quantize_into(ty, src, cols, &mut out)?;
     Ok(out)
@@ -166,13 +224,20 @@ pub fn quantize(ty: GgmlType, src: &[f32], cols: usize) -> Result<Vec<u8>, Strin
 
 /// Like [`quantize`] but writes into `out`, which must be exactly the tensor's size in bytes
 /// (any alignment). Does not allocate (for streaming conversion).
-pub fn quantize_into(ty: GgmlType, src: &[f32], cols: usize, out: &mut [u8]) -> Result<(), String> {
+pub fn quantize_into(
+    ty: GgmlType,
+    src: &[f32],
+    cols: usize,
+    out: &mut [u8],
+) -> Result<(), TensorError> {
     let (rows, row_bytes) = check_quantize(ty, src.len(), cols)?;
     if rows.checked_mul(row_bytes) != Some(out.len()) {
-        return Err(format!(
-            "quantize to {ty}: output is {} bytes, expected {rows} rows × {row_bytes} bytes",
-            out.len()
-        ));
+        return Err(TensorError::OutputSize {
+            ty,
+            found: out.len(),
+            rows,
+            row_bytes,
+        });
     }
     if rows == 0 {
         return Ok(());
@@ -195,23 +260,23 @@ pub fn quantize_into(ty: GgmlType, src: &[f32], cols: usize, out: &mut [u8]) -> 
 /// Dequantize a tensor's bytes (any alignment) of type `ty` into `out`, whose length is the
 /// number of values; `bytes` must hold exactly that many values' blocks. Supports F32, F16,
 /// BF16, Q8_0, Q4_K, Q5_K, Q6_K and Q8_K; large inputs are split across threads.
-pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), String> {
+pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), TensorError> {
     if !can_dequantize(ty) {
-        return Err(format!("cannot dequantize {ty}: not implemented"));
+        return Err(TensorError::CannotDequantize(ty));
     }
-    let expect = ty.row_bytes(out.len() as u64).ok_or_else(|| {
-        format!(
-            "dequantize {ty}: {} values are not a whole number of {}-value blocks",
-            out.len(),
-            ty.block_size()
-        )
-    })?;
+    let expect = ty
+        .row_bytes(out.len() as u64)
+        .ok_or(TensorError::PartialBlock {
+            ty,
+            values: out.len(),
+        })?;
     if expect != bytes.len() as u64 {
-        return Err(format!(
-            "dequantize {ty}: {} bytes given, {} values need {expect}",
-            bytes.len(),
-            out.len()
-        ));
+        return Err(TensorError::InputSize {
+            ty,
+            found: bytes.len(),
+            values: out.len(),
+            expected: expect,
+        });
     }
     // Pieces of ~64 Ki values keep the threads busy without much overhead.
     let blocks_per_piece = ((1usize << 16) / ty.block_size()).max(1);
@@ -261,13 +326,14 @@ fn f16_problem(bits: u16) -> Option<&'static str> {
 /// Like ggml's `ggml_validate_row_data`: the length must be whole blocks, and no fp16/f32
 /// scale (or F16/BF16/F32 value) may be NaN or infinite. The error names the type, the
 /// block (value index for F16/BF16/F32) and the field.
-pub fn validate_row_data(ty: GgmlType, bytes: &[u8]) -> Result<(), String> {
+pub fn validate_row_data(ty: GgmlType, bytes: &[u8]) -> Result<(), TensorError> {
     let size = ty.type_size();
     if !bytes.len().is_multiple_of(size) {
-        return Err(format!(
-            "{ty}: {} bytes is not a whole number of {size}-byte blocks",
-            bytes.len()
-        ));
+        return Err(TensorError::PartialBytes {
+            ty,
+            len: bytes.len(),
+            size,
+        });
     }
     match ty {
         GgmlType::F32 => {
@@ -275,14 +341,24 @@ pub fn validate_row_data(ty: GgmlType, bytes: &[u8]) -> Result<(), String> {
                 let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 if !v.is_finite() {
                     let what = if v.is_nan() { "NaN" } else { "inf" };
-                    return Err(format!("{ty}: found {what} value at index {i}"));
+                    return Err(TensorError::NonFinite {
+                        ty,
+                        what,
+                        field: None,
+                        index: i,
+                    });
                 }
             }
         }
         GgmlType::F16 => {
             for (i, c) in bytes.chunks_exact(2).enumerate() {
                 if let Some(what) = f16_problem(u16::from_le_bytes([c[0], c[1]])) {
-                    return Err(format!("{ty}: found {what} value at index {i}"));
+                    return Err(TensorError::NonFinite {
+                        ty,
+                        what,
+                        field: None,
+                        index: i,
+                    });
                 }
             }
         }
@@ -291,7 +367,12 @@ pub fn validate_row_data(ty: GgmlType, bytes: &[u8]) -> Result<(), String> {
                 let bits = u16::from_le_bytes([c[0], c[1]]) & 0x7fff;
                 if bits >= 0x7f80 {
                     let what = if bits > 0x7f80 { "NaN" } else { "inf" };
-                    return Err(format!("{ty}: found {what} value at index {i}"));
+                    return Err(TensorError::NonFinite {
+                        ty,
+                        what,
+                        field: None,
+                        index: i,
+                    });
                 }
             }
         }
@@ -301,7 +382,12 @@ pub fn validate_row_data(ty: GgmlType, bytes: &[u8]) -> Result<(), String> {
                 let d = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
                 if !d.is_finite() {
                     let what = if d.is_nan() { "NaN" } else { "inf" };
-                    return Err(format!("{ty}: found {what} in d of block {i}"));
+                    return Err(TensorError::NonFinite {
+                        ty,
+                        what,
+                        field: Some("d"),
+                        index: i,
+                    });
                 }
             }
         }
@@ -310,7 +396,12 @@ pub fn validate_row_data(ty: GgmlType, bytes: &[u8]) -> Result<(), String> {
             for (i, blk) in bytes.chunks_exact(size).enumerate() {
                 for &(off, name) in fields {
                     if let Some(what) = f16_problem(u16::from_le_bytes([blk[off], blk[off + 1]])) {
-                        return Err(format!("{ty}: found {what} in {name} of block {i}"));
+                        return Err(TensorError::NonFinite {
+                            ty,
+                            what,
+                            field: Some(name),
+                            index: i,
+                        });
                     }
                 }
             }
@@ -426,16 +517,18 @@ mod tests {
             // Poison the second block's first scale field.
             let off = ty.type_size() + fp16_scale_offsets(ty).first().map_or(0, |f| f.0);
             q[off..off + 2].copy_from_slice(&0x7c01u16.to_le_bytes());
-            let e = validate_row_data(ty, &q).unwrap_err();
+            let e = validate_row_data(ty, &q).unwrap_err().to_string();
             assert!(e.contains("NaN") && e.contains(" 1"), "{ty}: {e}");
             q[off..off + 2].copy_from_slice(&0xfc00u16.to_le_bytes());
-            let e = validate_row_data(ty, &q).unwrap_err();
+            let e = validate_row_data(ty, &q).unwrap_err().to_string();
             assert!(e.contains("inf"), "{ty}: {e}");
             assert!(validate_row_data(ty, &q[..q.len() - 1]).is_err());
         }
         let mut q = quantize(GgmlType::Q4K, &src, 1024).unwrap();
         q[144 * 3 + 2..144 * 3 + 4].copy_from_slice(&0x7e00u16.to_le_bytes());
-        let e = validate_row_data(GgmlType::Q4K, &q).unwrap_err();
+        let e = validate_row_data(GgmlType::Q4K, &q)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("dmin") && e.contains("block 3"), "{e}");
 
         let mut f = quantize(GgmlType::F32, &src, 1024).unwrap();
@@ -443,12 +536,14 @@ mod tests {
         f[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
         assert!(validate_row_data(GgmlType::F32, &f)
             .unwrap_err()
+            .to_string()
             .contains("index 10"));
         let mut b = quantize(GgmlType::BF16, &src, 1024).unwrap();
         assert!(validate_row_data(GgmlType::BF16, &b).is_ok());
         b[6..8].copy_from_slice(&0xff80u16.to_le_bytes());
         assert!(validate_row_data(GgmlType::BF16, &b)
             .unwrap_err()
+            .to_string()
             .contains("inf value at index 3"));
     }
 }

@@ -258,8 +258,9 @@ fn q8_0_activation_quantization_matches_ggml_cpu_path() {
         "CPU-path (127/amax, round-half-even) Q8_0 differs from ggml"
     );
 
-    // The fixture has no exact ties, so ggml's reference quantizer reproduces it as well...
-    act::quantize_q8_0_ref(&x, &mut out);
+    // The fixture has no exact ties, so ggml's reference quantizer (the one that writes Q8_0
+    // weight files) reproduces it as well...
+    BlockQ8_0::from_float(&x, &mut out);
     let reference: Vec<u8> = out.iter().flat_map(q8_0_bytes).collect();
     assert_eq!(reference, expect, "reference Q8_0 differs from ggml");
     // ...but the two differ on ties: with amax = 127 the multiplier is 1 and x.5 values are
@@ -272,7 +273,7 @@ fn q8_0_activation_quantization_matches_ggml_cpu_path() {
     }];
     act::quantize_q8_0(&x, &mut b);
     assert_eq!(b[0].qs[..5], [127, 0, 2, 2, 0]);
-    act::quantize_q8_0_ref(&x, &mut b);
+    BlockQ8_0::from_float(&x, &mut b);
     assert_eq!(b[0].qs[..5], [127, 1, 2, 3, -1]);
 }
 
@@ -1478,7 +1479,7 @@ fn tile_packing_matches_the_documented_layout() {
                     &mut vals,
                 );
                 check_qs(&format!("{isa} q4k"), p, &vals);
-                let (sc, mn) = dot::scalar::unpack_scales_mins(&x.scales);
+                let (sc, mn) = ggpt_quant::kscale::unpack_scales_mins(&x.scales);
                 for g in 0..16 {
                     assert_eq!(
                         p.ws[g],
@@ -1504,7 +1505,7 @@ fn tile_packing_matches_the_documented_layout() {
                     &mut vals,
                 );
                 check_qs(&format!("{isa} q5k"), p, &vals);
-                let (sc, mn) = dot::scalar::unpack_scales_mins(&x.scales);
+                let (sc, mn) = ggpt_quant::kscale::unpack_scales_mins(&x.scales);
                 for g in 0..16 {
                     assert_eq!(
                         p.ws[g],

@@ -271,7 +271,7 @@ impl Loader<'_> {
         };
         let mut out = vec![0.0f32; n as usize];
         ggpt_quant::tensor::dequantize(info.ty, self.file.tensor_data(info), &mut out)
-            .map_err(bad)?;
+            .map_err(|e| bad(e.to_string()))?;
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
             return Err(bad(format!("element {i} is {}", out[i])));
         }

@@ -8,7 +8,7 @@
 //!
 //! The multi-token (prefill) kernels of this level are in `avx2_tile.rs`.
 
-use super::scalar::scales_mins_bytes;
+use crate::kscale::scales_mins_bytes;
 
 use crate::q4_k::BlockQ4K;
 use crate::q5_k::BlockQ5K;
@@ -129,7 +129,7 @@ unsafe fn q6k_q8k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
             let qh = load(x.qh.as_ptr().add(32 * h));
             let ql0 = load(x.ql.as_ptr().add(64 * h));
             let ql1 = load(x.ql.as_ptr().add(64 * h + 32));
-            // The four 32-value runs of this half and the qh bit pair each takes (B1).
+            // The four 32-value runs of this half and the qh bit pair each takes.
             let runs = [
                 _mm256_or_si256(
                     _mm256_and_si256(ql0, m4),

@@ -16,9 +16,9 @@
 //! was checked for AVX2, FMA and F16C.
 
 use super::avx2::{f16_to_f32, load};
-use super::scalar::scales_mins_bytes;
 use super::{gemm_shape, KPacked, Q8_0Packed};
 use crate::act::{q8_0_tiles, Q8KTile, Q8_0Tile};
+use crate::kscale::scales_mins_bytes;
 use crate::q4_k::BlockQ4K;
 use crate::q5_k::BlockQ5K;
 use crate::q6_k::BlockQ6K;
@@ -73,7 +73,7 @@ unsafe fn k4_factors(p: &mut KPacked, scales: &[u8; 12], d: f16, dmin: f16) {
 }
 
 /// Q4_K nibbles (0..15) in element order: chunk c's low nibbles are elements 64c..64c+32, its
-/// high nibbles the next 32 (reference-facts B1).
+/// high nibbles the next 32.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn unpack_q4k(qs: &[u8; 128]) -> [__m256i; 8] {
@@ -118,7 +118,7 @@ unsafe fn pack_q6k_impl(row: &[BlockQ6K], out: &mut [KPacked]) {
     let m30 = _mm256_set1_epi8(0x30);
     for (x, p) in row.iter().zip(out.iter_mut()) {
         // Values 0..63 (before the −32 offset), in element order: half h's four 32-value runs
-        // take the low/high nibbles of ql and bit pairs 0-1, 2-3, 4-5, 6-7 of qh (B1).
+        // take the low/high nibbles of ql and bit pairs 0-1, 2-3, 4-5, 6-7 of qh.
         let mut v = [_mm256_setzero_si256(); 8];
         for h in 0..2 {
             let qh = load(x.qh.as_ptr().add(32 * h));

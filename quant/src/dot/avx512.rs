@@ -16,9 +16,9 @@
 
 #![allow(clippy::missing_safety_doc)]
 
-use super::scalar::scales_mins_bytes;
 use super::{gemm_shape, KPacked, Q8_0Packed};
 use crate::act::{Q8KTile, Q8_0Tile};
+use crate::kscale::scales_mins_bytes;
 use crate::q4_k::BlockQ4K;
 use crate::q5_k::BlockQ5K;
 use crate::q6_k::BlockQ6K;

@@ -10,7 +10,7 @@
 //! Tested on x86 hosts under qemu user-mode emulation (tests/neon.sh): quant/tests/kernels.rs
 //! compares both builds with the scalar reference and ggml's fixtures.
 
-use super::scalar::scales_mins_bytes;
+use crate::kscale::scales_mins_bytes;
 use crate::q4_k::BlockQ4K;
 use crate::q5_k::BlockQ5K;
 use crate::q6_k::BlockQ6K;
@@ -144,7 +144,7 @@ macro_rules! neon_family {
                             let ql0 = vld1q_u8(x.ql.as_ptr().add(64 * h + l));
                             let ql1 = vld1q_u8(x.ql.as_ptr().add(64 * h + 32 + l));
                             let qh = vld1q_u8(x.qh.as_ptr().add(32 * h + l));
-                            // Elements l, l+32, l+64, l+96 of this half (reference-facts B1).
+                            // Elements l, l+32, l+64, l+96 of this half.
                             let q = [
                                 vorrq_u8(vandq_u8(ql0, m4), vshlq_n_u8::<4>(vandq_u8(qh, m3))),
                                 vorrq_u8(vandq_u8(ql1, m4), vshlq_n_u8::<4>(vandq_u8(vshrq_n_u8::<2>(qh), m3))),

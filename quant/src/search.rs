@@ -1,5 +1,5 @@
-//! Helpers shared by the K-quant reference quantizers (ggml-quants.c): `nearest_int`,
-//! `make_qkx2_quants`, `make_qx_quants`, and the 6-bit scale/min packing.
+//! The scale searches of the K-quant reference quantizers (ggml-quants.c): `nearest_int`,
+//! `make_qkx2_quants` (Q4_K, Q5_K) and `make_qx_quants` (Q6_K), scalar and lane-parallel.
 //!
 //! Byte-exactness with ggml depends on doing the same f32 operations in the same order:
 //! ggml-quants.c is compiled into ggml-base without `-march` flags, so there is no FMA
@@ -800,33 +800,6 @@ mod x86 {
     }
 }
 
-/// Pack sub-block `j`'s 6-bit scale `ls` and min `lm` into the 12-byte K-quant scale array
-/// (layout in reference-facts B1). `scales` must start zeroed for j ≥ 4's top bits to OR in.
-#[inline]
-pub fn set_scale_min_k4(j: usize, ls: u8, lm: u8, scales: &mut [u8; 12]) {
-    if j < 4 {
-        scales[j] = ls;
-        scales[j + 4] = lm;
-    } else {
-        scales[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
-        scales[j - 4] |= (ls >> 4) << 6;
-        scales[j] |= (lm >> 4) << 6;
-    }
-}
-
-/// ggml's `get_scale_min_k4`: sub-block `j`'s (scale, min), each 0..=63.
-#[inline(always)]
-pub fn get_scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -965,22 +938,5 @@ mod tests {
         let mut l16 = [3u8; 16];
         assert_eq!(make_qx_quants(&[0.0; 16], 32, &mut l16), 0.0);
         assert_eq!(l16, [0; 16]);
-    }
-
-    #[test]
-    fn scale_min_packing_round_trips() {
-        for seed in 0..64u32 {
-            let ls: Vec<u8> = (0..8).map(|j| ((seed * 7 + j * 13) % 64) as u8).collect();
-            let lm: Vec<u8> = (0..8)
-                .map(|j| ((seed * 11 + j * 5 + 3) % 64) as u8)
-                .collect();
-            let mut q = [0u8; 12];
-            for j in 0..8 {
-                set_scale_min_k4(j, ls[j], lm[j], &mut q);
-            }
-            for j in 0..8 {
-                assert_eq!(get_scale_min_k4(j, &q), (ls[j], lm[j]));
-            }
-        }
     }
 }
