@@ -6,7 +6,6 @@
 
 use ggpt_quant::act;
 use ggpt_quant::cpu::{self, available_isas, Isa, Level};
-use ggpt_quant::dot;
 use ggpt_quant::format::{DotFn, GemmFn, PackFn, PackedGemmFn, Tile, WeightFormat};
 use ggpt_quant::matmul::{matmul_at, QMatrix, Scratch};
 use ggpt_quant::q4_k::BlockQ4K;
