@@ -5,7 +5,7 @@
 use crate::cpu::{Isa, Level};
 use crate::dot::scalar;
 use crate::f16::{bf16_to_f32_row, f16_to_f32_row, f32_to_bf16_row, f32_to_f16_row};
-use crate::format::{Kernels, Tile, WeightFormat};
+use crate::format::{Kernels, WeightFormat};
 use crate::{matmul, BlockFormat, GgmlType};
 use half::{bf16, f16};
 
@@ -68,16 +68,20 @@ macro_rules! float_format {
                 use crate::dot::{avx2, avx2_tile, avx512};
                 let (dot, tile): (fn(&[$t], &[f32]) -> f32, _) = match level.isa() {
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx2 => (avx2::$dot, Some(Tile::Direct(avx2_tile::$gemm))),
+                    Isa::Avx2 => (
+                        avx2::$dot,
+                        Some(crate::format::Tile::Direct(avx2_tile::$gemm)),
+                    ),
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx512 => (
                         avx512::plain::$dot,
-                        Some(Tile::Direct(avx512::plain::$gemm)),
+                        Some(crate::format::Tile::Direct(avx512::plain::$gemm)),
                     ),
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512Vnni => {
-                        (avx512::vnni::$dot, Some(Tile::Direct(avx512::vnni::$gemm)))
-                    }
+                    Isa::Avx512Vnni => (
+                        avx512::vnni::$dot,
+                        Some(crate::format::Tile::Direct(avx512::vnni::$gemm)),
+                    ),
                     #[cfg(target_arch = "aarch64")]
                     Isa::Neon => (neon::plain::$dot, None),
                     #[cfg(target_arch = "aarch64")]

@@ -156,13 +156,13 @@ impl crate::format::WeightFormat for BlockQ4K {
     fn kernels(level: crate::cpu::Level) -> crate::format::Kernels<Self> {
         use crate::cpu::Isa;
         use crate::dot::*;
-        use crate::format::{Kernels, Tile};
+        use crate::format::Kernels;
         let (dot, tile): (crate::format::DotFn<Self, crate::q8_k::BlockQ8K>, _) = match level.isa()
         {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => (
                 avx2::q4k_q8k,
-                Some(Tile::Packed {
+                Some(crate::format::Tile::Packed {
                     pack: avx2_tile::pack_q4k,
                     gemm: avx2_tile::kq_gemm,
                 }),
@@ -170,7 +170,7 @@ impl crate::format::WeightFormat for BlockQ4K {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => (
                 avx512::plain::q4k_q8k,
-                Some(Tile::Packed {
+                Some(crate::format::Tile::Packed {
                     pack: avx512::plain::pack_q4k,
                     gemm: avx512::plain::kq_gemm,
                 }),
@@ -178,7 +178,7 @@ impl crate::format::WeightFormat for BlockQ4K {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => (
                 avx512::vnni::q4k_q8k,
-                Some(Tile::Packed {
+                Some(crate::format::Tile::Packed {
                     pack: avx512::vnni::pack_q4k,
                     gemm: avx512::vnni::kq_gemm,
                 }),

@@ -143,13 +143,13 @@ impl crate::format::WeightFormat for BlockQ6K {
     fn kernels(level: crate::cpu::Level) -> crate::format::Kernels<Self> {
         use crate::cpu::Isa;
         use crate::dot::*;
-        use crate::format::{Kernels, Tile};
+        use crate::format::Kernels;
         let (dot, tile): (crate::format::DotFn<Self, crate::q8_k::BlockQ8K>, _) = match level.isa()
         {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => (
                 avx2::q6k_q8k,
-                Some(Tile::Packed {
+                Some(crate::format::Tile::Packed {
                     pack: avx2_tile::pack_q6k,
                     gemm: avx2_tile::kq_gemm,
                 }),
@@ -157,7 +157,7 @@ impl crate::format::WeightFormat for BlockQ6K {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => (
                 avx512::plain::q6k_q8k,
-                Some(Tile::Packed {
+                Some(crate::format::Tile::Packed {
                     pack: avx512::plain::pack_q6k,
                     gemm: avx512::plain::kq_gemm,
                 }),
@@ -165,7 +165,7 @@ impl crate::format::WeightFormat for BlockQ6K {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => (
                 avx512::vnni::q6k_q8k,
-                Some(Tile::Packed {
+                Some(crate::format::Tile::Packed {
                     pack: avx512::vnni::pack_q6k,
                     gemm: avx512::vnni::kq_gemm,
                 }),

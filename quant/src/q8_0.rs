@@ -98,12 +98,12 @@ impl crate::format::WeightFormat for BlockQ8_0 {
     fn kernels(level: crate::cpu::Level) -> crate::format::Kernels<Self> {
         use crate::cpu::Isa;
         use crate::dot::*;
-        use crate::format::{Kernels, Tile};
+        use crate::format::Kernels;
         let (dot, tile): (crate::format::DotFn<Self, BlockQ8_0>, _) = match level.isa() {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx2 => (
                 avx2::q8_0_q8_0,
-                Some(Tile::Packed {
+                Some(crate::format::Tile::Packed {
                     pack: avx2_tile::pack_q8_0,
                     gemm: avx2_tile::q8_0_gemm,
                 }),
@@ -111,7 +111,7 @@ impl crate::format::WeightFormat for BlockQ8_0 {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512 => (
                 avx512::plain::q8_0_q8_0,
-                Some(Tile::Packed {
+                Some(crate::format::Tile::Packed {
                     pack: avx512::plain::pack_q8_0,
                     gemm: avx512::plain::q8_0_gemm,
                 }),
@@ -119,7 +119,7 @@ impl crate::format::WeightFormat for BlockQ8_0 {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => (
                 avx512::vnni::q8_0_q8_0,
-                Some(Tile::Packed {
+                Some(crate::format::Tile::Packed {
                     pack: avx512::vnni::pack_q8_0,
                     gemm: avx512::vnni::q8_0_gemm,
                 }),
