@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use ggpt_convert::gguf::{Array, GgufError, GgufFile, Value};
+use ggpt_gguf::{Array, GgufError, GgufFile, Value};
 use serde_json::json;
 
 use super::common::print_stdout;
@@ -45,7 +45,7 @@ pub fn run(args: Args) -> Result<()> {
     let f = GgufFile::open(&args.file)?;
     let check = (!args.no_check).then(|| {
         let t = Instant::now();
-        let result = f.validate_tensor_data();
+        let result = f.validate_tensor_data(|_| true, ggpt_quant::tensor::validate_row_data);
         DataCheck {
             result,
             ms: t.elapsed().as_secs_f64() * 1e3,
@@ -401,7 +401,7 @@ mod tests {
 
     #[test]
     fn totals_and_table() {
-        use ggpt_convert::gguf::GgufWriter;
+        use ggpt_gguf::GgufWriter;
         use ggpt_quant::GgmlType;
         let mut w = GgufWriter::new();
         w.add_kv("general.architecture", Value::from("gpt2"));

@@ -83,7 +83,7 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         if cause.is::<common::FlagError>() {
             return EXIT_USAGE;
         }
-        if cause.is::<ggpt_convert::gguf::GgufError>()
+        if cause.is::<ggpt_gguf::GgufError>()
             || cause.is::<ggpt_convert::hf::InputError>()
             || cause.is::<ggpt_models::LoadError>()
             || cause.is::<crate::tokenizer::TokenizerError>()

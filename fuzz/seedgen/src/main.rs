@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ggpt_convert::gguf::{Array, GgufWriter, Value};
+use ggpt_gguf::{Array, GgufWriter, Value};
 use ggpt_quant::tensor::quantize;
 use ggpt_quant::GgmlType;
 

@@ -1,7 +1,7 @@
 //! GPT-2 hyper-parameters, read from the `gpt2.*` GGUF keys and checked before anything is
 //! sized from them.
 
-use ggpt_convert::gguf::GgufFile;
+use ggpt_gguf::GgufFile;
 
 use super::LoadError;
 

@@ -12,7 +12,7 @@ pub mod weights;
 
 use std::sync::Arc;
 
-use ggpt_convert::gguf::GgufFile;
+use ggpt_gguf::GgufFile;
 use ggpt_quant::GgmlType;
 
 pub use forward::{Output, Seqs, State};
@@ -24,7 +24,7 @@ pub use weights::Weights;
 #[non_exhaustive]
 pub enum LoadError {
     #[error(transparent)]
-    Gguf(#[from] ggpt_convert::gguf::GgufError),
+    Gguf(#[from] ggpt_gguf::GgufError),
     #[error("{file}: general.architecture is '{found}', expected 'gpt2'")]
     WrongArchitecture { file: String, found: String },
     #[error("{file}: missing metadata key '{key}'")]

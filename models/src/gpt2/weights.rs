@@ -5,7 +5,7 @@
 //! into a borrowed [`QMatrix`] over the mmap at each use. The 1-D norms and biases (a few KiB
 //! per layer) are copied into `Vec<f32>` so the hot loops read plain f32 slices.
 
-use ggpt_convert::gguf::{GgufFile, TensorInfo};
+use ggpt_gguf::{GgufFile, TensorInfo};
 use ggpt_quant::matmul::QMatrix;
 use ggpt_quant::GgmlType;
 
@@ -218,7 +218,7 @@ impl Loader<'_> {
     /// A 2-D weight with dims [ne0 = cols, ne1 = rows].
     fn matrix(&self, name: &str, cols: u64, rows: u64) -> Result<Matrix, LoadError> {
         let info = self.shaped(name, &[cols, rows])?;
-        if !info.ty.is_supported_weight() {
+        if !ggpt_quant::types::is_supported_weight(info.ty) {
             return Err(LoadError::UnsupportedType {
                 file: self.path.clone(),
                 name: name.to_string(),
