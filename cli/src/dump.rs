@@ -76,7 +76,7 @@ pub fn run(args: Args) -> Result<()> {
         let path = args.outdir.join(file_name(&t.name));
         let write = || -> std::io::Result<()> {
             let mut out = AtomicFile::create(&path)?;
-            crate::npy::write_f32(&mut out, &shape, &values)?;
+            ggpt::npy::write_f32(&mut out, &shape, &values)?;
             out.flush()?;
             out.commit()
         };
