@@ -349,6 +349,9 @@ fn run_writer(w: &Writer, dir: &Path) -> Outcome {
     run_ggpt(&(w.cmd)(dir))
 }
 
+/// Makes a node at a path.
+type MakeNode = Box<dyn Fn(&Path)>;
+
 fn exercise(w: &Writer, root: &Path, r: &mut Report) {
     let tag = |case: &str| format!("{}: {case}", w.name);
     let slug = w.name.replace([' ', '-', '.'], "_");
@@ -476,22 +479,22 @@ fn exercise(w: &Writer, root: &Path, r: &mut Report) {
     }
 
     // Refused with exit 2, naming the path and what it is; nothing changed.
-    let mut refusals: Vec<(&str, Box<dyn Fn(&Path, &Path)>, &str)> = vec![
+    let mut refusals: Vec<(&str, MakeNode, &str)> = vec![
         (
             "socket",
-            Box::new(|dest, _| {
+            Box::new(|dest| {
                 std::os::unix::net::UnixListener::bind(dest).unwrap();
             }),
             "is a socket",
         ),
         (
             "dangling symbolic link",
-            Box::new(|dest, _| symlink("../elsewhere/none", dest).unwrap()),
+            Box::new(|dest| symlink("../elsewhere/none", dest).unwrap()),
             "is a dangling symbolic link",
         ),
         (
             "symbolic link loop",
-            Box::new(|dest, _| {
+            Box::new(|dest| {
                 let other = dest.with_file_name("loop");
                 symlink(dest.file_name().unwrap(), &other).unwrap();
                 symlink("loop", dest).unwrap();
@@ -502,7 +505,7 @@ fn exercise(w: &Writer, root: &Path, r: &mut Report) {
     if w.refuses_dir {
         refusals.push((
             "directory",
-            Box::new(|dest, _| {
+            Box::new(|dest| {
                 fs::create_dir(dest).unwrap();
                 fs::write(dest.join("keep"), b"k").unwrap();
             }),
@@ -513,7 +516,7 @@ fn exercise(w: &Writer, root: &Path, r: &mut Report) {
         let case = tag(what);
         let (c, e) = case_dirs(root, &format!("{slug}-{}", what.replace(' ', "_")));
         let dest = c.join(w.file);
-        make(&dest, &e);
+        make(&dest);
         let before_c = entries(&c);
         let before = node(&dest);
         let o = run_writer(w, &c);
