@@ -1,6 +1,7 @@
 //! Weight × activation products for whole matrices: matrix-vector for decode, matrix-matrix
 //! (tiled over tokens) for prefill, threaded with rayon. Activations are quantized once per call
-//! into the weight type's dot-product format (Q8_K for K-quants, Q8_0 for Q8_0; F16, BF16 and
+//! into the weight type's dot-product format (Q8_K for K-quants, Q8_0 for Q8_0 and Q5_0, Q8_1
+//! for Q5_1; F16, BF16 and
 //! F32 weights are multiplied with the f32 activations directly, for accuracy).
 //!
 //! Shapes (llm.c style): W is (OC, C) row-major — `rows` = OC output features of `cols` = C
@@ -109,6 +110,7 @@ impl<'a> QMatrix<'a> {
             GgmlType::F32 => 4,
             GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 => 2,
             GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => 2,
+            GgmlType::Q5_0 | GgmlType::Q5_1 => 2,
             t => return Err(MatrixError::UnsupportedType(t)),
         };
         if self.rows == 0 || self.cols == 0 {
@@ -142,6 +144,7 @@ impl<'a> QMatrix<'a> {
 pub struct Scratch {
     q8k: Vec<BlockQ8K>,
     q8_0: Vec<BlockQ8_0>,
+    q8_1: Vec<crate::q8_1::BlockQ8_1>,
     q8k_tile: Vec<Q8KTile>,
     q8_0_tile: Vec<Q8_0Tile>,
     out: Vec<f32>,
@@ -162,6 +165,7 @@ impl Scratch {
     pub fn bytes(&self) -> usize {
         self.q8k.capacity() * std::mem::size_of::<BlockQ8K>()
             + self.q8_0.capacity() * std::mem::size_of::<BlockQ8_0>()
+            + self.q8_1.capacity() * std::mem::size_of::<crate::q8_1::BlockQ8_1>()
             + self.q8k_tile.capacity() * std::mem::size_of::<Q8KTile>()
             + self.q8_0_tile.capacity() * std::mem::size_of::<Q8_0Tile>()
             + self.out.capacity() * 4
@@ -250,7 +254,9 @@ pub fn matmul_with(
     if n_tokens == 0 {
         return;
     }
-    if n_tokens >= TILE_MIN_TOKENS {
+    // Q5_0/Q5_1 have no tile kernels: their rows are dotted one by one below.
+    let has_tiles = !matches!(w.ty, GgmlType::Q5_0 | GgmlType::Q5_1);
+    if n_tokens >= TILE_MIN_TOKENS && has_tiles {
         if let Some(tk) = k.tile {
             tiled(tk, w, x, n_tokens, bias, y, scratch);
             return;
@@ -287,6 +293,26 @@ pub fn matmul_with(
             quantize_rows(x, act, cols, act::quantize_q8_0);
             let wb = cast::<BlockQ8_0>(w.data).unwrap_or_else(|| bad());
             run(wb, act, nb, nb, n_tokens, rows, bias, y, out, k.q8_0_q8_0)
+        }
+        GgmlType::Q5_0 => {
+            let nb = cols / 32;
+            scratch.q8_0.resize(n_tokens * nb, ZERO_Q8_0);
+            let act = &mut scratch.q8_0[..n_tokens * nb];
+            quantize_rows(x, act, cols, act::quantize_q8_0);
+            let wb = crate::tensor::cast_blocks(w.data).unwrap_or_else(|| bad());
+            let dot = crate::q5_0::dot_kernel(k.isa);
+            run(wb, act, nb, nb, n_tokens, rows, bias, y, out, dot)
+        }
+        GgmlType::Q5_1 => {
+            let nb = cols / 32;
+            scratch
+                .q8_1
+                .resize(n_tokens * nb, crate::q8_1::BlockQ8_1::ZERO);
+            let act = &mut scratch.q8_1[..n_tokens * nb];
+            quantize_rows(x, act, cols, crate::q8_1::quantize_q8_1);
+            let wb = crate::tensor::cast_blocks(w.data).unwrap_or_else(|| bad());
+            let dot = crate::q5_1::dot_kernel(k.isa);
+            run(wb, act, nb, nb, n_tokens, rows, bias, y, out, dot)
         }
         GgmlType::F16 => {
             let wb = cast::<f16>(w.data).unwrap_or_else(|| bad());

@@ -145,6 +145,8 @@ fn quantize_run(ty: GgmlType, src: &[f32], out: &mut [u8]) {
         GgmlType::Q5K => from_float_bytes::<BlockQ5K>(src, out),
         GgmlType::Q6K => from_float_bytes::<BlockQ6K>(src, out),
         GgmlType::Q8K => from_float_bytes::<BlockQ8K>(src, out),
+        GgmlType::Q5_0 => from_float_bytes::<crate::q5_0::BlockQ5_0>(src, out),
+        GgmlType::Q5_1 => from_float_bytes::<crate::q5_1::BlockQ5_1>(src, out),
         _ => unreachable!("checked by can_quantize"),
     }
 }
@@ -152,7 +154,10 @@ fn quantize_run(ty: GgmlType, src: &[f32], out: &mut [u8]) {
 /// Types [`quantize`] can produce.
 pub fn can_quantize(ty: GgmlType) -> bool {
     use GgmlType::*;
-    matches!(ty, F32 | F16 | BF16 | Q8_0 | Q4K | Q5K | Q6K | Q8K)
+    matches!(
+        ty,
+        F32 | F16 | BF16 | Q8_0 | Q4K | Q5K | Q6K | Q8K | Q5_0 | Q5_1
+    )
 }
 
 /// Types [`dequantize`] can read.
@@ -186,7 +191,7 @@ fn check_quantize(ty: GgmlType, src_len: usize, cols: usize) -> Result<(usize, u
 }
 
 /// Quantize a row-major `rows × cols` matrix (`rows = src.len()/cols`) with ggml's reference
-/// quantizer for `ty` (F32, F16, BF16, Q8_0, Q4_K, Q5_K, Q6_K, Q8_K), in parallel over rows.
+/// quantizer for `ty` (F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K, Q8_K), in parallel over rows.
 /// `cols` must be a multiple of the type's block size. The result is the tensor's bytes as
 /// ggml lays them out (see the module docs about alignment).
 pub fn quantize(ty: GgmlType, src: &[f32], cols: usize) -> Result<Vec<u8>, String> {
@@ -226,7 +231,7 @@ pub fn quantize_into(ty: GgmlType, src: &[f32], cols: usize, out: &mut [u8]) -> 
 
 /// Dequantize a tensor's bytes (any alignment) of type `ty` into `out`, whose length is the
 /// number of values; `bytes` must hold exactly that many values' blocks. Supports F32, F16,
-/// BF16, Q8_0, Q4_K, Q5_K, Q6_K and Q8_K; large inputs are split across threads.
+/// BF16, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K and Q8_K; large inputs are split across threads.
 pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), String> {
     if !can_dequantize(ty) {
         return Err(format!("cannot dequantize {ty}: not implemented"));
@@ -266,6 +271,8 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), Str
         GgmlType::Q5K => to_float_bytes::<BlockQ5K>(b, y),
         GgmlType::Q6K => to_float_bytes::<BlockQ6K>(b, y),
         GgmlType::Q8K => to_float_bytes::<BlockQ8K>(b, y),
+        GgmlType::Q5_0 => to_float_bytes::<crate::q5_0::BlockQ5_0>(b, y),
+        GgmlType::Q5_1 => to_float_bytes::<crate::q5_1::BlockQ5_1>(b, y),
         _ => unreachable!("checked by can_dequantize"),
     };
     if out.len() <= piece_vals {

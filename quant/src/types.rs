@@ -95,7 +95,10 @@ impl GgmlType {
     /// Whether ggpt can multiply a weight stored in this type (the runtime's set).
     pub fn is_supported_weight(self) -> bool {
         use GgmlType::*;
-        matches!(self, F32 | F16 | BF16 | Q8_0 | Q4K | Q5K | Q6K)
+        matches!(
+            self,
+            F32 | F16 | BF16 | Q8_0 | Q4K | Q5K | Q6K | Q5_0 | Q5_1
+        )
     }
 
     /// ggml's lower-case name (`q4_K`, `f16`, …), as gguf-dump prints it.
