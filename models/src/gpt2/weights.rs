@@ -14,7 +14,7 @@ use super::{Hparams, LoadError};
 /// Largest vocabulary accepted (far above GPT-2's 50257; bounds the logits buffer).
 const MAX_VOCAB: u64 = 1 << 22;
 
-const MATRIX_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_K, Q5_K, Q6_K";
+const MATRIX_TYPES: &str = "F32, F16, BF16, Q8_0, Q5_0, Q5_1, Q4_K, Q5_K, Q6_K";
 const VECTOR_TYPES: &str = "F32, F16, BF16";
 
 /// A 2-D weight in the mapped file: `rows` rows of `cols` values (ne0 = cols, contiguous).
