@@ -370,7 +370,7 @@ fn matrix_checks_apply_to_q5() {
     let buf = [Z5_1; 4];
     let bytes = blocks_as_bytes(&buf);
     for ty in [GgmlType::Q5_0, GgmlType::Q5_1] {
-        assert!(ty.is_supported_weight());
+        assert!(ggpt_quant::types::is_supported_weight(ty));
         // One row of 96 values = 3 blocks.
         let n = ty.type_size() * 3;
         assert!(QMatrix::new(ty, 1, 96, &bytes[..n]).is_ok());
