@@ -139,7 +139,7 @@ fn compare_reports_every_format() {
         .iter()
         .map(|f| f["format"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["F16", "Q8_0", "Q6_K", "Q4_K_M"]);
+    assert_eq!(names, ["F16", "Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q4_K_M"]);
     let fields = [
         "file_bytes",
         "bits_per_weight",
@@ -164,14 +164,17 @@ fn compare_reports_every_format() {
     }
     let kld = |i: usize| formats[i]["mean_kld"].as_f64().unwrap();
     assert_eq!(kld(0), 0.0);
-    assert!(kld(3) > kld(2), "Q4_K_M KLD {} ≤ Q6_K {}", kld(3), kld(2));
+    assert!(kld(5) > kld(2), "Q4_K_M KLD {} ≤ Q6_K {}", kld(5), kld(2));
     assert!(kld(2) > kld(1), "Q6_K KLD {} ≤ Q8_0 {}", kld(2), kld(1));
+    // Q5_K_S stores every layer matrix in Q5_K: between Q6_K and Q4_K_M.
+    assert!(kld(4) > kld(2) && kld(4) < kld(5), "Q5_K_S KLD {}", kld(4));
+    assert!(kld(3) > kld(1) && kld(3) < kld(5), "Q5_K_M KLD {}", kld(3));
     assert!(kld(1) >= 0.0);
     // Smaller files, in the order the formats are listed.
     let size = |i: usize| formats[i]["file_bytes"].as_u64().unwrap();
-    assert!(size(0) > size(1) && size(1) > size(2) && size(2) > size(3));
+    assert!((1..formats.len()).all(|i| size(i - 1) > size(i)));
     for svg in ["ppl_vs_size.svg", "kld_vs_size.svg"] {
         let s = std::fs::read_to_string(dir.join("out").join(svg)).unwrap();
-        assert_eq!(s.matches("<circle").count(), 4, "{svg}");
+        assert_eq!(s.matches("<circle").count(), formats.len(), "{svg}");
     }
 }

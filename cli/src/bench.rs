@@ -15,7 +15,7 @@ pub struct Args {
     /// Build random models of this shape instead (gpt2-medium, gpt2, tiny) and bench them.
     #[arg(long)]
     pub synthetic: Option<String>,
-    /// With --synthetic: which formats (f16, q8_0, q6_k, q4_k_m or all).
+    /// With --synthetic: which formats (f16, q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m or all).
     #[arg(long = "type", default_value = "all")]
     pub ftype: String,
     /// With --synthetic: where the generated checkpoint and GGUF files are kept (reused).

@@ -1,5 +1,5 @@
-//! `ggpt compare`: the whole job in one command — convert a checkpoint to F16, Q8_0, Q6_K and
-//! Q4_K_M (reusing files already converted), then measure every format's size, memory, speed
+//! `ggpt compare`: the whole job in one command — convert a checkpoint to F16, Q8_0, Q6_K,
+//! Q5_K_M, Q5_K_S and Q4_K_M (reusing files already converted), then measure every format's size, memory, speed
 //! and quality against F16, and write a Markdown table, a JSON report and two SVG charts.
 //! With no arguments it runs on the bundled tiny GPT-2 and its held-out text.
 
@@ -119,7 +119,7 @@ pub fn run(args: Args) -> Result<()> {
         .map_err(|e| output_error(&out, "cannot create the output directory", e))?;
 
     // 1. Convert what is missing (one pass over the checkpoint for all missing formats).
-    let files: Vec<(FileType, PathBuf)> = FileType::ALL
+    let files: Vec<(FileType, PathBuf)> = FileType::KNOWN
         .iter()
         .map(|&t| (t, out.join(format!("{name}-{}.gguf", t.label()))))
         .collect();

@@ -1,4 +1,4 @@
-//! `ggpt convert <hf_dir> --type f16|q8_0|q6_k|q4_k_m|all [-o DIR_or_FILE]`: a Hugging Face
+//! `ggpt convert <hf_dir> --type f16|q8_0|q6_k|q5_k_m|q5_k_s|q4_k_m|all [-o DIR_or_FILE]`: a Hugging Face
 //! GPT-2 checkpoint to GGUF, several types in one pass (see docs/convert.md).
 
 use std::io::IsTerminal;
@@ -17,7 +17,8 @@ use super::common::{bail_flag, print_stdout};
 pub struct Args {
     /// Hugging Face model directory (config.json, *.safetensors, tokenizer files).
     pub hf_dir: PathBuf,
-    /// Output type: f16, q8_0, q6_k, q4_k_m, or all (the four in one pass).
+    /// Output type: f16, q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, a comma-separated list, or all
+    /// (f16, q8_0, q6_k and q4_k_m in one pass).
     #[arg(long = "type", short = 't', default_value = "f16", value_parser = parse_types)]
     pub types: Types,
     /// Output directory (files named <model>-<TYPE>.gguf) or, for one type, a .gguf file.

@@ -30,7 +30,7 @@ pub struct Cli {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// Convert a Hugging Face GPT-2 checkpoint to GGUF (f16, q8_0, q6_k, q4_k_m or all).
+    /// Convert a Hugging Face GPT-2 checkpoint to GGUF (f16, q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m or all).
     Convert(convert::Args),
     /// Requantize an F32/F16/BF16 GGUF with llama.cpp's per-tensor rules.
     Quantize(quantize::Args),

@@ -30,7 +30,7 @@ pub struct Args {
     /// KV cache element type: f16 (default) or f32.
     #[arg(long, default_value = "f16")]
     pub kv: String,
-    /// For a checkpoint directory: which formats (f16, q8_0, q6_k, q4_k_m, all).
+    /// For a checkpoint directory: which formats (f16, q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m, all).
     #[arg(long = "type", default_value = "all")]
     pub ftype: String,
     /// Run a real prefill of the whole context plus decoding, and report peak RSS beside the estimate.

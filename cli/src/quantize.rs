@@ -1,4 +1,4 @@
-//! `ggpt quantize IN.gguf OUT.gguf --type q8_0|q6_k|q4_k_m|f16`: requantize an F32/F16/BF16
+//! `ggpt quantize IN.gguf OUT.gguf --type q8_0|q6_k|q5_k_m|q5_k_s|q4_k_m|f16`: requantize an F32/F16/BF16
 //! GPT-2 GGUF with llama-quantize's per-tensor rules (see docs/convert.md).
 
 use std::path::PathBuf;
@@ -15,14 +15,15 @@ pub struct Args {
     pub input: PathBuf,
     /// Output GGUF (written atomically).
     pub output: PathBuf,
-    /// Output type: f16, q8_0, q6_k or q4_k_m.
+    /// Output type: f16, q8_0, q6_k, q5_k_m, q5_k_s or q4_k_m.
     #[arg(long = "type", short = 't', value_parser = parse_type)]
     pub ftype: FileType,
 }
 
 fn parse_type(s: &str) -> Result<FileType, String> {
-    FileType::parse(s)
-        .ok_or_else(|| format!("unknown type {s:?}; expected f16, q8_0, q6_k or q4_k_m"))
+    FileType::parse(s).ok_or_else(|| {
+        format!("unknown type {s:?}; expected f16, q8_0, q6_k, q5_k_m, q5_k_s or q4_k_m")
+    })
 }
 
 pub fn run(args: Args) -> Result<()> {

@@ -1,4 +1,4 @@
-//! `ggpt synth --shape gpt2-medium|gpt2|tiny [--dtype f32|f16|bf16] [--seed S] -o DIR`: a
+//! `ggpt synth --shape gpt2-medium|gpt2|tiny|gpt2-xl-2l [--dtype f32|f16|bf16] [--seed S] -o DIR`: a
 //! randomly initialised GPT-2 checkpoint in Hugging Face's original layout, for benchmarks.
 
 use std::path::PathBuf;
@@ -10,7 +10,8 @@ use ggpt_convert::synth::{synth, SynthOptions, SynthShape};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model shape: gpt2-medium (355 M), gpt2 (124 M) or tiny (18 M, like models/tiny-gpt2).
+    /// Model shape: gpt2-medium (355 M), gpt2 (124 M), tiny (18 M, like models/tiny-gpt2) or
+    /// gpt2-xl-2l (GPT-2 XL's width with 2 layers, 144 M).
     #[arg(long, default_value = "gpt2-medium")]
     pub shape: String,
     /// Weight dtype in model.safetensors: f32, f16 or bf16.
@@ -32,7 +33,7 @@ pub struct Args {
 pub fn run(args: Args) -> Result<()> {
     let Some(shape) = SynthShape::named(&args.shape) else {
         super::common::bail_flag!(
-            "--shape {:?}: expected gpt2-medium, gpt2 or tiny",
+            "--shape {:?}: expected gpt2-medium, gpt2, tiny or gpt2-xl-2l",
             args.shape
         );
     };

@@ -5,13 +5,15 @@
 //!    the position table stay F32, every other weight becomes F16.
 //! 2. `llama-quantize` ([`Policy::choose`], `llama_tensor_get_type` in `src/llama-quant.cpp`):
 //!    only 2-D `*weight` tensors other than norms and `position_embd` are quantized; the default
-//!    type of the file type is then adjusted per tensor (the Q4_K_M mix, the tied output head).
+//!    type of the file type is then adjusted per tensor (the Q4_K_M/Q5_K_M mixes, the tied
+//!    output head).
 //!
-//! One deliberate difference: where a row length is not a multiple of the block size, ggml falls
-//! back from Q4_K to Q5_0 and from Q5_K to Q5_1. ggpt can neither write nor multiply those two
-//! formats, so it uses Q8_0 there instead (F16 if even that does not divide the row) and reports
-//! the difference. GPT-2 small/medium/large never hit this (n_embd 768/1024/1280 and 4·n_embd are
-//! multiples of 256); GPT-2 XL (1600) does.
+//! Where a row length is not a multiple of the chosen type's block size, ggml falls back as
+//! llama-quantize does: Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0, and F16 if even that does not
+//! divide the row. GPT-2 small/medium/large never hit this (n_embd 768/1024/1280 and 4·n_embd
+//! are multiples of 256); GPT-2 XL (1600) does. The one difference: for a Q8_0 tensor whose rows
+//! are not a multiple of 32, llama-quantize gives up ("Unsupported tensor size"); ggpt writes
+//! F16 and reports it.
 
 use std::cmp::Ordering;
 use std::fmt;
@@ -25,19 +27,31 @@ pub enum FileType {
     F16 = 1,
     Q8_0 = 7,
     Q4KM = 15,
+    Q5KS = 16,
+    Q5KM = 17,
     Q6K = 18,
 }
 
 impl FileType {
-    /// Every file type, in the order `--type all` writes them.
+    /// The file types `--type all` writes, in that order.
     pub const ALL: [FileType; 4] = [FileType::F16, FileType::Q8_0, FileType::Q6K, FileType::Q4KM];
+
+    /// Every file type ggpt writes.
+    pub const KNOWN: [FileType; 6] = [
+        FileType::F16,
+        FileType::Q8_0,
+        FileType::Q6K,
+        FileType::Q5KM,
+        FileType::Q5KS,
+        FileType::Q4KM,
+    ];
 
     pub fn code(self) -> u32 {
         self as u32
     }
 
     pub fn from_code(code: u32) -> Option<FileType> {
-        FileType::ALL.into_iter().find(|t| t.code() == code)
+        FileType::KNOWN.into_iter().find(|t| t.code() == code)
     }
 
     /// Upper-case label used in file names (`tiny-gpt2-Q4_K_M.gguf`), as llama.cpp names them.
@@ -46,18 +60,20 @@ impl FileType {
             FileType::F16 => "F16",
             FileType::Q8_0 => "Q8_0",
             FileType::Q6K => "Q6_K",
+            FileType::Q5KM => "Q5_K_M",
+            FileType::Q5KS => "Q5_K_S",
             FileType::Q4KM => "Q4_K_M",
         }
     }
 
-    /// Parse a command-line name: f16, q8_0, q6_k, q4_k_m (any case).
+    /// Parse a command-line name: f16, q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m (any case).
     pub fn parse(s: &str) -> Option<FileType> {
-        FileType::ALL
+        FileType::KNOWN
             .into_iter()
             .find(|t| t.label().eq_ignore_ascii_case(s))
     }
 
-    /// Parse a `--type` value: one name, a comma-separated list, or `all` (the four).
+    /// Parse a `--type` value: one name, a comma-separated list, or `all` ([`FileType::ALL`]).
     pub fn parse_list(s: &str) -> Result<Vec<FileType>, String> {
         if s.trim().eq_ignore_ascii_case("all") {
             return Ok(FileType::ALL.to_vec());
@@ -65,7 +81,9 @@ impl FileType {
         s.split(',')
             .map(|t| {
                 FileType::parse(t.trim()).ok_or_else(|| {
-                    format!("unknown type {t:?}; expected f16, q8_0, q6_k, q4_k_m or all")
+                    format!(
+                        "unknown type {t:?}; expected f16, q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m or all"
+                    )
                 })
             })
             .collect()
@@ -77,6 +95,7 @@ impl FileType {
             FileType::F16 => GgmlType::F16,
             FileType::Q8_0 => GgmlType::Q8_0,
             FileType::Q6K => GgmlType::Q6K,
+            FileType::Q5KM | FileType::Q5KS => GgmlType::Q5K,
             FileType::Q4KM => GgmlType::Q4K,
         }
     }
@@ -141,12 +160,13 @@ pub fn tensor_order(a: &str, b: &str) -> Ordering {
     la.cmp(&lb).then_with(|| a.as_bytes().cmp(b.as_bytes()))
 }
 
-/// Where ggpt's choice differs from llama.cpp's because of the Q5_0/Q5_1 fallback.
+/// Where ggpt's choice differs from llama.cpp's: a row length that not even the fallback
+/// type's block divides.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Fallback {
     /// What the rules asked for (its block size does not divide the row).
     pub wanted: GgmlType,
-    /// What llama-quantize would write (Q5_0/Q5_1), or `None` where llama-quantize refuses.
+    /// What llama-quantize would write, or `None` where llama-quantize refuses the tensor.
     pub llama_cpp: Option<GgmlType>,
 }
 
@@ -196,7 +216,7 @@ impl Policy {
         }
         let ne0 = dims.first().copied().unwrap_or(0);
         let mut ty = default;
-        let is_q4km = self.ftype == FileType::Q4KM;
+        let (is_q4km, is_q5km) = (self.ftype == FileType::Q4KM, self.ftype == FileType::Q5KM);
         if name == "output.weight" || (!self.has_output && name == "token_embd.weight") {
             // The output head is the most sensitive matrix: Q6_K unless the file is Q8_0.
             if !ne0.is_multiple_of(ty.block_size() as u64) {
@@ -207,7 +227,7 @@ impl Policy {
         } else if name == "token_embd.weight" {
             // Unchanged for the file types ggpt writes.
         } else if name.contains("ffn_down") {
-            if is_q4km {
+            if is_q4km || is_q5km {
                 let layer = layer_of(name)
                     .ok_or_else(|| format!("{name}: ffn_down outside a blk.N. block"))?;
                 if layer >= self.n_layer {
@@ -220,38 +240,39 @@ impl Policy {
                     ty = GgmlType::Q6K;
                 }
             }
-        } else if name.contains("attn_qkv.weight") && is_q4km {
-            ty = GgmlType::Q5K;
+        } else if name.contains("attn_qkv.weight") {
+            if is_q4km {
+                ty = GgmlType::Q5K;
+            } else if is_q5km {
+                ty = GgmlType::Q6K;
+            }
         }
 
         if ne0.is_multiple_of(ty.block_size() as u64) {
             return Ok(Choice { ty, differs: None });
         }
-        // ggml's fallbacks for rows that are not a whole number of blocks.
-        let (llama, ours) = match ty {
-            GgmlType::Q4K => (Some(GgmlType::Q5_0), GgmlType::Q8_0),
-            GgmlType::Q5K => (Some(GgmlType::Q5_1), GgmlType::Q8_0),
-            GgmlType::Q6K => (Some(GgmlType::Q8_0), GgmlType::Q8_0),
+        // llama-quantize's fallbacks for rows that are not a whole number of blocks.
+        let fallback = match ty {
+            GgmlType::Q4K => GgmlType::Q5_0,
+            GgmlType::Q5K => GgmlType::Q5_1,
+            GgmlType::Q6K => GgmlType::Q8_0,
             // llama-quantize throws "Unsupported tensor size"; F16 always fits.
-            _ => (None, GgmlType::F16),
-        };
-        let llama = llama.map(|t| {
-            if ne0.is_multiple_of(t.block_size() as u64) {
-                t
-            } else {
-                GgmlType::F16
+            _ => {
+                return Ok(Choice {
+                    ty: GgmlType::F16,
+                    differs: Some(Fallback {
+                        wanted: ty,
+                        llama_cpp: None,
+                    }),
+                })
             }
-        });
-        let ours = if ne0.is_multiple_of(ours.block_size() as u64) {
-            ours
+        };
+        let ty = if ne0.is_multiple_of(fallback.block_size() as u64) {
+            fallback
         } else {
             GgmlType::F16
         };
-        let differs = (llama != Some(ours)).then_some(Fallback {
-            wanted: ty,
-            llama_cpp: llama,
-        });
-        Ok(Choice { ty: ours, differs })
+        Ok(Choice { ty, differs: None })
     }
 }
 
@@ -359,24 +380,58 @@ mod tests {
     }
 
     #[test]
+    fn q5_k_m_and_q5_k_s_mixes_for_gpt2() {
+        let ty = |p: &Policy, n: &str, dims: &[u64]| {
+            p.choose(n, dims, converter_type(n, dims.len())).unwrap().ty
+        };
+        let m = Policy::new(FileType::Q5KM, 24, false);
+        let s = Policy::new(FileType::Q5KS, 24, false);
+        // Tied output head: Q6_K in both.
+        assert_eq!(ty(&m, "token_embd.weight", &[1024, 50257]), Q6K);
+        assert_eq!(ty(&s, "token_embd.weight", &[1024, 50257]), Q6K);
+        // Q5_K_M: attn_qkv Q6_K on every layer, ffn_down Q6_K on the use_more_bits layers.
+        for l in 0..24 {
+            let more = use_more_bits(l, 24);
+            let n = |t: &str| format!("blk.{l}.{t}.weight");
+            assert_eq!(ty(&m, &n("attn_qkv"), &[1024, 3072]), Q6K);
+            assert_eq!(
+                ty(&m, &n("ffn_down"), &[4096, 1024]),
+                if more { Q6K } else { Q5K }
+            );
+            assert_eq!(ty(&m, &n("ffn_up"), &[1024, 4096]), Q5K);
+            assert_eq!(ty(&m, &n("attn_output"), &[1024, 1024]), Q5K);
+            // Q5_K_S: Q5_K everywhere but the output head.
+            for t in ["attn_qkv", "ffn_down", "ffn_up", "attn_output"] {
+                assert_eq!(ty(&s, &n(t), &[1024, 1024]), Q5K, "{t}");
+            }
+        }
+        assert_eq!(ty(&m, "position_embd.weight", &[1024, 1024]), F32);
+        assert_eq!(ty(&s, "blk.0.ffn_down.bias", &[1024]), F32);
+        // A separate output head takes Q6_K; token_embd then keeps Q5_K.
+        let m = Policy::new(FileType::Q5KM, 24, true);
+        assert_eq!(ty(&m, "output.weight", &[1024, 50257]), Q6K);
+        assert_eq!(ty(&m, "token_embd.weight", &[1024, 50257]), Q5K);
+    }
+
+    #[test]
     fn fallbacks_for_odd_rows() {
-        // n_embd 1600 (GPT-2 XL): 1600 % 256 ≠ 0, 1600 % 32 == 0.
+        // n_embd 1600 (GPT-2 XL): 1600 % 256 ≠ 0, 1600 % 32 == 0. Fallbacks are llama.cpp's.
+        let same = |ty| Choice { ty, differs: None };
         let p = Policy::new(FileType::Q4KM, 48, false);
-        let c = p
-            .choose("blk.1.attn_output.weight", &[1600, 1600], F16)
-            .unwrap();
-        assert_eq!(c.ty, Q8_0);
-        assert_eq!(
-            c.differs,
-            Some(Fallback {
-                wanted: Q4K,
-                llama_cpp: Some(Q5_0)
-            })
-        );
-        let c = p
-            .choose("blk.1.attn_qkv.weight", &[1600, 4800], F16)
-            .unwrap();
-        assert_eq!((c.ty, c.differs.unwrap().llama_cpp), (Q8_0, Some(Q5_1)));
+        let c = p.choose("blk.1.attn_output.weight", &[1600, 1600], F16);
+        assert_eq!(c.unwrap(), same(Q5_0));
+        let c = p.choose("blk.1.attn_qkv.weight", &[1600, 4800], F16);
+        assert_eq!(c.unwrap(), same(Q5_1));
+        // Q5_K_M on XL: qkv Q6_K → Q8_0, ffn_up Q5_K → Q5_1, ffn_down rows of 6400 = 25·256 fit.
+        let p = Policy::new(FileType::Q5KM, 48, false);
+        let c = |n: &str, d: &[u64]| p.choose(n, d, F16).unwrap();
+        assert_eq!(c("blk.1.attn_qkv.weight", &[1600, 4800]), same(Q8_0));
+        assert_eq!(c("blk.1.ffn_up.weight", &[1600, 6400]), same(Q5_1));
+        assert_eq!(c("blk.0.ffn_down.weight", &[6400, 1600]), same(Q6K));
+        assert_eq!(c("blk.7.ffn_down.weight", &[6400, 1600]), same(Q5K));
+        // Rows that not even 32 divides end in F16, as in llama.cpp.
+        assert_eq!(c("blk.1.ffn_up.weight", &[100, 400]), same(F16));
+        let p = Policy::new(FileType::Q4KM, 48, false);
         // Tied output head: llama.cpp picks Q8_0 up front, as do we.
         assert_eq!(
             p.choose("token_embd.weight", &[1600, 50257], F16).unwrap(),
@@ -394,12 +449,22 @@ mod tests {
                 differs: None
             }
         );
-        // A row that not even Q8_0 divides ends in F16.
+        // A row that not even Q8_0 divides ends in F16, as in llama.cpp…
         assert_eq!(
-            p.choose("blk.0.ffn_up.weight", &[100, 400], F16)
-                .unwrap()
-                .ty,
-            F16
+            p.choose("blk.0.ffn_up.weight", &[100, 400], F16).unwrap(),
+            same(F16)
+        );
+        // … except where Q8_0 was the type asked for: llama-quantize refuses that tensor.
+        let p = Policy::new(FileType::Q8_0, 48, false);
+        assert_eq!(
+            p.choose("blk.0.ffn_up.weight", &[100, 400], F16).unwrap(),
+            Choice {
+                ty: F16,
+                differs: Some(Fallback {
+                    wanted: Q8_0,
+                    llama_cpp: None
+                })
+            }
         );
         // ffn_down of 6400 = 25·256 divides.
         let p = Policy::new(FileType::Q4KM, 48, false);
@@ -441,6 +506,16 @@ mod tests {
         assert_eq!(FileType::parse("Q8_0"), Some(FileType::Q8_0));
         assert_eq!(FileType::parse("q4_0"), None);
         assert_eq!(FileType::from_code(18), Some(FileType::Q6K));
+        assert_eq!(FileType::from_code(17), Some(FileType::Q5KM));
+        assert_eq!(FileType::from_code(16), Some(FileType::Q5KS));
+        assert_eq!(FileType::parse("q5_k_m"), Some(FileType::Q5KM));
+        assert_eq!(FileType::parse("Q5_K_S"), Some(FileType::Q5KS));
+        assert_eq!(FileType::parse_list("all").unwrap(), FileType::ALL);
+        assert_eq!(
+            FileType::parse_list("q5_k_s, q5_k_m").unwrap(),
+            [FileType::Q5KS, FileType::Q5KM]
+        );
+        assert!(FileType::parse_list("q5_k").is_err());
         assert_eq!(ggml_n_dims(&[1024, 1]), 1);
         assert_eq!(ggml_n_dims(&[1, 1024]), 2);
     }

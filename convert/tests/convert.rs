@@ -200,6 +200,13 @@ fn expected_order(n_layer: usize) -> Vec<String> {
 
 /// Reference-facts §C for ftype Q4_K_M, tied head, every row a multiple of 256.
 fn q4_k_m_type(name: &str, more_bits_layers: &[usize]) -> GgmlType {
+    k_mix_type(name, Q4K, Q5K, more_bits_layers)
+}
+
+/// A K-quant mix (llama.cpp's rules for GPT-2, tied head, every row a multiple of 256): the
+/// output head Q6_K, `attn_qkv` in `qkv`, `ffn_down` Q6_K on `more_bits_layers`, other
+/// matrices in `base`.
+fn k_mix_type(name: &str, base: GgmlType, qkv: GgmlType, more_bits_layers: &[usize]) -> GgmlType {
     if name == "token_embd.weight" {
         return Q6K;
     }
@@ -208,18 +215,18 @@ fn q4_k_m_type(name: &str, more_bits_layers: &[usize]) -> GgmlType {
     }
     let layer: usize = name.split('.').nth(1).unwrap().parse().unwrap();
     if name.contains("attn_qkv") {
-        Q5K
+        qkv
     } else if name.contains("ffn_down") && more_bits_layers.contains(&layer) {
         Q6K
     } else {
-        Q4K
+        base
     }
 }
 
 #[test]
-fn tiny_model_converts_to_all_four_types() {
+fn tiny_model_converts_to_every_type() {
     let out = TempDir::new("all");
-    let files = convert(&tiny(), &FileType::ALL, out.path()).unwrap();
+    let files = convert(&tiny(), &FileType::KNOWN, out.path()).unwrap();
     let names: Vec<String> = files
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
@@ -230,6 +237,8 @@ fn tiny_model_converts_to_all_four_types() {
             "tiny-gpt2-F16.gguf",
             "tiny-gpt2-Q8_0.gguf",
             "tiny-gpt2-Q6_K.gguf",
+            "tiny-gpt2-Q5_K_M.gguf",
+            "tiny-gpt2-Q5_K_S.gguf",
             "tiny-gpt2-Q4_K_M.gguf"
         ]
     );
@@ -253,7 +262,7 @@ fn tiny_model_converts_to_all_four_types() {
 
     let order = expected_order(6);
     let (e, ff, v, ctx) = (256u64, 1024u64, 50257u64, 1024u64);
-    for (path, ftype) in files.iter().zip(FileType::ALL) {
+    for (path, ftype) in files.iter().zip(FileType::KNOWN) {
         let g = GgufFile::open(path).unwrap();
         // Metadata: keys in llama.cpp converter order, values from config/tokenizer files.
         let keys: Vec<&str> = g.metadata().iter().map(|(k, _)| k.as_str()).collect();
@@ -356,6 +365,8 @@ fn tiny_model_converts_to_all_four_types() {
                 FileType::Q6K => Q6K,
                 // use_more_bits(i, 6): n/8 = 0, 7n/8 = 5, (i − 0) % 3 == 2 → layers 2 and 5.
                 FileType::Q4KM => q4_k_m_type(n, &[2, 5]),
+                FileType::Q5KM => k_mix_type(n, Q5K, Q6K, &[2, 5]),
+                FileType::Q5KS => k_mix_type(n, Q5K, Q5K, &[]),
             };
             assert_eq!(t.ty, want, "{ftype} {n}");
         }
@@ -889,8 +900,8 @@ fn synthetic_checkpoints_with_original_hf_naming_convert_exactly() {
                 assert_eq!(got[k], round(w), "{dtype:?} {gname}[{k}]");
             }
         }
-        // n_embd 64 is not a multiple of 256: K-quants fall back like ggml (Q6_K → Q8_0),
-        // and where ggml would use Q5_0/Q5_1, ggpt writes Q8_0.
+        // n_embd 64 is not a multiple of 256: K-quants fall back as llama-quantize does
+        // (Q4_K → Q5_0, Q5_K → Q5_1, Q6_K → Q8_0), and the tied output head goes to Q8_0.
         let q4 = GgufFile::open(&files[3]).unwrap();
         for t in q4.tensors() {
             let want = match t.name.as_str() {
@@ -904,7 +915,9 @@ fn synthetic_checkpoints_with_original_hf_naming_convert_exactly() {
                 // only layer 1 gets more bits.
                 "blk.0.ffn_down.weight" => Q4K,
                 "blk.1.ffn_down.weight" => Q6K,
-                _ => Q8_0,
+                "token_embd.weight" => Q8_0,
+                n if n.contains("attn_qkv") => Q5_1,
+                _ => Q5_0,
             };
             assert_eq!(t.ty, want, "{}", t.name);
         }

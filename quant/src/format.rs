@@ -15,6 +15,8 @@ use crate::cpu::Level;
 use crate::dot::{KPacked, Q8_0Packed};
 use crate::matmul::{self, QMatrix, Scratch};
 use crate::q4_k::BlockQ4K;
+use crate::q5_0::BlockQ5_0;
+use crate::q5_1::BlockQ5_1;
 use crate::q5_k::BlockQ5K;
 use crate::q6_k::BlockQ6K;
 use crate::q8_0::BlockQ8_0;
@@ -201,11 +203,13 @@ impl Format {
 }
 
 /// Every format ggpt implements.
-pub static FORMATS: [Format; 8] = [
+pub static FORMATS: [Format; 10] = [
     Format::weight::<f32>(),
     Format::weight::<f16>(),
     Format::weight::<bf16>(),
     Format::weight::<BlockQ8_0>(),
+    Format::weight::<BlockQ5_0>(),
+    Format::weight::<BlockQ5_1>(),
     Format::weight::<BlockQ4K>(),
     Format::weight::<BlockQ5K>(),
     Format::weight::<BlockQ6K>(),

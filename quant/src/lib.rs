@@ -18,14 +18,18 @@ pub mod f16;
 pub mod float;
 pub mod format;
 pub mod q4_k;
+pub mod q5_0;
+pub mod q5_1;
 pub mod q5_k;
 pub mod q6_k;
 pub mod q8_0;
+pub mod q8_1;
 pub mod q8_k;
 
 pub mod act;
 pub mod dot;
 pub mod matmul;
+mod q5_kernels;
 pub mod tensor;
 
 pub use format::{format, Format, WeightFormat};

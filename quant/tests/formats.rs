@@ -13,11 +13,16 @@
 //!   values differ in the last bit between `x·(1/d)` and `x·(127/amax)`, none rounds
 //!   differently — the file equals both quantizers' output. (A constructed tie where they
 //!   differ is tested in `q8_0.rs`.) We test against the SIMD one, what llama.cpp runs.
+//! - Q5_0 pairs with that same Q8_0; Q5_1 with Q8_1, made by ggml's CPU `quantize_row_q8_1`
+//!   (`id = 127/amax`, round half to even, `s = d·Σq`) → `q8_1::quantize_q8_1`.
 
 use ggpt_quant::q4_k::BlockQ4K;
+use ggpt_quant::q5_0::BlockQ5_0;
+use ggpt_quant::q5_1::BlockQ5_1;
 use ggpt_quant::q5_k::BlockQ5K;
 use ggpt_quant::q6_k::BlockQ6K;
 use ggpt_quant::q8_0::{quantize_row_q8_0_nearest_even, BlockQ8_0};
+use ggpt_quant::q8_1::{quantize_q8_1, BlockQ8_1};
 use ggpt_quant::tensor::{self, blocks_as_bytes};
 use ggpt_quant::{BlockFormat, GgmlType};
 use half::f16;
@@ -67,8 +72,10 @@ fn manifest() -> Manifest {
 }
 
 /// (fixture name, weight type, activation type).
-const TYPES: [(&str, GgmlType, GgmlType); 5] = [
+const TYPES: [(&str, GgmlType, GgmlType); 7] = [
     ("q8_0", GgmlType::Q8_0, GgmlType::Q8_0),
+    ("q5_0", GgmlType::Q5_0, GgmlType::Q8_0),
+    ("q5_1", GgmlType::Q5_1, GgmlType::Q8_1),
     ("q4_k", GgmlType::Q4K, GgmlType::Q8K),
     ("q5_k", GgmlType::Q5K, GgmlType::Q8K),
     ("q6_k", GgmlType::Q6K, GgmlType::Q8K),
@@ -142,6 +149,8 @@ fn block_from_float_byte_exact() {
     }
     let w = read_f32("weights.f32");
     check::<BlockQ8_0>("q8_0", &w);
+    check::<BlockQ5_0>("q5_0", &w);
+    check::<BlockQ5_1>("q5_1", &w);
     check::<BlockQ4K>("q4_k", &w);
     check::<BlockQ5K>("q5_k", &w);
     check::<BlockQ6K>("q6_k", &w);
@@ -207,6 +216,11 @@ fn quantize_activations_byte_exact() {
             GgmlType::Q8_0 => {
                 let mut b = vec![zero_block::<BlockQ8_0>(); a.len() / 32];
                 quantize_row_q8_0_nearest_even(&a, &mut b);
+                blocks_as_bytes(&b).to_vec()
+            }
+            GgmlType::Q8_1 => {
+                let mut b = vec![BlockQ8_1::ZERO; a.len() / 32];
+                quantize_q8_1(&a, &mut b);
                 blocks_as_bytes(&b).to_vec()
             }
             _ => tensor::quantize(act, &a, COLS).unwrap(),
@@ -309,6 +323,13 @@ fn ggml_test_quantize_fns_thresholds() {
                 BlockQ8_0::to_float(&b, &mut v);
                 v
             }
+            GgmlType::Q8_1 => {
+                let mut b = vec![BlockQ8_1::ZERO; n / 32];
+                quantize_q8_1(&x2, &mut b);
+                let mut v = vec![0.0; n];
+                BlockQ8_1::to_float(&b, &mut v);
+                v
+            }
             _ => round_trip(act, &x2),
         };
         let dot: f64 = y.iter().zip(&yq).map(|(&a, &b)| (a * b) as f64).sum();
@@ -371,6 +392,8 @@ fn hostile_inputs_do_not_panic_and_bad_scales_are_caught() {
         GgmlType::F16,
         GgmlType::BF16,
         GgmlType::Q8_0,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
         GgmlType::Q4K,
         GgmlType::Q5K,
         GgmlType::Q6K,
