@@ -69,7 +69,9 @@ pub fn run<T: Send>(
                 let _ = tx.send(r);
             });
         if let Err(e) = spawned {
-            return Err(PyRuntimeError::new_err(format!("cannot start a thread: {e}")));
+            return Err(PyRuntimeError::new_err(format!(
+                "cannot start a thread: {e}"
+            )));
         }
         let mut interrupt: Option<PyErr> = None;
         loop {

@@ -14,9 +14,7 @@ use ggpt::tokenizer::TokenizerError;
 use ggpt_convert::gguf::GgufError as RustGgufError;
 use ggpt_convert::hf::InputError;
 use ggpt_convert::pipeline::OutputError;
-use pyo3::exceptions::{
-    PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError,
-};
+use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 
 pyo3::create_exception!(

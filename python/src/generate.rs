@@ -78,7 +78,9 @@ fn longest_suffix_prefix(text: &str, stop: &str) -> usize {
         .rev()
         .find(|&n| {
             let start = text.len() - n;
-            text.is_char_boundary(start) && stop.is_char_boundary(n) && stop.starts_with(&text[start..])
+            text.is_char_boundary(start)
+                && stop.is_char_boundary(n)
+                && stop.starts_with(&text[start..])
         })
         .unwrap_or(0)
 }

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use anyhow::Result;
 use ggpt::memory::{estimate, MemShape, RunShape};
 use ggpt::model::Model as RustModel;
-use ggpt::perplexity::{evaluate, Method, Report};
+use ggpt::perplexity::{evaluate, window_count, Method, Report};
 use ggpt::sampler::SamplerConfig;
 use ggpt::session::Session;
 use numpy::ndarray::Array2;
@@ -120,7 +120,11 @@ impl Model {
             }
         }
         let n_ctx = self.n_ctx;
-        if ids.len().checked_add(max_new_tokens).is_none_or(|t| t > n_ctx) {
+        if ids
+            .len()
+            .checked_add(max_new_tokens)
+            .is_none_or(|t| t > n_ctx)
+        {
             bad_arg!(
                 "the prompt ({} tokens) plus max_new_tokens={max_new_tokens} exceeds the context \
                  of {n_ctx} tokens; shorten the prompt or lower max_new_tokens",
@@ -153,7 +157,24 @@ impl Model {
                 max_chunks,
                 score_all,
             };
+            if let Err(e) = method.validate(shared.model.hparams().n_ctx as usize) {
+                bad_arg!("n_ctx={n_ctx}: {e}");
+            }
+            if let Some(b) = base {
+                let (nb, nm) = (b.n_vocab(), shared.model.hparams().n_vocab);
+                if nb != nm {
+                    bad_arg!(
+                        "the base model's vocabulary ({nb} tokens) differs from the model's ({nm})"
+                    );
+                }
+            }
             let tokens = shared.model.tokenizer().encode_ordinary(text);
+            if window_count(tokens.len(), &method) == 0 {
+                bad_arg!(
+                    "n_ctx={n_ctx}: the text has {} tokens, fewer than one window",
+                    tokens.len()
+                );
+            }
             evaluate(
                 &shared.model,
                 base.map(|b| &b.shared.model),
@@ -241,7 +262,14 @@ impl Model {
                 repeat_last_n,
                 seed,
             )?;
-            self.request(prompt, max_new_tokens, cfg, num_return_sequences, stop, ignore_eos)
+            self.request(
+                prompt,
+                max_new_tokens,
+                cfg,
+                num_return_sequences,
+                stop,
+                ignore_eos,
+            )
         })?;
         let shared = &self.shared;
         blocking::run(py, shared.pool.as_ref(), |cancel| {
@@ -364,7 +392,9 @@ impl Model {
         let r = self.perplexity_report(py, Some(&base), text, n_ctx, max_chunks, score_all)?;
         let s = &r.summary;
         let Some(b) = &s.vs_base else {
-            return Err(PyValueError::new_err("no position was compared with the base model"));
+            return Err(PyValueError::new_err(
+                "no position was compared with the base model",
+            ));
         };
         let d = PyDict::new(py);
         d.set_item("mean_kld", b.mean_kld)?;
@@ -410,9 +440,7 @@ impl Model {
             if n_batch == Some(0) {
                 bad_arg!("n_batch=0: must be at least 1");
             }
-            let n_batch = n_batch
-                .unwrap_or(ggpt_models_ubatch())
-                .clamp(1, n_ctx);
+            let n_batch = n_batch.unwrap_or(ggpt_models_ubatch()).clamp(1, n_ctx);
             let shape = MemShape {
                 n_layer: hp.n_layer,
                 n_embd: hp.n_embd,
@@ -428,7 +456,15 @@ impl Model {
                 kv_elem,
                 threads: self.n_threads as u64,
             };
-            Ok((estimate(&shape, file.file_len(), tensor_bytes(&self.shared.model), &run), run))
+            Ok((
+                estimate(
+                    &shape,
+                    file.file_len(),
+                    tensor_bytes(&self.shared.model),
+                    &run,
+                ),
+                run,
+            ))
         })?;
         let d = PyDict::new(py);
         d.set_item("format", self.shared.model.file_type_name())?;
@@ -554,12 +590,20 @@ fn nonempty_ids(shared: &Shared, input: Input, n_ctx: usize) -> Result<Vec<u32>>
         bad_arg!("the input is empty: there is no token to evaluate");
     }
     if ids.len() > n_ctx {
-        bad_arg!("the input has {} tokens, more than the context of {n_ctx}", ids.len());
+        bad_arg!(
+            "the input has {} tokens, more than the context of {n_ctx}",
+            ids.len()
+        );
     }
     Ok(ids)
 }
 
-fn array2(py: Python<'_>, rows: usize, cols: usize, v: Vec<f32>) -> PyResult<Bound<'_, PyArray2<f32>>> {
+fn array2(
+    py: Python<'_>,
+    rows: usize,
+    cols: usize,
+    v: Vec<f32>,
+) -> PyResult<Bound<'_, PyArray2<f32>>> {
     let a = Array2::from_shape_vec((rows, cols), v)
         .map_err(|e| pyo3::exceptions::PyRuntimeError::new_err(format!("array shape: {e}")))?;
     Ok(a.into_pyarray(py))

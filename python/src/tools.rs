@@ -24,7 +24,9 @@ pub fn parse_types(types: &[String]) -> anyhow::Result<Vec<FileType>> {
             Some(ft) => out.push(ft),
             None => bad_arg!(
                 "unknown type {t:?}; expected {} or \"all\"",
-                FileType::ALL.map(|t| format!("{:?}", t.label().to_ascii_lowercase())).join(", ")
+                FileType::ALL
+                    .map(|t| format!("{:?}", t.label().to_ascii_lowercase()))
+                    .join(", ")
             ),
         }
     }
@@ -79,7 +81,11 @@ fn summary_dict<'py>(py: Python<'py>, f: &FileSummary) -> PyResult<Bound<'py, Py
         .differs
         .iter()
         .map(|(name, wrote, fb)| {
-            (name.clone(), wrote.to_string(), fb.llama_cpp.map(|t| t.to_string()))
+            (
+                name.clone(),
+                wrote.to_string(),
+                fb.llama_cpp.map(|t| t.to_string()),
+            )
         })
         .collect();
     d.set_item("differs_from_llama_cpp", differs)?;
@@ -185,7 +191,9 @@ pub fn compare(
             bad_arg!("chunks=0: must be at least 1");
         }
         if bench_prompt == 0 || bench_gen == 0 {
-            bad_arg!("bench_prompt={bench_prompt} / bench_gen={bench_gen}: both must be at least 1");
+            bad_arg!(
+                "bench_prompt={bench_prompt} / bench_gen={bench_gen}: both must be at least 1"
+            );
         }
         let config = HfConfig::load(&hf_dir)?;
         let method = Method {
