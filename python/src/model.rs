@@ -55,7 +55,12 @@ impl Shared {
     }
 }
 
-/// A GPT-2 GGUF model.
+/// A GPT-2 GGUF file, mapped once and validated: Model(path, n_ctx=None, n_threads=None).
+///
+/// Thread-safe: several Python threads may call one Model at once; each call runs its own
+/// session (KV cache and buffers) with the GIL released. Ctrl-C interrupts a long call with
+/// KeyboardInterrupt. n_ctx: the longest context calls may use (default and maximum: the
+/// model's). n_threads: threads each call computes on (default: one per core).
 #[pyclass(module = "ggpt", frozen)]
 pub struct Model {
     shared: Arc<Shared>,
@@ -311,7 +316,7 @@ impl Model {
         TextStream::start(Arc::clone(&self.shared), req)
     }
 
-    /// Token ids of `text` (`<|endoftext|>` is the special token).
+    /// GPT-2 byte-level BPE token ids of `text` (`<|endoftext|>` is the special token).
     fn tokenize(&self, text: &str) -> Vec<u32> {
         self.shared.model.tokenizer().encode(text)
     }
@@ -324,7 +329,8 @@ impl Model {
         })
     }
 
-    /// Next-token logits at every position: float32 array of shape (T, n_vocab).
+    /// Raw next-token logits at every position: float32 array of shape (T, n_vocab), row t
+    /// predicting token t+1. `ids` may also be text.
     fn logits<'py>(&self, py: Python<'py>, ids: Input) -> PyResult<Bound<'py, PyArray2<f32>>> {
         let shared = &self.shared;
         let n_ctx = self.n_ctx;
@@ -532,21 +538,25 @@ impl Model {
         self.shared.model.hparams().n_ctx
     }
 
+    /// Width of the hidden state.
     #[getter]
     fn n_embd(&self) -> u64 {
         self.shared.model.hparams().n_embd
     }
 
+    /// Number of transformer blocks.
     #[getter]
     fn n_layer(&self) -> u64 {
         self.shared.model.hparams().n_layer
     }
 
+    /// Attention heads per block.
     #[getter]
     fn n_head(&self) -> u64 {
         self.shared.model.hparams().n_head
     }
 
+    /// Vocabulary size.
     #[getter]
     fn n_vocab(&self) -> u64 {
         self.shared.model.hparams().n_vocab
