@@ -317,8 +317,9 @@ impl Model {
     }
 
     /// GPT-2 byte-level BPE token ids of `text` (`<|endoftext|>` is the special token).
-    fn tokenize(&self, text: &str) -> Vec<u32> {
-        self.shared.model.tokenizer().encode(text)
+    fn tokenize(&self, py: Python<'_>, text: &str) -> PyResult<Vec<u32>> {
+        let shared = &self.shared;
+        py.detach(|| guard(|| Ok(shared.model.tokenizer().encode(text))))
     }
 
     /// The text of token ids (invalid UTF-8 replaced by U+FFFD).
