@@ -8,12 +8,12 @@
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 
+use ggpt::convert::hf::InputError;
+use ggpt::convert::pipeline::OutputError;
 use ggpt::model::{LoadError, NonFiniteWeights, RunError};
 use ggpt::perplexity::MethodError;
 use ggpt::tokenizer::TokenizerError;
-use ggpt_convert::gguf::GgufError as RustGgufError;
-use ggpt_convert::hf::InputError;
-use ggpt_convert::pipeline::OutputError;
+use ggpt_gguf::GgufError as RustGgufError;
 use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 

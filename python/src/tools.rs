@@ -3,9 +3,9 @@
 use std::io::Write as _;
 use std::path::PathBuf;
 
-use ggpt_convert::pipeline::{convert_hf, ConvertOptions, FileSummary, Progress};
-use ggpt_convert::policy::FileType;
-use ggpt_convert::requantize::requantize;
+use ggpt::convert::pipeline::{convert_hf, ConvertOptions, FileSummary, Progress};
+use ggpt::convert::policy::FileType;
+use ggpt::convert::requantize::requantize;
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -178,10 +178,10 @@ pub fn compare(
     bench_gen: usize,
 ) -> PyResult<String> {
     use ggpt::compare::{measure_format, to_json, Measure, Setup};
+    use ggpt::convert::hf::HfConfig;
+    use ggpt::convert::pipeline::model_name;
     use ggpt::model::Model;
     use ggpt::perplexity::{window_count, Method};
-    use ggpt_convert::hf::HfConfig;
-    use ggpt_convert::pipeline::model_name;
 
     require_exists(&hf_dir)?;
     let text_path = text.unwrap_or_else(|| hf_dir.join("val.txt"));
@@ -212,7 +212,7 @@ pub fn compare(
         let out = out_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from("out/compare").join(&name));
-        std::fs::create_dir_all(&out).map_err(|e| ggpt_convert::pipeline::OutputError {
+        std::fs::create_dir_all(&out).map_err(|e| ggpt::convert::pipeline::OutputError {
             path: out.clone(),
             what: "cannot create the output directory",
             source: e,

@@ -6,10 +6,10 @@
 use super::common::{
     bail_flag, flag_error, init_threads, output_error, print_stdout, read_text_file,
 };
-use crate::compare::{charts, markdown, measure_format, to_json, FormatRow, Measure, Setup};
-use crate::model::Model;
-use crate::perplexity::{window_count, Method};
 use anyhow::{bail, Context, Result};
+use ggpt::compare::{charts, markdown, measure_format, to_json, FormatRow, Measure, Setup};
+use ggpt::model::Model;
+use ggpt::perplexity::{window_count, Method};
 use ggpt_convert::atomic::AtomicFile;
 use ggpt_convert::hf::{HfConfig, InputError};
 use ggpt_convert::pipeline::{convert_hf, model_name, ConvertOptions, NoProgress};
@@ -22,7 +22,7 @@ use std::process::Command;
 /// The bundled default model and texts, found next to the sources this binary was built from
 /// or, failing that, relative to the working directory.
 pub fn bundled(rel: &str) -> PathBuf {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
     if built.exists() {
         built
     } else {
