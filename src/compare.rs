@@ -1,11 +1,16 @@
 //! The size-vs-quality report: one row per format with what it costs (file, bits per weight, RAM,
 //! VRAM, measured peak RSS, load time, speed) and what it loses (perplexity, ΔPPL, KL divergence
-//! and top-1 agreement against F16). `ggpt compare` fills the rows; this file renders them.
+//! and top-1 agreement against F16). [`measure_format`] fills a row (for `ggpt compare` and the
+//! Python package's `ggpt.compare`); the rest of this file renders them.
 
 use crate::chart::{scatter_svg, Point};
+use crate::memory::{estimate, MemShape, RunShape};
+use crate::model::Model;
+use crate::perplexity::{evaluate, Method};
+use crate::scoring::Aggregate;
 use serde_json::json;
 use std::fmt::Write as _;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// Everything measured for one format.
 #[derive(Clone, Debug, Default)]
@@ -44,6 +49,79 @@ pub struct Setup {
     pub mem_ctx: usize,
     pub bench: String,
     pub threads: usize,
+}
+
+/// How every format is measured.
+#[derive(Clone, Copy, Debug)]
+pub struct Measure {
+    /// Perplexity windows.
+    pub method: Method,
+    /// Context length of the memory estimate.
+    pub mem_ctx: usize,
+    /// Prefill and decode lengths of the speed test (llama-bench's ppN / tgN, 2 timed runs each).
+    pub bench_prompt: usize,
+    pub bench_gen: usize,
+    /// Threads the run uses (for the memory estimate's per-thread buffers).
+    pub threads: usize,
+}
+
+/// Measure one loaded format: size, memory estimate, speed, perplexity, and against `base`
+/// (the F16 file; `None` for the F16 row itself) KL divergence and top-1 agreement on the same
+/// windows. `peak_rss` is the caller's measurement (a separate process; 0 if none).
+/// `progress(done, total, aggregate)` is called after each perplexity window.
+#[allow(clippy::too_many_arguments)]
+pub fn measure_format(
+    format: &str,
+    path: &Path,
+    model: &Model,
+    base: Option<&Model>,
+    tokens: &[u32],
+    m: &Measure,
+    peak_rss: u64,
+    progress: impl FnMut(usize, usize, &Aggregate),
+) -> anyhow::Result<FormatRow> {
+    let shape = MemShape::of(model.hparams());
+    let tensors = model.file().tensors();
+    let tensor_bytes: u64 = tensors.iter().map(|t| t.size).sum();
+    let params: u64 = tensors.iter().map(|t| t.n_elements()).sum();
+    let run = RunShape {
+        n_ctx: m.mem_ctx as u64,
+        n_batch: ggpt_models::gpt2::forward::UBATCH.min(m.mem_ctx) as u64,
+        n_seq: 1,
+        kv_elem: 2,
+        threads: m.threads as u64,
+    };
+    let est = estimate(&shape, model.file().file_len(), tensor_bytes, &run);
+    let pp = crate::bench::prefill(model, m.bench_prompt.min(m.mem_ctx), 2)?;
+    let tg = crate::bench::decode(model, m.bench_gen.min(m.mem_ctx), 2)?;
+    let report = evaluate(model, base, tokens, m.method, progress)?;
+    let s = &report.summary;
+    let (ppl_f16, vs) = match &s.vs_base {
+        Some(v) => (v.base_ppl, Some(v)),
+        None => (s.ppl, None),
+    };
+    Ok(FormatRow {
+        format: format.to_string(),
+        file: path.to_path_buf(),
+        file_bytes: model.file().file_len(),
+        params,
+        bits_per_weight: tensor_bytes as f64 * 8.0 / params.max(1) as f64,
+        ram_estimate: est.ram_total,
+        vram_estimate: est.vram_total,
+        peak_rss,
+        load_ms: model.load_ms(),
+        prefill_tps: pp.mean(),
+        decode_tps: tg.mean(),
+        ppl: s.ppl,
+        ppl_err: s.ppl_err,
+        delta_ppl_pct: (s.ppl / ppl_f16 - 1.0) * 100.0,
+        mean_kld: vs.map_or(0.0, |v| v.mean_kld),
+        median_kld: vs.map_or(0.0, |v| v.median_kld),
+        p99_kld: vs.map_or(0.0, |v| v.p99_kld),
+        same_top_pct: vs.map_or(100.0, |v| v.same_top * 100.0),
+        same_top_err_pct: vs.map_or(0.0, |v| v.same_top_err * 100.0),
+        rms_delta_p_pct: vs.map_or(0.0, |v| v.rms_delta_p * 100.0),
+    })
 }
 
 const MIB: f64 = 1024.0 * 1024.0;

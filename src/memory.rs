@@ -17,6 +17,17 @@ pub struct MemShape {
 }
 
 impl MemShape {
+    /// The shape of a loaded model.
+    pub fn of(hp: &ggpt_models::Hparams) -> MemShape {
+        MemShape {
+            n_layer: hp.n_layer,
+            n_embd: hp.n_embd,
+            n_ff: hp.n_ff,
+            n_head: hp.n_head,
+            n_vocab: hp.n_vocab,
+        }
+    }
+
     /// GPT-2 Medium (345M).
     pub const GPT2_MEDIUM: MemShape = MemShape {
         n_layer: 24,

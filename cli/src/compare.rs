@@ -7,10 +7,9 @@ use super::common::{
     bail_flag, flag_error, init_threads, output_error, print_stdout, read_text_file,
 };
 use anyhow::{bail, Context, Result};
-use ggpt::compare::{charts, markdown, to_json, FormatRow, Setup};
-use ggpt::memory::{estimate, RunShape};
+use ggpt::compare::{charts, markdown, measure_format, to_json, FormatRow, Measure, Setup};
 use ggpt::model::Model;
-use ggpt::perplexity::{evaluate, window_count, Method};
+use ggpt::perplexity::{window_count, Method};
 use ggpt_convert::atomic::AtomicFile;
 use ggpt_convert::hf::{HfConfig, InputError};
 use ggpt_convert::pipeline::{convert_hf, model_name, ConvertOptions, NoProgress};
@@ -163,72 +162,41 @@ pub fn run(args: Args) -> Result<()> {
         );
     }
     let mem_ctx = base.hparams().n_ctx as usize;
+    let measure = Measure {
+        method,
+        mem_ctx,
+        bench_prompt: args.bench_prompt,
+        bench_gen: args.bench_gen,
+        threads,
+    };
 
     let mut rows: Vec<FormatRow> = Vec::new();
     for (ftype, path) in &files {
         super::common::note!("== {} ({})", ftype.label(), path.display());
         let model = Model::load(path)?;
-        let shape = super::mem::shape_of(&model);
-        let tensors = model.file().tensors();
-        let tensor_bytes: u64 = tensors.iter().map(|t| t.size).sum();
-        let params: u64 = tensors.iter().map(|t| t.n_elements()).sum();
-        let run = RunShape {
-            n_ctx: mem_ctx as u64,
-            n_batch: ggpt_models::gpt2::forward::UBATCH.min(mem_ctx) as u64,
-            n_seq: 1,
-            kv_elem: 2,
-            threads: threads as u64,
-        };
-        let est = estimate(&shape, model.file().file_len(), tensor_bytes, &run);
         let peak_rss = if args.no_rss {
             0
         } else {
             measure_rss(path, mem_ctx, threads)?
         };
-        let pp = ggpt::bench::prefill(&model, args.bench_prompt.min(mem_ctx), 2)?;
-        let tg = ggpt::bench::decode(&model, args.bench_gen.min(mem_ctx), 2)?;
-
         let pb = bar(windows as u64, "perplexity");
         let is_base = *ftype == FileType::F16;
-        let report = evaluate(
+        let row = measure_format(
+            ftype.label(),
+            path,
             &model,
             if is_base { None } else { Some(&base) },
             &tokens,
-            method,
+            &measure,
+            peak_rss,
             |done, _, agg| {
                 pb.set_position(done as u64);
                 pb.set_message(format!("PPL {:.4}", agg.ppl()));
             },
         )?;
         pb.finish_and_clear();
-        let s = &report.summary;
-        let (ppl_f16, vs) = match &s.vs_base {
-            Some(v) => (v.base_ppl, Some(v)),
-            None => (s.ppl, None),
-        };
-        rows.push(FormatRow {
-            format: ftype.label().to_string(),
-            file: path.clone(),
-            file_bytes: model.file().file_len(),
-            params,
-            bits_per_weight: tensor_bytes as f64 * 8.0 / params.max(1) as f64,
-            ram_estimate: est.ram_total,
-            vram_estimate: est.vram_total,
-            peak_rss,
-            load_ms: model.load_ms(),
-            prefill_tps: pp.mean(),
-            decode_tps: tg.mean(),
-            ppl: s.ppl,
-            ppl_err: s.ppl_err,
-            delta_ppl_pct: (s.ppl / ppl_f16 - 1.0) * 100.0,
-            mean_kld: vs.map_or(0.0, |v| v.mean_kld),
-            median_kld: vs.map_or(0.0, |v| v.median_kld),
-            p99_kld: vs.map_or(0.0, |v| v.p99_kld),
-            same_top_pct: vs.map_or(100.0, |v| v.same_top * 100.0),
-            same_top_err_pct: vs.map_or(0.0, |v| v.same_top_err * 100.0),
-            rms_delta_p_pct: vs.map_or(0.0, |v| v.rms_delta_p * 100.0),
-        });
-        super::common::note!("   PPL {:.4} ± {:.4}", s.ppl, s.ppl_err);
+        super::common::note!("   PPL {:.4} ± {:.4}", row.ppl, row.ppl_err);
+        rows.push(row);
     }
 
     let setup = Setup {
