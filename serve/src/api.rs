@@ -608,24 +608,25 @@ fn render_chat(v: Option<&Value>) -> Result<String, ApiError> {
         let m = m
             .as_object()
             .ok_or_else(|| ApiError::invalid(&at, format!("'{at}' must be an object")))?;
-        let role =
-            match m.get("role").and_then(Value::as_str) {
-                Some("system") | Some("developer") => "System",
-                Some("user") => "User",
-                Some("assistant") => "Assistant",
-                Some(r) => return Err(ApiError::invalid(
+        let role = match m.get("role").and_then(Value::as_str) {
+            Some("system") | Some("developer") => "System",
+            Some("user") => "User",
+            Some("assistant") => "Assistant",
+            Some(r) => {
+                return Err(ApiError::invalid(
                     format!("{at}.role"),
                     format!(
                         "'{at}.role' = '{r}' is not supported (system, developer, user, assistant)"
                     ),
-                )),
-                None => {
-                    return Err(ApiError::invalid(
-                        format!("{at}.role"),
-                        format!("'{at}.role' is required"),
-                    ))
-                }
-            };
+                ))
+            }
+            None => {
+                return Err(ApiError::invalid(
+                    format!("{at}.role"),
+                    format!("'{at}.role' is required"),
+                ))
+            }
+        };
         let content = match m.get("content") {
             Some(Value::String(s)) => s.clone(),
             Some(Value::Array(parts)) => {
