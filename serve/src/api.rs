@@ -421,11 +421,11 @@ async fn detokenize(State(app): State<Arc<App>>, body: Bytes) -> Result<Response
     Ok(Json(json!({"content": text, "model": served.name})).into_response())
 }
 
+/// Sampler settings, presence and frequency penalties, logit bias, seed.
+type Sampling = (SamplerConfig, f32, f32, Vec<(u32, f32)>, Option<u64>);
+
 /// Settings shared by completions and chat.
-fn sampling(
-    f: &Fields,
-    n_vocab: usize,
-) -> Result<(SamplerConfig, f32, f32, Vec<(u32, f32)>, Option<u64>), ApiError> {
+fn sampling(f: &Fields, n_vocab: usize) -> Result<Sampling, ApiError> {
     let temperature = f.f64_in("temperature", 0.0, 2.0)?.unwrap_or(1.0) as f32;
     let top_p = f.f64_in("top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32;
     if top_p == 0.0 {
@@ -871,12 +871,15 @@ fn finish_name(f: Finish) -> &'static str {
 
 /// Apply one engine event to the choice states. Returns (choice, released text, the token
 /// entries it carried) for formatting, or an error to end the request with.
+/// What one event released: (choice, text, its tokens with logprobs, choice finished).
+type Released = (usize, String, Vec<(u32, Option<TokenLogprob>)>, bool);
+
 fn apply(
     ev: Event,
     model: &Model,
     states: &mut [ChoiceState],
     cancels: &[Arc<AtomicBool>],
-) -> Result<Option<(usize, String, Vec<(u32, Option<TokenLogprob>)>, bool)>, String> {
+) -> Result<Option<Released>, String> {
     match ev {
         Event::Prompt { choice, logprobs } => {
             states[choice].prompt_lp = Some(logprobs);
