@@ -152,6 +152,9 @@ impl EngineHandle {
         cfg: EngineConfig,
         metrics: Arc<Metrics>,
     ) -> Result<Arc<EngineHandle>, ggpt_models::RunError> {
+        // Per-row matmul results independent of how many rows share a call: a request's
+        // tokens and logprobs do not depend on what else runs (docs/serving.md).
+        ggpt_quant::matmul::set_batch_invariant(true);
         let mut runners = Vec::with_capacity(models.len());
         for m in &models {
             runners.push(Runner::new(Arc::clone(m), &cfg)?);

@@ -5,8 +5,8 @@
 //! Everything the server adds (slots, chunked prefill, attention per sequence, the output
 //! rows, per-request samplers) is batch-invariant by construction. The weight matmuls are
 //! only invariant if their per-row results do not depend on how many tokens share a call;
-//! this file pins the kernels to the portable ones (`GGPT_ISA=scalar`), which compute every
-//! row with the same one-token kernel.
+//! the server turns on `ggpt_quant::matmul::set_batch_invariant`, and this file checks the
+//! whole path with the machine's own (SIMD) kernels.
 
 mod common;
 
@@ -102,8 +102,6 @@ async fn amid_others(model: &str) -> (Value, Value, Value) {
 }
 
 async fn check(model: &str) {
-    // Before any kernel runs in this process (every test of this file sets the same value).
-    std::env::set_var("GGPT_ISA", "scalar");
     let reference = alone(256, model).await;
     let split = alone(3, model).await;
     assert_eq!(
