@@ -17,6 +17,7 @@ mod mem;
 mod perplexity;
 mod quantize;
 mod run;
+mod serve;
 mod synth;
 mod tokenize;
 
@@ -54,11 +55,16 @@ pub enum Command {
     Perplexity(perplexity::Args),
     /// Convert to every format and compare size, memory, speed and quality in one table.
     Compare(compare::Args),
+    /// Serve models over an OpenAI-compatible HTTP API with continuous batching.
+    Serve(serve::Args),
 }
 
 fn main() {
-    install_signal_handler();
     let cli = Cli::parse();
+    // `serve` shuts down gracefully on SIGINT/SIGTERM itself (and exits 0).
+    if !matches!(cli.command, Command::Serve(_)) {
+        install_signal_handler();
+    }
     if let Err(err) = run(cli) {
         // Not eprintln!: it panics when stderr itself cannot be written (`2>/dev/full`); the
         // exit code still tells what happened.
@@ -81,6 +87,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mem(a) => mem::run(a),
         Command::Perplexity(a) => perplexity::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Serve(a) => serve::run(a),
     }
 }
 

@@ -24,8 +24,9 @@ pub struct Args {
     /// Tokens per forward pass during the prompt (default: ggpt's micro-batch, capped by ctx).
     #[arg(short = 'b', long)]
     pub batch: Option<usize>,
-    /// Parallel sequences (as `run --num-return-sequences`).
-    #[arg(long, default_value_t = 1)]
+    /// Parallel sequences (as `run --num-return-sequences`, or the slots of
+    /// `serve --parallel`: one KV cache of --ctx positions each).
+    #[arg(long, visible_alias = "parallel", default_value_t = 1)]
     pub seqs: usize,
     /// KV cache element type: f16 (default) or f32.
     #[arg(long, default_value = "f16")]
