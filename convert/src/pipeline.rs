@@ -275,12 +275,18 @@ fn plan(ckpt: &Checkpoint, c: &HfConfig) -> Result<Vec<Planned>, InputError> {
                 ))
             }
             Some(HfTensor::DropBuffer) => {}
+            Some(HfTensor::ExtraHead) => {
+                eprintln!(
+                    "note: {}: skipping {name}: a task head that is not part of the language model",
+                    t.file.display()
+                );
+            }
             Some(HfTensor::TiedHead) => {
                 if t.shape != wte_shape {
                     return Err(InputError::new(
                         t.file,
                         format!(
-                            "tensor {name} has shape {:?}, expected {wte_shape:?} (tied to wte; an untied head is not supported)",
+                            "tensor {name} has shape {:?}, expected {wte_shape:?} (tied to wte: config.json has tie_word_embeddings true or unset)",
                             t.shape
                         ),
                     ));
@@ -380,7 +386,8 @@ fn layout(
     for (k, v) in gguf_metadata(config, vocab, name, ftype) {
         writer.add_kv(&k, v);
     }
-    let policy = Policy::new(ftype, config.n_layer, false);
+    let has_output = planned.iter().any(|p| p.gguf_name == "output.weight");
+    let policy = Policy::new(ftype, config.n_layer, has_output);
     let mut types = Vec::with_capacity(planned.len());
     let mut differs = Vec::new();
     for p in planned {
