@@ -1694,8 +1694,8 @@ fn hf_cases() -> Vec<HfCase> {
         ("scale_attn_by_inverse_layer_idx", |j| {
             j["scale_attn_by_inverse_layer_idx"] = json!(true)
         }),
-        ("untied embeddings", |j| {
-            j["tie_word_embeddings"] = json!(false)
+        ("tie_word_embeddings a string", |j| {
+            j["tie_word_embeddings"] = json!("no")
         }),
         ("layer_norm_epsilon 0", |j| {
             j["layer_norm_epsilon"] = json!(0.0)
