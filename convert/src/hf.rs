@@ -119,16 +119,14 @@ impl HfConfig {
 
         // Variants of the GPT-2 architecture that change the math: llama.cpp's graph (and ours)
         // implements none of them, so converting would produce a model that runs but is wrong.
+        // (`reorder_and_upcast_attn` is not among them: it only makes transformers compute the
+        // attention scores in fp32 with the scale applied first, the same math that ggpt and
+        // llama.cpp do in f32 anyway, so it is accepted either way.)
         for (key, bad, why) in [
             (
                 "scale_attn_by_inverse_layer_idx",
                 true,
                 "scales attention scores by 1/(layer+1)",
-            ),
-            (
-                "reorder_and_upcast_attn",
-                true,
-                "reorders and upcasts the attention computation",
             ),
             (
                 "scale_attn_weights",
@@ -850,6 +848,14 @@ mod tests {
         assert_eq!((c.n_ff, c.n_ctx, c.layer_norm_eps), (256, 32, 1e-5f32));
         let c = cfg(json!({"n_inner": 100, "n_positions": null, "n_ctx": 16})).unwrap();
         assert_eq!((c.n_ff, c.n_ctx), (100, 16));
+        // Precision-only flag: same math in f32.
+        assert!(cfg(json!({"reorder_and_upcast_attn": true})).is_ok());
+        assert!(cfg(json!({})).unwrap().tie_word_embeddings);
+        assert!(
+            !cfg(json!({"tie_word_embeddings": false}))
+                .unwrap()
+                .tie_word_embeddings
+        );
     }
 
     #[test]
@@ -859,10 +865,6 @@ mod tests {
             (
                 json!({"scale_attn_by_inverse_layer_idx": true}),
                 "scale_attn_by_inverse_layer_idx",
-            ),
-            (
-                json!({"reorder_and_upcast_attn": true}),
-                "reorder_and_upcast_attn",
             ),
             (
                 json!({"activation_function": "relu"}),

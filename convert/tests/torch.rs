@@ -78,7 +78,11 @@ fn model_dir(case: &str, twin: Option<&str>) -> TempDir {
         .unwrap();
     }
     for f in ["vocab.json", "merges.txt"] {
-        fs::copy(root().join("tests/fixtures/tokenizer").join(f), d.path().join(f)).unwrap();
+        fs::copy(
+            root().join("tests/fixtures/tokenizer").join(f),
+            d.path().join(f),
+        )
+        .unwrap();
     }
     d
 }
@@ -149,7 +153,12 @@ fn tensors_read_back_exactly_as_stored() {
     for &(case, twin) in CASES {
         let bin = model_dir(case, None);
         let ckpt = Checkpoint::open(bin.path()).unwrap();
-        let bytes = fs::read(fixtures().join("expected").join(format!("{twin}.safetensors"))).unwrap();
+        let bytes = fs::read(
+            fixtures()
+                .join("expected")
+                .join(format!("{twin}.safetensors")),
+        )
+        .unwrap();
         let st = SafeTensors::deserialize(&bytes).unwrap();
         let mut n = 0;
         for (name, view) in st.tensors() {
@@ -165,10 +174,16 @@ fn tensors_read_back_exactly_as_stored() {
         // The buffers of the OpenAI layout are read (and later dropped by name), not refused.
         if case == "openai-layout-f32" {
             let b = ckpt.get("h.1.attn.bias").unwrap();
-            assert_eq!((b.dtype, b.shape), (safetensors::Dtype::U8, &[1, 1, 128, 128][..]));
+            assert_eq!(
+                (b.dtype, b.shape),
+                (safetensors::Dtype::U8, &[1, 1, 128, 128][..])
+            );
             assert_eq!(b.data[128 + 1], 1);
             assert_eq!(b.data[2], 0, "causal mask: row 0 sees only column 0");
-            assert_eq!(ckpt.get("h.0.attn.masked_bias").unwrap().shape, &[] as &[usize]);
+            assert_eq!(
+                ckpt.get("h.0.attn.masked_bias").unwrap().shape,
+                &[] as &[usize]
+            );
         }
         // The tied head shares wte's storage: same bytes.
         if twin == "zip-tied" {
@@ -192,7 +207,10 @@ fn safetensors_wins_when_both_are_present() {
     // Break the .bin: if it were read, opening would fail.
     fs::write(d.path().join("pytorch_model.bin"), b"not a checkpoint").unwrap();
     let c = Checkpoint::open(d.path()).unwrap();
-    assert_eq!(c.files(), vec![d.path().join("model.safetensors").as_path()]);
+    assert_eq!(
+        c.files(),
+        vec![d.path().join("model.safetensors").as_path()]
+    );
 }
 
 // ---- hostile and broken inputs ----
@@ -230,7 +248,16 @@ impl Pk {
         self.op(b"t")
     }
     /// `name: _rebuild_tensor_v2(storage(key, numel), offset, size, stride, False, OrderedDict())`
-    fn tensor(self, name: &str, storage: &str, key: &str, numel: u32, offset: u32, size: &[u32], stride: &[u32]) -> Pk {
+    fn tensor(
+        self,
+        name: &str,
+        storage: &str,
+        key: &str,
+        numel: u32,
+        offset: u32,
+        size: &[u32],
+        stride: &[u32],
+    ) -> Pk {
         self.s(name)
             .global("torch._utils", "_rebuild_tensor_v2")
             .op(b"((")
@@ -265,7 +292,11 @@ fn crc32(b: &[u8]) -> u32 {
     for &x in b {
         c ^= x as u32;
         for _ in 0..8 {
-            c = if c & 1 != 0 { (c >> 1) ^ 0xedb8_8320 } else { c >> 1 };
+            c = if c & 1 != 0 {
+                (c >> 1) ^ 0xedb8_8320
+            } else {
+                c >> 1
+            };
         }
     }
     !c
@@ -317,8 +348,12 @@ fn zip(entries: &[(&str, &[u8])], method: u16) -> Vec<u8> {
 
 /// A torch.save-style archive holding `pkl` and the given storages.
 fn archive(pkl: &[u8], storages: &[(&str, &[u8])]) -> Vec<u8> {
-    let names: Vec<String> = storages.iter().map(|(k, _)| format!("archive/data/{k}")).collect();
-    let mut e: Vec<(&str, &[u8])> = vec![("archive/data.pkl", pkl), ("archive/byteorder", b"little")];
+    let names: Vec<String> = storages
+        .iter()
+        .map(|(k, _)| format!("archive/data/{k}"))
+        .collect();
+    let mut e: Vec<(&str, &[u8])> =
+        vec![("archive/data.pkl", pkl), ("archive/byteorder", b"little")];
     for (n, (_, d)) in names.iter().zip(storages) {
         e.push((n, d));
     }
@@ -372,7 +407,14 @@ fn forbidden_globals_are_refused_and_never_run() {
     ] {
         // GLOBAL form, and the protocol-4 STACK_GLOBAL form.
         let a = Pk::new().global(m, n).op(b"(").s(&cmd).op(b"tR").done();
-        let b = Pk::new().s(m).s(n).op(&[0x93]).op(b"(").s(&cmd).op(b"tR").done();
+        let b = Pk::new()
+            .s(m)
+            .s(n)
+            .op(&[0x93])
+            .op(b"(")
+            .s(&cmd)
+            .op(b"tR")
+            .done();
         for pkl in [a, b] {
             let e = pickle::unpickle(&pkl).unwrap_err();
             assert_eq!(
@@ -394,7 +436,11 @@ fn forbidden_globals_are_refused_and_never_run() {
                 "{msg}"
             );
             assert!(err.downcast_ref::<InputError>().is_some());
-            assert!(out.files().is_empty(), "output left behind: {:?}", out.files());
+            assert!(
+                out.files().is_empty(),
+                "output left behind: {:?}",
+                out.files()
+            );
         }
     }
     assert!(!marker.exists(), "the pickle's command ran");
@@ -405,12 +451,22 @@ fn forbidden_opcodes_and_non_callables_are_refused() {
     // REDUCE on something that is not an allowed callable.
     let e = pickle::unpickle(&Pk::new().s("os.system").op(b")R").done()).unwrap_err();
     assert!(e.to_string().contains("REDUCE on a str"), "{e}");
-    let e = pickle::unpickle(&Pk::new().global("torch", "FloatStorage").op(b")R").done()).unwrap_err();
+    let e =
+        pickle::unpickle(&Pk::new().global("torch", "FloatStorage").op(b")R").done()).unwrap_err();
     assert!(e.to_string().contains("not callable"), "{e}");
     // Object construction opcodes: NEWOBJ, INST, OBJ, EXT1, BUILD on a non-dict.
-    for (op, name) in [(0x81u8, "NEWOBJ"), (b'i', "INST"), (b'o', "OBJ"), (0x82, "EXT1"), (b'P', "PERSID")] {
+    for (op, name) in [
+        (0x81u8, "NEWOBJ"),
+        (b'i', "INST"),
+        (b'o', "OBJ"),
+        (0x82, "EXT1"),
+        (b'P', "PERSID"),
+    ] {
         let e = pickle::unpickle(&Pk::new().op(b")").op(&[op]).done()).unwrap_err();
-        assert!(matches!(e, PickleError::ForbiddenOpcode { .. }), "{name}: {e}");
+        assert!(
+            matches!(e, PickleError::ForbiddenOpcode { .. }),
+            "{name}: {e}"
+        );
         assert!(e.to_string().contains(name), "{e}");
     }
     let e = pickle::unpickle(&Pk::new().op(b"]}b").done()).unwrap_err();
@@ -420,10 +476,16 @@ fn forbidden_opcodes_and_non_callables_are_refused() {
 #[test]
 fn resource_limits_hold() {
     // Deep nesting, by tuples and by lists: refused at the limit, no stack overflow.
-    let deep_tuples = Pk::new().op(&b"(".repeat(1000)).op(&b"t".repeat(1000)).done();
+    let deep_tuples = Pk::new()
+        .op(&b"(".repeat(1000))
+        .op(&b"t".repeat(1000))
+        .done();
     let e = pickle::unpickle(&deep_tuples).unwrap_err();
     assert!(e.to_string().contains("nested deeper"), "{e}");
-    let many_marks = Pk::new().op(&b"(".repeat(100_000)).op(&b"t".repeat(100_000)).done();
+    let many_marks = Pk::new()
+        .op(&b"(".repeat(100_000))
+        .op(&b"t".repeat(100_000))
+        .done();
     let e = pickle::unpickle(&many_marks).unwrap_err();
     assert!(e.to_string().contains("nested MARKs"), "{e}");
     let mut p = Pk::new().op(b"]");
@@ -438,7 +500,12 @@ fn resource_limits_hold() {
     let e = pickle::unpickle(&p.done()).unwrap_err();
     assert!(e.to_string().contains("nested deeper"), "{e}");
     // Huge lengths: refused before any allocation.
-    for op in [&b"X\xff\xff\xff\x7f"[..], b"B\xff\xff\xff\xff", b"\x8d\0\0\0\0\0\0\0\x40", b"\x8e\xff\xff\xff\xff\xff\xff\xff\xff"] {
+    for op in [
+        &b"X\xff\xff\xff\x7f"[..],
+        b"B\xff\xff\xff\xff",
+        b"\x8d\0\0\0\0\0\0\0\x40",
+        b"\x8e\xff\xff\xff\xff\xff\xff\xff\xff",
+    ] {
         let e = pickle::unpickle(&Pk::new().op(op).op(b"abc").done()).unwrap_err();
         assert!(e.to_string().contains("larger than"), "{e}");
     }
@@ -469,9 +536,18 @@ fn broken_archives_and_tensors_name_the_problem() {
     assert!(torch::parse(&archive(&ok, &[("0", &data)])).is_ok());
 
     // Storage shorter than its tensor: by offset, by size, and a data entry shorter than numel.
-    let m = parse_err(&archive(&state_dict(|p| p.tensor("w", "FloatStorage", "0", 6, 1, &[2, 3], &[3, 1])), &[("0", &data)]));
-    assert!(m.contains("tensor w") && m.contains("storage shorter than its tensor"), "{m}");
-    let m = parse_err(&archive(&state_dict(|p| p.tensor("w", "FloatStorage", "0", 6, 0, &[4, 3], &[3, 1])), &[("0", &data)]));
+    let m = parse_err(&archive(
+        &state_dict(|p| p.tensor("w", "FloatStorage", "0", 6, 1, &[2, 3], &[3, 1])),
+        &[("0", &data)],
+    ));
+    assert!(
+        m.contains("tensor w") && m.contains("storage shorter than its tensor"),
+        "{m}"
+    );
+    let m = parse_err(&archive(
+        &state_dict(|p| p.tensor("w", "FloatStorage", "0", 6, 0, &[4, 3], &[3, 1])),
+        &[("0", &data)],
+    ));
     assert!(m.contains("tensor w"), "{m}");
     let m = parse_err(&archive(&ok, &[("0", &data[..20])]));
     assert!(m.contains("tensor w") && m.contains("truncated"), "{m}");
@@ -479,32 +555,71 @@ fn broken_archives_and_tensors_name_the_problem() {
     let m = parse_err(&archive(&ok, &[]));
     assert!(m.contains("storage 0 is missing"), "{m}");
     // Non-contiguous (transposed) view.
-    let m = parse_err(&archive(&state_dict(|p| p.tensor("w", "FloatStorage", "0", 6, 0, &[2, 3], &[1, 2])), &[("0", &data)]));
+    let m = parse_err(&archive(
+        &state_dict(|p| p.tensor("w", "FloatStorage", "0", 6, 0, &[2, 3], &[1, 2])),
+        &[("0", &data)],
+    ));
     assert!(m.contains("non-contiguous"), "{m}");
     // Sizes and strides of different ranks, huge sizes.
-    let m = parse_err(&archive(&state_dict(|p| p.tensor("w", "FloatStorage", "0", 6, 0, &[2, 3], &[3])), &[("0", &data)]));
+    let m = parse_err(&archive(
+        &state_dict(|p| p.tensor("w", "FloatStorage", "0", 6, 0, &[2, 3], &[3])),
+        &[("0", &data)],
+    ));
     assert!(m.contains("2 sizes but 1 strides"), "{m}");
     let m = parse_err(&archive(
-        &state_dict(|p| p.tensor("w", "FloatStorage", "0", 6, 0, &[1 << 30, 1 << 30, 1 << 30], &[0, 0, 1])),
+        &state_dict(|p| {
+            p.tensor(
+                "w",
+                "FloatStorage",
+                "0",
+                6,
+                0,
+                &[1 << 30, 1 << 30, 1 << 30],
+                &[0, 0, 1],
+            )
+        }),
         &[("0", &data)],
     ));
     assert!(m.contains("tensor w"), "{m}");
     // Not a dict of tensors.
     let m = parse_err(&archive(&Pk::new().op(b"]").done(), &[]));
     assert!(m.contains("not a state_dict"), "{m}");
-    let m = parse_err(&archive(&Pk::new().op(b"}").s("model").op(b"}s").done(), &[]));
-    assert!(m.contains("tensor model") && m.contains("nested dict"), "{m}");
+    let m = parse_err(&archive(
+        &Pk::new().op(b"}").s("model").op(b"}s").done(),
+        &[],
+    ));
+    assert!(
+        m.contains("tensor model") && m.contains("nested dict"),
+        "{m}"
+    );
     // Compressed entries are not inflated.
-    let m = parse_err(&zip(&[("archive/data.pkl", &ok), ("archive/data/0", &data)], 8));
+    let m = parse_err(&zip(
+        &[("archive/data.pkl", &ok), ("archive/data/0", &data)],
+        8,
+    ));
     assert!(m.contains("compressed (method 8)"), "{m}");
     // Truncated archives: every prefix of a real file fails cleanly.
     let real = fs::read(fixtures().join("zip-tied/pytorch_model.bin")).unwrap();
-    for cut in [0, 3, 100, 4096, real.len() / 2, real.len() - 23, real.len() - 1] {
-        assert!(torch::parse(&real[..cut]).is_err(), "prefix of {cut} bytes accepted");
+    for cut in [
+        0,
+        3,
+        100,
+        4096,
+        real.len() / 2,
+        real.len() - 23,
+        real.len() - 1,
+    ] {
+        assert!(
+            torch::parse(&real[..cut]).is_err(),
+            "prefix of {cut} bytes accepted"
+        );
     }
     let legacy = fs::read(fixtures().join("legacy-tied/pytorch_model.bin")).unwrap();
     for cut in [10, 100, 4000, legacy.len() / 2, legacy.len() - 1] {
-        assert!(torch::parse(&legacy[..cut]).is_err(), "legacy prefix of {cut} bytes accepted");
+        assert!(
+            torch::parse(&legacy[..cut]).is_err(),
+            "legacy prefix of {cut} bytes accepted"
+        );
     }
     assert!(matches!(
         torch::parse(&real[..real.len() - 1]),
@@ -525,7 +640,10 @@ fn config_disagreements_and_truncation_refused_without_output() {
     let out = TempDir::new("mismatch-out");
     let e = convert(d.path(), out.path()).unwrap_err();
     let msg = format!("{e:#}");
-    assert!(msg.contains("transformer.wpe.weight") && msg.contains("config.json"), "{msg}");
+    assert!(
+        msg.contains("transformer.wpe.weight") && msg.contains("config.json"),
+        "{msg}"
+    );
     assert!(out.files().is_empty());
     // Untied config but no lm_head.weight (the tied fixture stores it; drop it by using the
     // OpenAI layout, which has none).
@@ -533,17 +651,28 @@ fn config_disagreements_and_truncation_refused_without_output() {
     let cfg = fs::read_to_string(d.path().join("config.json")).unwrap();
     fs::write(
         d.path().join("config.json"),
-        cfg.replace("\"tie_word_embeddings\": true", "\"tie_word_embeddings\": false"),
+        cfg.replace(
+            "\"tie_word_embeddings\": true",
+            "\"tie_word_embeddings\": false",
+        ),
     )
     .unwrap();
     let e = convert(d.path(), out.path()).unwrap_err();
-    assert!(format!("{e:#}").contains("missing tensor lm_head.weight"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("missing tensor lm_head.weight"),
+        "{e:#}"
+    );
     assert!(out.files().is_empty());
     // A truncated shard of a sharded checkpoint.
     let d = model_dir("sharded", None);
     let p = d.path().join("pytorch_model-00003-of-00003.bin");
     let len = fs::metadata(&p).unwrap().len();
-    fs::OpenOptions::new().write(true).open(&p).unwrap().set_len(len - 5000).unwrap();
+    fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(len - 5000)
+        .unwrap();
     let e = convert(d.path(), out.path()).unwrap_err();
     let msg = format!("{e:#}");
     assert!(msg.contains("pytorch_model-00003-of-00003.bin"), "{msg}");
@@ -552,7 +681,10 @@ fn config_disagreements_and_truncation_refused_without_output() {
     let d = model_dir("sharded", None);
     fs::remove_file(d.path().join("pytorch_model-00002-of-00003.bin")).unwrap();
     let e = convert(d.path(), out.path()).unwrap_err();
-    assert!(format!("{e:#}").contains("listed in pytorch_model.bin.index.json"), "{e:#}");
+    assert!(
+        format!("{e:#}").contains("listed in pytorch_model.bin.index.json"),
+        "{e:#}"
+    );
 }
 
 #[test]
