@@ -2390,11 +2390,12 @@ mod harness;
 fn fuzz_regressions_replay() {
     let root = common::repo().join("tests/fixtures/fuzz-regressions");
     type Body = fn(&[u8]);
-    let targets: [(&str, Body); 4] = [
+    let targets: [(&str, Body); 5] = [
         ("gguf_reader", harness::gguf_reader),
         ("safetensors_reader", harness::safetensors_reader),
         ("tokenizer", harness::tokenizer),
         ("quant_blocks", harness::quant_blocks),
+        ("torch_reader", harness::torch_reader),
     ];
     let mut replayed = 0;
     let mut failures = Vec::new();
