@@ -88,6 +88,9 @@ struct Shard {
     tensors: HashMap<String, Entry>,
 }
 
+/// Opens one checkpoint file of a given format.
+type ShardOpener = fn(&Path) -> Result<Shard>;
+
 /// Where one tensor's bytes are in its file.
 struct Entry {
     dtype: Dtype,
@@ -206,7 +209,7 @@ impl Checkpoint {
     /// `model.safetensors`, else the same two for PyTorch (`pytorch_model.bin.index.json` +
     /// shards, `pytorch_model.bin`). Safetensors wins when both formats are present.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
-        let candidates: [(&str, &str, fn(&Path) -> Result<Shard>); 2] = [
+        let candidates: [(&str, &str, ShardOpener); 2] = [
             (
                 "model.safetensors.index.json",
                 "model.safetensors",

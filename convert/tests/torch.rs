@@ -247,13 +247,12 @@ impl Pk {
         }
         self.op(b"t")
     }
-    /// `name: _rebuild_tensor_v2(storage(key, numel), offset, size, stride, False, OrderedDict())`
+    /// `name: _rebuild_tensor_v2(storage, offset, size, stride, False, OrderedDict())` with
+    /// `storage` = (storage type, key, numel).
     fn tensor(
         self,
         name: &str,
-        storage: &str,
-        key: &str,
-        numel: u32,
+        (storage, key, numel): (&str, &str, u32),
         offset: u32,
         size: &[u32],
         stride: &[u32],
@@ -372,9 +371,9 @@ fn a_well_formed_hand_written_archive_reads_back() {
     // Two views of one storage: offsets, a [2,3] matrix, a scalar, and size-1 dims with odd strides.
     let data: Vec<u8> = (0..10u32).flat_map(|i| (i as f32).to_le_bytes()).collect();
     let pkl = state_dict(|p| {
-        p.tensor("a", "FloatStorage", "0", 10, 1, &[2, 3], &[3, 1])
-            .tensor("b", "FloatStorage", "0", 10, 9, &[], &[])
-            .tensor("c", "FloatStorage", "0", 10, 4, &[1, 3, 1], &[99, 1, 7])
+        p.tensor("a", ("FloatStorage", "0", 10), 1, &[2, 3], &[3, 1])
+            .tensor("b", ("FloatStorage", "0", 10), 9, &[], &[])
+            .tensor("c", ("FloatStorage", "0", 10), 4, &[1, 3, 1], &[99, 1, 7])
     });
     let t = torch::parse(&archive(&pkl, &[("0", &data)])).unwrap();
     let f = |i: usize| {
@@ -532,12 +531,12 @@ fn resource_limits_hold() {
 #[test]
 fn broken_archives_and_tensors_name_the_problem() {
     let data: Vec<u8> = vec![0u8; 24];
-    let ok = state_dict(|p| p.tensor("w", "FloatStorage", "0", 6, 0, &[2, 3], &[3, 1]));
+    let ok = state_dict(|p| p.tensor("w", ("FloatStorage", "0", 6), 0, &[2, 3], &[3, 1]));
     assert!(torch::parse(&archive(&ok, &[("0", &data)])).is_ok());
 
     // Storage shorter than its tensor: by offset, by size, and a data entry shorter than numel.
     let m = parse_err(&archive(
-        &state_dict(|p| p.tensor("w", "FloatStorage", "0", 6, 1, &[2, 3], &[3, 1])),
+        &state_dict(|p| p.tensor("w", ("FloatStorage", "0", 6), 1, &[2, 3], &[3, 1])),
         &[("0", &data)],
     ));
     assert!(
@@ -545,7 +544,7 @@ fn broken_archives_and_tensors_name_the_problem() {
         "{m}"
     );
     let m = parse_err(&archive(
-        &state_dict(|p| p.tensor("w", "FloatStorage", "0", 6, 0, &[4, 3], &[3, 1])),
+        &state_dict(|p| p.tensor("w", ("FloatStorage", "0", 6), 0, &[4, 3], &[3, 1])),
         &[("0", &data)],
     ));
     assert!(m.contains("tensor w"), "{m}");
@@ -556,13 +555,13 @@ fn broken_archives_and_tensors_name_the_problem() {
     assert!(m.contains("storage 0 is missing"), "{m}");
     // Non-contiguous (transposed) view.
     let m = parse_err(&archive(
-        &state_dict(|p| p.tensor("w", "FloatStorage", "0", 6, 0, &[2, 3], &[1, 2])),
+        &state_dict(|p| p.tensor("w", ("FloatStorage", "0", 6), 0, &[2, 3], &[1, 2])),
         &[("0", &data)],
     ));
     assert!(m.contains("non-contiguous"), "{m}");
     // Sizes and strides of different ranks, huge sizes.
     let m = parse_err(&archive(
-        &state_dict(|p| p.tensor("w", "FloatStorage", "0", 6, 0, &[2, 3], &[3])),
+        &state_dict(|p| p.tensor("w", ("FloatStorage", "0", 6), 0, &[2, 3], &[3])),
         &[("0", &data)],
     ));
     assert!(m.contains("2 sizes but 1 strides"), "{m}");
@@ -570,9 +569,7 @@ fn broken_archives_and_tensors_name_the_problem() {
         &state_dict(|p| {
             p.tensor(
                 "w",
-                "FloatStorage",
-                "0",
-                6,
+                ("FloatStorage", "0", 6),
                 0,
                 &[1 << 30, 1 << 30, 1 << 30],
                 &[0, 0, 1],
