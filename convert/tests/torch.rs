@@ -135,7 +135,7 @@ fn untied_head_becomes_output_weight_with_the_output_type() {
     let bin = model_dir("zip-untied-bf16", None);
     let out = TempDir::new("untied");
     convert(bin.path(), out.path()).unwrap();
-    let g = ggpt_convert::gguf::GgufFile::open(&out.path().join("m-Q4_K_M.gguf")).unwrap();
+    let g = ggpt_gguf::GgufFile::open(&out.path().join("m-Q4_K_M.gguf")).unwrap();
     let ty = |n: &str| g.tensor(n).unwrap_or_else(|| panic!("{n} missing")).ty;
     // llama-quantize: output.weight gets the output rule (Q6_K, or Q8_0 when the row of 32 is
     // not a whole number of 256-blocks); token_embd keeps the file's default rule.
@@ -144,7 +144,7 @@ fn untied_head_becomes_output_weight_with_the_output_type() {
     let tied = model_dir("zip-tied", None);
     let out = TempDir::new("tied");
     convert(tied.path(), out.path()).unwrap();
-    let g = ggpt_convert::gguf::GgufFile::open(&out.path().join("m-F16.gguf")).unwrap();
+    let g = ggpt_gguf::GgufFile::open(&out.path().join("m-F16.gguf")).unwrap();
     assert!(g.tensor("output.weight").is_none(), "tied head written");
 }
 
