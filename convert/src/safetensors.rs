@@ -373,10 +373,10 @@ fn open_index(
     let mut shards = Vec::with_capacity(files.len());
     for (i, (file, slot)) in files.iter_mut().enumerate() {
         let path = dir.join(file);
-        if !path.is_file() {
+        if let Some(why) = crate::atomic::not_a_regular_file(&path) {
             return Err(InputError::new(
                 &path,
-                format!("missing (listed in {index_name})"),
+                format!("{why} (listed in {index_name})"),
             ));
         }
         shards.push(open(&path)?);
