@@ -1722,8 +1722,8 @@ fn hf_cases() -> Vec<HfCase> {
         ("scale_attn_by_inverse_layer_idx", |j| {
             j["scale_attn_by_inverse_layer_idx"] = json!(true)
         }),
-        ("untied embeddings", |j| {
-            j["tie_word_embeddings"] = json!(false)
+        ("tie_word_embeddings a string", |j| {
+            j["tie_word_embeddings"] = json!("no")
         }),
         ("layer_norm_epsilon 0", |j| {
             j["layer_norm_epsilon"] = json!(0.0)
@@ -2418,11 +2418,12 @@ mod harness;
 fn fuzz_regressions_replay() {
     let root = common::repo().join("tests/fixtures/fuzz-regressions");
     type Body = fn(&[u8]);
-    let targets: [(&str, Body); 4] = [
+    let targets: [(&str, Body); 5] = [
         ("gguf_reader", harness::gguf_reader),
         ("safetensors_reader", harness::safetensors_reader),
         ("tokenizer", harness::tokenizer),
         ("quant_blocks", harness::quant_blocks),
+        ("torch_reader", harness::torch_reader),
     ];
     let mut replayed = 0;
     let mut failures = Vec::new();

@@ -200,7 +200,7 @@ fn synthetic_models(shape: &str, ftype: &str, dir: &std::path::Path) -> Result<V
     use ggpt_convert::policy::FileType;
     use ggpt_convert::synth::{synth, SynthOptions, SynthShape};
     let Some(s) = SynthShape::named(shape) else {
-        bail_flag!("--synthetic {shape:?}: expected gpt2-medium, gpt2 or tiny");
+        bail_flag!("--synthetic {shape:?}: expected gpt2-xl, gpt2-large, gpt2-medium, gpt2, distilgpt2 or tiny");
     };
     let types = FileType::parse_list(ftype)
         .map_err(|e| super::common::flag_error(format!("--type: {e}")))?;

@@ -28,6 +28,10 @@ pub struct Args {
     /// general.name and file-name stem (default: the model directory's name).
     #[arg(long)]
     pub name: Option<String>,
+    /// Check the inputs and print what would be written (each tensor's type and size, each
+    /// file's exact size) without writing anything.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 /// The output types of one `--type` value (`all` stands for the four).
@@ -51,9 +55,69 @@ pub fn run(args: Args) -> Result<()> {
         output: args.output,
         name: args.name,
     };
+    if args.dry_run {
+        let files = ggpt_convert::pipeline::dry_run(&opts)?;
+        return print_stdout(&format_dry_run(&files));
+    }
     let progress = Bars::new();
     let report = convert_hf(&opts, &progress)?;
     print_summary(&report.files, report.seconds)
+}
+
+/// The `--dry-run` report: every output file with its exact size, then one row per tensor with
+/// its type and data size in each file.
+pub fn format_dry_run(files: &[ggpt_convert::pipeline::DryRun]) -> String {
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let mut o = String::new();
+    let _ = writeln!(o, "dry run: nothing is written");
+    for f in files {
+        let _ = writeln!(
+            o,
+            "would write {} ({} bytes, {:.2} MiB, {} tensors)",
+            f.path.display(),
+            f.file_bytes,
+            mib(f.file_bytes),
+            f.tensors.len()
+        );
+    }
+    let _ = write!(o, "\n{:<28} {:<36} {:<14}", "tensor", "source", "dims");
+    for f in files {
+        let _ = write!(o, " {:>19}", format!("{} bytes", f.ftype.label()));
+    }
+    let _ = writeln!(o);
+    let Some(first) = files.first() else {
+        return o;
+    };
+    for (i, t) in first.tensors.iter().enumerate() {
+        let dims: Vec<String> = t.dims.iter().map(|d| d.to_string()).collect();
+        let _ = write!(
+            o,
+            "{:<28} {:<36} {:<14}",
+            t.gguf_name,
+            t.source,
+            format!("[{}]", dims.join(", "))
+        );
+        for f in files {
+            let x = &f.tensors[i];
+            let _ = write!(o, " {:>6} {:>12}", x.ty.to_string(), x.bytes);
+        }
+        let _ = writeln!(o);
+    }
+    for f in files {
+        for (name, wrote, d) in &f.differs {
+            let llama = d
+                .llama_cpp
+                .map_or("nothing (it refuses the tensor)".to_string(), |t| {
+                    t.to_string()
+                });
+            let _ = writeln!(
+                o,
+                "note: {}: {name}: would write {wrote} where llama-quantize writes {llama}",
+                f.path.display()
+            );
+        }
+    }
+    o
 }
 
 /// Print the per-file table and any place where the output differs from llama.cpp's.

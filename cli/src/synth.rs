@@ -10,13 +10,16 @@ use ggpt_convert::synth::{synth, SynthOptions, SynthShape};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
-    /// Model shape: gpt2-medium (355 M), gpt2 (124 M), tiny (18 M, like models/tiny-gpt2) or
-    /// gpt2-xl-2l (GPT-2 XL's width with 2 layers, 144 M).
+    /// Model shape: gpt2-xl, gpt2-large, gpt2-medium, gpt2, distilgpt2, tiny (18 M, like
+    /// models/tiny-gpt2) or gpt2-xl-2l (GPT-2 XL's width with 2 layers, 144 M).
     #[arg(long, default_value = "gpt2-medium")]
     pub shape: String,
     /// Weight dtype in model.safetensors: f32, f16 or bf16.
     #[arg(long, default_value = "f32")]
     pub dtype: String,
+    /// Number of layers instead of the shape's (e.g. a 2-layer GPT-2-XL-shaped model for tests).
+    #[arg(long)]
+    pub n_layer: Option<usize>,
     /// Random seed (same seed, same weights).
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
@@ -31,12 +34,18 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let Some(shape) = SynthShape::named(&args.shape) else {
+    let Some(mut shape) = SynthShape::named(&args.shape) else {
         super::common::bail_flag!(
-            "--shape {:?}: expected gpt2-medium, gpt2, tiny or gpt2-xl-2l",
+            "--shape {:?}: expected gpt2-xl, gpt2-large, gpt2-medium, gpt2, distilgpt2, tiny or gpt2-xl-2l",
             args.shape
         );
     };
+    if let Some(n) = args.n_layer {
+        if n == 0 || n > 1024 {
+            super::common::bail_flag!("--n-layer {n}: expected 1..=1024");
+        }
+        shape.n_layer = n;
+    }
     let dtype = match args.dtype.to_ascii_lowercase().as_str() {
         "f32" => SrcDtype::F32,
         "f16" => SrcDtype::F16,

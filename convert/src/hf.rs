@@ -63,6 +63,9 @@ pub struct HfConfig {
     pub vocab_size: usize,
     pub layer_norm_eps: f32,
     pub activation: String,
+    /// `tie_word_embeddings` (default true): the output head is `wte`. When false the
+    /// checkpoint's own `lm_head.weight` becomes GGUF `output.weight`.
+    pub tie_word_embeddings: bool,
 }
 
 fn read_json(path: &Path) -> Result<Json> {
@@ -116,16 +119,14 @@ impl HfConfig {
 
         // Variants of the GPT-2 architecture that change the math: llama.cpp's graph (and ours)
         // implements none of them, so converting would produce a model that runs but is wrong.
+        // (`reorder_and_upcast_attn` is not among them: it only makes transformers compute the
+        // attention scores in fp32 with the scale applied first, the same math that ggpt and
+        // llama.cpp do in f32 anyway, so it is accepted either way.)
         for (key, bad, why) in [
             (
                 "scale_attn_by_inverse_layer_idx",
                 true,
                 "scales attention scores by 1/(layer+1)",
-            ),
-            (
-                "reorder_and_upcast_attn",
-                true,
-                "reorders and upcasts the attention computation",
             ),
             (
                 "scale_attn_weights",
@@ -137,7 +138,6 @@ impl HfConfig {
                 true,
                 "adds encoder-decoder cross-attention layers",
             ),
-            ("tie_word_embeddings", false, "uses an untied output head"),
         ] {
             match obj.get(key) {
                 None | Some(Json::Null) => {}
@@ -211,7 +211,18 @@ impl HfConfig {
             Some(other) => return Err(err(format!("activation_function must be a string, found {other}"))),
         };
 
+        let tie_word_embeddings = match obj.get("tie_word_embeddings") {
+            None | Some(Json::Null) => true,
+            Some(Json::Bool(b)) => *b,
+            Some(other) => {
+                return Err(err(format!(
+                    "tie_word_embeddings must be a boolean, found {other}"
+                )))
+            }
+        };
+
         Ok(HfConfig {
+            tie_word_embeddings,
             n_layer,
             n_embd,
             n_head,
@@ -688,16 +699,26 @@ pub enum HfTensor {
     },
     /// Causal-mask buffers: recomputed by every runtime, so not converted.
     DropBuffer,
-    /// `lm_head.weight`: GPT-2 ties it to `wte`, so it is not written.
+    /// `lm_head.weight` of a tied model: it is `wte`, so it is not written.
     TiedHead,
+    /// The head of another task (`score.weight` of GPT2ForSequenceClassification, …): not
+    /// part of the language model, skipped with a note.
+    ExtraHead,
+}
+
+/// Tensors of task heads other than the language-model head (GPT2ForSequenceClassification,
+/// GPT2ForTokenClassification, GPT2ForQuestionAnswering, GPT2DoubleHeadsModel).
+pub fn is_extra_head(name: &str) -> bool {
+    name == "score.weight"
+        || name == "score.bias"
+        || name.starts_with("classifier.")
+        || name.starts_with("qa_outputs.")
+        || name.starts_with("multiple_choice_head.")
 }
 
 /// Map a HF GPT-2 tensor name (with or without the `transformer.` prefix) to its GGUF meaning.
 /// `Ok(None)` for a name that is not part of GPT-2; `Err` describes an out-of-range layer.
 pub fn map_tensor_name(name: &str, c: &HfConfig) -> std::result::Result<Option<HfTensor>, String> {
-    if name == "lm_head.weight" {
-        return Ok(Some(HfTensor::TiedHead));
-    }
     let n = name.strip_prefix("transformer.").unwrap_or(name);
     let (e, f, v, p) = (c.n_embd, c.n_ff, c.vocab_size, c.n_ctx);
     let keep = |g: String, shape: Vec<usize>, transpose: bool| {
@@ -707,6 +728,15 @@ pub fn map_tensor_name(name: &str, c: &HfConfig) -> std::result::Result<Option<H
             transpose,
         }))
     };
+    if name == "lm_head.weight" {
+        if c.tie_word_embeddings {
+            return Ok(Some(HfTensor::TiedHead));
+        }
+        return keep("output.weight".into(), vec![v, e], false);
+    }
+    if is_extra_head(name) {
+        return Ok(Some(HfTensor::ExtraHead));
+    }
     match n {
         "wte.weight" => return keep("token_embd.weight".into(), vec![v, e], false),
         "wpe.weight" => return keep("position_embd.weight".into(), vec![p, e], false),
@@ -763,6 +793,9 @@ pub fn expected_tensors(c: &HfConfig) -> Vec<(String, String)> {
         ("output_norm.weight".into(), "ln_f.weight".into()),
         ("output_norm.bias".into(), "ln_f.bias".into()),
     ];
+    if !c.tie_word_embeddings {
+        out.push(("output.weight".into(), "lm_head.weight".into()));
+    }
     for i in 0..c.n_layer {
         for (g, h) in [
             ("attn_norm.weight", "ln_1.weight"),
@@ -815,6 +848,14 @@ mod tests {
         assert_eq!((c.n_ff, c.n_ctx, c.layer_norm_eps), (256, 32, 1e-5f32));
         let c = cfg(json!({"n_inner": 100, "n_positions": null, "n_ctx": 16})).unwrap();
         assert_eq!((c.n_ff, c.n_ctx), (100, 16));
+        // Precision-only flag: same math in f32.
+        assert!(cfg(json!({"reorder_and_upcast_attn": true})).is_ok());
+        assert!(cfg(json!({})).unwrap().tie_word_embeddings);
+        assert!(
+            !cfg(json!({"tie_word_embeddings": false}))
+                .unwrap()
+                .tie_word_embeddings
+        );
     }
 
     #[test]
@@ -824,10 +865,6 @@ mod tests {
             (
                 json!({"scale_attn_by_inverse_layer_idx": true}),
                 "scale_attn_by_inverse_layer_idx",
-            ),
-            (
-                json!({"reorder_and_upcast_attn": true}),
-                "reorder_and_upcast_attn",
             ),
             (
                 json!({"activation_function": "relu"}),

@@ -9,3 +9,4 @@ pub mod policy;
 pub mod requantize;
 pub mod safetensors;
 pub mod synth;
+pub mod torch;

@@ -288,12 +288,18 @@ fn plan(ckpt: &Checkpoint, c: &HfConfig) -> Result<Vec<Planned>, InputError> {
                 ))
             }
             Some(HfTensor::DropBuffer) => {}
+            Some(HfTensor::ExtraHead) => {
+                eprintln!(
+                    "note: {}: skipping {name}: a task head that is not part of the language model",
+                    t.file.display()
+                );
+            }
             Some(HfTensor::TiedHead) => {
                 if t.shape != wte_shape {
                     return Err(InputError::new(
                         t.file,
                         format!(
-                            "tensor {name} has shape {:?}, expected {wte_shape:?} (tied to wte; an untied head is not supported)",
+                            "tensor {name} has shape {:?}, expected {wte_shape:?} (tied to wte: config.json has tie_word_embeddings true or unset)",
                             t.shape
                         ),
                     ));
@@ -393,7 +399,8 @@ fn layout(
     for (k, v) in gguf_metadata(config, vocab, name, ftype) {
         writer.add_kv(&k, v);
     }
-    let policy = Policy::new(ftype, config.n_layer, false);
+    let has_output = planned.iter().any(|p| p.gguf_name == "output.weight");
+    let policy = Policy::new(ftype, config.n_layer, has_output);
     let mut types = Vec::with_capacity(planned.len());
     let mut differs = Vec::new();
     for p in planned {
@@ -452,6 +459,69 @@ pub fn predict(hf_dir: &Path, types: &[FileType]) -> anyhow::Result<Vec<Predicti
             })
         })
         .collect()
+}
+
+/// One tensor of a [`DryRun`] file.
+#[derive(Debug, Clone)]
+pub struct DryRunTensor {
+    pub gguf_name: String,
+    /// Name in the checkpoint.
+    pub source: String,
+    /// GGUF dims, ne0 first.
+    pub dims: Vec<u64>,
+    pub ty: GgmlType,
+    /// Data bytes (without alignment padding).
+    pub bytes: u64,
+}
+
+/// What [`convert_hf`] would write to one file, computed without writing anything.
+#[derive(Debug, Clone)]
+pub struct DryRun {
+    pub path: PathBuf,
+    pub ftype: FileType,
+    /// Exact size of the file.
+    pub file_bytes: u64,
+    pub tensors: Vec<DryRunTensor>,
+    pub differs: Vec<(String, GgmlType, Fallback)>,
+}
+
+/// Everything `convert_hf(opts)` would do up to the first byte written: read and check the
+/// config, tokenizer and checkpoint headers, plan every tensor's type and every file's size.
+pub fn dry_run(opts: &ConvertOptions) -> anyhow::Result<Vec<DryRun>> {
+    let dir = &opts.hf_dir;
+    if !dir.is_dir() {
+        return Err(InputError::new(dir, "not a directory").into());
+    }
+    let config = HfConfig::load(dir)?;
+    let vocab = HfVocab::load(dir, &config)?;
+    let ckpt = Checkpoint::open(dir)?;
+    let planned = plan(&ckpt, &config)?;
+    let name = opts.name.clone().unwrap_or_else(|| model_name(dir));
+    let paths = output_paths(opts, &name)?;
+    let mut files = Vec::with_capacity(paths.len());
+    for (&ftype, path) in opts.types.iter().zip(paths) {
+        let (writer, types, differs) = layout(&config, &vocab, &name, ftype, &planned)?;
+        let tensors = planned
+            .iter()
+            .zip(&types)
+            .zip(writer.tensors())
+            .map(|((p, &ty), info)| DryRunTensor {
+                gguf_name: p.gguf_name.clone(),
+                source: p.source.clone(),
+                dims: p.dims.clone(),
+                ty,
+                bytes: info.size,
+            })
+            .collect();
+        files.push(DryRun {
+            path,
+            ftype,
+            file_bytes: writer.total_size(),
+            tensors,
+            differs,
+        });
+    }
+    Ok(files)
 }
 
 /// Convert `opts.hf_dir` to every type in `opts.types` in one pass.

@@ -13,7 +13,6 @@ use std::path::{Path, PathBuf};
 
 use half::{bf16, f16, slice::HalfFloatSliceExt};
 use memmap2::Mmap;
-use safetensors::tensor::Metadata;
 use safetensors::{Dtype, SafeTensors};
 use serde_json::Value as Json;
 
@@ -81,13 +80,23 @@ pub fn decode_f32(dtype: SrcDtype, bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// One mmapped `.safetensors` file with its validated header.
+/// One mmapped checkpoint file (`.safetensors` or `pytorch_model*.bin`) with its validated
+/// tensor table.
 struct Shard {
     path: PathBuf,
     map: Mmap,
-    /// Offset of the data section (8-byte length + JSON header).
-    data_start: usize,
-    meta: Metadata,
+    tensors: HashMap<String, Entry>,
+}
+
+/// Opens one checkpoint file of a given format.
+type ShardOpener = fn(&Path) -> Result<Shard>;
+
+/// Where one tensor's bytes are in its file.
+struct Entry {
+    dtype: Dtype,
+    shape: Vec<usize>,
+    start: usize,
+    end: usize,
 }
 
 impl Shard {
@@ -101,19 +110,59 @@ impl Shard {
             .map_err(|e| InputError::new(path, format!("cannot mmap: {e}")))?;
         let (header_len, meta) = SafeTensors::read_metadata(&map)
             .map_err(|e| InputError::new(path, format!("invalid safetensors file: {e}")))?;
+        let data_start = 8 + header_len;
+        let mut tensors = HashMap::new();
+        for name in meta.offset_keys() {
+            if let Some(info) = meta.info(&name) {
+                let (s, e) = info.data_offsets;
+                tensors.insert(
+                    name,
+                    Entry {
+                        dtype: info.dtype,
+                        shape: info.shape.clone(),
+                        start: data_start + s,
+                        end: data_start + e,
+                    },
+                );
+            }
+        }
         Ok(Shard {
             path: path.to_path_buf(),
             map,
-            data_start: 8 + header_len,
-            meta,
+            tensors,
         })
     }
 
-    /// Byte range of a tensor inside the map (already validated by `read_metadata`).
+    /// A PyTorch `pytorch_model*.bin` (see [`crate::torch`]).
+    fn open_torch(path: &Path) -> Result<Shard> {
+        let f = crate::torch::TorchFile::open(path)
+            .map_err(|e| InputError::new(&e.path, e.kind.to_string()))?;
+        let tensors = f
+            .tensors
+            .into_iter()
+            .map(|t| {
+                (
+                    t.name,
+                    Entry {
+                        dtype: t.dtype.to_safetensors(),
+                        shape: t.shape,
+                        start: t.start,
+                        end: t.end,
+                    },
+                )
+            })
+            .collect();
+        Ok(Shard {
+            path: f.path,
+            map: f.map,
+            tensors,
+        })
+    }
+
+    /// Byte range of a tensor inside the map (already validated when the shard was opened).
     fn range(&self, name: &str) -> Option<(usize, usize)> {
-        let info = self.meta.info(name)?;
-        let (s, e) = info.data_offsets;
-        Some((self.data_start + s, self.data_start + e))
+        let e = self.tensors.get(name)?;
+        Some((e.start, e.end))
     }
 }
 
@@ -156,87 +205,51 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
-    /// Open `model.safetensors.index.json` + its shards if present, else `model.safetensors`.
+    /// Open a checkpoint directory: `model.safetensors.index.json` + its shards if present, else
+    /// `model.safetensors`, else the same two for PyTorch (`pytorch_model.bin.index.json` +
+    /// shards, `pytorch_model.bin`). Safetensors wins when both formats are present.
     pub fn open(dir: &Path) -> Result<Checkpoint> {
-        let index_path = dir.join("model.safetensors.index.json");
-        let single = dir.join("model.safetensors");
-        let mut shards = Vec::new();
-        let mut index: BTreeMap<String, usize> = BTreeMap::new();
-        if index_path.is_file() {
-            let text = std::fs::read_to_string(&index_path)
-                .map_err(|e| InputError::new(&index_path, format!("cannot read: {e}")))?;
-            let json: Json = serde_json::from_str(&text)
-                .map_err(|e| InputError::new(&index_path, format!("invalid JSON: {e}")))?;
-            let map = json
-                .get("weight_map")
-                .and_then(Json::as_object)
-                .ok_or_else(|| InputError::new(&index_path, "no \"weight_map\" object"))?;
-            let mut files: BTreeMap<&str, usize> = BTreeMap::new();
-            for (name, file) in map {
-                let file = file.as_str().ok_or_else(|| {
-                    InputError::new(
-                        &index_path,
-                        format!("weight_map[{name:?}] is not a file name"),
-                    )
-                })?;
-                // Shards live next to the index: refuse paths that would reach elsewhere.
-                if file.is_empty() || file.contains(['/', '\\']) || file == "." || file == ".." {
-                    return Err(InputError::new(
-                        &index_path,
-                        format!("weight_map[{name:?}] = {file:?} is not a plain file name"),
-                    ));
-                }
-                files.insert(file, 0);
-            }
-            if files.is_empty() {
-                return Err(InputError::new(&index_path, "weight_map is empty"));
-            }
-            for (i, (file, slot)) in files.iter_mut().enumerate() {
-                let path = dir.join(file);
-                if let Some(why) = crate::atomic::not_a_regular_file(&path) {
-                    return Err(InputError::new(
-                        &path,
-                        format!("{why} (listed in model.safetensors.index.json)"),
-                    ));
-                }
-                shards.push(Shard::open(&path)?);
-                *slot = i;
-            }
-            for (name, file) in map {
-                let s = file
-                    .as_str()
-                    .and_then(|f| files.get(f))
-                    .copied()
-                    .unwrap_or_default();
-                if shards[s].meta.info(name).is_none() {
-                    return Err(InputError::new(
-                        &shards[s].path,
-                        format!("tensor {name} is listed in model.safetensors.index.json for this file but is not in it"),
-                    ));
-                }
-            }
-        } else if single.is_file() {
-            shards.push(Shard::open(&single)?);
-        } else {
-            let hint = if dir.join("pytorch_model.bin").is_file() {
-                " (pytorch_model.bin is not supported: save the model with safetensors)"
+        let candidates: [(&str, &str, ShardOpener); 2] = [
+            (
+                "model.safetensors.index.json",
+                "model.safetensors",
+                Shard::open,
+            ),
+            (
+                "pytorch_model.bin.index.json",
+                "pytorch_model.bin",
+                Shard::open_torch,
+            ),
+        ];
+        for (index_name, single_name, open) in candidates {
+            let index_path = dir.join(index_name);
+            let single = dir.join(single_name);
+            let shards = if index_path.is_file() {
+                open_index(dir, &index_path, open)?
+            } else if single.is_file() {
+                vec![open(&single)?]
             } else {
-                ""
+                continue;
             };
-            return Err(InputError::new(
-                dir,
-                format!("no model.safetensors or model.safetensors.index.json{hint}"),
-            ));
+            return Checkpoint::from_shards(dir, shards);
         }
+        Err(InputError::new(
+            dir,
+            "no model.safetensors, model.safetensors.index.json, pytorch_model.bin or pytorch_model.bin.index.json",
+        ))
+    }
+
+    fn from_shards(dir: &Path, shards: Vec<Shard>) -> Result<Checkpoint> {
+        let mut index: BTreeMap<String, usize> = BTreeMap::new();
         for (s, shard) in shards.iter().enumerate() {
-            for name in shard.meta.offset_keys() {
-                if let Some(&prev) = index.get(&name) {
+            for name in shard.tensors.keys() {
+                if let Some(&prev) = index.get(name) {
                     return Err(InputError::new(
                         &shard.path,
                         format!("tensor {name} is also in {}", shards[prev].path.display()),
                     ));
                 }
-                index.insert(name, s);
+                index.insert(name.clone(), s);
             }
         }
         Ok(Checkpoint {
@@ -263,8 +276,8 @@ impl Checkpoint {
     pub fn get(&self, name: &str) -> Option<SourceTensor<'_>> {
         let (key, &s) = self.index.get_key_value(name)?;
         let shard = &self.shards[s];
-        let info = shard.meta.info(name)?;
-        let (start, end) = shard.range(name)?;
+        let info = shard.tensors.get(name)?;
+        let (start, end) = (info.start, info.end);
         Some(SourceTensor {
             name: key,
             file: &shard.path,
@@ -316,6 +329,73 @@ impl Checkpoint {
         }
         m
     }
+}
+
+/// Read a sharded checkpoint's index (`weight_map`: tensor name → shard file next to it) and
+/// open every shard it lists with `open`.
+fn open_index(
+    dir: &Path,
+    index_path: &Path,
+    open: fn(&Path) -> Result<Shard>,
+) -> Result<Vec<Shard>> {
+    let index_name = index_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let text = std::fs::read_to_string(index_path)
+        .map_err(|e| InputError::new(index_path, format!("cannot read: {e}")))?;
+    let json: Json = serde_json::from_str(&text)
+        .map_err(|e| InputError::new(index_path, format!("invalid JSON: {e}")))?;
+    let map = json
+        .get("weight_map")
+        .and_then(Json::as_object)
+        .ok_or_else(|| InputError::new(index_path, "no \"weight_map\" object"))?;
+    let mut files: BTreeMap<&str, usize> = BTreeMap::new();
+    for (name, file) in map {
+        let file = file.as_str().ok_or_else(|| {
+            InputError::new(
+                index_path,
+                format!("weight_map[{name:?}] is not a file name"),
+            )
+        })?;
+        // Shards live next to the index: refuse paths that would reach elsewhere.
+        if file.is_empty() || file.contains(['/', '\\']) || file == "." || file == ".." {
+            return Err(InputError::new(
+                index_path,
+                format!("weight_map[{name:?}] = {file:?} is not a plain file name"),
+            ));
+        }
+        files.insert(file, 0);
+    }
+    if files.is_empty() {
+        return Err(InputError::new(index_path, "weight_map is empty"));
+    }
+    let mut shards = Vec::with_capacity(files.len());
+    for (i, (file, slot)) in files.iter_mut().enumerate() {
+        let path = dir.join(file);
+        if let Some(why) = crate::atomic::not_a_regular_file(&path) {
+            return Err(InputError::new(
+                &path,
+                format!("{why} (listed in {index_name})"),
+            ));
+        }
+        shards.push(open(&path)?);
+        *slot = i;
+    }
+    for (name, file) in map {
+        let s = file
+            .as_str()
+            .and_then(|f| files.get(f))
+            .copied()
+            .unwrap_or_default();
+        if !shards[s].tensors.contains_key(name) {
+            return Err(InputError::new(
+                &shards[s].path,
+                format!("tensor {name} is listed in {index_name} for this file but is not in it"),
+            ));
+        }
+    }
+    Ok(shards)
 }
 
 #[cfg(test)]

@@ -35,13 +35,17 @@ pub struct SynthShape {
 }
 
 impl SynthShape {
-    /// `gpt2-medium` (355 M), `gpt2` (124 M), `tiny` (the bundled tiny-gpt2's shape, 18 M) or
-    /// `gpt2-xl-2l` (GPT-2 XL's width, 1600, with 2 layers, 144 M: row lengths that are not a
-    /// multiple of 256, for the quantizer's fallbacks).
+    /// `gpt2-xl` (1.5 B), `gpt2-large` (774 M), `gpt2-medium` (355 M), `gpt2` (124 M),
+    /// `distilgpt2` (82 M), `tiny` (the bundled tiny-gpt2's shape, 18 M) or `gpt2-xl-2l` (GPT-2
+    /// XL's width, 1600, with 2 layers, 144 M: row lengths that are not a multiple of 256, for
+    /// the quantizer's fallbacks).
     pub fn named(name: &str) -> Option<SynthShape> {
         let (n_layer, n_embd, n_head) = match name {
+            "gpt2-xl" => (48, 1600, 25),
+            "gpt2-large" => (36, 1280, 20),
             "gpt2-medium" => (24, 1024, 16),
             "gpt2" => (12, 768, 12),
+            "distilgpt2" => (6, 768, 12),
             "tiny" => (6, 256, 8),
             "gpt2-xl-2l" => (2, 1600, 25),
             _ => return None,

@@ -136,6 +136,33 @@ pub fn safetensors_reader(data: &[u8]) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// pytorch_model.bin
+
+/// The allow-list unpickler on the raw bytes, then the whole `pytorch_model.bin` reader (zip or
+/// legacy layout): whatever it accepts must describe tensors that lie inside the input with
+/// exactly shape × element-size bytes.
+pub fn torch_reader(data: &[u8]) {
+    if let Ok((_, used)) = ggpt_convert::torch::pickle::unpickle(data) {
+        assert!(used <= data.len());
+    }
+    let Ok(tensors) = ggpt_convert::torch::parse(data) else {
+        return;
+    };
+    for t in &tensors {
+        assert!(t.start <= t.end && t.end <= data.len(), "tensor {}", t.name);
+        assert_eq!(
+            Some(t.end - t.start),
+            t.shape
+                .iter()
+                .try_fold(t.dtype.size(), |acc, &d| acc.checked_mul(d)),
+            "tensor {}: shape {:?}",
+            t.name,
+            t.shape
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // Tokenizer
 
 fn fixtures_dir() -> PathBuf {

@@ -17,6 +17,7 @@ fn main() {
         ("safetensors_reader", safetensors_seeds()),
         ("tokenizer", tokenizer_seeds(&repo)),
         ("quant_blocks", quant_seeds()),
+        ("torch_reader", torch_seeds(&repo)),
     ] {
         let dir = out.join(target);
         std::fs::create_dir_all(&dir).expect("create corpus directory");
@@ -243,6 +244,32 @@ fn safetensors_seeds() -> Vec<Vec<u8>> {
         safetensors(&[("x", "I64", &[1], 5i64.to_le_bytes().to_vec())], false),
         safetensors(&[], false),
     ]
+}
+
+/// The state_dict pickles of the PyTorch fixtures (a few KB each): the zip archives' data.pkl,
+/// and the legacy file's leading pickles (without its storages, so the seeds stay small).
+fn torch_seeds(repo: &Path) -> Vec<Vec<u8>> {
+    let dir = repo.join("tests/fixtures/torch-bin");
+    let mut seeds = Vec::new();
+    for case in ["zip-tied", "openai-layout-f32"] {
+        let b = std::fs::read(dir.join(case).join("pytorch_model.bin")).expect("torch fixture");
+        let index = ggpt_convert::torch::zip::read_index(&b).expect("fixture is a zip");
+        for (name, e) in &index.entries {
+            if name.ends_with("/data.pkl") {
+                seeds.push(b[e.start..e.start + e.len].to_vec());
+            }
+        }
+    }
+    let legacy = std::fs::read(dir.join("legacy-tied/pytorch_model.bin")).expect("legacy fixture");
+    let mut pos = 0;
+    for _ in 0..5 {
+        match ggpt_convert::torch::pickle::unpickle(&legacy[pos..]) {
+            Ok((_, used)) => pos += used,
+            Err(_) => break,
+        }
+    }
+    seeds.push(legacy[..pos + 8 + 64].to_vec());
+    seeds
 }
 
 fn tokenizer_seeds(repo: &Path) -> Vec<Vec<u8>> {
