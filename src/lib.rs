@@ -4,6 +4,7 @@ pub mod bench;
 pub mod chart;
 pub mod cli;
 pub mod compare;
+pub mod diff;
 pub mod memory;
 pub mod model;
 pub mod npy;

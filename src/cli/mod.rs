@@ -7,6 +7,7 @@ pub mod bench;
 pub mod common;
 pub mod compare;
 pub mod convert;
+pub mod diff;
 pub mod dump;
 pub mod features;
 pub mod inspect;
@@ -51,6 +52,8 @@ pub enum Command {
     Perplexity(perplexity::Args),
     /// Convert to every format and compare size, memory, speed and quality in one table.
     Compare(compare::Args),
+    /// Show token by token where formats depart from a base model (KLD, flips, top-5).
+    Diff(diff::Args),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<()> {
@@ -67,6 +70,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Mem(a) => mem::run(a),
         Command::Perplexity(a) => perplexity::run(a),
         Command::Compare(a) => compare::run(a),
+        Command::Diff(a) => diff::run(a),
     }
 }
 
