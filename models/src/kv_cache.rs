@@ -243,6 +243,14 @@ impl KvCache {
     pub fn clear(&mut self) {
         self.len.fill(0);
     }
+
+    /// Forget sequence `seq` only, leaving the others as they are: a server slot whose
+    /// request ended is reused from position 0. No-op for a sequence that does not exist.
+    pub fn clear_seq(&mut self, seq: usize) {
+        if let Some(l) = self.len.get_mut(seq) {
+            *l = 0;
+        }
+    }
 }
 
 #[cfg(test)]
@@ -350,6 +358,21 @@ mod tests {
             kv.clear();
             assert!((0..n_seq).all(|s| kv.is_empty(s)));
         }
+    }
+
+    #[test]
+    fn clear_seq_empties_one_sequence_and_keeps_the_others() {
+        let mut kv = KvCache::new(KvType::F16, 1, 3, 4, 1, 2).unwrap();
+        for s in 0..3 {
+            kv.store(0, s, 0, &[s as f32 + 1.0, 1.0], &[1.0, 1.0]);
+            kv.set_len(s, 1);
+        }
+        kv.clear_seq(1);
+        kv.clear_seq(7);
+        assert_eq!((kv.len(0), kv.len(1), kv.len(2)), (1, 0, 1));
+        // The kept sequences still read their own rows.
+        assert_eq!(read(&kv, 0, 2, 0, 1).0, [3.0, 1.0]);
+        assert_eq!(read(&kv, 0, 0, 0, 1).0, [1.0, 1.0]);
     }
 
     #[test]

@@ -97,6 +97,14 @@ pub enum Output<'a> {
     AllLogits(&'a mut [f32]),
     /// Hidden state after the final LayerNorm for every token: (T, C).
     Hidden(&'a mut [f32]),
+    /// Logits of the listed rows of the batch (strictly increasing indices into `tokens`):
+    /// (rows.len(), V), in the order listed. A server step that decodes some sequences and
+    /// advances others' prompts needs the logits of one row per finished sequence, not of
+    /// every row.
+    Rows {
+        rows: &'a [usize],
+        out: &'a mut [f32],
+    },
 }
 
 thread_local! {
@@ -198,6 +206,10 @@ impl State {
     pub fn reset(&mut self) {
         self.cache.clear();
     }
+    /// Empty sequence `seq` only (a server slot being reused); the others keep their tokens.
+    pub fn reset_seq(&mut self, seq: usize) {
+        self.cache.clear_seq(seq);
+    }
     /// Bytes of activation scratch currently allocated (excluding the KV cache and the
     /// matmul's own scratch).
     pub fn scratch_bytes(&self) -> usize {
@@ -294,15 +306,24 @@ impl Gpt2 {
                 });
             }
         }
+        if let Output::Rows { rows, .. } = &out {
+            if rows.windows(2).any(|w| w[0] >= w[1]) || rows.last().is_some_and(|&r| r >= t_all) {
+                return Err(RunError::BadRequest(format!(
+                    "output rows must be strictly increasing and below {t_all}"
+                )));
+            }
+        }
         let want = match &out {
             Output::Nothing => 0,
             Output::LastLogits(_) => v,
             Output::AllLogits(_) => t_all * v,
             Output::Hidden(_) => t_all * c,
+            Output::Rows { rows, .. } => rows.len() * v,
         };
         let got = match &out {
             Output::Nothing => 0,
             Output::LastLogits(o) | Output::AllLogits(o) | Output::Hidden(o) => o.len(),
+            Output::Rows { out, .. } => out.len(),
         };
         if got != want {
             return Err(RunError::BadRequest(format!(
@@ -349,6 +370,19 @@ impl Gpt2 {
                 }
                 Output::Hidden(o) => {
                     layer_norm_rows_par(x, &lnf.w, &lnf.b, hp.eps, &mut o[start * c..end * c]);
+                }
+                Output::Rows { rows, out } => {
+                    // The listed rows of this micro-batch, gathered into `ln` in order.
+                    let first = rows.partition_point(|&r| r < start);
+                    let n = rows[first..].partition_point(|&r| r < end);
+                    for (k, &r) in rows[first..first + n].iter().enumerate() {
+                        let xr = &x[(r - start) * c..(r - start + 1) * c];
+                        ops::layer_norm(xr, &lnf.w, &lnf.b, hp.eps, &mut ln[k * c..(k + 1) * c]);
+                    }
+                    if n > 0 {
+                        let o = &mut out[first * v..(first + n) * v];
+                        matmul(&head, &ln[..n * c], n, None, o, &mut st.mm);
+                    }
                 }
             }
             start = end;
