@@ -13,3 +13,7 @@ bash tests/neon.sh
 # The independent reader: llama.cpp's gguf-py (and numpy, pytest) from PyPI.
 python3 -m pip install --quiet --disable-pip-version-check -r tests/python/requirements.txt
 GGPT_BIN="$PWD/target/release/ggpt" python3 -m pytest -q tests/python
+
+# The comparison page of ggpt-serve in headless Chromium (playwright-core from npm): skips with
+# the reason if Chromium or Node is missing (.ci/run installs both with apt).
+bash tests/browser/run.sh
