@@ -2,7 +2,6 @@
 
 pub mod bench;
 pub mod chart;
-pub mod cli;
 pub mod compare;
 pub mod diff;
 pub mod memory;
@@ -13,3 +12,7 @@ pub mod sampler;
 pub mod scoring;
 pub mod session;
 pub mod tokenizer;
+
+/// The checkpoint converter, with the `convert` feature.
+#[cfg(feature = "convert")]
+pub use ggpt_convert as convert;

@@ -16,9 +16,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::Instant;
 
-use ggpt_convert::gguf::GgufFile;
+use ggpt_gguf::GgufFile;
 use ggpt_models::Gpt2;
-use rayon::prelude::*;
 
 use crate::tokenizer::{Tokenizer, TokenizerError};
 
@@ -133,19 +132,11 @@ impl Model {
 /// Check the fp16 scales of every quantized tensor (ggml's row-data validation): the error
 /// names the file, the tensor and the block. Float tensors are left to the session's logit
 /// check (see the module comment); their 1-D parameters were already checked when loading.
-fn check_quantized_scales(file: &GgufFile) -> Result<(), ggpt_convert::gguf::GgufError> {
-    let errors: Vec<(usize, ggpt_convert::gguf::GgufError)> = file
-        .tensors()
-        .par_iter()
-        .enumerate()
-        .filter(|(_, t)| t.ty.block_size() > 1)
-        .filter_map(|(i, t)| file.validate_tensor(t).err().map(|e| (i, e)))
-        .collect();
-    // The first bad tensor in file order, whatever order the threads finished in.
-    match errors.into_iter().min_by_key(|(i, _)| *i) {
-        Some((_, e)) => Err(e),
-        None => Ok(()),
-    }
+fn check_quantized_scales(file: &GgufFile) -> Result<(), ggpt_gguf::GgufError> {
+    file.validate_tensor_data(
+        |t| t.ty.block_size() > 1,
+        ggpt_quant::tensor::validate_row_data,
+    )
 }
 
 /// llama.cpp's `llama_ftype` values (include/llama.h) for the mixes ggpt reads.

@@ -215,7 +215,7 @@ fn hostile_command_lines() {
         case(3, &latin1, &["perplexity", "-m", &m, "-f", &latin1]),
         case(3, &missing, &["perplexity", "-m", &m, "-f", &text, "--kl-base", &missing]),
         case(0, "", &["perplexity", "-m", &m, "-f", &text, "-c", "16", "--chunks", "1", "--score-all", "--kl-base", &m]),
-        // --- bench (its own range checks live in src/cli/bench.rs; files and threads here).
+        // --- bench (its own range checks live in cli/src/bench.rs; files and threads here).
         case(3, &d, &["bench", "-m", &d]),
         case(3, &missing, &["bench", "-m", &missing]),
         case(3, &fifo, &["bench", "-m", &fifo]),

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::{drain, ggpt, scratch, send_signal, tiny_hf, wait_timeout, Rng, TIMEOUT};
-use ggpt_convert::gguf::GgufFile;
+use ggpt_gguf::GgufFile;
 
 /// Output files of `convert --type <types>` into a directory, for the tiny model.
 fn dest_names(types: &str) -> Vec<String> {

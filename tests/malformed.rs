@@ -432,6 +432,31 @@ fn non_finite_wants(ggml_type: u32) -> Wants {
         },
     }
 }
+/// A GPT-2 file whose tensors the header does not account for: every command refuses it,
+/// `inspect` included (it runs the loader's tensor-set check on gpt2 files).
+const TENSOR_SET: Wants = Wants {
+    inspect: Want::Error,
+    run: Want::Error,
+    mem: Want::Error,
+};
+
+/// Files whose set of tensors differs from GPT-2's for their `gpt2.block_count`, with a tensor
+/// name the error must mention. The bundled model has 6 blocks.
+type TensorSetEdit = (&'static str, fn(&mut Gguf));
+const TENSOR_SET_EDITS: [TensorSetEdit; 3] = [
+    ("block_count 5 with blk.5 tensors present", |g| {
+        g.set("gpt2.block_count", T_U32, u32v(5));
+    }),
+    ("extra unknown tensor foo.weight", |g| {
+        let mut t = g.tensor_mut("output_norm.bias").clone();
+        t.name = "foo.weight".to_string();
+        g.tensors.push(t);
+    }),
+    ("tensor blk.2.ffn_up.bias missing", |g| {
+        g.tensors.retain(|t| t.name != "blk.2.ffn_up.bias");
+    }),
+];
+
 /// Random damage: any orderly outcome.
 const ANY: Wants = Wants {
     inspect: Want::Any,
@@ -786,6 +811,9 @@ fn semantic(cases: &mut Vec<Case>) {
         t.ty = 8;
         t.data = vec![0; ggml_size(8, &t.dims) as usize];
     });
+    for (name, edit) in TENSOR_SET_EDITS {
+        e(name, TENSOR_SET, edit);
+    }
     e("version 2 (still readable)", ANY, |g| g.version = 2);
     e("no tensors at all", NOT_GPT2, |g| g.tensors.clear());
     e("no metadata at all", NOT_GPT2, |g| g.kvs.clear());
@@ -1198,10 +1226,10 @@ fn non_finite_weights_are_detected() {
     let mut cases = Vec::new();
     non_finite(&bases, &mut cases);
     for c in &cases {
-        let f = ggpt_convert::gguf::GgufFile::from_bytes((c.build)(&bases), "bad.gguf")
+        let f = ggpt_gguf::GgufFile::from_bytes((c.build)(&bases), "bad.gguf")
             .unwrap_or_else(|e| panic!("{}: the header is fine, yet: {e}", c.name));
         let e = f
-            .validate_tensor_data()
+            .validate_tensor_data(|_| true, ggpt_quant::tensor::validate_row_data)
             .err()
             .unwrap_or_else(|| panic!("{}: not detected", c.name))
             .to_string();
@@ -2163,7 +2191,7 @@ fn hostile_flags_and_paths() {
             "--chunks",
             Some(2),
         ),
-        // src/cli/bench.rs still reports its own range errors with exit 1.
+        // cli/src/bench.rs still reports its own range errors with exit 1.
         (vec!["bench", "-m", m, "-r", "0"], "-r", None),
         (vec!["bench", "-m", m, "-r", "1000000"], "-r", None),
         // Files.
@@ -2438,4 +2466,50 @@ fn rename_key(j: &mut Json, from: &str, to: &str) {
         .and_then(|o| o.remove(from))
         .unwrap_or_else(|| panic!("no key {from:?} to rename"));
     j[to] = v;
+}
+
+/// Tensors the header does not account for (a smaller `gpt2.block_count` than the blocks
+/// stored, an unknown tensor, a missing one): `run`, `inspect`, `features` and `perplexity`
+/// all refuse the file with exit 3 and an error naming the tensors.
+#[test]
+fn tensor_set_must_match_the_architecture() {
+    let bases = load_bases();
+    let dir = scratch("tensor-set");
+    let text = dir.join("text.txt");
+    std::fs::write(&text, "Hello world. ".repeat(200)).unwrap();
+    let text = text.to_str().unwrap().to_string();
+    let must_name = [
+        "'blk.5.attn_norm.weight'",
+        "'foo.weight'",
+        "'blk.2.ffn_up.bias'",
+    ];
+    for ((name, edit), tensor) in TENSOR_SET_EDITS.iter().zip(must_name) {
+        let mut g = bases.q4km.gguf.clone();
+        edit(&mut g);
+        let path = dir.join("bad.gguf");
+        std::fs::write(&path, g.encode()).unwrap();
+        let p = path.to_str().unwrap();
+        let runs = [
+            run_ggpt(&["run", "-m", p, "-p", "Hello", "-n", "2", "-t", "1"]),
+            run_ggpt(&["inspect", p]),
+            run_ggpt(&["features", "-m", p, "Hello"]),
+            run_ggpt(&["perplexity", "-m", p, "-f", &text, "-c", "64", "-t", "1"]),
+        ];
+        let mut first: Option<String> = None;
+        for o in runs {
+            assert_eq!(o.code(), Some(3), "{name}: {}", o.describe());
+            let line = o.error_line().to_string();
+            assert!(
+                line.contains(tensor) && line.contains(p),
+                "{name}: {}",
+                o.describe()
+            );
+            // The same message from every command.
+            match &first {
+                None => first = Some(line),
+                Some(f) => assert_eq!(&line, f, "{name}"),
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
 }

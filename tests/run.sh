@@ -5,7 +5,8 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-cargo build --release --bin ggpt --bin ggpt-serve
+cargo build --release -p ggpt-cli --bin ggpt
+cargo build --release -p ggpt-serve --bin ggpt-serve
 cargo test --release --workspace
 # The aarch64 NEON kernels, under qemu-user (skips with one line if the tools are missing).
 bash tests/neon.sh

@@ -8,9 +8,9 @@ use std::sync::OnceLock;
 
 use ggpt::model::{KvType, LoadError, Model, RunError};
 use ggpt::session::Session;
-use ggpt_convert::gguf::{GgufFile, GgufWriter, Value};
 use ggpt_convert::pipeline::{convert_hf, ConvertOptions, NoProgress};
 use ggpt_convert::policy::FileType;
+use ggpt_gguf::{GgufFile, GgufWriter, Value};
 use ggpt_quant::GgmlType;
 
 /// The tiny model converted to F16 and Q4_K_M, once per test binary.

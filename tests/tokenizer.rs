@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
 use ggpt::tokenizer::{DecodeError, Tokenizer};
-use ggpt_convert::gguf::{Array, GgufFile, GgufWriter, Value as GgufValue};
+use ggpt_gguf::{Array, GgufFile, GgufWriter, Value as GgufValue};
 use serde_json::Value;
 
 fn root() -> PathBuf {

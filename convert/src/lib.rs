@@ -1,8 +1,8 @@
-//! Checkpoint readers (Hugging Face safetensors + config + tokenizer files, GGUF), the GGUF
-//! writer, and the per-tensor type policy that decides how each GPT-2 tensor is stored.
+//! Checkpoint readers (Hugging Face safetensors + config + tokenizer files), the conversion
+//! pipeline to GGUF (written with `ggpt-gguf`), and the per-tensor type policy that decides
+//! how each GPT-2 tensor is stored.
 
 pub mod atomic;
-pub mod gguf;
 pub mod hf;
 pub mod pipeline;
 pub mod policy;

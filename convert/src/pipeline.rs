@@ -29,10 +29,10 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::atomic::AtomicFile;
-use crate::gguf::{GgufWriter, Value};
 use crate::hf::{expected_tensors, map_tensor_name, HfConfig, HfTensor, HfVocab, InputError};
 use crate::policy::{converter_type, tensor_order, Fallback, FileType, Policy};
 use crate::safetensors::{decode_f32, Checkpoint, SrcDtype};
+use ggpt_gguf::{GgufWriter, Value};
 
 /// Values per streamed chunk (4 MiB of f32): small enough that four outputs' buffers stay
 /// far below the memory budget, large enough to keep both cores busy quantizing.

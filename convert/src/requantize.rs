@@ -21,10 +21,10 @@ use ggpt_quant::tensor::{dequantize, quantize_into, validate_row_data};
 use ggpt_quant::GgmlType;
 
 use crate::atomic::AtomicFile;
-use crate::gguf::{GgufFile, GgufWriter, Value};
 use crate::hf::InputError;
 use crate::pipeline::{scratch, FileSummary, OutputError, Progress, CHUNK_VALUES};
 use crate::policy::{tensor_order, FileType, Policy};
+use ggpt_gguf::{GgufFile, GgufWriter, Value};
 
 /// Keys llama-quantize drops (it writes a single file).
 const SPLIT_KEYS: &[&str] = &["split.no", "split.count", "split.tensors.count"];

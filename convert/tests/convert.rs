@@ -10,14 +10,14 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use ggpt_convert::gguf::{Array, GgufFile, GgufWriter, Value};
 use ggpt_convert::hf::InputError;
 use ggpt_convert::pipeline::{convert_hf, ConvertOptions, NoProgress, OutputError};
 use ggpt_convert::policy::FileType;
 use ggpt_convert::requantize::requantize;
 use ggpt_convert::safetensors::SrcDtype;
 use ggpt_convert::synth::{synth, SynthOptions, SynthShape};
-use ggpt_quant::tensor::dequantize;
+use ggpt_gguf::{Array, GgufFile, GgufWriter, Value};
+use ggpt_quant::tensor::{dequantize, validate_row_data};
 use ggpt_quant::GgmlType::{self, *};
 use half::{bf16, f16};
 use safetensors::{Dtype, SafeTensors};
@@ -940,4 +940,62 @@ fn tokenizer_json_and_vocab_files_agree() {
         y.get("tokenizer.ggml.bos_token_id"),
         Some(&Value::U32(50256))
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// GGUF tensor-data validation with quant's block-format checker
+
+/// A file with an F16 and a Q8_0 tensor; returns its bytes and each tensor's data offset.
+fn two_tensors() -> (Vec<u8>, u64, u64) {
+    let mut w = GgufWriter::new();
+    w.add_kv("general.architecture", Value::from("gpt2"));
+    w.add_tensor("a", &[64], GgmlType::F16).unwrap();
+    w.add_tensor("b", &[64, 2], GgmlType::Q8_0).unwrap();
+    let mut bytes = Vec::new();
+    w.write_header(&mut bytes).unwrap();
+    let x: Vec<f32> = (0..128).map(|i| (i as f32 * 0.1).sin()).collect();
+    let a = ggpt_quant::tensor::quantize(GgmlType::F16, &x[..64], 64).unwrap();
+    let b = ggpt_quant::tensor::quantize(GgmlType::Q8_0, &x, 64).unwrap();
+    w.write_tensor_data(&mut bytes, 0, &a).unwrap();
+    w.write_tensor_data(&mut bytes, 1, &b).unwrap();
+    let d = w.data_offset();
+    (bytes, d + w.tensors()[0].offset, d + w.tensors()[1].offset)
+}
+
+#[test]
+fn gguf_validation_with_quant_checker_finds_non_finite_values_and_scales() {
+    let (good, a, b) = two_tensors();
+    let f = GgufFile::from_bytes(good.clone(), "ok.gguf").unwrap();
+    assert!(f.validate_tensor_data(|_| true, validate_row_data).is_ok());
+
+    // NaN in the F16 tensor's 4th value.
+    let mut bad = good.clone();
+    let at = a as usize + 6;
+    bad[at..at + 2].copy_from_slice(&0x7e00u16.to_le_bytes());
+    let e = GgufFile::from_bytes(bad, "nan.gguf")
+        .unwrap()
+        .validate_tensor_data(|_| true, validate_row_data)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("nan.gguf") && e.contains("'a'") && e.contains("NaN"),
+        "{e}"
+    );
+
+    // +inf in the scale d of the Q8_0 tensor's third block (34-byte blocks).
+    let mut bad = good;
+    let at = b as usize + 2 * 34;
+    bad[at..at + 2].copy_from_slice(&0x7c00u16.to_le_bytes());
+    let f = GgufFile::from_bytes(bad, "inf.gguf").unwrap();
+    let e = f
+        .validate_tensor_data(|_| true, validate_row_data)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("'b'") && e.contains("inf") && e.contains("block 2"),
+        "{e}"
+    );
+    assert!(f
+        .validate_tensor(&f.tensors()[0], validate_row_data)
+        .is_ok());
 }

@@ -5,7 +5,7 @@
 //! vocabularies with other split regexes (`llama3`, `qwen2`, …); encoding those with GPT-2's
 //! regex would silently give wrong ids, so they are refused instead.
 
-use ggpt_convert::gguf::{GgufError, GgufFile};
+use ggpt_gguf::{GgufError, GgufFile};
 
 use super::Tokenizer;
 

@@ -25,8 +25,9 @@ pub fn ggpt() -> &'static Path {
     Path::new(env!("CARGO_BIN_EXE_ggpt"))
 }
 
+/// The repository root (these tests belong to the `ggpt-cli` package in cli/).
 pub fn repo() -> &'static Path {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    Path::new(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
 }
 
 /// The bundled Hugging Face checkpoint.

@@ -4,7 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-use ggpt_convert::gguf::{Array, GgufWriter, Value};
+use ggpt_gguf::{Array, GgufWriter, Value};
 use ggpt_quant::tensor::quantize;
 use ggpt_quant::GgmlType;
 
@@ -44,10 +44,33 @@ fn gguf(w: &GgufWriter, data: &[Vec<f32>]) -> Vec<u8> {
     b
 }
 
+/// How a seed's set of tensors relates to what its header declares.
+#[derive(Clone, Copy, PartialEq)]
+enum TensorSet {
+    /// Exactly GPT-2's tensors for `gpt2.block_count`.
+    Exact,
+    /// Two blocks stored, `gpt2.block_count` = 1.
+    MoreBlocksThanDeclared,
+    /// An extra tensor `foo.weight` no GPT-2 has.
+    Unknown,
+    /// `blk.0.ffn_up.bias` left out.
+    Missing,
+}
+
 /// A complete GPT-2 in miniature: byte-level vocabulary of 256 + a few merges + <|endoftext|>,
 /// one layer, C = 32, F = 64, context 4, weights of type `wty`.
 fn tiny_gpt2(wty: GgmlType) -> Vec<u8> {
+    tiny_gpt2_with(wty, TensorSet::Exact)
+}
+
+/// [`tiny_gpt2`] with its tensors changed as `set` says (files the loader must refuse).
+fn tiny_gpt2_with(wty: GgmlType, set: TensorSet) -> Vec<u8> {
     let (c, f, t, layers) = (32u64, 64u64, 4u64, 1u64);
+    let stored = if set == TensorSet::MoreBlocksThanDeclared {
+        layers + 1
+    } else {
+        layers
+    };
     let mut tokens: Vec<String> = Vec::new();
     // GPT-2's byte alphabet: printable bytes map to themselves, the rest to U+0100 + k.
     let mut k = 0;
@@ -90,6 +113,9 @@ fn tiny_gpt2(wty: GgmlType) -> Vec<u8> {
     w.add_kv("tokenizer.ggml.eos_token_id", Value::U32(v as u32 - 1));
     let mut data = Vec::new();
     let mut add = |w: &mut GgufWriter, name: &str, dims: &[u64], ty: GgmlType| {
+        if set == TensorSet::Missing && name == "blk.0.ffn_up.bias" {
+            return;
+        }
         w.add_tensor(name, dims, ty).expect("seed tensor");
         let n: u64 = dims.iter().product();
         data.push(wave(n as usize, 0.37 + data.len() as f32 * 0.01));
@@ -98,7 +124,7 @@ fn tiny_gpt2(wty: GgmlType) -> Vec<u8> {
     add(&mut w, "position_embd.weight", &[c, t], GgmlType::F32);
     add(&mut w, "output_norm.weight", &[c], GgmlType::F32);
     add(&mut w, "output_norm.bias", &[c], GgmlType::F32);
-    for i in 0..layers {
+    for i in 0..stored {
         let n = |s: &str| format!("blk.{i}.{s}");
         add(&mut w, &n("attn_norm.weight"), &[c], GgmlType::F32);
         add(&mut w, &n("attn_norm.bias"), &[c], GgmlType::F32);
@@ -113,6 +139,9 @@ fn tiny_gpt2(wty: GgmlType) -> Vec<u8> {
         add(&mut w, &n("ffn_down.weight"), &[f, c], wty);
         add(&mut w, &n("ffn_down.bias"), &[c], GgmlType::F32);
     }
+    if set == TensorSet::Unknown {
+        add(&mut w, "foo.weight", &[c], GgmlType::F32);
+    }
     gguf(&w, &data)
 }
 
@@ -121,6 +150,9 @@ fn gguf_seeds() -> Vec<Vec<u8>> {
         tiny_gpt2(GgmlType::Q8_0),
         tiny_gpt2(GgmlType::F16),
         tiny_gpt2(GgmlType::F32),
+        tiny_gpt2_with(GgmlType::Q8_0, TensorSet::MoreBlocksThanDeclared),
+        tiny_gpt2_with(GgmlType::Q8_0, TensorSet::Unknown),
+        tiny_gpt2_with(GgmlType::Q8_0, TensorSet::Missing),
     ];
     // Every value type, nested arrays, and one small tensor of each block type.
     let mut w = GgufWriter::new();

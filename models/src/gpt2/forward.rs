@@ -490,7 +490,7 @@ impl Gpt2 {
 /// Row `r` of an embedding table, dequantized into `out` (C).
 fn embed_row(
     m: &super::weights::Matrix,
-    file: &ggpt_convert::gguf::GgufFile,
+    file: &ggpt_gguf::GgufFile,
     r: usize,
     out: &mut [f32],
 ) -> Result<(), RunError> {

@@ -1,8 +1,9 @@
 //! GPT-2 hyper-parameters, read from the `gpt2.*` GGUF keys and checked before anything is
 //! sized from them.
 
-use ggpt_convert::gguf::GgufFile;
+use ggpt_gguf::GgufFile;
 
+use super::weights::TOKEN_EMBD;
 use super::LoadError;
 
 /// Largest values accepted from a file. Far above any GPT-2 (XL: 48 layers, 1600 channels,
@@ -12,10 +13,15 @@ const MAX_LAYERS: u64 = 1024;
 const MAX_EMBD: u64 = 1 << 16;
 const MAX_FF: u64 = 1 << 20;
 const MAX_CTX: u64 = 1 << 20;
+/// Largest vocabulary accepted (far above GPT-2's 50257; bounds the logits buffer).
+const MAX_VOCAB: u64 = 1 << 22;
 
 /// Shape of a GPT-2 model. Counts are u64 as GGUF stores them; all are validated at load
-/// to small bounds, so converting them to `usize` is lossless.
+/// to small bounds, so converting them to `usize` is lossless. Only [`Hparams::from_gguf`]
+/// builds one (`non_exhaustive` forbids struct literals outside this crate), so every
+/// `Hparams` is complete and checked.
 #[derive(Clone, Debug, PartialEq)]
+#[non_exhaustive]
 pub struct Hparams {
     /// Vocabulary size (rows of `token_embd.weight`).
     pub n_vocab: u64,
@@ -40,9 +46,10 @@ impl Hparams {
         self.n_embd / self.n_head
     }
 
-    /// Read and validate the `gpt2.*` keys. `n_vocab` is not a key (llama.cpp takes it from
-    /// the tokenizer); the caller fills it in from `token_embd.weight`.
-    pub(crate) fn from_gguf(file: &GgufFile) -> Result<Hparams, LoadError> {
+    /// Read and validate the `gpt2.*` keys, and the vocabulary size: it is not a key
+    /// (llama.cpp takes it from the tokenizer), so it comes from the rows of
+    /// `token_embd.weight`, which must agree with `tokenizer.ggml.tokens` when present.
+    pub fn from_gguf(file: &GgufFile) -> Result<Hparams, LoadError> {
         let path = file.path().display().to_string();
         let int = |key: &str, max: u64| -> Result<u64, LoadError> {
             let v = file.get_u64(key).map_err(LoadError::from)?.ok_or_else(|| {
@@ -100,8 +107,9 @@ impl Hparams {
                 });
             }
         }
+        let n_vocab = vocab_size(file, &path, n_embd)?;
         Ok(Hparams {
-            n_vocab: 0,
+            n_vocab,
             n_ctx,
             n_embd,
             n_head,
@@ -110,4 +118,39 @@ impl Hparams {
             eps,
         })
     }
+}
+
+/// The vocabulary size: the row count of `token_embd.weight` (dims [C, V]), checked before
+/// anything is sized from it.
+fn vocab_size(file: &GgufFile, path: &str, c: u64) -> Result<u64, LoadError> {
+    let te = file
+        .tensor(TOKEN_EMBD)
+        .ok_or_else(|| LoadError::MissingTensor {
+            file: path.to_string(),
+            name: TOKEN_EMBD.to_string(),
+        })?;
+    if te.dims.len() != 2 || te.dims[0] != c || te.dims[1] == 0 || te.dims[1] > MAX_VOCAB {
+        return Err(LoadError::WrongShape {
+            file: path.to_string(),
+            name: te.name.clone(),
+            expected: vec![c, te.dims.get(1).copied().unwrap_or(0).clamp(1, MAX_VOCAB)],
+            found: te.dims.clone(),
+        });
+    }
+    let n_vocab = te.dims[1];
+    // llama.cpp sizes the vocabulary from the tokenizer; the two must agree.
+    if let Some(tokens) = file.get("tokenizer.ggml.tokens") {
+        let n = tokens.as_array().map(|a| a.len() as u64);
+        if n != Some(n_vocab) {
+            return Err(LoadError::BadHparam {
+                file: path.to_string(),
+                key: "tokenizer.ggml.tokens".to_string(),
+                what: format!(
+                    "holds {} tokens but {TOKEN_EMBD} has {n_vocab} rows",
+                    n.map_or("no array of".to_string(), |n| n.to_string())
+                ),
+            });
+        }
+    }
+    Ok(n_vocab)
 }

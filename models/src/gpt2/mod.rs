@@ -12,7 +12,7 @@ pub mod weights;
 
 use std::sync::Arc;
 
-use ggpt_convert::gguf::GgufFile;
+use ggpt_gguf::GgufFile;
 use ggpt_quant::GgmlType;
 
 pub use forward::{Output, Seqs, State};
@@ -24,7 +24,7 @@ pub use weights::Weights;
 #[non_exhaustive]
 pub enum LoadError {
     #[error(transparent)]
-    Gguf(#[from] ggpt_convert::gguf::GgufError),
+    Gguf(#[from] ggpt_gguf::GgufError),
     #[error("{file}: general.architecture is '{found}', expected 'gpt2'")]
     WrongArchitecture { file: String, found: String },
     #[error("{file}: missing metadata key '{key}'")]
@@ -37,6 +37,16 @@ pub enum LoadError {
     },
     #[error("{file}: missing tensor '{name}'")]
     MissingTensor { file: String, name: String },
+    #[error(
+        "{file}: {count} tensor(s) not part of a GPT-2 with gpt2.block_count = {n_layer}: {names}"
+    )]
+    UnexpectedTensors {
+        file: String,
+        n_layer: u64,
+        count: usize,
+        /// The first few names, quoted, then how many more.
+        names: String,
+    },
     #[error("{file}: tensor '{name}' has shape {found:?} (ne0 first), expected {expected:?}")]
     WrongShape {
         file: String,
@@ -87,38 +97,43 @@ pub struct Gpt2 {
 }
 
 impl Gpt2 {
-    /// Validate `file` as a GPT-2 GGUF: architecture, hyper-parameters, and each tensor's
-    /// presence, shape and type. `output.weight` is optional (tied to `token_embd.weight`
-    /// when absent, as current llama.cpp converters write it).
-    pub fn from_gguf(file: Arc<GgufFile>) -> anyhow::Result<Gpt2> {
-        let path = file.path().display().to_string();
-        match file
-            .get_str("general.architecture")
-            .map_err(LoadError::from)?
-        {
-            Some("gpt2") => {}
-            Some(other) => {
-                return Err(LoadError::WrongArchitecture {
-                    file: path,
-                    found: other.to_string(),
-                }
-                .into())
-            }
-            None => {
-                return Err(LoadError::MissingKey {
-                    file: path,
-                    key: "general.architecture".to_string(),
-                }
-                .into())
-            }
-        }
-        let mut hparams = Hparams::from_gguf(&file)?;
-        let weights = Weights::load(&file, &mut hparams)?;
+    /// Validate `file` as a GPT-2 GGUF: architecture, hyper-parameters, the set of tensors
+    /// (exactly GPT-2's for `gpt2.block_count` blocks), and each tensor's shape and type.
+    /// `output.weight` is optional (tied to `token_embd.weight` when absent, as current
+    /// llama.cpp converters write it).
+    pub fn from_gguf(file: Arc<GgufFile>) -> Result<Gpt2, LoadError> {
+        let hparams = Self::check_header(&file)?;
+        let weights = Weights::load(&file, &hparams)?;
         Ok(Gpt2 {
             file,
             hparams,
             weights,
         })
+    }
+
+    /// The checks of [`Gpt2::from_gguf`] that need only the header: architecture,
+    /// hyper-parameters and the set of tensor names. Reads no tensor data (`ggpt inspect`
+    /// uses it).
+    pub fn check_header(file: &GgufFile) -> Result<Hparams, LoadError> {
+        let path = file.path().display().to_string();
+        match file.get_str("general.architecture")? {
+            Some("gpt2") => {}
+            Some(other) => {
+                return Err(LoadError::WrongArchitecture {
+                    file: path,
+                    found: other.to_string(),
+                })
+            }
+            None => {
+                return Err(LoadError::MissingKey {
+                    file: path,
+                    key: "general.architecture".to_string(),
+                })
+            }
+        }
+        let hparams = Hparams::from_gguf(file)?;
+        weights::check_tensor_set(file, hparams.n_layer)?;
+        Ok(hparams)
     }
 
     /// Shape of the model.

@@ -5,14 +5,96 @@
 //! into a borrowed [`QMatrix`] over the mmap at each use. The 1-D norms and biases (a few KiB
 //! per layer) are copied into `Vec<f32>` so the hot loops read plain f32 slices.
 
-use ggpt_convert::gguf::{GgufFile, TensorInfo};
+use ggpt_gguf::{GgufFile, TensorInfo};
 use ggpt_quant::matmul::QMatrix;
 use ggpt_quant::GgmlType;
 
 use super::{Hparams, LoadError};
 
-/// Largest vocabulary accepted (far above GPT-2's 50257; bounds the logits buffer).
-const MAX_VOCAB: u64 = 1 << 22;
+/// The token embedding, (V, C); its row count is the vocabulary size.
+pub const TOKEN_EMBD: &str = "token_embd.weight";
+/// The tensors outside the blocks, in llama.cpp's `LLM_ARCH_GPT2` order. `output.weight` is
+/// optional (see [`OPTIONAL_TENSORS`]).
+pub const GLOBAL_TENSORS: [&str; 4] = [
+    TOKEN_EMBD,
+    "position_embd.weight",
+    "output_norm.weight",
+    "output_norm.bias",
+];
+/// Tensors a GPT-2 file may hold or leave out: the output projection, tied to the token
+/// embedding when absent.
+pub const OPTIONAL_TENSORS: [&str; 1] = ["output.weight"];
+/// The tensors of every block `blk.N.`, by their name after that prefix.
+pub const BLOCK_TENSORS: [&str; 12] = [
+    "attn_norm.weight",
+    "attn_norm.bias",
+    "attn_qkv.weight",
+    "attn_qkv.bias",
+    "attn_output.weight",
+    "attn_output.bias",
+    "ffn_norm.weight",
+    "ffn_norm.bias",
+    "ffn_up.weight",
+    "ffn_up.bias",
+    "ffn_down.weight",
+    "ffn_down.bias",
+];
+
+/// `blk.{i}.{name}`.
+pub fn block_tensor(i: u64, name: &str) -> String {
+    format!("blk.{i}.{name}")
+}
+
+/// Unexpected tensors named in an error before the rest are only counted.
+const NAMED_EXTRA: usize = 6;
+
+/// Check that `file` holds exactly the tensors of a GPT-2 with `n_layer` blocks: every one of
+/// them (the first missing is named), and nothing else — a tensor the architecture does not
+/// account for (a block beyond `gpt2.block_count`, an unknown name) is refused by name, as
+/// llama.cpp refuses a file with the wrong number of tensors.
+pub fn check_tensor_set(file: &GgufFile, n_layer: u64) -> Result<(), LoadError> {
+    let path = || file.path().display().to_string();
+    let mut expected: std::collections::HashSet<String> = GLOBAL_TENSORS
+        .iter()
+        .chain(&OPTIONAL_TENSORS)
+        .map(|s| s.to_string())
+        .collect();
+    let mut required: Vec<String> = GLOBAL_TENSORS.iter().map(|s| s.to_string()).collect();
+    for i in 0..n_layer {
+        for t in BLOCK_TENSORS {
+            let name = block_tensor(i, t);
+            required.push(name.clone());
+            expected.insert(name);
+        }
+    }
+    if let Some(name) = required.into_iter().find(|n| file.tensor(n).is_none()) {
+        return Err(LoadError::MissingTensor { file: path(), name });
+    }
+    let extra: Vec<&str> = file
+        .tensors()
+        .iter()
+        .map(|t| t.name.as_str())
+        .filter(|n| !expected.contains(*n))
+        .collect();
+    if extra.is_empty() {
+        return Ok(());
+    }
+    let mut names = extra
+        .iter()
+        .take(NAMED_EXTRA)
+        .map(|n| format!("'{n}'"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    if extra.len() > NAMED_EXTRA {
+        names.push_str(&format!(" and {} more", extra.len() - NAMED_EXTRA));
+    }
+    Err(LoadError::UnexpectedTensors {
+        file: path(),
+        n_layer,
+        count: extra.len(),
+        names,
+    })
+}
 
 const MATRIX_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_K, Q5_K, Q6_K";
 const VECTOR_TYPES: &str = "F32, F16, BF16";
@@ -117,43 +199,16 @@ impl Weights {
             + self.output.as_ref().map_or(0, |m| m.info.size)
     }
 
-    /// Check and collect every tensor. Fills in `hp.n_vocab` from `token_embd.weight`.
-    pub(crate) fn load(file: &GgufFile, hp: &mut Hparams) -> Result<Weights, LoadError> {
+    /// Check and collect every tensor (shape and type), once [`check_tensor_set`] has passed.
+    pub(crate) fn load(file: &GgufFile, hp: &Hparams) -> Result<Weights, LoadError> {
         let ld = Loader {
             file,
             path: file.path().display().to_string(),
         };
         let c = hp.n_embd;
 
-        // The vocabulary size is the embedding's row count; check it before using it.
-        let te = ld.info("token_embd.weight")?;
-        if te.dims.len() != 2 || te.dims[0] != c || te.dims[1] == 0 || te.dims[1] > MAX_VOCAB {
-            return Err(LoadError::WrongShape {
-                file: ld.path.clone(),
-                name: te.name.clone(),
-                expected: vec![c, te.dims.get(1).copied().unwrap_or(0).clamp(1, MAX_VOCAB)],
-                found: te.dims.clone(),
-            });
-        }
-        let n_vocab = te.dims[1];
-        hp.n_vocab = n_vocab;
-        // llama.cpp sizes the vocabulary from the tokenizer; the two must agree.
-        if let Some(tokens) = file.get("tokenizer.ggml.tokens") {
-            let n = tokens.as_array().map(|a| a.len() as u64);
-            if n != Some(n_vocab) {
-                return Err(LoadError::BadHparam {
-                    file: ld.path.clone(),
-                    key: "tokenizer.ggml.tokens".to_string(),
-                    what: format!(
-                        "holds {} tokens but token_embd.weight has {n_vocab} rows",
-                        n.map_or("no array of".to_string(), |n| n.to_string())
-                    ),
-                });
-            }
-        }
-
-        let (v, t, f) = (n_vocab, hp.n_ctx, hp.n_ff);
-        let token_embd = ld.matrix("token_embd.weight", c, v)?;
+        let (v, t, f) = (hp.n_vocab, hp.n_ctx, hp.n_ff);
+        let token_embd = ld.matrix(TOKEN_EMBD, c, v)?;
         let pos_embd = ld.matrix("position_embd.weight", c, t)?;
         let output_norm = ld.norm("output_norm", c)?;
         let output = match file.tensor("output.weight") {
@@ -162,7 +217,7 @@ impl Weights {
         };
         let layers = (0..hp.n_layer)
             .map(|i| {
-                let n = |s: &str| format!("blk.{i}.{s}");
+                let n = |s: &str| block_tensor(i, s);
                 Ok(Layer {
                     attn_norm: ld.norm(&n("attn_norm"), c)?,
                     attn_qkv: ld.matrix(&n("attn_qkv.weight"), c, 3 * c)?,
@@ -218,7 +273,7 @@ impl Loader<'_> {
     /// A 2-D weight with dims [ne0 = cols, ne1 = rows].
     fn matrix(&self, name: &str, cols: u64, rows: u64) -> Result<Matrix, LoadError> {
         let info = self.shaped(name, &[cols, rows])?;
-        if !info.ty.is_supported_weight() {
+        if !ggpt_quant::types::is_supported_weight(info.ty) {
             return Err(LoadError::UnsupportedType {
                 file: self.path.clone(),
                 name: name.to_string(),

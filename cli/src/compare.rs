@@ -6,11 +6,11 @@
 use super::common::{
     bail_flag, flag_error, init_threads, output_error, print_stdout, read_text_file,
 };
-use crate::compare::{charts, markdown, to_json, FormatRow, Setup};
-use crate::memory::{estimate, RunShape};
-use crate::model::Model;
-use crate::perplexity::{evaluate, window_count, Method};
 use anyhow::{bail, Context, Result};
+use ggpt::compare::{charts, markdown, to_json, FormatRow, Setup};
+use ggpt::memory::{estimate, RunShape};
+use ggpt::model::Model;
+use ggpt::perplexity::{evaluate, window_count, Method};
 use ggpt_convert::atomic::AtomicFile;
 use ggpt_convert::hf::{HfConfig, InputError};
 use ggpt_convert::pipeline::{convert_hf, model_name, ConvertOptions, NoProgress};
@@ -23,7 +23,7 @@ use std::process::Command;
 /// The bundled default model and texts, found next to the sources this binary was built from
 /// or, failing that, relative to the working directory.
 pub fn bundled(rel: &str) -> PathBuf {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join(rel);
+    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
     if built.exists() {
         built
     } else {
@@ -185,8 +185,8 @@ pub fn run(args: Args) -> Result<()> {
         } else {
             measure_rss(path, mem_ctx, threads)?
         };
-        let pp = crate::bench::prefill(&model, args.bench_prompt.min(mem_ctx), 2)?;
-        let tg = crate::bench::decode(&model, args.bench_gen.min(mem_ctx), 2)?;
+        let pp = ggpt::bench::prefill(&model, args.bench_prompt.min(mem_ctx), 2)?;
+        let tg = ggpt::bench::decode(&model, args.bench_gen.min(mem_ctx), 2)?;
 
         let pb = bar(windows as u64, "perplexity");
         let is_base = *ftype == FileType::F16;
@@ -254,9 +254,9 @@ pub fn run(args: Args) -> Result<()> {
     for (stem, chart) in [("ppl_vs_size", &ppl_chart), ("kld_vs_size", &kld_chart)] {
         write(
             &out.join(format!("{stem}.svg")),
-            crate::chart::svg(chart)?.as_bytes(),
+            ggpt::chart::svg(chart)?.as_bytes(),
         )?;
-        write(&out.join(format!("{stem}.png")), &crate::chart::png(chart)?)?;
+        write(&out.join(format!("{stem}.png")), &ggpt::chart::png(chart)?)?;
     }
     super::common::note!(
         "wrote {}/report.md, report.json, ppl_vs_size.{{svg,png}}, kld_vs_size.{{svg,png}}",

@@ -6,8 +6,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::cell::Cell;
 use std::path::PathBuf;
 
-use ggpt_convert::gguf::{Array, GgufError, GgufFile, GgufWriter, TensorInfo, Value};
-use ggpt_quant::GgmlType;
+use ggpt_gguf::{Array, GgmlType, GgufError, GgufFile, GgufWriter, TensorInfo, Value};
 
 // ---------------------------------------------------------------------------------------------
 // Allocation watch: the largest single allocation made by the current thread, so the tests can

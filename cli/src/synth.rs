@@ -47,7 +47,7 @@ pub fn run(args: Args) -> Result<()> {
         if local.join("vocab.json").is_file() {
             local
         } else {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("models/tiny-gpt2")
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-gpt2")
         }
     });
     let opts = SynthOptions {

@@ -11,7 +11,7 @@ use ggpt_convert::atomic::AtomicFile;
 use ggpt_convert::hf::InputError;
 
 use super::common::{flag_error, output_error};
-use ggpt_convert::gguf::{GgufFile, TensorInfo};
+use ggpt_gguf::{GgufFile, TensorInfo};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -76,7 +76,7 @@ pub fn run(args: Args) -> Result<()> {
         let path = args.outdir.join(file_name(&t.name));
         let write = || -> std::io::Result<()> {
             let mut out = AtomicFile::create(&path)?;
-            crate::npy::write_f32(&mut out, &shape, &values)?;
+            ggpt::npy::write_f32(&mut out, &shape, &values)?;
             out.flush()?;
             out.commit()
         };
@@ -110,7 +110,7 @@ fn file_name(name: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ggpt_convert::gguf::GgufWriter;
+    use ggpt_gguf::GgufWriter;
     use ggpt_quant::GgmlType;
 
     fn read_npy(path: &std::path::Path) -> (String, Vec<f32>) {

@@ -9,14 +9,14 @@
 //! See docs/gguf.md for the design and the full list of checks the reader makes.
 
 mod read;
+mod types;
 mod value;
 mod write;
 
 pub use read::GgufFile;
+pub use types::GgmlType;
 pub use value::{Array, Value, ValueType};
 pub use write::GgufWriter;
-
-use ggpt_quant::GgmlType;
 
 /// `GGUF` as the first four bytes of the file.
 pub const MAGIC: [u8; 4] = *b"GGUF";

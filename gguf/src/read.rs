@@ -9,12 +9,10 @@ use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-use ggpt_quant::GgmlType;
-
-use super::value::{Array, Value, ValueType};
-use super::{
-    align_up, tensor_size, GgufError, TensorInfo, DEFAULT_ALIGNMENT, KEY_ALIGNMENT, MAGIC,
-    MAX_DIMS, MAX_NAME_LEN,
+use crate::value::{Array, Value, ValueType};
+use crate::{
+    align_up, tensor_size, GgmlType, GgufError, TensorInfo, DEFAULT_ALIGNMENT, KEY_ALIGNMENT,
+    MAGIC, MAX_DIMS, MAX_NAME_LEN,
 };
 
 /// Longest string accepted anywhere in the header. Tokens and keys are tiny, but some
@@ -275,11 +273,17 @@ impl GgufFile {
         self.data.bytes()
     }
 
-    /// Check one tensor's values the way ggml's `ggml_validate_row_data` does: no NaN or
-    /// infinite fp16 scale in any quantized block, no NaN or infinite F32/F16/BF16 value.
-    /// The header checks at open time cannot see these: such a file is well formed, but every
-    /// activation that touches the bad block becomes NaN.
-    pub fn validate_tensor(&self, t: &TensorInfo) -> Result<(), GgufError> {
+    /// Check one tensor's values with `check`, which knows the block formats (ggpt-quant's
+    /// `tensor::validate_row_data` checks them the way ggml's `ggml_validate_row_data` does: no
+    /// NaN or infinite fp16 scale in any quantized block, no NaN or infinite F32/F16/BF16
+    /// value). The header checks at open time cannot see these: such a file is well formed,
+    /// but every activation that touches the bad block becomes NaN. The error names the file
+    /// and the tensor.
+    pub fn validate_tensor(
+        &self,
+        t: &TensorInfo,
+        check: impl Fn(GgmlType, &[u8]) -> Result<(), String>,
+    ) -> Result<(), GgufError> {
         let data = self.tensor_data(t);
         let err = |what: String| GgufError::Tensor {
             file: self.name.clone(),
@@ -293,20 +297,24 @@ impl GgufFile {
                 t.size
             )));
         }
-        ggpt_quant::tensor::validate_row_data(t.ty, data)
-            .map_err(|e| err(format!("invalid values: {e}")))
+        check(t.ty, data).map_err(|e| err(format!("invalid values: {e}")))
     }
 
-    /// [`GgufFile::validate_tensor`] for every tensor, in parallel. This reads (pages in) all
-    /// tensor data once, so it costs about what the first forward pass would; the error
-    /// reported is the first bad tensor in file order.
-    pub fn validate_tensor_data(&self) -> Result<(), GgufError> {
+    /// [`GgufFile::validate_tensor`] for every tensor `select` accepts, in parallel. This reads
+    /// (pages in) those tensors' data once, so it costs about what the first forward pass
+    /// would; the error reported is the first bad tensor in file order.
+    pub fn validate_tensor_data(
+        &self,
+        select: impl Fn(&TensorInfo) -> bool + Sync,
+        check: impl Fn(GgmlType, &[u8]) -> Result<(), String> + Sync,
+    ) -> Result<(), GgufError> {
         use rayon::prelude::*;
         let errors: Vec<(usize, GgufError)> = self
             .tensors
             .par_iter()
             .enumerate()
-            .filter_map(|(i, t)| self.validate_tensor(t).err().map(|e| (i, e)))
+            .filter(|(_, t)| select(t))
+            .filter_map(|(i, t)| self.validate_tensor(t, &check).err().map(|e| (i, e)))
             .collect();
         match errors.into_iter().min_by_key(|(i, _)| *i) {
             Some((_, e)) => Err(e),
@@ -803,60 +811,4 @@ fn check_tensor_layout(
         }
     }
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::gguf::GgufWriter;
-
-    /// A file with an F16 and a Q8_0 tensor; returns its bytes and each tensor's data offset.
-    fn two_tensors() -> (Vec<u8>, u64, u64) {
-        let mut w = GgufWriter::new();
-        w.add_kv("general.architecture", Value::from("gpt2"));
-        w.add_tensor("a", &[64], GgmlType::F16).unwrap();
-        w.add_tensor("b", &[64, 2], GgmlType::Q8_0).unwrap();
-        let mut bytes = Vec::new();
-        w.write_header(&mut bytes).unwrap();
-        let x: Vec<f32> = (0..128).map(|i| (i as f32 * 0.1).sin()).collect();
-        let a = ggpt_quant::tensor::quantize(GgmlType::F16, &x[..64], 64).unwrap();
-        let b = ggpt_quant::tensor::quantize(GgmlType::Q8_0, &x, 64).unwrap();
-        w.write_tensor_data(&mut bytes, 0, &a).unwrap();
-        w.write_tensor_data(&mut bytes, 1, &b).unwrap();
-        let d = w.data_offset();
-        (bytes, d + w.tensors()[0].offset, d + w.tensors()[1].offset)
-    }
-
-    #[test]
-    fn validate_tensor_data_finds_non_finite_values_and_scales() {
-        let (good, a, b) = two_tensors();
-        let f = GgufFile::from_bytes(good.clone(), "ok.gguf").unwrap();
-        assert!(f.validate_tensor_data().is_ok());
-
-        // NaN in the F16 tensor's 4th value.
-        let mut bad = good.clone();
-        let at = a as usize + 6;
-        bad[at..at + 2].copy_from_slice(&0x7e00u16.to_le_bytes());
-        let e = GgufFile::from_bytes(bad, "nan.gguf")
-            .unwrap()
-            .validate_tensor_data()
-            .unwrap_err()
-            .to_string();
-        assert!(
-            e.contains("nan.gguf") && e.contains("'a'") && e.contains("NaN"),
-            "{e}"
-        );
-
-        // +inf in the scale d of the Q8_0 tensor's third block (34-byte blocks).
-        let mut bad = good;
-        let at = b as usize + 2 * 34;
-        bad[at..at + 2].copy_from_slice(&0x7c00u16.to_le_bytes());
-        let f = GgufFile::from_bytes(bad, "inf.gguf").unwrap();
-        let e = f.validate_tensor_data().unwrap_err().to_string();
-        assert!(
-            e.contains("'b'") && e.contains("inf") && e.contains("block 2"),
-            "{e}"
-        );
-        assert!(f.validate_tensor(&f.tensors()[0]).is_ok());
-    }
 }

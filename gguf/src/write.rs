@@ -10,12 +10,10 @@
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use ggpt_quant::GgmlType;
-
-use super::value::{put_str, put_u32, put_u64, Value};
-use super::{
-    align_up, tensor_size, GgufError, TensorInfo, DEFAULT_ALIGNMENT, KEY_ALIGNMENT, MAGIC,
-    MAX_NAME_LEN, VERSION,
+use crate::value::{put_str, put_u32, put_u64, Value};
+use crate::{
+    align_up, tensor_size, GgmlType, GgufError, TensorInfo, DEFAULT_ALIGNMENT, KEY_ALIGNMENT,
+    MAGIC, MAX_NAME_LEN, VERSION,
 };
 
 /// Builds a GGUF v3 header, then checks and pads tensor data as the caller streams it.

@@ -31,7 +31,7 @@ pub fn flag_error(msg: impl Into<String>) -> anyhow::Error {
 /// `return Err(FlagError(format!(...)))`: the flag counterpart of `anyhow::bail!`.
 macro_rules! bail_flag {
     ($($arg:tt)*) => {
-        return Err($crate::cli::common::flag_error(format!($($arg)*)))
+        return Err($crate::common::flag_error(format!($($arg)*)))
     };
 }
 pub(crate) use bail_flag;

@@ -1,8 +1,8 @@
 //! `ggpt tokenize`: print the token ids of a text with a model file's tokenizer.
 
 use super::common::{print_stdout, text_arg};
-use crate::model::Model;
 use anyhow::Result;
+use ggpt::model::Model;
 use std::fmt::Write as _;
 use std::path::PathBuf;
 

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
-use ggpt_convert::gguf::{Array, GgufError, GgufFile, Value};
+use ggpt_gguf::{Array, GgufError, GgufFile, Value};
 use serde_json::json;
 
 use super::common::print_stdout;
@@ -45,15 +45,19 @@ pub fn run(args: Args) -> Result<()> {
     let f = GgufFile::open(&args.file)?;
     let check = (!args.no_check).then(|| {
         let t = Instant::now();
-        let result = f.validate_tensor_data();
+        let result = f.validate_tensor_data(|_| true, ggpt_quant::tensor::validate_row_data);
         DataCheck {
             result,
             ms: t.elapsed().as_secs_f64() * 1e3,
         }
     });
+    let tensor_set = gpt2_tensor_set(&f);
     let max_items = if args.full { usize::MAX } else { SHOWN_ITEMS };
     let out = if args.json {
         let mut j = to_json(&f, max_items);
+        if let Some(Err(e)) = &tensor_set {
+            j["tensor_set"] = json!({ "valid": false, "error": e.to_string() });
+        }
         j["tensor_data"] = match &check {
             None => json!({ "checked": false }),
             Some(c) => json!({
@@ -82,15 +86,34 @@ pub fn run(args: Args) -> Result<()> {
                 writeln!(s, "  tensor data      INVALID (see the error below)")
             }
         };
+        if let Some(Err(_)) = &tensor_set {
+            let _ = writeln!(
+                s,
+                "  tensor set       INVALID for gpt2 (see the error below)"
+            );
+        }
         s
     };
     // A closed pipe (`ggpt inspect x.gguf | head`) is not an error; see `Stdout`.
     print_stdout(&out)?;
     // The header was worth showing; the file is still bad input.
+    if let Some(Err(e)) = tensor_set {
+        return Err(e.into());
+    }
     match check {
         Some(DataCheck { result: Err(e), .. }) => Err(e.into()),
         _ => Ok(()),
     }
+}
+
+/// For a GPT-2 file whose hyper-parameters can be read, the loader's check that its tensors
+/// are exactly the architecture's (same error as `run`); `None` for other files.
+fn gpt2_tensor_set(f: &GgufFile) -> Option<Result<(), ggpt_models::LoadError>> {
+    if !matches!(f.get_str("general.architecture"), Ok(Some("gpt2"))) {
+        return None;
+    }
+    let hp = ggpt_models::Hparams::from_gguf(f).ok()?;
+    Some(ggpt_models::gpt2::weights::check_tensor_set(f, hp.n_layer))
 }
 
 /// Per-type totals, and the whole-file totals derived from them.
@@ -401,7 +424,7 @@ mod tests {
 
     #[test]
     fn totals_and_table() {
-        use ggpt_convert::gguf::GgufWriter;
+        use ggpt_gguf::GgufWriter;
         use ggpt_quant::GgmlType;
         let mut w = GgufWriter::new();
         w.add_kv("general.architecture", Value::from("gpt2"));

@@ -2,9 +2,9 @@
 //! GPT-2-Medium-shaped random models that ggpt builds itself (`--synthetic`).
 
 use super::common::{bail_flag, init_threads, Stdout};
-use crate::bench::{bytes_per_token, decode, prefill, read_bandwidth, TestResult};
-use crate::model::Model;
 use anyhow::Result;
+use ggpt::bench::{bytes_per_token, decode, prefill, read_bandwidth, TestResult};
+use ggpt::model::Model;
 use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]

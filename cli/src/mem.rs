@@ -2,10 +2,10 @@
 //! measured in this process (peak RSS, split into file-backed and anonymous pages).
 
 use super::common::{bail_flag, flag_error, init_threads, print_stdout};
-use crate::memory::{estimate, rss, Estimate, MemShape, Mib, RunShape};
-use crate::model::Model;
-use crate::session::Session;
 use anyhow::Result;
+use ggpt::memory::{estimate, rss, Estimate, MemShape, Mib, RunShape};
+use ggpt::model::Model;
+use ggpt::session::Session;
 use ggpt_models::KvType;
 use serde_json::json;
 use std::fmt::Write as _;

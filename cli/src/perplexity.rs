@@ -2,9 +2,9 @@
 //! top-1 agreement and Δp against a base model run in lockstep on the same windows.
 
 use super::common::{bail_flag, flag_error, init_threads, print_stdout, read_text_file};
-use crate::model::Model;
-use crate::perplexity::{evaluate, window_count, Method};
 use anyhow::Result;
+use ggpt::model::Model;
+use ggpt::perplexity::{evaluate, window_count, Method};
 use indicatif::{ProgressBar, ProgressStyle};
 use std::fmt::Write as _;
 use std::path::PathBuf;

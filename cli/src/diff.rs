@@ -6,10 +6,10 @@
 //! `--json` prints the whole [`DiffReport`] (docs/diff.md).
 
 use super::common::{bail_flag, flag_error, init_threads, print_stdout, read_text_file, text_arg};
-use crate::diff::{generate, passage, DiffError, DiffReport, GenerateOptions, Named};
-use crate::model::Model;
-use crate::sampler::SamplerConfig;
 use anyhow::Result;
+use ggpt::diff::{generate, passage, DiffError, DiffReport, GenerateOptions, Named};
+use ggpt::model::Model;
+use ggpt::sampler::SamplerConfig;
 use std::fmt::Write as _;
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};

@@ -2,10 +2,10 @@
 //! lines on stderr.
 
 use super::common::{bail_flag, flag_error, init_threads, read_text_file, text_arg, Stdout};
-use crate::model::Model;
-use crate::sampler::{Sampler, SamplerConfig};
-use crate::session::Session;
 use anyhow::{bail, Context, Result};
+use ggpt::model::Model;
+use ggpt::sampler::{Sampler, SamplerConfig};
+use ggpt::session::Session;
 use std::path::PathBuf;
 use std::time::Instant;
 
@@ -269,7 +269,7 @@ pub fn run(args: Args) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::common::FlagError;
+    use crate::common::FlagError;
 
     #[test]
     fn lengths_are_checked_without_overflow() {

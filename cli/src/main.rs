@@ -1,22 +1,25 @@
-//! Subcommands, one file each. Every command returns `anyhow::Result`; `main` prints the
-//! error chain and maps it to an exit code (docs/errors.md).
+//! The `ggpt` command line: a thin layer over the `ggpt` library, one file per subcommand.
+//! Every command returns `anyhow::Result`; `main` prints the error chain and maps it to an
+//! exit code (docs/errors.md).
+
+use std::io::Write;
 
 use clap::{Parser, Subcommand};
 
-pub mod bench;
-pub mod common;
-pub mod compare;
-pub mod convert;
-pub mod diff;
-pub mod dump;
-pub mod features;
-pub mod inspect;
-pub mod mem;
-pub mod perplexity;
-pub mod quantize;
-pub mod run;
-pub mod synth;
-pub mod tokenize;
+mod bench;
+mod common;
+mod compare;
+mod convert;
+mod diff;
+mod dump;
+mod features;
+mod inspect;
+mod mem;
+mod perplexity;
+mod quantize;
+mod run;
+mod synth;
+mod tokenize;
 
 /// Quantize GPT-2 to GGUF and run it fast on small machines.
 #[derive(Parser, Debug)]
@@ -56,7 +59,18 @@ pub enum Command {
     Diff(diff::Args),
 }
 
-pub fn run(cli: Cli) -> anyhow::Result<()> {
+fn main() {
+    install_signal_handler();
+    let cli = Cli::parse();
+    if let Err(err) = run(cli) {
+        // Not eprintln!: it panics when stderr itself cannot be written (`2>/dev/full`); the
+        // exit code still tells what happened.
+        let _ = writeln!(std::io::stderr(), "error: {err:#}");
+        std::process::exit(exit_code(&err));
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Convert(a) => convert::run(a),
         Command::Quantize(a) => quantize::run(a),
@@ -79,7 +93,7 @@ pub fn run(cli: Cli) -> anyhow::Result<()> {
 /// config, tokenizer, model shape, NaN/inf weights, a prompt or text file), 4 = the output
 /// could not be written, 130 = interrupted (SIGINT/SIGTERM). The outermost typed error in
 /// the chain decides.
-pub fn exit_code(err: &anyhow::Error) -> i32 {
+fn exit_code(err: &anyhow::Error) -> i32 {
     for cause in err.chain() {
         if cause.is::<ggpt_convert::pipeline::OutputError>() {
             return EXIT_OUTPUT;
@@ -87,11 +101,11 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         if cause.is::<common::FlagError>() {
             return EXIT_USAGE;
         }
-        if cause.is::<ggpt_convert::gguf::GgufError>()
+        if cause.is::<ggpt_gguf::GgufError>()
             || cause.is::<ggpt_convert::hf::InputError>()
             || cause.is::<ggpt_models::LoadError>()
-            || cause.is::<crate::tokenizer::TokenizerError>()
-            || cause.is::<crate::model::NonFiniteWeights>()
+            || cause.is::<ggpt::tokenizer::TokenizerError>()
+            || cause.is::<ggpt::model::NonFiniteWeights>()
         {
             return EXIT_INPUT;
         }
@@ -107,7 +121,7 @@ pub const EXIT_INTERRUPTED: i32 = 130;
 
 /// On SIGINT/SIGTERM remove every temporary output file still being written, then exit:
 /// an interrupted `convert` or `quantize` leaves neither a partial file nor a stray temp file.
-pub fn install_signal_handler() {
+fn install_signal_handler() {
     let _ = ctrlc::set_handler(|| {
         ggpt_convert::atomic::cleanup_temp_files();
         common::note!("interrupted");

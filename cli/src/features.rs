@@ -2,9 +2,9 @@
 //! what Hugging Face's `GPT2Model(...).last_hidden_state` returns — as JSON or `.npy`.
 
 use super::common::{bail_flag, init_threads, output_error, print_stdout, text_arg};
-use crate::model::Model;
-use crate::session::Session;
 use anyhow::Result;
+use ggpt::model::Model;
+use ggpt::session::Session;
 use ggpt_convert::atomic::AtomicFile;
 use std::io::Write;
 use std::path::PathBuf;
@@ -45,7 +45,7 @@ pub fn run(args: Args) -> Result<()> {
             // Through a temporary and a rename: a failed write leaves no partial .npy behind.
             let write = || -> std::io::Result<()> {
                 let mut f = AtomicFile::create(path)?;
-                crate::npy::write_f32(&mut f, &[ids.len(), n_embd], &hidden)?;
+                ggpt::npy::write_f32(&mut f, &[ids.len(), n_embd], &hidden)?;
                 f.flush()?;
                 f.commit()
             };
