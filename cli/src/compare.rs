@@ -115,7 +115,7 @@ pub fn run(args: Args) -> Result<()> {
         .out
         .clone()
         .unwrap_or_else(|| PathBuf::from("out/compare").join(&name));
-    std::fs::create_dir_all(&out)
+    ggpt_convert::atomic::create_dir_all(&out)
         .map_err(|e| output_error(&out, "cannot create the output directory", e))?;
 
     // 1. Convert what is missing (one pass over the checkpoint for all missing formats).

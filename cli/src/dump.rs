@@ -60,7 +60,7 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
 
-    std::fs::create_dir_all(&args.outdir)
+    ggpt_convert::atomic::create_dir_all(&args.outdir)
         .map_err(|e| output_error(&args.outdir, "cannot create the output directory", e))?;
     let mut values = Vec::new();
     for t in &selected {

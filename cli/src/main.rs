@@ -89,11 +89,17 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// Exit codes (docs/errors.md): 1 = any other failure, 2 = bad command line (clap's own
-/// errors and [`common::FlagError`]), 3 = a bad or unsupported input file (GGUF, safetensors,
-/// config, tokenizer, model shape, NaN/inf weights, a prompt or text file), 4 = the output
-/// could not be written, 130 = interrupted (SIGINT/SIGTERM). The outermost typed error in
-/// the chain decides.
+/// errors, [`common::FlagError`], an unusable output path), 3 = a bad or unsupported input
+/// file (GGUF, safetensors, config, tokenizer, model shape, NaN/inf weights, a prompt or text
+/// file), 4 = the output could not be written, 130 = interrupted (SIGINT/SIGTERM). An
+/// unusable output path anywhere in the chain gives 2; otherwise the outermost typed error
+/// in the chain decides.
 fn exit_code(err: &anyhow::Error) -> i32 {
+    // An output path that names a directory, a socket, the input, … is a bad command line,
+    // however deeply the writer wrapped it.
+    if err.chain().any(ggpt_convert::atomic::UnusableOutput::is_in) {
+        return EXIT_USAGE;
+    }
     for cause in err.chain() {
         if cause.is::<ggpt_convert::pipeline::OutputError>() {
             return EXIT_OUTPUT;

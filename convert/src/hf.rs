@@ -83,10 +83,10 @@ fn read_json_opt(path: &Path) -> Result<Option<Json>> {
 impl HfConfig {
     pub fn load(dir: &Path) -> Result<HfConfig> {
         let path = dir.join("config.json");
-        if !path.is_file() {
+        if let Some(why) = crate::atomic::not_a_regular_file(&path) {
             return Err(InputError::new(
                 &path,
-                "missing (a Hugging Face model directory needs config.json)",
+                format!("{why} (a Hugging Face model directory needs config.json)"),
             ));
         }
         let json = read_json(&path)?;

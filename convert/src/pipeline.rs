@@ -28,7 +28,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::atomic::AtomicFile;
+use crate::atomic::{describe, AtomicFile, UnusableOutput};
 use crate::hf::{expected_tensors, map_tensor_name, HfConfig, HfTensor, HfVocab, InputError};
 use crate::policy::{converter_type, tensor_order, Fallback, FileType, Policy};
 use crate::safetensors::{decode_f32, Checkpoint, SrcDtype};
@@ -152,21 +152,34 @@ pub fn output_paths(opts: &ConvertOptions, name: &str) -> anyhow::Result<Vec<Pat
             .is_some_and(|e| e.eq_ignore_ascii_case("gguf"));
     if is_file {
         if opts.types.len() != 1 {
-            bail!(
-                "{}: a single output file was given for {} types; give a directory instead",
-                out.display(),
-                opts.types.len()
-            );
+            return Err(UnusableOutput::new(
+                &out,
+                format!(
+                    "a single output file was given for {} types; give a directory instead",
+                    opts.types.len()
+                ),
+            )
+            .into());
         }
         return Ok(vec![out]);
     }
     if !out.is_dir() {
+        let what = describe(&out);
+        if what != "missing" {
+            return Err(UnusableOutput::new(
+                &out,
+                format!(
+                    "{what}: neither a directory nor a name ending in .gguf; give one of those"
+                ),
+            )
+            .into());
+        }
         return Err(OutputError {
             path: out,
             what: "output directory",
             source: io::Error::new(
                 io::ErrorKind::NotFound,
-                "does not exist (or name a .gguf file)",
+                "does not exist (to write one file, give a name ending in .gguf)",
             ),
         }
         .into());

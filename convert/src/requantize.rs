@@ -20,7 +20,7 @@ use std::time::Instant;
 use ggpt_quant::tensor::{dequantize, quantize_into, validate_row_data};
 use ggpt_quant::GgmlType;
 
-use crate::atomic::AtomicFile;
+use crate::atomic::{same_file, AtomicFile, UnusableOutput};
 use crate::hf::InputError;
 use crate::pipeline::{scratch, FileSummary, OutputError, Progress, CHUNK_VALUES};
 use crate::policy::{tensor_order, FileType, Policy};
@@ -61,13 +61,18 @@ pub fn requantize(
     let n_layer = gg
         .get_u64("gpt2.block_count")?
         .ok_or_else(|| bad("gpt2.block_count is missing".into()))? as usize;
-    if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
-        if a == b {
-            anyhow::bail!(
-                "{}: output would overwrite the input; choose another path",
-                output.display()
-            );
-        }
+    if same_file(input, output) {
+        // Also through a symbolic or hard link: the same device and inode.
+        let what = if input == output {
+            "is also the input".to_string()
+        } else {
+            format!("is the same file as the input {}", input.display())
+        };
+        return Err(UnusableOutput::new(
+            output,
+            format!("{what}: the output would overwrite the input; choose another path"),
+        )
+        .into());
     }
 
     let mut order: Vec<usize> = (0..gg.tensors().len()).collect();

@@ -193,10 +193,10 @@ impl Checkpoint {
             }
             for (i, (file, slot)) in files.iter_mut().enumerate() {
                 let path = dir.join(file);
-                if !path.is_file() {
+                if let Some(why) = crate::atomic::not_a_regular_file(&path) {
                     return Err(InputError::new(
                         &path,
-                        "missing (listed in model.safetensors.index.json)",
+                        format!("{why} (listed in model.safetensors.index.json)"),
                     ));
                 }
                 shards.push(Shard::open(&path)?);

@@ -21,6 +21,7 @@ use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::atomic::AtomicFile;
+use crate::pipeline::OutputError;
 use crate::safetensors::SrcDtype;
 
 /// Model dimensions of a synthetic checkpoint.
@@ -267,8 +268,8 @@ pub fn synth(o: &SynthOptions, out_dir: &Path, vocab_from: &Path) -> anyhow::Res
             );
         }
     }
-    fs::create_dir_all(out_dir)
-        .with_context(|| format!("{}: cannot create directory", out_dir.display()))?;
+    crate::atomic::create_dir_all(out_dir)
+        .map_err(out_err(out_dir, "cannot create the output directory"))?;
 
     let mut config = serde_json::json!({
         "activation_function": "gelu_new",
@@ -302,11 +303,10 @@ pub fn synth(o: &SynthOptions, out_dir: &Path, vocab_from: &Path) -> anyhow::Res
 
     let specs = specs(o);
     let dest = out_dir.join("model.safetensors");
-    let mut file =
-        AtomicFile::create(&dest).with_context(|| format!("{}: cannot create", dest.display()))?;
+    let mut file = AtomicFile::create(&dest).map_err(out_err(&dest, "cannot write"))?;
     let head = header(&specs);
-    let werr = |e| anyhow::anyhow!("{}: cannot write: {e}", dest.display());
-    file.write_all(&head).map_err(werr)?;
+    let werr = out_err(&dest, "cannot write");
+    file.write_all(&head).map_err(&werr)?;
     let mut total = head.len() as u64;
     const CHUNK: usize = 1 << 20;
     const PIECE: usize = 1 << 14;
@@ -322,22 +322,32 @@ pub fn synth(o: &SynthOptions, out_dir: &Path, vocab_from: &Path) -> anyhow::Res
                 .enumerate()
                 .for_each(|(k, piece)| fill(spec.init, o.seed, start + k * PIECE, piece));
             encode(spec.dtype, xs, &mut bytes);
-            file.write_all(&bytes).map_err(werr)?;
+            file.write_all(&bytes).map_err(&werr)?;
             total += bytes.len() as u64;
             start += len;
         }
     }
-    file.commit().map_err(werr)?;
+    file.commit().map_err(&werr)?;
     Ok(total)
 }
 
-fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
-    let mut f =
-        AtomicFile::create(path).with_context(|| format!("{}: cannot create", path.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("{}: cannot write", path.display()))?;
-    f.commit()
-        .with_context(|| format!("{}: cannot write", path.display()))
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), OutputError> {
+    let write = || -> std::io::Result<()> {
+        let mut f = AtomicFile::create(path)?;
+        f.write_all(bytes)?;
+        f.commit()
+    };
+    write().map_err(out_err(path, "cannot write"))
+}
+
+/// An output failure of `path` (exit code 4 in the CLI).
+fn out_err(path: &Path, what: &'static str) -> impl Fn(std::io::Error) -> OutputError {
+    let path = path.to_path_buf();
+    move |source| OutputError {
+        path: path.clone(),
+        what,
+        source,
+    }
 }
 
 #[cfg(test)]

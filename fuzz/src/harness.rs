@@ -14,8 +14,8 @@ use ggpt::tokenizer::byte_alphabet;
 use ggpt::tokenizer::Tokenizer;
 use ggpt_convert::safetensors::{decode_f32, Checkpoint};
 use ggpt_gguf::GgufFile;
-use ggpt_quant::dot::{available_isas, kernels_for};
-use ggpt_quant::matmul::{matmul_with, QMatrix, Scratch};
+use ggpt_quant::cpu::available_isas;
+use ggpt_quant::matmul::{matmul_at, QMatrix, Scratch};
 use ggpt_quant::tensor::{can_dequantize, dequantize, quantize, validate_row_data};
 use ggpt_quant::GgmlType;
 
@@ -342,9 +342,9 @@ pub fn quant_blocks(data: &[u8]) {
         .collect();
     let exact_ok = validate_row_data(ty, &wbytes).is_ok();
     for isa in available_isas() {
-        let Some(k) = kernels_for(isa) else { continue };
+        let Some(k) = isa.level() else { continue };
         let mut y = vec![0f32; n_tokens * rows];
-        matmul_with(k, &w, &x, n_tokens, None, &mut y, &mut Scratch::default());
+        matmul_at(k, &w, &x, n_tokens, None, &mut y, &mut Scratch::default());
         if !exact_ok {
             continue;
         }
@@ -420,7 +420,7 @@ fn offset_terms(ty: GgmlType, bytes: &[u8]) -> Vec<f32> {
                 let dmin = f16(&blk[2..]);
                 let scales: [u8; 12] = blk[4..16].try_into().expect("12 scale bytes");
                 for j in 0..8 {
-                    let (_, m) = ggpt_quant::util::get_scale_min_k4(j, &scales);
+                    let (_, m) = ggpt_quant::kscale::get_scale_min_k4(j, &scales);
                     out.extend([(dmin * f32::from(m)).abs(); 32]);
                 }
             }

@@ -279,10 +279,10 @@ impl GgufFile {
     /// value). The header checks at open time cannot see these: such a file is well formed,
     /// but every activation that touches the bad block becomes NaN. The error names the file
     /// and the tensor.
-    pub fn validate_tensor(
+    pub fn validate_tensor<E: std::fmt::Display>(
         &self,
         t: &TensorInfo,
-        check: impl Fn(GgmlType, &[u8]) -> Result<(), String>,
+        check: impl Fn(GgmlType, &[u8]) -> Result<(), E>,
     ) -> Result<(), GgufError> {
         let data = self.tensor_data(t);
         let err = |what: String| GgufError::Tensor {
@@ -303,10 +303,10 @@ impl GgufFile {
     /// [`GgufFile::validate_tensor`] for every tensor `select` accepts, in parallel. This reads
     /// (pages in) those tensors' data once, so it costs about what the first forward pass
     /// would; the error reported is the first bad tensor in file order.
-    pub fn validate_tensor_data(
+    pub fn validate_tensor_data<E: std::fmt::Display>(
         &self,
         select: impl Fn(&TensorInfo) -> bool + Sync,
-        check: impl Fn(GgmlType, &[u8]) -> Result<(), String> + Sync,
+        check: impl Fn(GgmlType, &[u8]) -> Result<(), E> + Sync,
     ) -> Result<(), GgufError> {
         use rayon::prelude::*;
         let errors: Vec<(usize, GgufError)> = self

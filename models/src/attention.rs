@@ -15,8 +15,6 @@
 //! does not depend on how the tokens were batched.
 
 #[cfg(target_arch = "x86_64")]
-use std::sync::OnceLock;
-
 use half::f16;
 
 use crate::ops;
@@ -105,18 +103,11 @@ pub fn attend_portable(
     attend_impl::<false>(q, kv, n, scale, scores, out)
 }
 
-/// Whether the AVX2 kernels may run: AVX2, FMA and F16C present, and not disabled with
-/// GGPT_ISA=scalar (the switch the matmul kernels honour too).
+/// Whether the AVX2 kernels may run: the level ggpt-quant's `cpu` module chose (CPU
+/// features and `GGPT_ISA`, the switch the matmul kernels honour too) includes AVX2 + FMA + F16C.
 #[cfg(target_arch = "x86_64")]
 fn has_avx2() -> bool {
-    static YES: OnceLock<bool> = OnceLock::new();
-    *YES.get_or_init(|| {
-        let forced = std::env::var("GGPT_ISA").is_ok_and(|v| v.eq_ignore_ascii_case("scalar"));
-        !forced
-            && is_x86_feature_detected!("avx2")
-            && is_x86_feature_detected!("fma")
-            && is_x86_feature_detected!("f16c")
-    })
+    ggpt_quant::cpu::avx2()
 }
 
 /// a·b + c, fused when the variant is compiled with FMA (an unfused `mul_add` would be a
@@ -214,31 +205,13 @@ fn dot4<const FMA: bool>(q: &[f32], k4: &[f32]) -> [f32; 4] {
 
 /// f16 → f32 for a whole slice (`dst.len() == src.len()`), exact.
 pub fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if has_avx2() {
-        return avx2::f16_to_f32(src, dst);
-    }
-    f16_to_f32_impl(src, dst)
+    ggpt_quant::f16::f16_to_f32_row(src, dst)
 }
 
-/// Branchless half → float on the bit patterns (F. Giesen's method), so LLVM vectorises it
-/// with plain integer and float ops: move exponent and mantissa into place, rebias the
-/// exponent with one exact multiply by 2¹¹² (which also normalises subnormals), patch
-/// infinities and NaNs, then restore the sign. Exact for every input.
+/// f16 → f32 inlined into the caller (so it vectorises with the caller's instruction set).
 #[inline(always)]
 fn f16_to_f32_impl(src: &[f16], dst: &mut [f32]) {
-    const REBIAS: f32 = f32::from_bits((254 - 15) << 23); // 2^112
-    const INF_NAN: f32 = f32::from_bits((127 + 16) << 23); // 65536: f16 exponent was all ones
-    for (d, h) in dst.iter_mut().zip(src) {
-        let h = h.to_bits() as u32;
-        let f = f32::from_bits((h & 0x7fff) << 13) * REBIAS;
-        let bits = if f >= INF_NAN {
-            f.to_bits() | (255 << 23)
-        } else {
-            f.to_bits()
-        };
-        *d = f32::from_bits(bits | ((h & 0x8000) << 16));
-    }
+    ggpt_quant::f16::f16_to_f32_portable(src, dst)
 }
 
 /// Softmax with the exponential inlined, so it vectorises in each variant.
@@ -648,25 +621,6 @@ mod avx2 {
                 _mm256_storeu_ps(o0.as_mut_ptr().add(8 * (i0 + i)), a[i]);
                 _mm256_storeu_ps(o1.as_mut_ptr().add(8 * (i0 + i)), b[i]);
             }
-        }
-    }
-
-    /// Bulk f16 → f32 with F16C.
-    pub(super) fn f16_to_f32(src: &[f16], dst: &mut [f32]) {
-        let n = src.len().min(dst.len());
-        // SAFETY: has_avx2() (AVX2 and F16C) was checked by the caller; `convert` reads
-        // and writes `n` elements, within both slices.
-        unsafe { convert(&src[..n], &mut dst[..n]) }
-    }
-
-    #[target_feature(enable = "avx2,f16c")]
-    unsafe fn convert(src: &[f16], dst: &mut [f32]) {
-        let n8 = src.len() / 8 * 8;
-        for i in (0..n8).step_by(8) {
-            _mm256_storeu_ps(dst.as_mut_ptr().add(i), f16::load8(src.as_ptr().add(i)));
-        }
-        for (d, h) in dst[n8..].iter_mut().zip(&src[n8..]) {
-            *d = h.to_f32();
         }
     }
 }

@@ -7,16 +7,14 @@
 //!   memory-bound path, like decoding a real model.
 //! - `matmat/<isa>/<threads>t/<type>/<tokens>`: one layer for 64..512 tokens (prefill).
 //!   Throughput is reported in "elements" = multiply-adds; GFLOP/s = 2 × Melem/s / 1000.
-//!   `matmat/avx2-rows/…` is the AVX2 level with its tile kernels removed (row-by-row dots),
-//!   the prefill path AVX2-only CPUs had before the tiles.
 //!
 //! Filter with e.g. `cargo bench -p ggpt-quant --bench kernels -- matvec/avx512vnni/2t`.
 //! Weights are real quantizations (ggml's reference quantizers) of GPT-2-like random values,
 //! one 1 M-weight matrix tiled to the full size (so setup stays fast).
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use ggpt_quant::dot::{available_isas, kernels_for, Isa, Kernels};
-use ggpt_quant::matmul::{matmul_with, QMatrix, Scratch};
+use ggpt_quant::cpu::{available_isas, Isa, Level};
+use ggpt_quant::matmul::{matmul_at, QMatrix, Scratch};
 use ggpt_quant::{tensor, GgmlType};
 use std::hint::black_box;
 use std::time::Duration;
@@ -82,7 +80,7 @@ fn layer_weights(ty: GgmlType, layers: usize) -> Vec<(usize, usize, Weights)> {
 }
 
 fn run_layers(
-    k: &Kernels,
+    k: Level,
     ty: GgmlType,
     ws: &[(usize, usize, Weights)],
     x: &[f32],
@@ -92,7 +90,7 @@ fn run_layers(
 ) {
     for (rows, cols, w) in ws {
         let m = w.matrix(ty, *rows, *cols);
-        matmul_with(k, &m, &x[..t * cols], t, None, &mut y[..t * rows], s);
+        matmul_at(k, &m, &x[..t * cols], t, None, &mut y[..t * rows], s);
     }
     black_box(&y);
 }
@@ -128,7 +126,7 @@ fn matvec(c: &mut Criterion) {
         let bytes: usize = ws.iter().map(|(_, _, w)| w.len).sum();
         g.throughput(Throughput::Bytes(bytes as u64));
         for isa in isas() {
-            let k = kernels_for(isa).unwrap();
+            let k = isa.level().unwrap();
             for (n, pool) in pools() {
                 let mut s = Scratch::default();
                 let id = BenchmarkId::new(format!("{isa}/{n}t"), ty.name());
@@ -149,19 +147,14 @@ fn matmat(c: &mut Criterion) {
     let x = gpt2_like(512 * 4096, 9);
     let mut y = vec![0.0; 512 * 4096];
     let macs_per_token: usize = SHAPES.iter().map(|(r, c)| r * c).sum();
-    // The AVX2 row-by-row path (its level without tile kernels), to show what the tiles gain.
-    let avx2_rows = kernels_for(Isa::Avx2).map(|k| Kernels { tile: None, ..*k });
     for ty in TYPES {
         let ws = layer_weights(ty, 1);
-        let mut levels: Vec<(String, &Kernels)> = Vec::new();
+        let mut levels: Vec<(String, Level)> = Vec::new();
         for isa in isas() {
             if isa == Isa::Scalar {
                 continue; // minutes per sample; the scalar path is the reference, not a target
             }
-            levels.push((isa.to_string(), kernels_for(isa).unwrap()));
-            if let (Isa::Avx2, Some(rows)) = (isa, &avx2_rows) {
-                levels.push(("avx2-rows".into(), rows));
-            }
+            levels.push((isa.to_string(), isa.level().unwrap()));
         }
         for (name, k) in levels {
             for (n, pool) in pools() {

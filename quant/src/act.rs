@@ -90,25 +90,6 @@ pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     }
 }
 
-/// Q8_0 exactly as ggml's reference quantizer (`quantize_row_q8_0_ref`: `1/(amax/127)` and
-/// `roundf`), which writes Q8_0 weight files. Kept to show (in tests) which one activations use.
-pub fn quantize_q8_0_ref(x: &[f32], out: &mut [BlockQ8_0]) {
-    assert_eq!(
-        x.len(),
-        out.len() * 32,
-        "quantize_q8_0_ref: length mismatch"
-    );
-    for (xb, y) in x.chunks_exact(32).zip(out.iter_mut()) {
-        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        y.d = f16::from_f32(d);
-        for (q, v) in y.qs.iter_mut().zip(xb) {
-            *q = (v * id).round() as i8;
-        }
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // Tile layouts for the multi-token (prefill) kernels.
 //
@@ -230,3 +211,9 @@ pub fn quantize_q8_0_tile(x: &[f32], out: &mut [Q8_0Tile]) {
         }
     }
 }
+
+// SAFETY: repr(C) arrays of integers and floats, sizes asserted above (no padding beyond the
+// explicit `_pad`), valid for every bit pattern.
+unsafe impl crate::Plain for Q8KTile {}
+// SAFETY: as above.
+unsafe impl crate::Plain for Q8_0Tile {}

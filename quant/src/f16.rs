@@ -9,7 +9,6 @@
 //!   top 16 bits with the quiet bit forced on. Overflow rounds to ±inf.
 //! - f16/bf16 → f32 are exact widenings.
 
-use crate::{BlockFormat, GgmlType};
 use half::{bf16, f16};
 
 /// f32 → f16 exactly as ggml's `GGML_FP32_TO_FP16` (round to nearest even).
@@ -107,23 +106,32 @@ pub fn f16_to_f32_row(x: &[f16], out: &mut [f32]) {
             return;
         }
     }
+    f16_to_f32_portable(x, out)
+}
+
+/// f16 → f32 for a row without explicit SIMD: a branch-free loop the compiler vectorises with
+/// whatever instruction set the calling function is compiled for (inline it into a
+/// `#[target_feature]` kernel to get that set). Exact for every input.
+#[inline(always)]
+pub fn f16_to_f32_portable(x: &[f16], out: &mut [f32]) {
     for (o, &h) in out.iter_mut().zip(x) {
-        *o = f16_to_f32(h);
+        *o = f16_bits_to_f32(h.to_bits());
     }
 }
 
-// SAFETY: half::f16 is repr(transparent) over u16; every bit pattern is valid.
-unsafe impl BlockFormat for f16 {
-    const TYPE: GgmlType = GgmlType::F16;
-    const BLOCK: usize = 1;
-    /// `ggml_fp32_to_fp16_row`.
-    fn from_float(x: &[f32], out: &mut [Self]) {
-        f32_to_f16_row(x, out);
+/// f16 bits to f32, exactly, without branches on the common path so loops vectorise (the
+/// `half` crate converts one value at a time in software on baseline x86-64). Placing the
+/// f16 exponent and mantissa at the f32 positions and multiplying by 2¹¹² rebias the exponent
+/// exactly, for subnormals too; infinities and NaNs get the all-ones exponent.
+#[inline(always)]
+pub fn f16_bits_to_f32(b: u16) -> f32 {
+    let h = b as u32;
+    let em = h & 0x7fff;
+    let mut v = f32::from_bits(em << 13) * f32::from_bits(0x7780_0000);
+    if em >= 0x7c00 {
+        v = f32::from_bits((em << 13) | 0x7f80_0000);
     }
-    /// `ggml_fp16_to_fp32_row`.
-    fn to_float(blocks: &[Self], out: &mut [f32]) {
-        f16_to_f32_row(blocks, out);
-    }
+    f32::from_bits(v.to_bits() | ((h & 0x8000) << 16))
 }
 
 /// F16C conversions, 8 values per instruction. Both are exact conversions (f32 → f16 rounds
@@ -136,8 +144,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     pub(super) fn available() -> bool {
-        crate::util::simd_level() >= crate::util::SimdLevel::Avx2
-            && std::arch::is_x86_feature_detected!("f16c")
+        crate::cpu::avx2()
     }
 
     /// # Safety

@@ -8,27 +8,36 @@
 //!
 //! Threads are rayon's current pool (the CLI sizes it with `-t`).
 
-use crate::act::{Q8KTile, Q8_0Tile};
-use crate::dot::{self, DotFn, KPacked, Kernels, Q8_0Packed, TileKernels};
-use crate::q4_k::BlockQ4K;
-use crate::q5_k::BlockQ5K;
-use crate::q6_k::BlockQ6K;
-use crate::q8_0::BlockQ8_0;
-use crate::q8_k::BlockQ8K;
-use crate::{act, GgmlType};
-use half::{bf16, f16};
+use crate::cpu::{self, Level};
+use crate::format::{
+    self, DotFn, Format, GemmFn, PackFn, PackedGemmFn, Packing, Tile, WeightFormat,
+};
+use crate::tensor::cast_blocks;
+use crate::{GgmlType, Plain};
 use rayon::prelude::*;
-use std::cell::RefCell;
 use std::fmt;
+use std::sync::atomic::{AtomicBool, Ordering};
 
-/// A row-major weight matrix in a ggml type, borrowed (usually from an mmapped GGUF):
-/// `rows` rows (output features) of `cols` values (input features, contiguous, blocked).
-#[derive(Clone, Copy, Debug)]
+/// A row-major weight matrix in a format the runtime multiplies, borrowed (usually from an
+/// mmapped GGUF): `rows` rows (output features) of `cols` values (input features, contiguous,
+/// blocked). Only [`QMatrix::new`] makes one, so every `QMatrix` has been checked once.
+#[derive(Clone, Copy)]
 pub struct QMatrix<'a> {
-    pub ty: GgmlType,
-    pub rows: usize,
-    pub cols: usize,
-    pub data: &'a [u8],
+    format: &'static Format,
+    rows: usize,
+    cols: usize,
+    data: &'a [u8],
+}
+
+impl fmt::Debug for QMatrix<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("QMatrix")
+            .field("ty", &self.format.ty)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .field("bytes", &self.data.len())
+            .finish()
+    }
 }
 
 /// Why a byte range cannot be used as a [`QMatrix`].
@@ -78,61 +87,69 @@ impl fmt::Display for MatrixError {
 impl std::error::Error for MatrixError {}
 
 impl<'a> QMatrix<'a> {
-    /// Check that `data` holds exactly `rows × cols` values of `ty`, suitably aligned, and
-    /// that the runtime can multiply it. Use this on anything read from a file: [`matmul`]
-    /// treats a malformed matrix as a caller bug and panics.
+    /// Check that `data` holds exactly `rows × cols` values of `ty`, aligned for its blocks,
+    /// and that the runtime can multiply it. Use this on anything read from a file.
     pub fn new(
         ty: GgmlType,
         rows: usize,
         cols: usize,
         data: &'a [u8],
     ) -> Result<Self, MatrixError> {
-        let m = QMatrix {
-            ty,
+        let format = format::format(ty)
+            .filter(|f| f.is_weight())
+            .ok_or(MatrixError::UnsupportedType(ty))?;
+        if rows == 0 || cols == 0 {
+            return Err(MatrixError::Empty);
+        }
+        if !cols.is_multiple_of(ty.block_size()) {
+            return Err(MatrixError::RaggedRow { ty, cols });
+        }
+        let expected = ty
+            .row_bytes(cols as u64)
+            .and_then(|rb| rb.checked_mul(rows as u64));
+        if expected != Some(data.len() as u64) {
+            return Err(MatrixError::WrongSize {
+                expected,
+                found: data.len(),
+            });
+        }
+        if !(data.as_ptr() as usize).is_multiple_of(format.align) {
+            return Err(MatrixError::Misaligned {
+                ty,
+                align: format.align,
+            });
+        }
+        Ok(QMatrix {
+            format,
             rows,
             cols,
             data,
-        };
-        m.validate()?;
-        Ok(m)
+        })
+    }
+
+    /// The element type.
+    pub fn ty(&self) -> GgmlType {
+        self.format.ty
+    }
+
+    /// Rows (output features).
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Values per row (input features).
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    /// The matrix bytes.
+    pub fn data(&self) -> &'a [u8] {
+        self.data
     }
 
     /// Bytes per row.
     pub fn row_bytes(&self) -> usize {
-        self.cols / self.ty.block_size() * self.ty.type_size()
-    }
-
-    /// The checks of [`QMatrix::new`].
-    pub fn validate(&self) -> Result<(), MatrixError> {
-        let ty = self.ty;
-        let align = match ty {
-            GgmlType::F32 => 4,
-            GgmlType::F16 | GgmlType::BF16 | GgmlType::Q8_0 => 2,
-            GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => 2,
-            t => return Err(MatrixError::UnsupportedType(t)),
-        };
-        if self.rows == 0 || self.cols == 0 {
-            return Err(MatrixError::Empty);
-        }
-        if !self.cols.is_multiple_of(ty.block_size()) {
-            return Err(MatrixError::RaggedRow {
-                ty,
-                cols: self.cols,
-            });
-        }
-        let expected = ty
-            .row_bytes(self.cols as u64)
-            .and_then(|rb| rb.checked_mul(self.rows as u64));
-        if expected != Some(self.data.len() as u64) {
-            return Err(MatrixError::WrongSize {
-                expected,
-                found: self.data.len(),
-            });
-        }
-        if !(self.data.as_ptr() as usize).is_multiple_of(align) {
-            return Err(MatrixError::Misaligned { ty, align });
-        }
-        Ok(())
+        self.data.len() / self.rows
     }
 }
 
@@ -140,18 +157,14 @@ impl<'a> QMatrix<'a> {
 /// does not allocate: they grow to the largest call seen and are then reused.
 #[derive(Default)]
 pub struct Scratch {
-    q8k: Vec<BlockQ8K>,
-    q8_0: Vec<BlockQ8_0>,
-    q8k_tile: Vec<Q8KTile>,
-    q8_0_tile: Vec<Q8_0Tile>,
+    act: Vec<Line>,
     out: Vec<f32>,
 }
 
 impl fmt::Debug for Scratch {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Scratch")
-            .field("q8k_blocks", &self.q8k.len())
-            .field("q8_0_blocks", &self.q8_0.len())
+            .field("act_bytes", &(self.act.len() * 64))
             .field("out", &self.out.len())
             .finish()
     }
@@ -160,52 +173,34 @@ impl fmt::Debug for Scratch {
 impl Scratch {
     /// Heap bytes held (for memory reports).
     pub fn bytes(&self) -> usize {
-        self.q8k.capacity() * std::mem::size_of::<BlockQ8K>()
-            + self.q8_0.capacity() * std::mem::size_of::<BlockQ8_0>()
-            + self.q8k_tile.capacity() * std::mem::size_of::<Q8KTile>()
-            + self.q8_0_tile.capacity() * std::mem::size_of::<Q8_0Tile>()
-            + self.out.capacity() * 4
+        self.act.capacity() * std::mem::size_of::<Line>() + self.out.capacity() * 4
     }
 }
 
-/// Plain-data element types a weight row can be viewed as.
-///
-/// # Safety
-/// Implementors must be `#[repr(C)]`/primitive with no padding and no invalid bit patterns.
-unsafe trait Pod: Copy + Sync + 'static {}
-// SAFETY: all are repr(C) or primitive, without padding, valid for every bit pattern.
-unsafe impl Pod for BlockQ4K {}
-// SAFETY: as above.
-unsafe impl Pod for BlockQ5K {}
-// SAFETY: as above.
-unsafe impl Pod for BlockQ6K {}
-// SAFETY: as above.
-unsafe impl Pod for BlockQ8_0 {}
-// SAFETY: f16/bf16 are repr(transparent) over u16.
-unsafe impl Pod for f16 {}
-// SAFETY: as above.
-unsafe impl Pod for bf16 {}
-// SAFETY: primitive.
-unsafe impl Pod for f32 {}
+/// A cache line of scratch storage; activation buffers of any [`Plain`] type live in these.
+#[doc(hidden)]
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct Line([u8; 64]);
 
-/// View `bytes` as `[T]`; `None` if the length or alignment does not fit.
-fn cast<T: Pod>(bytes: &[u8]) -> Option<&[T]> {
-    let size = std::mem::size_of::<T>();
-    if !bytes.len().is_multiple_of(size)
-        || !(bytes.as_ptr() as usize).is_multiple_of(std::mem::align_of::<T>())
-    {
-        return None;
+/// `buf` grown to hold `n` values of `A` and viewed as them (contents unspecified: callers
+/// overwrite every value).
+pub(crate) fn typed_buf<A: Plain>(buf: &mut Vec<Line>, n: usize) -> &mut [A] {
+    const { assert!(std::mem::align_of::<A>() <= 64) };
+    let bytes = n * std::mem::size_of::<A>();
+    if buf.len() * 64 < bytes {
+        buf.resize(bytes.div_ceil(64), Line([0; 64]));
     }
-    // SAFETY: length and alignment checked above; T is plain data valid for any bytes
-    // (Pod), and the result borrows `bytes` so it cannot outlive or alias a mutable use.
-    Some(unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast::<T>(), bytes.len() / size) })
+    // SAFETY: the buffer holds at least `bytes` initialised bytes, aligned to 64 ≥ align_of A;
+    // A is Plain, so any bytes are a valid A; the result borrows `buf` exclusively.
+    unsafe { std::slice::from_raw_parts_mut(buf.as_mut_ptr().cast::<A>(), n) }
 }
 
-/// `y[t * w.rows + r] = dot(W[r, :], x[t * w.cols ..][..w.cols]) (+ bias[r])` for `t` in `0..n_tokens`.
+/// `y[t * w.rows + r] = dot(W[r, :], x[t * w.cols ..][..w.cols]) (+ bias[r])` for `t` in
+/// `0..n_tokens`, with the kernels of the level in use ([`cpu::level`]).
 ///
 /// # Panics
-/// On a malformed matrix (see [`QMatrix::new`], which callers use to validate file data) or
-/// if `x`, `y` or `bias` do not have the lengths the shapes imply.
+/// If `x`, `y` or `bias` do not have the lengths the shapes imply.
 pub fn matmul(
     w: &QMatrix<'_>,
     x: &[f32],
@@ -214,12 +209,12 @@ pub fn matmul(
     y: &mut [f32],
     scratch: &mut Scratch,
 ) {
-    matmul_with(dot::kernels(), w, x, n_tokens, bias, y, scratch)
+    matmul_at(cpu::level(), w, x, n_tokens, bias, y, scratch)
 }
 
-/// [`matmul`] with an explicit kernel table (tests compare instruction sets with it).
-pub fn matmul_with(
-    k: &Kernels,
+/// [`matmul`] with the kernels of an explicit level (tests compare levels with it).
+pub fn matmul_at(
+    level: Level,
     w: &QMatrix<'_>,
     x: &[f32],
     n_tokens: usize,
@@ -227,12 +222,6 @@ pub fn matmul_with(
     y: &mut [f32],
     scratch: &mut Scratch,
 ) {
-    if let Err(e) = w.validate() {
-        panic!(
-            "matmul: invalid weight matrix ({} × {}): {e}",
-            w.rows, w.cols
-        );
-    }
     let (rows, cols) = (w.rows, w.cols);
     assert_eq!(
         x.len(),
@@ -250,72 +239,78 @@ pub fn matmul_with(
     if n_tokens == 0 {
         return;
     }
-    if n_tokens >= TILE_MIN_TOKENS {
-        if let Some(tk) = k.tile {
-            tiled(tk, w, x, n_tokens, bias, y, scratch);
-            return;
-        }
-    }
-    let bad = || -> ! { unreachable!("validated above") };
-    let out = &mut scratch.out;
-    match w.ty {
-        GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => {
-            let nb = cols / 256;
-            scratch.q8k.resize(n_tokens * nb, ZERO_Q8K);
-            let act = &mut scratch.q8k[..n_tokens * nb];
-            quantize_rows(x, act, cols, act::quantize_q8k);
-            let act: &[BlockQ8K] = act;
-            match w.ty {
-                GgmlType::Q4K => {
-                    let wb = cast::<BlockQ4K>(w.data).unwrap_or_else(|| bad());
-                    run(wb, act, nb, nb, n_tokens, rows, bias, y, out, k.q4k_q8k)
-                }
-                GgmlType::Q5K => {
-                    let wb = cast::<BlockQ5K>(w.data).unwrap_or_else(|| bad());
-                    run(wb, act, nb, nb, n_tokens, rows, bias, y, out, k.q5k_q8k)
-                }
-                _ => {
-                    let wb = cast::<BlockQ6K>(w.data).unwrap_or_else(|| bad());
-                    run(wb, act, nb, nb, n_tokens, rows, bias, y, out, k.q6k_q8k)
-                }
-            }
-        }
-        GgmlType::Q8_0 => {
-            let nb = cols / 32;
-            scratch.q8_0.resize(n_tokens * nb, ZERO_Q8_0);
-            let act = &mut scratch.q8_0[..n_tokens * nb];
-            quantize_rows(x, act, cols, act::quantize_q8_0);
-            let wb = cast::<BlockQ8_0>(w.data).unwrap_or_else(|| bad());
-            run(wb, act, nb, nb, n_tokens, rows, bias, y, out, k.q8_0_q8_0)
-        }
-        GgmlType::F16 => {
-            let wb = cast::<f16>(w.data).unwrap_or_else(|| bad());
-            run(wb, x, cols, cols, n_tokens, rows, bias, y, out, k.f16_f32)
-        }
-        GgmlType::BF16 => {
-            let wb = cast::<bf16>(w.data).unwrap_or_else(|| bad());
-            run(wb, x, cols, cols, n_tokens, rows, bias, y, out, k.bf16_f32)
-        }
-        GgmlType::F32 => {
-            let wb = cast::<f32>(w.data).unwrap_or_else(|| bad());
-            run(wb, x, cols, cols, n_tokens, rows, bias, y, out, k.f32_f32)
-        }
-        _ => bad(),
-    }
+    let run = w
+        .format
+        .matmul
+        .expect("QMatrix::new admits only weight formats");
+    run(level, w, x, n_tokens, bias, y, scratch)
 }
 
-const ZERO_Q8K: BlockQ8K = BlockQ8K {
-    d: 0.0,
-    qs: [0; 256],
-    bsums: [0; 16],
-};
-const ZERO_Q8_0: BlockQ8_0 = BlockQ8_0 {
-    d: f16::ZERO,
-    qs: [0; 32],
-};
+static BATCH_INVARIANT: AtomicBool = AtomicBool::new(false);
+
+/// Make every matmul of this process batch-invariant: a token's output row is then
+/// bit-identical whatever the number of tokens in the call and the token's position among them
+/// (what a server batching sequences needs to give a request the same logits alone or beside
+/// others). Float formats always are; for packed formats it routes one to three tokens through
+/// the tile kernels too, which costs decode speed on levels with tile kernels (docs/kernels.md).
+pub fn set_batch_invariant(on: bool) {
+    BATCH_INVARIANT.store(on, Ordering::Relaxed);
+}
+
+/// Whether [`set_batch_invariant`] is on.
+pub fn batch_invariant() -> bool {
+    BATCH_INVARIANT.load(Ordering::Relaxed)
+}
+
+/// The product for one format `W` (the [`Format`] table's `matmul` entry).
+pub(crate) fn matmul_format<W: WeightFormat>(
+    level: Level,
+    w: &QMatrix<'_>,
+    x: &[f32],
+    n_tokens: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    let (rows, cols) = (w.rows, w.cols);
+    let wb = cast_blocks::<W>(w.data).expect("QMatrix::new checked length and alignment");
+    let nb = cols / W::BLOCK;
+    let k = W::kernels(level);
+    match k.tile {
+        // Rows used as stored: the tile kernels serve every token count, one included, so a
+        // token's result comes from the same code in the same order alone or in a batch.
+        Some(Tile::Direct(gemm)) => {
+            let act = W::activations(x, cols, &mut scratch.act);
+            return direct_tiled(wb, act, nb, rows, bias, y, gemm);
+        }
+        // Packed rows: packing costs more than it saves below TILE_MIN_TOKENS, unless batch
+        // invariance is asked for (then every token count packs; see `set_batch_invariant`).
+        Some(Tile::Packed { pack, gemm }) if n_tokens >= TILE_MIN_TOKENS || batch_invariant() => {
+            return packed_tiled(wb, x, nb, rows, bias, y, &mut scratch.act, pack, gemm);
+        }
+        _ => {}
+    }
+    let act = W::activations(x, cols, &mut scratch.act);
+    run(
+        wb,
+        act,
+        nb,
+        n_tokens,
+        rows,
+        bias,
+        y,
+        &mut scratch.out,
+        k.dot,
+    )
+}
 
 /// Quantize each token's activation row (in parallel over tokens when there are several).
-fn quantize_rows<A: Send>(x: &[f32], act: &mut [A], cols: usize, q: fn(&[f32], &mut [A])) {
+pub(crate) fn quantize_rows<A: Send>(
+    x: &[f32],
+    act: &mut [A],
+    cols: usize,
+    q: fn(&[f32], &mut [A]),
+) {
     let nb = act.len() / (x.len() / cols);
     if x.len() == cols {
         q(x, act);
@@ -325,7 +320,6 @@ fn quantize_rows<A: Send>(x: &[f32], act: &mut [A], cols: usize, q: fn(&[f32], &
             .for_each(|(xr, ar)| q(xr, ar));
     }
 }
-
 /// Rows per work item when splitting a matrix over threads: a few items per thread so that
 /// rayon can balance uneven cores, but coarse enough that the ~100 calls per decoded token
 /// spend little on scheduling.
@@ -334,14 +328,13 @@ fn row_chunk(rows: usize) -> usize {
     rows.div_ceil(items).max(16)
 }
 
-/// The threaded driver, generic over weight element `W` and activation element `A`.
-/// `wb`/`ab` are the elements per weight/activation row.
+/// The row-by-row driver, generic over weight element `W` and activation element `A`:
+/// `nb` elements per weight row and per activation row.
 #[allow(clippy::too_many_arguments)]
 fn run<W: Sync, A: Sync>(
     w: &[W],
     act: &[A],
-    wb: usize,
-    ab: usize,
+    nb: usize,
     n_tokens: usize,
     rows: usize,
     bias: Option<&[f32]>,
@@ -349,8 +342,9 @@ fn run<W: Sync, A: Sync>(
     out: &mut Vec<f32>,
     dot: DotFn<W, A>,
 ) {
-    debug_assert_eq!(w.len(), rows * wb);
-    debug_assert_eq!(act.len(), n_tokens * ab);
+    debug_assert_eq!(w.len(), rows * nb);
+    debug_assert_eq!(act.len(), n_tokens * nb);
+    let (wb, ab) = (nb, nb);
     let chunk = row_chunk(rows);
     let b = |r: usize| bias.map_or(0.0, |b| b[r]);
     if n_tokens == 1 {
@@ -394,19 +388,13 @@ fn run<W: Sync, A: Sync>(
 // ---------------------------------------------------------------------------------------------
 // Prefill: weight tiles packed once, multiplied with many tokens.
 
-/// From this many tokens on, levels with [`TileKernels`] pack weights and use register tiles;
+/// From this many tokens on, packed formats with tile kernels at the level use them;
 /// below it, packing would cost more than it saves and rows are dotted one by one.
 const TILE_MIN_TOKENS: usize = 4;
 
 /// Bytes of packed weights a work item aims for: a row tile stays in the 1 MiB L2 while the
 /// tokens stream past it.
 const TILE_BYTES: usize = 192 << 10;
-
-thread_local! {
-    // Per-worker packing buffers, grown once and reused across calls.
-    static PACK_K: RefCell<Vec<KPacked>> = const { RefCell::new(Vec::new()) };
-    static PACK_Q8_0: RefCell<Vec<Q8_0Packed>> = const { RefCell::new(Vec::new()) };
-}
 
 /// Rows per work item: about `TILE_BYTES` of packed rows, but at least 4 items per thread
 /// when the matrix allows, so rayon can balance; a multiple of 4 (the float kernels' rows).
@@ -434,126 +422,72 @@ fn split_out(y: &mut [f32], rows: usize, rb: usize) -> Vec<&mut [f32]> {
     out
 }
 
+/// Packed formats: each work item packs its run of rows once (into the thread's buffer),
+/// then multiplies it with every token's activation tiles.
 #[allow(clippy::too_many_arguments)]
-fn tiled(
-    tk: &TileKernels,
-    w: &QMatrix<'_>,
-    x: &[f32],
-    n_tokens: usize,
-    bias: Option<&[f32]>,
-    y: &mut [f32],
-    scratch: &mut Scratch,
-) {
-    let (rows, cols) = (w.rows, w.cols);
-    let bad = || -> ! { unreachable!("validated by matmul_with") };
-    let bias_for = |r0: usize, n: usize| bias.map(|b| &b[r0..r0 + n]);
-    match w.ty {
-        GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => {
-            let nb = cols / 256;
-            scratch.q8k_tile.resize(n_tokens * nb, Q8KTile::ZERO);
-            let act = &mut scratch.q8k_tile[..n_tokens * nb];
-            quantize_rows(x, act, cols, act::quantize_q8k_tile);
-            let act: &[Q8KTile] = act;
-            let rb = tile_rows(rows, nb * std::mem::size_of::<KPacked>());
-            // Pack a row tile with `pack`, then multiply it with every token.
-            let mut run = |pack: &(dyn Fn(usize, &mut [KPacked]) + Sync)| {
-                let mut out = split_out(y, rows, rb);
-                out.par_chunks_mut(n_tokens)
-                    .enumerate()
-                    .for_each(|(b, out)| {
-                        let (r0, nr) = (b * rb, out[0].len());
-                        PACK_K.with(|buf| {
-                            let mut buf = buf.borrow_mut();
-                            buf.resize(nr * nb, KPacked::ZERO);
-                            for (r, p) in buf[..nr * nb].chunks_exact_mut(nb).enumerate() {
-                                pack(r0 + r, p);
-                            }
-                            (tk.kq)(&buf[..nr * nb], act, nb, bias_for(r0, nr), out);
-                        });
-                    });
-            };
-            match w.ty {
-                GgmlType::Q4K => {
-                    let wb = cast::<BlockQ4K>(w.data).unwrap_or_else(|| bad());
-                    run(&|r, p| (tk.pack_q4k)(&wb[r * nb..(r + 1) * nb], p))
-                }
-                GgmlType::Q5K => {
-                    let wb = cast::<BlockQ5K>(w.data).unwrap_or_else(|| bad());
-                    run(&|r, p| (tk.pack_q5k)(&wb[r * nb..(r + 1) * nb], p))
-                }
-                _ => {
-                    let wb = cast::<BlockQ6K>(w.data).unwrap_or_else(|| bad());
-                    run(&|r, p| (tk.pack_q6k)(&wb[r * nb..(r + 1) * nb], p))
-                }
-            }
-        }
-        GgmlType::Q8_0 => {
-            let nb = cols / 32;
-            let nt = act::q8_0_tiles(nb);
-            scratch.q8_0_tile.resize(n_tokens * nt, Q8_0Tile::ZERO);
-            let act = &mut scratch.q8_0_tile[..n_tokens * nt];
-            if n_tokens == 1 {
-                act::quantize_q8_0_tile(x, act);
-            } else {
-                x.par_chunks(cols)
-                    .zip(act.par_chunks_mut(nt))
-                    .for_each(|(xr, ar)| act::quantize_q8_0_tile(xr, ar));
-            }
-            let act: &[Q8_0Tile] = act;
-            let wb = cast::<BlockQ8_0>(w.data).unwrap_or_else(|| bad());
-            let rb = tile_rows(rows, nt * std::mem::size_of::<Q8_0Packed>());
-            let mut out = split_out(y, rows, rb);
-            out.par_chunks_mut(n_tokens)
-                .enumerate()
-                .for_each(|(b, out)| {
-                    let (r0, nr) = (b * rb, out[0].len());
-                    PACK_Q8_0.with(|buf| {
-                        let mut buf = buf.borrow_mut();
-                        buf.resize(nr * nt, Q8_0Packed::ZERO);
-                        for (r, p) in buf[..nr * nt].chunks_exact_mut(nt).enumerate() {
-                            (tk.pack_q8_0)(&wb[(r0 + r) * nb..(r0 + r + 1) * nb], p);
-                        }
-                        (tk.q8_0)(&buf[..nr * nt], act, nt, bias_for(r0, nr), out);
-                    });
-                });
-        }
-        GgmlType::F16 => {
-            let wb = cast::<f16>(w.data).unwrap_or_else(|| bad());
-            float_tiled(wb, x, rows, cols, bias, y, tk.f16)
-        }
-        GgmlType::BF16 => {
-            let wb = cast::<bf16>(w.data).unwrap_or_else(|| bad());
-            float_tiled(wb, x, rows, cols, bias, y, tk.bf16)
-        }
-        GgmlType::F32 => {
-            let wb = cast::<f32>(w.data).unwrap_or_else(|| bad());
-            float_tiled(wb, x, rows, cols, bias, y, tk.f32)
-        }
-        _ => bad(),
-    }
-}
-
-/// Float weights need no packing: each item multiplies its rows, as stored, with all tokens.
-fn float_tiled<W: Sync>(
+fn packed_tiled<W: WeightFormat>(
     w: &[W],
     x: &[f32],
+    nb: usize,
     rows: usize,
-    cols: usize,
     bias: Option<&[f32]>,
     y: &mut [f32],
-    gemm: dot::GemmFn<W, f32>,
+    act_buf: &mut Vec<Line>,
+    pack: PackFn<W>,
+    gemm: PackedGemmFn<W>,
 ) {
+    let cols = nb * W::BLOCK;
     let n_tokens = x.len() / cols;
-    let rb = tile_rows(rows, cols * std::mem::size_of::<W>());
+    let (np, na) = (W::Packed::per_row(nb), W::Packed::act_per_row(nb));
+    let act = typed_buf::<<W::Packed as Packing>::Act>(act_buf, n_tokens * na);
+    quantize_rows(x, act, cols, W::Packed::quantize_act);
+    let act: &[_] = act;
+    let rb = tile_rows(rows, np * std::mem::size_of::<W::Packed>());
+    let mut out = split_out(y, rows, rb);
+    out.par_chunks_mut(n_tokens)
+        .enumerate()
+        .for_each(|(b, out)| {
+            let (r0, nr) = (b * rb, out[0].len());
+            W::Packed::with_buffer(|buf| {
+                let packed = typed_vec(buf, nr * np);
+                for (r, p) in packed.chunks_exact_mut(np).enumerate() {
+                    pack(&w[(r0 + r) * nb..(r0 + r + 1) * nb], p);
+                }
+                gemm(packed, act, na, bias.map(|b| &b[r0..r0 + nr]), out);
+            });
+        });
+}
+
+/// `buf` grown to `n` values (new ones zeroed) and cut to them.
+fn typed_vec<P: Plain>(buf: &mut Vec<P>, n: usize) -> &mut [P] {
+    if buf.len() < n {
+        // SAFETY: P is Plain, so all-zero bytes are a valid P.
+        buf.resize(n, unsafe { std::mem::zeroed() });
+    }
+    &mut buf[..n]
+}
+
+/// Formats multiplied as stored: each item multiplies its rows with all tokens.
+fn direct_tiled<W: Sync, A: Sync>(
+    w: &[W],
+    act: &[A],
+    nb: usize,
+    rows: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    gemm: GemmFn<W, A>,
+) {
+    let n_tokens = act.len() / nb;
+    let rb = tile_rows(rows, nb * std::mem::size_of::<W>());
     let mut out = split_out(y, rows, rb);
     out.par_chunks_mut(n_tokens)
         .enumerate()
         .for_each(|(b, out)| {
             let (r0, nr) = (b * rb, out[0].len());
             gemm(
-                &w[r0 * cols..(r0 + nr) * cols],
-                x,
-                cols,
+                &w[r0 * nb..(r0 + nr) * nb],
+                act,
+                nb,
                 bias.map(|b| &b[r0..r0 + nr]),
                 out,
             );

@@ -2,7 +2,7 @@
 
 use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::q8_k::QK_K;
-use crate::util::{make_qx_quants, nearest_int, QX_N};
+use crate::search::{make_qx_quants, nearest_int, QX_N};
 use crate::{BlockFormat, GgmlType};
 use half::f16;
 
@@ -131,5 +131,51 @@ fn quantize_block(x: &[f32], b: &mut BlockQ6K) {
             b.ql[64 * h + l + 32] = (c & 0xF) | ((g & 0xF) << 4);
             b.qh[32 * h + l] = (a >> 4) | ((c >> 4) << 2) | ((e >> 4) << 4) | ((g >> 4) << 6);
         }
+    }
+}
+
+impl crate::format::WeightFormat for BlockQ6K {
+    type Act = crate::q8_k::BlockQ8K;
+    type Packed = crate::dot::KPacked;
+    fn quantize_act(x: &[f32], out: &mut [crate::q8_k::BlockQ8K]) {
+        crate::act::quantize_q8k(x, out)
+    }
+    fn kernels(level: crate::cpu::Level) -> crate::format::Kernels<Self> {
+        use crate::cpu::Isa;
+        use crate::dot::*;
+        use crate::format::Kernels;
+        let (dot, tile): (crate::format::DotFn<Self, crate::q8_k::BlockQ8K>, _) = match level.isa()
+        {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => (
+                avx2::q6k_q8k,
+                Some(crate::format::Tile::Packed {
+                    pack: avx2_tile::pack_q6k,
+                    gemm: avx2_tile::kq_gemm,
+                }),
+            ),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => (
+                avx512::plain::q6k_q8k,
+                Some(crate::format::Tile::Packed {
+                    pack: avx512::plain::pack_q6k,
+                    gemm: avx512::plain::kq_gemm,
+                }),
+            ),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => (
+                avx512::vnni::q6k_q8k,
+                Some(crate::format::Tile::Packed {
+                    pack: avx512::vnni::pack_q6k,
+                    gemm: avx512::vnni::kq_gemm,
+                }),
+            ),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => (neon::plain::q6k_q8k, None),
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot => (neon::dot::q6k_q8k, None),
+            _ => (scalar::q6k_q8k, None),
+        };
+        Kernels { dot, tile }
     }
 }

@@ -89,6 +89,51 @@ pub fn quantize_row_q8_0_nearest_even(x: &[f32], out: &mut [BlockQ8_0]) {
     }
 }
 
+impl crate::format::WeightFormat for BlockQ8_0 {
+    type Act = BlockQ8_0;
+    type Packed = crate::dot::Q8_0Packed;
+    fn quantize_act(x: &[f32], out: &mut [BlockQ8_0]) {
+        crate::act::quantize_q8_0(x, out)
+    }
+    fn kernels(level: crate::cpu::Level) -> crate::format::Kernels<Self> {
+        use crate::cpu::Isa;
+        use crate::dot::*;
+        use crate::format::Kernels;
+        let (dot, tile): (crate::format::DotFn<Self, BlockQ8_0>, _) = match level.isa() {
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => (
+                avx2::q8_0_q8_0,
+                Some(crate::format::Tile::Packed {
+                    pack: avx2_tile::pack_q8_0,
+                    gemm: avx2_tile::q8_0_gemm,
+                }),
+            ),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => (
+                avx512::plain::q8_0_q8_0,
+                Some(crate::format::Tile::Packed {
+                    pack: avx512::plain::pack_q8_0,
+                    gemm: avx512::plain::q8_0_gemm,
+                }),
+            ),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512Vnni => (
+                avx512::vnni::q8_0_q8_0,
+                Some(crate::format::Tile::Packed {
+                    pack: avx512::vnni::pack_q8_0,
+                    gemm: avx512::vnni::q8_0_gemm,
+                }),
+            ),
+            #[cfg(target_arch = "aarch64")]
+            Isa::Neon => (neon::plain::q8_0_q8_0, None),
+            #[cfg(target_arch = "aarch64")]
+            Isa::NeonDot => (neon::dot::q8_0_q8_0, None),
+            _ => (scalar::q8_0_q8_0, None),
+        };
+        Kernels { dot, tile }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

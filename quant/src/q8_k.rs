@@ -1,6 +1,6 @@
 //! Q8_K: the activation format the K-quant dot products consume (never stored in files).
 
-use crate::util::nearest_int;
+use crate::search::nearest_int;
 use crate::{BlockFormat, GgmlType};
 
 /// Values per K-quant super-block (ggml's `QK_K`).

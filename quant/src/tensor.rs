@@ -1,5 +1,5 @@
 //! Whole-tensor helpers: view bytes as blocks, quantize/dequantize rows of any supported type
-//! (parallel over rows with rayon). (H1 owns this module.)
+//! (parallel over rows with rayon). Every type-specific step goes through [`crate::format`].
 //!
 //! **Alignment.** Block structs have alignment 2 (f16 fields) or 4 (Q8_K's f32), but byte
 //! buffers from a `Vec<u8>` or a file offset need not be aligned. [`cast_blocks`] therefore
@@ -11,16 +11,65 @@
 //! **Byte order.** Blocks are read and written in native order, which is the on-disk
 //! little-endian order on every target this crate builds for.
 
-use crate::f16::{bf16_bits_to_f32, f32_to_bf16_bits};
-use crate::q4_k::BlockQ4K;
-use crate::q5_k::BlockQ5K;
-use crate::q6_k::BlockQ6K;
-use crate::q8_0::BlockQ8_0;
-use crate::q8_k::BlockQ8K;
-use crate::{BlockFormat, GgmlType};
-use half::f16;
+use crate::format::format;
+use crate::{BlockFormat, GgmlType, Plain};
 use rayon::prelude::*;
 use std::mem::{align_of, size_of};
+
+/// Why a tensor cannot be converted or checked. The messages name the type and the numbers.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum TensorError {
+    #[error("cannot quantize to {0}: not implemented")]
+    CannotQuantize(GgmlType),
+    #[error("cannot dequantize {0}: not implemented")]
+    CannotDequantize(GgmlType),
+    #[error("quantize to {0}: row length is 0")]
+    EmptyRow(GgmlType),
+    #[error("quantize to {ty}: {len} values are not a whole number of rows of {cols}")]
+    PartialRow {
+        ty: GgmlType,
+        len: usize,
+        cols: usize,
+    },
+    #[error("quantize to {ty}: row length {cols} is not a multiple of the block size {}", ty.block_size())]
+    RaggedRow { ty: GgmlType, cols: usize },
+    #[error("quantize to {ty}: {rows} rows of {row_bytes} bytes overflow")]
+    TooLarge {
+        ty: GgmlType,
+        rows: usize,
+        row_bytes: usize,
+    },
+    #[error("quantize to {ty}: output is {found} bytes, expected {rows} rows × {row_bytes} bytes")]
+    OutputSize {
+        ty: GgmlType,
+        found: usize,
+        rows: usize,
+        row_bytes: usize,
+    },
+    #[error("dequantize {ty}: {values} values are not a whole number of {}-value blocks", ty.block_size())]
+    PartialBlock { ty: GgmlType, values: usize },
+    #[error("dequantize {ty}: {found} bytes given, {values} values need {expected}")]
+    InputSize {
+        ty: GgmlType,
+        found: usize,
+        values: usize,
+        expected: u64,
+    },
+    #[error("{ty}: {len} bytes is not a whole number of {size}-byte blocks")]
+    PartialBytes {
+        ty: GgmlType,
+        len: usize,
+        size: usize,
+    },
+    /// A NaN or infinite value (`field: None`, `index` = value) or block scale (`index` = block).
+    #[error("{ty}: found {what} {}", match field { Some(f) => format!("in {f} of block {index}"), None => format!("value at index {index}") })]
+    NonFinite {
+        ty: GgmlType,
+        what: &'static str,
+        field: Option<&'static str>,
+        index: usize,
+    },
+}
 
 #[cfg(target_endian = "big")]
 compile_error!(
@@ -29,7 +78,7 @@ compile_error!(
 
 /// View `bytes` as blocks. `None` if the length is not a whole number of blocks or the start
 /// is not aligned for `B`.
-pub fn cast_blocks<B: BlockFormat>(bytes: &[u8]) -> Option<&[B]> {
+pub fn cast_blocks<B: Plain>(bytes: &[u8]) -> Option<&[B]> {
     let size = size_of::<B>();
     if !bytes.len().is_multiple_of(size) || bytes.as_ptr().align_offset(align_of::<B>()) != 0 {
         return None;
@@ -42,7 +91,7 @@ pub fn cast_blocks<B: BlockFormat>(bytes: &[u8]) -> Option<&[B]> {
 }
 
 /// Mutable version of [`cast_blocks`].
-pub fn cast_blocks_mut<B: BlockFormat>(bytes: &mut [u8]) -> Option<&mut [B]> {
+pub fn cast_blocks_mut<B: Plain>(bytes: &mut [u8]) -> Option<&mut [B]> {
     let size = size_of::<B>();
     if !bytes.len().is_multiple_of(size) || bytes.as_ptr().align_offset(align_of::<B>()) != 0 {
         return None;
@@ -86,7 +135,7 @@ fn zeroed<B: BlockFormat>() -> B {
 const STAGE: usize = 16;
 
 /// Quantize `src` (whole blocks) into `out` bytes, aligned or not.
-fn from_float_bytes<B: BlockFormat>(src: &[f32], out: &mut [u8]) {
+pub(crate) fn from_float_bytes<B: BlockFormat>(src: &[f32], out: &mut [u8]) {
     debug_assert_eq!(src.len() / B::BLOCK * size_of::<B>(), out.len());
     if let Some(blocks) = cast_blocks_mut::<B>(out) {
         B::from_float(src, blocks);
@@ -104,7 +153,7 @@ fn from_float_bytes<B: BlockFormat>(src: &[f32], out: &mut [u8]) {
 }
 
 /// Dequantize `bytes` (whole blocks) into `out`, aligned or not.
-fn to_float_bytes<B: BlockFormat>(bytes: &[u8], out: &mut [f32]) {
+pub(crate) fn to_float_bytes<B: BlockFormat>(bytes: &[u8], out: &mut [f32]) {
     debug_assert_eq!(bytes.len() / size_of::<B>() * B::BLOCK, out.len());
     if let Some(blocks) = cast_blocks::<B>(bytes) {
         B::to_float(blocks, out);
@@ -121,38 +170,9 @@ fn to_float_bytes<B: BlockFormat>(bytes: &[u8], out: &mut [f32]) {
     }
 }
 
-/// Rows of F32 are just the values' little-endian bytes.
-fn f32_to_bytes(src: &[f32], out: &mut [u8]) {
-    for (o, v) in out.chunks_exact_mut(4).zip(src) {
-        o.copy_from_slice(&v.to_le_bytes());
-    }
-}
-
-fn bf16_from_float_bytes(src: &[f32], out: &mut [u8]) {
-    for (o, &v) in out.chunks_exact_mut(2).zip(src) {
-        o.copy_from_slice(&f32_to_bf16_bits(v).to_le_bytes());
-    }
-}
-
-/// Quantize one run of whole blocks of type `ty`.
-fn quantize_run(ty: GgmlType, src: &[f32], out: &mut [u8]) {
-    match ty {
-        GgmlType::F32 => f32_to_bytes(src, out),
-        GgmlType::F16 => from_float_bytes::<f16>(src, out),
-        GgmlType::BF16 => bf16_from_float_bytes(src, out),
-        GgmlType::Q8_0 => from_float_bytes::<BlockQ8_0>(src, out),
-        GgmlType::Q4K => from_float_bytes::<BlockQ4K>(src, out),
-        GgmlType::Q5K => from_float_bytes::<BlockQ5K>(src, out),
-        GgmlType::Q6K => from_float_bytes::<BlockQ6K>(src, out),
-        GgmlType::Q8K => from_float_bytes::<BlockQ8K>(src, out),
-        _ => unreachable!("checked by can_quantize"),
-    }
-}
-
 /// Types [`quantize`] can produce.
 pub fn can_quantize(ty: GgmlType) -> bool {
-    use GgmlType::*;
-    matches!(ty, F32 | F16 | BF16 | Q8_0 | Q4K | Q5K | Q6K | Q8K)
+    format(ty).is_some()
 }
 
 /// Types [`dequantize`] can read.
@@ -161,27 +181,28 @@ pub fn can_dequantize(ty: GgmlType) -> bool {
 }
 
 /// Check `src.len()`/`cols`/`ty` and return (rows, bytes per row).
-fn check_quantize(ty: GgmlType, src_len: usize, cols: usize) -> Result<(usize, usize), String> {
+fn check_quantize(
+    ty: GgmlType,
+    src_len: usize,
+    cols: usize,
+) -> Result<(usize, usize), TensorError> {
     if !can_quantize(ty) {
-        return Err(format!("cannot quantize to {ty}: not implemented"));
+        return Err(TensorError::CannotQuantize(ty));
     }
     if cols == 0 {
-        return Err(format!("quantize to {ty}: row length is 0"));
+        return Err(TensorError::EmptyRow(ty));
     }
     if !src_len.is_multiple_of(cols) {
-        return Err(format!(
-            "quantize to {ty}: {src_len} values are not a whole number of rows of {cols}"
-        ));
+        return Err(TensorError::PartialRow {
+            ty,
+            len: src_len,
+            cols,
+        });
     }
     let row_bytes = ty
         .row_bytes(cols as u64)
         .and_then(|b| usize::try_from(b).ok())
-        .ok_or_else(|| {
-            format!(
-                "quantize to {ty}: row length {cols} is not a multiple of the block size {}",
-                ty.block_size()
-            )
-        })?;
+        .ok_or(TensorError::RaggedRow { ty, cols })?;
     Ok((src_len / cols, row_bytes))
 }
 
@@ -189,11 +210,13 @@ fn check_quantize(ty: GgmlType, src_len: usize, cols: usize) -> Result<(usize, u
 /// quantizer for `ty` (F32, F16, BF16, Q8_0, Q4_K, Q5_K, Q6_K, Q8_K), in parallel over rows.
 /// `cols` must be a multiple of the type's block size. The result is the tensor's bytes as
 /// ggml lays them out (see the module docs about alignment).
-pub fn quantize(ty: GgmlType, src: &[f32], cols: usize) -> Result<Vec<u8>, String> {
+pub fn quantize(ty: GgmlType, src: &[f32], cols: usize) -> Result<Vec<u8>, TensorError> {
     let (rows, row_bytes) = check_quantize(ty, src.len(), cols)?;
-    let total = rows
-        .checked_mul(row_bytes)
-        .ok_or_else(|| format!("quantize to {ty}: {rows} rows of {row_bytes} bytes overflow"))?;
+    let total = rows.checked_mul(row_bytes).ok_or(TensorError::TooLarge {
+        ty,
+        rows,
+        row_bytes,
+    })?;
     let mut out = vec![0u8; total];
     quantize_into(ty, src, cols, &mut out)?;
     Ok(out)
@@ -201,73 +224,65 @@ pub fn quantize(ty: GgmlType, src: &[f32], cols: usize) -> Result<Vec<u8>, Strin
 
 /// Like [`quantize`] but writes into `out`, which must be exactly the tensor's size in bytes
 /// (any alignment). Does not allocate (for streaming conversion).
-pub fn quantize_into(ty: GgmlType, src: &[f32], cols: usize, out: &mut [u8]) -> Result<(), String> {
+pub fn quantize_into(
+    ty: GgmlType,
+    src: &[f32],
+    cols: usize,
+    out: &mut [u8],
+) -> Result<(), TensorError> {
     let (rows, row_bytes) = check_quantize(ty, src.len(), cols)?;
     if rows.checked_mul(row_bytes) != Some(out.len()) {
-        return Err(format!(
-            "quantize to {ty}: output is {} bytes, expected {rows} rows × {row_bytes} bytes",
-            out.len()
-        ));
+        return Err(TensorError::OutputSize {
+            ty,
+            found: out.len(),
+            rows,
+            row_bytes,
+        });
     }
     if rows == 0 {
         return Ok(());
     }
-    // Cheap types are memory-bound: give rayon bigger pieces of work for them.
-    let min_rows = match ty {
-        GgmlType::Q4K | GgmlType::Q5K | GgmlType::Q6K => 1,
-        _ => (1 << 16) / cols + 1,
+    let quantize = format(ty).expect("checked by check_quantize").quantize;
+    // Super-block quantizers search for scales and are compute-bound; the others are
+    // memory-bound: give rayon bigger pieces of work for them.
+    let min_rows = if ty.block_size() >= 256 {
+        1
+    } else {
+        (1 << 16) / cols + 1
     };
     out.par_chunks_mut(row_bytes)
         .zip(src.par_chunks(cols))
         .with_min_len(min_rows)
-        .for_each(|(o, x)| quantize_run(ty, x, o));
+        .for_each(|(o, x)| quantize(x, o));
     Ok(())
 }
 
 /// Dequantize a tensor's bytes (any alignment) of type `ty` into `out`, whose length is the
 /// number of values; `bytes` must hold exactly that many values' blocks. Supports F32, F16,
 /// BF16, Q8_0, Q4_K, Q5_K, Q6_K and Q8_K; large inputs are split across threads.
-pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), String> {
+pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), TensorError> {
     if !can_dequantize(ty) {
-        return Err(format!("cannot dequantize {ty}: not implemented"));
+        return Err(TensorError::CannotDequantize(ty));
     }
-    let expect = ty.row_bytes(out.len() as u64).ok_or_else(|| {
-        format!(
-            "dequantize {ty}: {} values are not a whole number of {}-value blocks",
-            out.len(),
-            ty.block_size()
-        )
-    })?;
+    let expect = ty
+        .row_bytes(out.len() as u64)
+        .ok_or(TensorError::PartialBlock {
+            ty,
+            values: out.len(),
+        })?;
     if expect != bytes.len() as u64 {
-        return Err(format!(
-            "dequantize {ty}: {} bytes given, {} values need {expect}",
-            bytes.len(),
-            out.len()
-        ));
+        return Err(TensorError::InputSize {
+            ty,
+            found: bytes.len(),
+            values: out.len(),
+            expected: expect,
+        });
     }
     // Pieces of ~64 Ki values keep the threads busy without much overhead.
     let blocks_per_piece = ((1usize << 16) / ty.block_size()).max(1);
     let piece_bytes = blocks_per_piece * ty.type_size();
     let piece_vals = blocks_per_piece * ty.block_size();
-    let run = |b: &[u8], y: &mut [f32]| match ty {
-        GgmlType::F32 => {
-            for (o, c) in y.iter_mut().zip(b.chunks_exact(4)) {
-                *o = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
-            }
-        }
-        GgmlType::BF16 => {
-            for (o, c) in y.iter_mut().zip(b.chunks_exact(2)) {
-                *o = bf16_bits_to_f32(u16::from_le_bytes([c[0], c[1]]));
-            }
-        }
-        GgmlType::F16 => to_float_bytes::<f16>(b, y),
-        GgmlType::Q8_0 => to_float_bytes::<BlockQ8_0>(b, y),
-        GgmlType::Q4K => to_float_bytes::<BlockQ4K>(b, y),
-        GgmlType::Q5K => to_float_bytes::<BlockQ5K>(b, y),
-        GgmlType::Q6K => to_float_bytes::<BlockQ6K>(b, y),
-        GgmlType::Q8K => to_float_bytes::<BlockQ8K>(b, y),
-        _ => unreachable!("checked by can_dequantize"),
-    };
+    let run = format(ty).expect("checked by can_dequantize").dequantize;
     if out.len() <= piece_vals {
         run(bytes, out);
     } else {
@@ -311,13 +326,14 @@ fn f16_problem(bits: u16) -> Option<&'static str> {
 /// Like ggml's `ggml_validate_row_data`: the length must be whole blocks, and no fp16/f32
 /// scale (or F16/BF16/F32 value) may be NaN or infinite. The error names the type, the
 /// block (value index for F16/BF16/F32) and the field.
-pub fn validate_row_data(ty: GgmlType, bytes: &[u8]) -> Result<(), String> {
+pub fn validate_row_data(ty: GgmlType, bytes: &[u8]) -> Result<(), TensorError> {
     let size = ty.type_size();
     if !bytes.len().is_multiple_of(size) {
-        return Err(format!(
-            "{ty}: {} bytes is not a whole number of {size}-byte blocks",
-            bytes.len()
-        ));
+        return Err(TensorError::PartialBytes {
+            ty,
+            len: bytes.len(),
+            size,
+        });
     }
     match ty {
         GgmlType::F32 => {
@@ -325,14 +341,24 @@ pub fn validate_row_data(ty: GgmlType, bytes: &[u8]) -> Result<(), String> {
                 let v = f32::from_le_bytes([c[0], c[1], c[2], c[3]]);
                 if !v.is_finite() {
                     let what = if v.is_nan() { "NaN" } else { "inf" };
-                    return Err(format!("{ty}: found {what} value at index {i}"));
+                    return Err(TensorError::NonFinite {
+                        ty,
+                        what,
+                        field: None,
+                        index: i,
+                    });
                 }
             }
         }
         GgmlType::F16 => {
             for (i, c) in bytes.chunks_exact(2).enumerate() {
                 if let Some(what) = f16_problem(u16::from_le_bytes([c[0], c[1]])) {
-                    return Err(format!("{ty}: found {what} value at index {i}"));
+                    return Err(TensorError::NonFinite {
+                        ty,
+                        what,
+                        field: None,
+                        index: i,
+                    });
                 }
             }
         }
@@ -341,7 +367,12 @@ pub fn validate_row_data(ty: GgmlType, bytes: &[u8]) -> Result<(), String> {
                 let bits = u16::from_le_bytes([c[0], c[1]]) & 0x7fff;
                 if bits >= 0x7f80 {
                     let what = if bits > 0x7f80 { "NaN" } else { "inf" };
-                    return Err(format!("{ty}: found {what} value at index {i}"));
+                    return Err(TensorError::NonFinite {
+                        ty,
+                        what,
+                        field: None,
+                        index: i,
+                    });
                 }
             }
         }
@@ -351,7 +382,12 @@ pub fn validate_row_data(ty: GgmlType, bytes: &[u8]) -> Result<(), String> {
                 let d = f32::from_le_bytes([blk[0], blk[1], blk[2], blk[3]]);
                 if !d.is_finite() {
                     let what = if d.is_nan() { "NaN" } else { "inf" };
-                    return Err(format!("{ty}: found {what} in d of block {i}"));
+                    return Err(TensorError::NonFinite {
+                        ty,
+                        what,
+                        field: Some("d"),
+                        index: i,
+                    });
                 }
             }
         }
@@ -360,7 +396,12 @@ pub fn validate_row_data(ty: GgmlType, bytes: &[u8]) -> Result<(), String> {
             for (i, blk) in bytes.chunks_exact(size).enumerate() {
                 for &(off, name) in fields {
                     if let Some(what) = f16_problem(u16::from_le_bytes([blk[off], blk[off + 1]])) {
-                        return Err(format!("{ty}: found {what} in {name} of block {i}"));
+                        return Err(TensorError::NonFinite {
+                            ty,
+                            what,
+                            field: Some(name),
+                            index: i,
+                        });
                     }
                 }
             }
@@ -372,6 +413,9 @@ pub fn validate_row_data(ty: GgmlType, bytes: &[u8]) -> Result<(), String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::q6_k::BlockQ6K;
+    use crate::q8_0::BlockQ8_0;
+    use crate::q8_k::BlockQ8K;
 
     fn data(n: usize) -> Vec<f32> {
         (0..n)
@@ -473,16 +517,18 @@ mod tests {
             // Poison the second block's first scale field.
             let off = ty.type_size() + fp16_scale_offsets(ty).first().map_or(0, |f| f.0);
             q[off..off + 2].copy_from_slice(&0x7c01u16.to_le_bytes());
-            let e = validate_row_data(ty, &q).unwrap_err();
+            let e = validate_row_data(ty, &q).unwrap_err().to_string();
             assert!(e.contains("NaN") && e.contains(" 1"), "{ty}: {e}");
             q[off..off + 2].copy_from_slice(&0xfc00u16.to_le_bytes());
-            let e = validate_row_data(ty, &q).unwrap_err();
+            let e = validate_row_data(ty, &q).unwrap_err().to_string();
             assert!(e.contains("inf"), "{ty}: {e}");
             assert!(validate_row_data(ty, &q[..q.len() - 1]).is_err());
         }
         let mut q = quantize(GgmlType::Q4K, &src, 1024).unwrap();
         q[144 * 3 + 2..144 * 3 + 4].copy_from_slice(&0x7e00u16.to_le_bytes());
-        let e = validate_row_data(GgmlType::Q4K, &q).unwrap_err();
+        let e = validate_row_data(GgmlType::Q4K, &q)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("dmin") && e.contains("block 3"), "{e}");
 
         let mut f = quantize(GgmlType::F32, &src, 1024).unwrap();
@@ -490,12 +536,14 @@ mod tests {
         f[40..44].copy_from_slice(&f32::NAN.to_le_bytes());
         assert!(validate_row_data(GgmlType::F32, &f)
             .unwrap_err()
+            .to_string()
             .contains("index 10"));
         let mut b = quantize(GgmlType::BF16, &src, 1024).unwrap();
         assert!(validate_row_data(GgmlType::BF16, &b).is_ok());
         b[6..8].copy_from_slice(&0xff80u16.to_le_bytes());
         assert!(validate_row_data(GgmlType::BF16, &b)
             .unwrap_err()
+            .to_string()
             .contains("inf value at index 3"));
     }
 }

@@ -3,8 +3,8 @@
 
 pub use ggpt_gguf::GgmlType;
 
-/// Whether ggpt can multiply a weight stored in this type (the runtime's set).
+/// Whether ggpt can multiply a weight stored in this type (the runtime's set, from
+/// [`crate::format::FORMATS`]).
 pub fn is_supported_weight(ty: GgmlType) -> bool {
-    use GgmlType::*;
-    matches!(ty, F32 | F16 | BF16 | Q8_0 | Q4K | Q5K | Q6K)
+    crate::format::is_weight_type(ty)
 }

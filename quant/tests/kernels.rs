@@ -5,8 +5,9 @@
 //! - matmul equals a naive loop of dot products for ragged shapes, token counts and threads.
 
 use ggpt_quant::act;
-use ggpt_quant::dot::{self, available_isas, kernels_for, Isa, Kernels};
-use ggpt_quant::matmul::{matmul_with, QMatrix, Scratch};
+use ggpt_quant::cpu::{self, available_isas, Isa, Level};
+use ggpt_quant::format::{DotFn, GemmFn, PackFn, PackedGemmFn, Tile, WeightFormat};
+use ggpt_quant::matmul::{matmul_at, QMatrix, Scratch};
 use ggpt_quant::q4_k::BlockQ4K;
 use ggpt_quant::q5_k::BlockQ5K;
 use ggpt_quant::q6_k::BlockQ6K;
@@ -256,8 +257,9 @@ fn q8_0_activation_quantization_matches_ggml_cpu_path() {
         "CPU-path (127/amax, round-half-even) Q8_0 differs from ggml"
     );
 
-    // The fixture has no exact ties, so ggml's reference quantizer reproduces it as well...
-    act::quantize_q8_0_ref(&x, &mut out);
+    // The fixture has no exact ties, so ggml's reference quantizer (the one that writes Q8_0
+    // weight files) reproduces it as well...
+    BlockQ8_0::from_float(&x, &mut out);
     let reference: Vec<u8> = out.iter().flat_map(q8_0_bytes).collect();
     assert_eq!(reference, expect, "reference Q8_0 differs from ggml");
     // ...but the two differ on ties: with amax = 127 the multiplier is 1 and x.5 values are
@@ -270,7 +272,7 @@ fn q8_0_activation_quantization_matches_ggml_cpu_path() {
     }];
     act::quantize_q8_0(&x, &mut b);
     assert_eq!(b[0].qs[..5], [127, 0, 2, 2, 0]);
-    act::quantize_q8_0_ref(&x, &mut b);
+    BlockQ8_0::from_float(&x, &mut b);
     assert_eq!(b[0].qs[..5], [127, 1, 2, 3, -1]);
 }
 
@@ -301,6 +303,94 @@ fn q8k_quantizer_edge_cases() {
         y[0].bsums[0],
         y[0].qs[..16].iter().map(|&q| q as i16).sum::<i16>()
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// every level's kernels, gathered per level from the per-format tables
+
+/// The dot kernels of every format at one level.
+struct Kernels {
+    isa: Isa,
+    level: Level,
+    q4k_q8k: DotFn<BlockQ4K, BlockQ8K>,
+    q5k_q8k: DotFn<BlockQ5K, BlockQ8K>,
+    q6k_q8k: DotFn<BlockQ6K, BlockQ8K>,
+    q8_0_q8_0: DotFn<BlockQ8_0, BlockQ8_0>,
+    f16_f32: DotFn<f16, f32>,
+    bf16_f32: DotFn<bf16, f32>,
+    f32_f32: DotFn<f32, f32>,
+    tile: Option<&'static TileKernels>,
+}
+
+/// The tile kernels of every format at one level.
+struct TileKernels {
+    pack_q4k: fn(&[BlockQ4K], &mut [KPacked]),
+    pack_q5k: fn(&[BlockQ5K], &mut [KPacked]),
+    pack_q6k: fn(&[BlockQ6K], &mut [KPacked]),
+    pack_q8_0: fn(&[BlockQ8_0], &mut [Q8_0Packed]),
+    kq: GemmFn<KPacked, Q8KTile>,
+    q8_0: GemmFn<Q8_0Packed, Q8_0Tile>,
+    f16: GemmFn<f16, f32>,
+    bf16: GemmFn<bf16, f32>,
+    f32: GemmFn<f32, f32>,
+}
+
+fn packed<W: WeightFormat>(l: Level) -> Option<(PackFn<W>, PackedGemmFn<W>)> {
+    match W::kernels(l).tile? {
+        Tile::Packed { pack, gemm } => Some((pack, gemm)),
+        Tile::Direct(_) => panic!("{} tile kernels take packed rows", W::TYPE),
+    }
+}
+
+fn direct<W: WeightFormat>(l: Level) -> Option<GemmFn<W, W::Act>> {
+    match W::kernels(l).tile? {
+        Tile::Direct(gemm) => Some(gemm),
+        Tile::Packed { .. } => panic!("{} tile kernels take rows as stored", W::TYPE),
+    }
+}
+
+/// The kernels of `isa`, or `None` if this CPU cannot run it.
+fn kernels_for(isa: Isa) -> Option<&'static Kernels> {
+    let l = isa.level()?;
+    let tile = match (
+        packed::<BlockQ4K>(l),
+        packed::<BlockQ5K>(l),
+        packed::<BlockQ6K>(l),
+        packed::<BlockQ8_0>(l),
+        direct::<f16>(l),
+        direct::<bf16>(l),
+        direct::<f32>(l),
+    ) {
+        (Some(q4), Some(q5), Some(q6), Some(q8), Some(f16), Some(bf16), Some(f32)) => {
+            // One K-quant gemm serves all three K formats.
+            assert!(q4.1 as usize == q5.1 as usize && q5.1 as usize == q6.1 as usize);
+            Some(&*Box::leak(Box::new(TileKernels {
+                pack_q4k: q4.0,
+                pack_q5k: q5.0,
+                pack_q6k: q6.0,
+                pack_q8_0: q8.0,
+                kq: q4.1,
+                q8_0: q8.1,
+                f16,
+                bf16,
+                f32,
+            })))
+        }
+        (None, None, None, None, None, None, None) => None,
+        _ => panic!("{isa}: tile kernels for some formats only"),
+    };
+    Some(Box::leak(Box::new(Kernels {
+        isa,
+        level: l,
+        q4k_q8k: BlockQ4K::kernels(l).dot,
+        q5k_q8k: BlockQ5K::kernels(l).dot,
+        q6k_q8k: BlockQ6K::kernels(l).dot,
+        q8_0_q8_0: BlockQ8_0::kernels(l).dot,
+        f16_f32: f16::kernels(l).dot,
+        bf16_f32: bf16::kernels(l).dot,
+        f32_f32: f32::kernels(l).dot,
+        tile,
+    })))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -550,8 +640,8 @@ fn simd_q8_0_and_float_equal_scalar_on_random_data() {
 #[test]
 fn dispatch_is_one_of_the_available_levels() {
     let avail = available_isas();
-    assert!(avail.contains(&dot::isa()));
-    assert_eq!(dot::kernels().isa, dot::isa());
+    assert!(avail.contains(&cpu::isa()));
+    assert_eq!(cpu::level().isa(), cpu::isa());
     for i in Isa::ALL {
         assert_eq!(Isa::from_name(i.name()), Some(i));
         assert_eq!(kernels_for(i).is_some(), avail.contains(&i));
@@ -743,7 +833,7 @@ fn matmul_equals_naive_loop_for_ragged_shapes_and_thread_counts() {
                         let mut scratch = Scratch::default();
                         let bias = use_bias.then_some(&c.bias[..]);
                         pool.install(|| {
-                            matmul_with(k, &w, &c.x, n_tokens, bias, &mut y, &mut scratch)
+                            matmul_at(k.level, &w, &c.x, n_tokens, bias, &mut y, &mut scratch)
                         });
                         for (i, (&got, &want)) in y.iter().zip(&c.naive).enumerate() {
                             let b = if use_bias { c.bias[i % rows] } else { 0.0 };
@@ -867,8 +957,8 @@ fn scalar_f16_conversion_is_exact_for_every_bit_pattern() {
 #[test]
 fn ggpt_isa_env_forces_an_available_level() {
     if let Ok(want) = std::env::var("GGPT_ISA_EXPECT") {
-        assert_eq!(dot::isa().name(), want);
-        assert_eq!(dot::kernels().isa.name(), want);
+        assert_eq!(cpu::isa().name(), want);
+        assert_eq!(cpu::level().isa().name(), want);
         return;
     }
     let best = *available_isas().last().unwrap();
@@ -921,7 +1011,7 @@ fn ggpt_isa_env_forces_an_available_level() {
 // Prefill tile kernels (`TileKernels`) of every level that has them, called directly.
 
 use ggpt_quant::act::{Q8KTile, Q8_0Tile};
-use ggpt_quant::dot::{KPacked, Q8_0Packed, TileKernels};
+use ggpt_quant::dot::{KPacked, Q8_0Packed};
 
 /// (level, its tile kernels) for every available level that has tile kernels.
 fn tile_levels() -> Vec<(Isa, &'static TileKernels)> {
@@ -985,7 +1075,7 @@ fn tile_q8_0(
 
 /// A float gemm over `rows` weight rows and `x` token rows; `[token][row]`.
 fn tile_float<E: Copy>(
-    gemm: dot::GemmFn<E, f32>,
+    gemm: GemmFn<E, f32>,
     rows: &[Vec<E>],
     x: &[Vec<f32>],
     bias: Option<&[f32]>,
@@ -1388,7 +1478,7 @@ fn tile_packing_matches_the_documented_layout() {
                     &mut vals,
                 );
                 check_qs(&format!("{isa} q4k"), p, &vals);
-                let (sc, mn) = dot::scalar::unpack_scales_mins(&x.scales);
+                let (sc, mn) = ggpt_quant::kscale::unpack_scales_mins(&x.scales);
                 for g in 0..16 {
                     assert_eq!(
                         p.ws[g],
@@ -1414,7 +1504,7 @@ fn tile_packing_matches_the_documented_layout() {
                     &mut vals,
                 );
                 check_qs(&format!("{isa} q5k"), p, &vals);
-                let (sc, mn) = dot::scalar::unpack_scales_mins(&x.scales);
+                let (sc, mn) = ggpt_quant::kscale::unpack_scales_mins(&x.scales);
                 for g in 0..16 {
                     assert_eq!(
                         p.ws[g],

@@ -96,7 +96,6 @@ pub fn check_tensor_set(file: &GgufFile, n_layer: u64) -> Result<(), LoadError> 
     })
 }
 
-const MATRIX_TYPES: &str = "F32, F16, BF16, Q8_0, Q4_K, Q5_K, Q6_K";
 const VECTOR_TYPES: &str = "F32, F16, BF16";
 
 /// A 2-D weight in the mapped file: `rows` rows of `cols` values (ne0 = cols, contiguous).
@@ -113,12 +112,8 @@ pub struct Matrix {
 impl Matrix {
     /// Borrow the weight from `file` (the file it was loaded from) for a matmul.
     pub fn view<'a>(&self, file: &'a GgufFile) -> QMatrix<'a> {
-        QMatrix {
-            ty: self.ty,
-            rows: self.rows,
-            cols: self.cols,
-            data: file.tensor_data(&self.info),
-        }
+        QMatrix::new(self.ty, self.rows, self.cols, file.tensor_data(&self.info))
+            .expect("the matrix was checked when the model was loaded")
     }
 
     /// The bytes of row `r` (`None` if `r` is out of range).
@@ -278,7 +273,7 @@ impl Loader<'_> {
                 file: self.path.clone(),
                 name: name.to_string(),
                 ty: info.ty,
-                supported: MATRIX_TYPES,
+                supported: ggpt_quant::format::weight_type_list(),
             });
         }
         let bad = |what: String| LoadError::BadValues {
@@ -331,7 +326,7 @@ impl Loader<'_> {
         };
         let mut out = vec![0.0f32; n as usize];
         ggpt_quant::tensor::dequantize(info.ty, self.file.tensor_data(info), &mut out)
-            .map_err(bad)?;
+            .map_err(|e| bad(e.to_string()))?;
         if let Some(i) = out.iter().position(|v| !v.is_finite()) {
             return Err(bad(format!("element {i} is {}", out[i])));
         }

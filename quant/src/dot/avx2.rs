@@ -8,8 +8,8 @@
 //!
 //! The multi-token (prefill) kernels of this level are in `avx2_tile.rs`.
 
-use super::scalar::scales_mins_bytes;
-use super::{Isa, Kernels};
+use crate::kscale::scales_mins_bytes;
+
 use crate::q4_k::BlockQ4K;
 use crate::q5_k::BlockQ5K;
 use crate::q6_k::BlockQ6K;
@@ -129,7 +129,7 @@ unsafe fn q6k_q8k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
             let qh = load(x.qh.as_ptr().add(32 * h));
             let ql0 = load(x.ql.as_ptr().add(64 * h));
             let ql1 = load(x.ql.as_ptr().add(64 * h + 32));
-            // The four 32-value runs of this half and the qh bit pair each takes (B1).
+            // The four 32-value runs of this half and the qh bit pair each takes.
             let runs = [
                 _mm256_or_si256(
                     _mm256_and_si256(ql0, m4),
@@ -253,46 +253,34 @@ unsafe fn f32_f32_impl(w: &[f32], a: &[f32]) -> f32 {
     float_dot(n, a, |i| _mm256_loadu_ps(w.as_ptr().add(i)), |i| w[i])
 }
 
-// Safe entry points. SAFETY (all): only reachable through the `AVX2` table, which
-// `kernels_for` hands out after detecting AVX2, FMA and F16C; block accesses go through `zip`,
+// Safe entry points. SAFETY (all): only reachable through a `Kernels` entry for a
+// `cpu::Level` that was checked for AVX2, FMA and F16C; block accesses go through `zip`,
 // and raw loads stay inside a block or below `n = min(len)` elements.
-fn q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+pub(crate) fn q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     // SAFETY: see above.
     unsafe { q4k_q8k_impl(w, a) }
 }
-fn q5k_q8k(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
+pub(crate) fn q5k_q8k(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
     // SAFETY: see above.
     unsafe { q5k_q8k_impl(w, a) }
 }
-fn q6k_q8k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+pub(crate) fn q6k_q8k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     // SAFETY: see above.
     unsafe { q6k_q8k_impl(w, a) }
 }
-fn q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
+pub(crate) fn q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
     // SAFETY: see above.
     unsafe { q8_0_q8_0_impl(w, a) }
 }
-fn f16_f32(w: &[f16], a: &[f32]) -> f32 {
+pub(crate) fn f16_f32(w: &[f16], a: &[f32]) -> f32 {
     // SAFETY: see above.
     unsafe { f16_f32_impl(w, a) }
 }
-fn bf16_f32(w: &[bf16], a: &[f32]) -> f32 {
+pub(crate) fn bf16_f32(w: &[bf16], a: &[f32]) -> f32 {
     // SAFETY: see above.
     unsafe { bf16_f32_impl(w, a) }
 }
-fn f32_f32(w: &[f32], a: &[f32]) -> f32 {
+pub(crate) fn f32_f32(w: &[f32], a: &[f32]) -> f32 {
     // SAFETY: see above.
     unsafe { f32_f32_impl(w, a) }
 }
-
-pub(super) static AVX2: Kernels = Kernels {
-    isa: Isa::Avx2,
-    q4k_q8k,
-    q5k_q8k,
-    q6k_q8k,
-    q8_0_q8_0,
-    f16_f32,
-    bf16_f32,
-    f32_f32,
-    tile: Some(&super::avx2_tile::TILE),
-};

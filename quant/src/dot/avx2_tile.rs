@@ -1,4 +1,4 @@
-//! AVX2 + FMA + F16C multi-token (prefill) kernels: the [`TileKernels`] of the `avx2` level.
+//! AVX2 + FMA + F16C multi-token (prefill) kernels: the tile entries of the `avx2` level.
 //!
 //! The layouts are the shared ones (docs/kernels.md): activations in `act::Q8KTile` /
 //! `act::Q8_0Tile`, weights packed into `KPacked` / `Q8_0Packed` with one 16-value group (or one
@@ -12,13 +12,13 @@
 //! pair sums) followed by `vpmaddwd` with ones (i16 pairs → i32). The i16 stage is where
 //! saturation could bite; the bounds are next to each kernel.
 //!
-//! Everything here is only reachable through the `AVX2` table, which `kernels_for` hands out
-//! after checking the CPU for AVX2, FMA and F16C.
+//! Everything here is only reachable through `WeightFormat::kernels` for a `cpu::Level` that
+//! was checked for AVX2, FMA and F16C.
 
 use super::avx2::{f16_to_f32, load};
-use super::scalar::scales_mins_bytes;
-use super::{gemm_shape, KPacked, Q8_0Packed, TileKernels};
+use super::{gemm_shape, KPacked, Q8_0Packed};
 use crate::act::{q8_0_tiles, Q8KTile, Q8_0Tile};
+use crate::kscale::scales_mins_bytes;
 use crate::q4_k::BlockQ4K;
 use crate::q5_k::BlockQ5K;
 use crate::q6_k::BlockQ6K;
@@ -73,7 +73,7 @@ unsafe fn k4_factors(p: &mut KPacked, scales: &[u8; 12], d: f16, dmin: f16) {
 }
 
 /// Q4_K nibbles (0..15) in element order: chunk c's low nibbles are elements 64c..64c+32, its
-/// high nibbles the next 32 (reference-facts B1).
+/// high nibbles the next 32.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn unpack_q4k(qs: &[u8; 128]) -> [__m256i; 8] {
@@ -118,7 +118,7 @@ unsafe fn pack_q6k_impl(row: &[BlockQ6K], out: &mut [KPacked]) {
     let m30 = _mm256_set1_epi8(0x30);
     for (x, p) in row.iter().zip(out.iter_mut()) {
         // Values 0..63 (before the −32 offset), in element order: half h's four 32-value runs
-        // take the low/high nibbles of ql and bit pairs 0-1, 2-3, 4-5, 6-7 of qh (B1).
+        // take the low/high nibbles of ql and bit pairs 0-1, 2-3, 4-5, 6-7 of qh.
         let mut v = [_mm256_setzero_si256(); 8];
         for h in 0..2 {
             let qh = load(x.qh.as_ptr().add(32 * h));
@@ -538,36 +538,42 @@ unsafe fn float_gemm_impl<E: FloatWeight>(
     }
 }
 
-// Safe entry points. SAFETY (all): reachable only through the `AVX2` table, which
-// `kernels_for` hands out after detecting AVX2, FMA and F16C. The packers walk blocks with
+// Safe entry points. SAFETY (all): reachable only through a `Kernels` entry for a
+// `cpu::Level` that was checked for AVX2, FMA and F16C. The packers walk blocks with
 // `zip` and read/write whole blocks; `gemm_shape` establishes that every pointer offset the
 // gemms form (row r < rows, token t < tokens, element i < n, tails read only `n % 8` values)
 // stays inside the slices.
-fn pack_q4k(row: &[BlockQ4K], out: &mut [KPacked]) {
+pub(crate) fn pack_q4k(row: &[BlockQ4K], out: &mut [KPacked]) {
     assert_eq!(row.len(), out.len(), "pack_q4k: length");
     // SAFETY: see above.
     unsafe { pack_q4k_impl(row, out) }
 }
-fn pack_q5k(row: &[BlockQ5K], out: &mut [KPacked]) {
+pub(crate) fn pack_q5k(row: &[BlockQ5K], out: &mut [KPacked]) {
     assert_eq!(row.len(), out.len(), "pack_q5k: length");
     // SAFETY: see above.
     unsafe { pack_q5k_impl(row, out) }
 }
-fn pack_q6k(row: &[BlockQ6K], out: &mut [KPacked]) {
+pub(crate) fn pack_q6k(row: &[BlockQ6K], out: &mut [KPacked]) {
     assert_eq!(row.len(), out.len(), "pack_q6k: length");
     // SAFETY: see above.
     unsafe { pack_q6k_impl(row, out) }
 }
-fn pack_q8_0(row: &[BlockQ8_0], out: &mut [Q8_0Packed]) {
+pub(crate) fn pack_q8_0(row: &[BlockQ8_0], out: &mut [Q8_0Packed]) {
     assert_eq!(q8_0_tiles(row.len()), out.len(), "pack_q8_0: length");
     pack_q8_0_rows(row, out)
 }
-fn kq_gemm(w: &[KPacked], a: &[Q8KTile], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+pub(crate) fn kq_gemm(
+    w: &[KPacked],
+    a: &[Q8KTile],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [&mut [f32]],
+) {
     gemm_shape(w.len(), a.len(), n, bias, out);
     // SAFETY: see above.
     unsafe { kq_gemm_impl(w, a, n, bias, out) }
 }
-fn q8_0_gemm(
+pub(crate) fn q8_0_gemm(
     w: &[Q8_0Packed],
     a: &[Q8_0Tile],
     n: usize,
@@ -578,30 +584,36 @@ fn q8_0_gemm(
     // SAFETY: see above.
     unsafe { q8_0_gemm_impl(w, a, n, bias, out) }
 }
-fn f16_gemm(w: &[f16], a: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+pub(crate) fn f16_gemm(
+    w: &[f16],
+    a: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [&mut [f32]],
+) {
     gemm_shape(w.len(), a.len(), n, bias, out);
     // SAFETY: see above.
     unsafe { float_gemm_impl(w, a, n, bias, out) }
 }
-fn bf16_gemm(w: &[bf16], a: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+pub(crate) fn bf16_gemm(
+    w: &[bf16],
+    a: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [&mut [f32]],
+) {
     gemm_shape(w.len(), a.len(), n, bias, out);
     // SAFETY: see above.
     unsafe { float_gemm_impl(w, a, n, bias, out) }
 }
-fn f32_gemm(w: &[f32], a: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+pub(crate) fn f32_gemm(
+    w: &[f32],
+    a: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [&mut [f32]],
+) {
     gemm_shape(w.len(), a.len(), n, bias, out);
     // SAFETY: see above.
     unsafe { float_gemm_impl(w, a, n, bias, out) }
 }
-
-pub(super) static TILE: TileKernels = TileKernels {
-    pack_q4k,
-    pack_q5k,
-    pack_q6k,
-    pack_q8_0,
-    kq: kq_gemm,
-    q8_0: q8_0_gemm,
-    f16: f16_gemm,
-    bf16: bf16_gemm,
-    f32: f32_gemm,
-};

@@ -16,9 +16,9 @@
 
 #![allow(clippy::missing_safety_doc)]
 
-use super::scalar::scales_mins_bytes;
-use super::{gemm_shape, KPacked, Kernels, Q8_0Packed, TileKernels};
+use super::{gemm_shape, KPacked, Q8_0Packed};
 use crate::act::{Q8KTile, Q8_0Tile};
+use crate::kscale::scales_mins_bytes;
 use crate::q4_k::BlockQ4K;
 use crate::q5_k::BlockQ5K;
 use crate::q6_k::BlockQ6K;
@@ -55,7 +55,7 @@ pub(crate) const PERM4_MINS: [u16; 16] =
 
 macro_rules! avx512_family {
     ($name:ident, $features:literal, $dp:item, $dp_full:item, $q8_pair:item) => {
-        pub(super) mod $name {
+        pub(crate) mod $name {
             use super::*;
             use half::bf16; // explicit, over std::arch's own `bf16`
             use std::arch::x86_64::*;
@@ -731,7 +731,7 @@ macro_rules! avx512_family {
             }
 
             // Safe entry points for the tile kernels. SAFETY (all): reachable only through
-            // this build's tables (CPU features checked by `kernels_for`); `gemm_shape` /
+            // `WeightFormat::kernels` for a `cpu::Level` checked for this build's features; `gemm_shape` /
             // the length checks below establish that every pointer offset the kernels form
             // (row r < rows, token t < tokens, element i < n) stays inside the slices.
             pub(crate) fn pack_q4k(row: &[BlockQ4K], out: &mut [KPacked]) {
@@ -780,20 +780,8 @@ macro_rules! avx512_family {
                 unsafe { f32_gemm_impl(w, a, n, bias, out) }
             }
 
-            pub(crate) static TILE: TileKernels = TileKernels {
-                pack_q4k,
-                pack_q5k,
-                pack_q6k,
-                pack_q8_0,
-                kq: kq_gemm,
-                q8_0: q8_0_gemm,
-                f16: f16_gemm,
-                bf16: bf16_gemm,
-                f32: f32_gemm,
-            };
-
-            // Safe entry points. SAFETY (all): these are only reachable through a `Kernels`
-            // table that `kernels_for` hands out after checking that the CPU supports this
+            // Safe entry points. SAFETY (all): these are only reachable through a
+            // `WeightFormat::kernels` entry for a `cpu::Level` checked to support this
             // build's features; slice accesses are bounds-checked by `zip`/indexing, and every
             // raw load reads inside a block or inside `n = min(len)` elements (masked tails).
             pub(crate) fn q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
@@ -899,27 +887,3 @@ avx512_family!(
         )
     }
 );
-
-pub(super) static PLAIN: Kernels = Kernels {
-    isa: super::Isa::Avx512,
-    q4k_q8k: plain::q4k_q8k,
-    q5k_q8k: plain::q5k_q8k,
-    q6k_q8k: plain::q6k_q8k,
-    q8_0_q8_0: plain::q8_0_q8_0,
-    f16_f32: plain::f16_f32,
-    bf16_f32: plain::bf16_f32,
-    f32_f32: plain::f32_f32,
-    tile: Some(&plain::TILE),
-};
-
-pub(super) static VNNI: Kernels = Kernels {
-    isa: super::Isa::Avx512Vnni,
-    q4k_q8k: vnni::q4k_q8k,
-    q5k_q8k: vnni::q5k_q8k,
-    q6k_q8k: vnni::q6k_q8k,
-    q8_0_q8_0: vnni::q8_0_q8_0,
-    f16_f32: vnni::f16_f32,
-    bf16_f32: vnni::bf16_f32,
-    f32_f32: vnni::f32_f32,
-    tile: Some(&vnni::TILE),
-};

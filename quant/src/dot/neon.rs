@@ -10,8 +10,7 @@
 //! Tested on x86 hosts under qemu user-mode emulation (tests/neon.sh): quant/tests/kernels.rs
 //! compares both builds with the scalar reference and ggml's fixtures.
 
-use super::scalar::scales_mins_bytes;
-use super::{Isa, Kernels};
+use crate::kscale::scales_mins_bytes;
 use crate::q4_k::BlockQ4K;
 use crate::q5_k::BlockQ5K;
 use crate::q6_k::BlockQ6K;
@@ -21,7 +20,7 @@ use half::f16;
 
 macro_rules! neon_family {
     ($name:ident, $features:literal, $dot16:item) => {
-        pub(super) mod $name {
+        pub(crate) mod $name {
             use super::*;
             use half::bf16;
             use std::arch::aarch64::*;
@@ -145,7 +144,7 @@ macro_rules! neon_family {
                             let ql0 = vld1q_u8(x.ql.as_ptr().add(64 * h + l));
                             let ql1 = vld1q_u8(x.ql.as_ptr().add(64 * h + 32 + l));
                             let qh = vld1q_u8(x.qh.as_ptr().add(32 * h + l));
-                            // Elements l, l+32, l+64, l+96 of this half (reference-facts B1).
+                            // Elements l, l+32, l+64, l+96 of this half.
                             let q = [
                                 vorrq_u8(vandq_u8(ql0, m4), vshlq_n_u8::<4>(vandq_u8(qh, m3))),
                                 vorrq_u8(vandq_u8(ql1, m4), vshlq_n_u8::<4>(vandq_u8(vshrq_n_u8::<2>(qh), m3))),
@@ -233,7 +232,7 @@ macro_rules! neon_family {
             }
 
             // Safe entry points. SAFETY (all): only reachable through this build's `Kernels`
-            // table, handed out by `kernels_for` after the CPU was checked for its features;
+            // `WeightFormat::kernels` entry for a `cpu::Level` checked for its features;
             // block accesses go through `zip`, raw loads stay inside a block or below
             // `n = min(len)` elements.
             pub(crate) fn q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
@@ -288,7 +287,7 @@ neon_family!(
     #[inline]
     unsafe fn dot16(mut acc: int32x4_t, a: int8x16_t, b: int8x16_t) -> int32x4_t {
         // SAFETY: `sdot` only reads the three registers; the enclosing function requires
-        // `dotprod`, which `kernels_for` checked before handing out this build.
+        // `dotprod`, which `cpu::Level` checked before this build is reachable.
         unsafe {
             std::arch::asm!(
                 "sdot {acc:v}.4s, {a:v}.16b, {b:v}.16b",
@@ -301,27 +300,3 @@ neon_family!(
         acc
     }
 );
-
-pub(super) static NEON: Kernels = Kernels {
-    isa: Isa::Neon,
-    q4k_q8k: plain::q4k_q8k,
-    q5k_q8k: plain::q5k_q8k,
-    q6k_q8k: plain::q6k_q8k,
-    q8_0_q8_0: plain::q8_0_q8_0,
-    f16_f32: plain::f16_f32,
-    bf16_f32: plain::bf16_f32,
-    f32_f32: plain::f32_f32,
-    tile: None,
-};
-
-pub(super) static NEON_DOT: Kernels = Kernels {
-    isa: Isa::NeonDot,
-    q4k_q8k: dot::q4k_q8k,
-    q5k_q8k: dot::q5k_q8k,
-    q6k_q8k: dot::q6k_q8k,
-    q8_0_q8_0: dot::q8_0_q8_0,
-    f16_f32: dot::f16_f32,
-    bf16_f32: dot::bf16_f32,
-    f32_f32: dot::f32_f32,
-    tile: None,
-};

@@ -12,43 +12,7 @@ use crate::q8_0::BlockQ8_0;
 use crate::q8_k::BlockQ8K;
 use half::{bf16, f16};
 
-/// The 8 six-bit (scale, min) pairs of a Q4_K/Q5_K block (ggml `get_scale_min_k4`).
-///
-/// Sub-blocks 0..4 keep their scale and min in the low 6 bits of bytes j and j+4; sub-blocks
-/// 4..8 keep their low 4 bits in the nibbles of byte j+4 and their top 2 bits in the spare
-/// top bits of bytes j-4 (scale) and j (min).
-#[inline(always)]
-pub fn unpack_scales_mins(s: &[u8; 12]) -> ([u8; 8], [u8; 8]) {
-    let mut sc = [0u8; 8];
-    let mut mn = [0u8; 8];
-    for j in 0..4 {
-        sc[j] = s[j] & 63;
-        mn[j] = s[j + 4] & 63;
-    }
-    for j in 4..8 {
-        sc[j] = (s[j + 4] & 0x0f) | ((s[j - 4] >> 6) << 4);
-        mn[j] = (s[j + 4] >> 4) | ((s[j] >> 6) << 4);
-    }
-    (sc, mn)
-}
-
-/// Q4_K/Q5_K 6-bit scales and mins as 16 bytes: scales of sub-blocks 0..8, then their mins.
-/// (Four bytes at a time: the layout of reference-facts B1, applied to u32 words.)
-#[inline(always)]
-pub fn scales_mins_bytes(s: &[u8; 12]) -> [u8; 16] {
-    let w = |i: usize| u32::from_le_bytes([s[i], s[i + 1], s[i + 2], s[i + 3]]);
-    let (a, b, c) = (w(0), w(4), w(8));
-    let sc_lo = a & 0x3f3f_3f3f;
-    let sc_hi = (c & 0x0f0f_0f0f) | ((a >> 2) & 0x3030_3030);
-    let mn_lo = b & 0x3f3f_3f3f;
-    let mn_hi = ((c >> 4) & 0x0f0f_0f0f) | ((b >> 2) & 0x3030_3030);
-    let mut out = [0u8; 16];
-    out[0..4].copy_from_slice(&sc_lo.to_le_bytes());
-    out[4..8].copy_from_slice(&sc_hi.to_le_bytes());
-    out[8..12].copy_from_slice(&mn_lo.to_le_bytes());
-    out[12..16].copy_from_slice(&mn_hi.to_le_bytes());
-    out
-}
+pub use crate::kscale::{scales_mins_bytes, unpack_scales_mins};
 
 /// Σ_j min_j · (sum of the 32 activations of sub-block j), from the Q8_K group sums.
 #[inline(always)]
@@ -120,7 +84,7 @@ pub fn q5k_q8k(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
 pub fn q6k_q8k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     let mut sum = 0.0f32;
     for (x, y) in w.iter().zip(a) {
-        // q[i] for the 256 values, rebuilt in element order (see reference-facts B1).
+        // q[i] for the 256 values, rebuilt in element order.
         let mut q = [0i8; 256];
         for h in 0..2 {
             let ql = &x.ql[64 * h..64 * h + 64];
@@ -156,20 +120,7 @@ pub fn q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
     sum
 }
 
-/// f16 bits to f32, exactly, without branches on the common path so loops vectorise (the
-/// `half` crate converts one value at a time in software on baseline x86-64). Placing the
-/// f16 exponent and mantissa at the f32 positions and multiplying by 2¹¹² rebias the exponent
-/// exactly, for subnormals too; infinities and NaNs get the all-ones exponent.
-#[inline(always)]
-pub fn f16_bits_to_f32(b: u16) -> f32 {
-    let h = b as u32;
-    let em = h & 0x7fff;
-    let mut v = f32::from_bits(em << 13) * f32::from_bits(0x7780_0000);
-    if em >= 0x7c00 {
-        v = f32::from_bits((em << 13) | 0x7f80_0000);
-    }
-    f32::from_bits(v.to_bits() | ((h & 0x8000) << 16))
-}
+pub use crate::f16::f16_bits_to_f32;
 
 /// Σ w·a over 8 interleaved partial sums (so the compiler can vectorise), `w` converted by
 /// `cvt`.

@@ -1,5 +1,5 @@
-//! Helpers shared by the K-quant reference quantizers (ggml-quants.c): `nearest_int`,
-//! `make_qkx2_quants`, `make_qx_quants`, and the 6-bit scale/min packing.
+//! The scale searches of the K-quant reference quantizers (ggml-quants.c): `nearest_int`,
+//! `make_qkx2_quants` (Q4_K, Q5_K) and `make_qx_quants` (Q6_K), scalar and lane-parallel.
 //!
 //! Byte-exactness with ggml depends on doing the same f32 operations in the same order:
 //! ggml-quants.c is compiled into ggml-base without `-march` flags, so there is no FMA
@@ -447,7 +447,7 @@ pub fn make_qkx2_quants_superblock(
 ) -> [(f32, f32); 8] {
     #[cfg(target_arch = "x86_64")]
     {
-        if simd_level() >= SimdLevel::Avx2 {
+        if crate::cpu::avx2() {
             return x86::make_qkx2_quants_superblock(x, w, p, l);
         }
     }
@@ -610,7 +610,7 @@ fn make_qx_quants_lanes(
 pub fn make_qx_quants(x: &[f32; QX_N], nmax: i32, l: &mut [u8; QX_N]) -> f32 {
     #[cfg(target_arch = "x86_64")]
     {
-        if simd_level() >= SimdLevel::Avx2 {
+        if crate::cpu::avx2() {
             return x86::make_qx_quants(x, nmax, l);
         }
     }
@@ -629,7 +629,7 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// `make_qkx2_quants_superblock` with the whole search compiled for AVX2.
-    /// Callers must have checked that the CPU has AVX2 (`simd_level()`).
+    /// Callers must have checked that the CPU has AVX2 (`cpu::avx2()`).
     pub(super) fn make_qkx2_quants_superblock(
         x: &[f32; 256],
         w: &[f32; 256],
@@ -637,14 +637,14 @@ mod x86 {
         l: &mut [u8; 256],
     ) -> [(f32, f32); 8] {
         debug_assert!(std::arch::is_x86_feature_detected!("avx2"));
-        // SAFETY: only called after `simd_level()` confirmed AVX2.
+        // SAFETY: only called after `cpu::avx2()` confirmed AVX2.
         unsafe { qkx2_superblock_avx2(x, w, p, l) }
     }
 
     /// `make_qx_quants` with the whole search compiled for AVX2 (same precondition).
     pub(super) fn make_qx_quants(x: &[f32; QX_N], nmax: i32, l: &mut [u8; QX_N]) -> f32 {
         debug_assert!(std::arch::is_x86_feature_detected!("avx2"));
-        // SAFETY: only called after `simd_level()` confirmed AVX2.
+        // SAFETY: only called after `cpu::avx2()` confirmed AVX2.
         unsafe { make_qx_quants_avx2(x, nmax, l) }
     }
 
@@ -800,62 +800,6 @@ mod x86 {
     }
 }
 
-/// Which vector instructions the lane-parallel searches may use.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub enum SimdLevel {
-    /// Plain Rust arrays (whatever the compiler vectorises for the baseline target).
-    Portable,
-    Avx2,
-}
-
-/// Detected once per process. `GGPT_ISA=scalar` (the switch the dot-product kernels obey
-/// too) forces the portable path, e.g. to compare both in tests; results are identical.
-pub fn simd_level() -> SimdLevel {
-    use std::sync::OnceLock;
-    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
-    *LEVEL.get_or_init(|| {
-        let forced =
-            std::env::var("GGPT_ISA").is_ok_and(|v| v.trim().eq_ignore_ascii_case("scalar"));
-        if forced {
-            return SimdLevel::Portable;
-        }
-        #[cfg(target_arch = "x86_64")]
-        {
-            if std::arch::is_x86_feature_detected!("avx2") {
-                return SimdLevel::Avx2;
-            }
-        }
-        SimdLevel::Portable
-    })
-}
-
-/// Pack sub-block `j`'s 6-bit scale `ls` and min `lm` into the 12-byte K-quant scale array
-/// (layout in reference-facts B1). `scales` must start zeroed for j ≥ 4's top bits to OR in.
-#[inline]
-pub fn set_scale_min_k4(j: usize, ls: u8, lm: u8, scales: &mut [u8; 12]) {
-    if j < 4 {
-        scales[j] = ls;
-        scales[j + 4] = lm;
-    } else {
-        scales[j + 4] = (ls & 0xF) | ((lm & 0xF) << 4);
-        scales[j - 4] |= (ls >> 4) << 6;
-        scales[j] |= (lm >> 4) << 6;
-    }
-}
-
-/// ggml's `get_scale_min_k4`: sub-block `j`'s (scale, min), each 0..=63.
-#[inline(always)]
-pub fn get_scale_min_k4(j: usize, q: &[u8; 12]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        (
-            (q[j + 4] & 0xF) | ((q[j - 4] >> 6) << 4),
-            (q[j + 4] >> 4) | ((q[j] >> 6) << 4),
-        )
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -994,22 +938,5 @@ mod tests {
         let mut l16 = [3u8; 16];
         assert_eq!(make_qx_quants(&[0.0; 16], 32, &mut l16), 0.0);
         assert_eq!(l16, [0; 16]);
-    }
-
-    #[test]
-    fn scale_min_packing_round_trips() {
-        for seed in 0..64u32 {
-            let ls: Vec<u8> = (0..8).map(|j| ((seed * 7 + j * 13) % 64) as u8).collect();
-            let lm: Vec<u8> = (0..8)
-                .map(|j| ((seed * 11 + j * 5 + 3) % 64) as u8)
-                .collect();
-            let mut q = [0u8; 12];
-            for j in 0..8 {
-                set_scale_min_k4(j, ls[j], lm[j], &mut q);
-            }
-            for j in 0..8 {
-                assert_eq!(get_scale_min_k4(j, &q), (ls[j], lm[j]));
-            }
-        }
     }
 }

@@ -1,0 +1,136 @@
+//! Batch invariance: a token's matmul result is bit-identical whatever the number of tokens
+//! in the call and whatever its position among them, for every weight format at every
+//! available instruction-set level, once `matmul::set_batch_invariant(true)` is on (float
+//! formats are invariant without it). The server batches sequences and must give a request
+//! the same logits alone or beside others.
+
+use ggpt_quant::cpu::available_isas;
+use ggpt_quant::format::weight_types;
+use ggpt_quant::matmul::{matmul_at, set_batch_invariant, QMatrix, Scratch};
+use ggpt_quant::{tensor, GgmlType};
+
+/// Deterministic values in about [-1, 1] with a few larger ones, like hidden states.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n)
+        .map(|i| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let v = (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0;
+            if i % 97 == 0 {
+                v * 8.0
+            } else {
+                v
+            }
+        })
+        .collect()
+}
+
+/// `bytes` copied to a 4-byte-aligned buffer (what an mmapped GGUF tensor guarantees).
+fn aligned(bytes: &[u8]) -> Vec<u32> {
+    let mut v = vec![0u32; bytes.len().div_ceil(4)];
+    for (i, b) in bytes.iter().enumerate() {
+        v[i / 4] |= (*b as u32) << (8 * (i % 4));
+    }
+    v
+}
+
+fn as_bytes(v: &[u32], len: usize) -> &[u8] {
+    // SAFETY: u32 has no padding; the view covers `len ≤ 4·v.len()` initialised bytes.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), len) }
+}
+
+const MAX_TOKENS: usize = 17;
+
+/// Every (format, shape, level, batch) whose batched rows differ from the tokens alone.
+fn variant_rows(types: &[GgmlType]) -> Vec<String> {
+    let mut failures = Vec::new();
+    for &ty in types {
+        // A row length with a partial Q8_0 tile (25 blocks) and ragged float tails, and one
+        // with several superblocks; 37 rows leaves remainders in every row tiling.
+        let shapes: &[(usize, usize)] = if ty.block_size() == 256 {
+            &[(37, 512), (19, 1280)]
+        } else {
+            &[(37, 800), (19, 1024)]
+        };
+        for &(rows, cols) in shapes {
+            let w = tensor::quantize(ty, &values(rows * cols, 7 + cols as u64), cols)
+                .expect("quantize weights");
+            let buf = aligned(&w);
+            let m = QMatrix::new(ty, rows, cols, as_bytes(&buf, w.len())).expect("valid matrix");
+            let x = values(MAX_TOKENS * cols, 11);
+            let bias = values(rows, 13);
+            for isa in available_isas() {
+                let level = isa.level().expect("available");
+                let mut s = Scratch::default();
+                // Each token alone.
+                let alone: Vec<Vec<f32>> = (0..MAX_TOKENS)
+                    .map(|t| {
+                        let mut y = vec![0.0; rows];
+                        let xt = &x[t * cols..(t + 1) * cols];
+                        matmul_at(level, &m, xt, 1, Some(&bias), &mut y, &mut s);
+                        y
+                    })
+                    .collect();
+                // Batches of 1..=17 tokens starting at token 0, and at token 1 (so a token
+                // also appears at another position).
+                for start in [0, 1] {
+                    for n in 1..=MAX_TOKENS - start {
+                        let mut y = vec![0.0; n * rows];
+                        let xs = &x[start * cols..(start + n) * cols];
+                        matmul_at(level, &m, xs, n, Some(&bias), &mut y, &mut s);
+                        for t in 0..n {
+                            let got = &y[t * rows..(t + 1) * rows];
+                            let want = &alone[start + t];
+                            let diff = got
+                                .iter()
+                                .zip(want)
+                                .position(|(a, b)| a.to_bits() != b.to_bits());
+                            if let Some(r) = diff {
+                                failures.push(format!(
+                                    "{ty} {rows}×{cols} {isa}: token {} of {n} (from {start}) \
+                                     row {r}: {} batched vs {} alone",
+                                    start + t,
+                                    got[r],
+                                    want[r]
+                                ));
+                                break;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+    failures
+}
+
+// One test (this file's only one), because the switch is process-wide.
+#[test]
+fn matmul_rows_are_bit_identical_for_every_token_count_and_position() {
+    let types: Vec<GgmlType> = weight_types().collect();
+    assert!(
+        types.len() >= 7,
+        "every weight format is covered: {types:?}"
+    );
+    // Float formats: always.
+    let floats = [GgmlType::F32, GgmlType::F16, GgmlType::BF16];
+    let failures = variant_rows(&floats);
+    assert!(
+        failures.is_empty(),
+        "{} batched float results differ from the token alone:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    // Every format with the switch on. One line per failing (format, shape, level, batch) so
+    // a regression names its kernel.
+    set_batch_invariant(true);
+    let failures = variant_rows(&types);
+    assert!(
+        failures.is_empty(),
+        "{} batched results differ from the token alone:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+}
