@@ -3,7 +3,7 @@
 //! and top-1 agreement against F16). [`measure_format`] fills a row (for `ggpt compare` and the
 //! Python package's `ggpt.compare`); the rest of this file renders them.
 
-use crate::chart::{scatter_svg, Point};
+use crate::chart::{Chart, Point};
 use crate::memory::{estimate, MemShape, RunShape};
 use crate::model::Model;
 use crate::perplexity::{evaluate, Method};
@@ -199,38 +199,60 @@ pub fn to_json(setup: &Setup, rows: &[FormatRow]) -> serde_json::Value {
     })
 }
 
-/// Two charts: perplexity against file size, and mean KLD against file size.
-pub fn charts(setup: &Setup, rows: &[FormatRow]) -> (String, String) {
-    let ppl: Vec<Point> = rows
-        .iter()
-        .map(|r| Point {
-            label: format!("{} ({:.2} bpw)", r.format, r.bits_per_weight),
-            x: r.file_bytes as f64 / MIB,
-            y: r.ppl,
-        })
-        .collect();
-    let kld: Vec<Point> = rows
-        .iter()
-        .map(|r| Point {
-            label: format!("{} ({:.1} % top-1)", r.format, r.same_top_pct),
-            x: r.file_bytes as f64 / MIB,
-            y: r.mean_kld,
-        })
-        .collect();
-    (
-        scatter_svg(
-            &format!("{}: perplexity vs size", setup.model),
-            "file size (MiB)",
-            "perplexity (lower is better)",
-            &ppl,
+/// Two charts: perplexity (± its standard error) against file size, and mean KLD from F16
+/// against file size on a log axis (F16 itself, the reference at KLD 0, has no place on it).
+pub fn charts(setup: &Setup, rows: &[FormatRow]) -> (Chart, Chart) {
+    let text = std::path::Path::new(&setup.text)
+        .file_name()
+        .map_or(setup.text.clone(), |f| f.to_string_lossy().into_owned());
+    let ppl = Chart {
+        title: format!("{}: perplexity vs file size", setup.model),
+        subtitle: format!(
+            "text: {text}; bars: ± 1 standard error; line: formats no smaller file beats"
         ),
-        scatter_svg(
-            &format!("{}: KL divergence from F16 vs size", setup.model),
-            "file size (MiB)",
-            "mean KLD vs F16 (nats)",
-            &kld,
-        ),
-    )
+        x_label: "file size (MiB)".into(),
+        y_label: "perplexity (lower is better)".into(),
+        log_y: false,
+        points: rows
+            .iter()
+            .map(|r| Point {
+                label: format!("{} ({:.2} bpw)", r.format, r.bits_per_weight),
+                x: r.file_bytes as f64 / MIB,
+                y: r.ppl,
+                y_err: Some(r.ppl_err),
+            })
+            .collect(),
+    };
+    let reference: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.mean_kld <= 0.0)
+        .map(|r| r.format.as_str())
+        .collect();
+    let kld = Chart {
+        title: format!("{}: KL divergence from F16 vs file size", setup.model),
+        subtitle: if reference.is_empty() {
+            format!("text: {text}; line: formats no smaller file beats")
+        } else {
+            format!(
+                "text: {text}; {} is the reference (KLD 0, not drawn on the log axis)",
+                reference.join(", ")
+            )
+        },
+        x_label: "file size (MiB)".into(),
+        y_label: "mean KLD vs F16 (nats, log scale)".into(),
+        log_y: true,
+        points: rows
+            .iter()
+            .filter(|r| r.mean_kld > 0.0)
+            .map(|r| Point {
+                label: format!("{} ({:.1} % top-1)", r.format, r.same_top_pct),
+                x: r.file_bytes as f64 / MIB,
+                y: r.mean_kld,
+                y_err: None,
+            })
+            .collect(),
+    };
+    (ppl, kld)
 }
 
 #[cfg(test)]
@@ -267,7 +289,9 @@ mod tests {
             assert_eq!(f.as_object().unwrap().len(), 20);
         }
         let (a, b) = charts(&Setup::default(), &rows());
-        assert_eq!(a.matches("<circle").count(), 4);
-        assert_eq!(b.matches("<circle").count(), 4);
+        assert_eq!(a.points.len(), 4);
+        // F16's KLD is 0: the reference, left off the log axis and named in the subtitle.
+        assert_eq!(b.points.len(), 3);
+        assert!(b.log_y && b.subtitle.contains("F16 is the reference"));
     }
 }

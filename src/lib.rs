@@ -3,6 +3,7 @@
 pub mod bench;
 pub mod chart;
 pub mod compare;
+pub mod diff;
 pub mod memory;
 pub mod model;
 pub mod npy;

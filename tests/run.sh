@@ -21,3 +21,7 @@ GGPT_BIN="$PWD/target/release/ggpt" python3 -m pytest -q tests/python
 CARGO_TARGET_DIR="$PWD/target" python3 -m pip install --quiet --disable-pip-version-check ./python
 CARGO_TARGET_DIR="$PWD/target" cargo test --release --manifest-path python/Cargo.toml
 GGPT_BIN="$PWD/target/release/ggpt" python3 -m pytest -q python/tests
+
+# The comparison page of ggpt-serve in headless Chromium (playwright-core from npm): skips with
+# the reason if Chromium or Node is missing (.ci/run installs both with apt).
+bash tests/browser/run.sh

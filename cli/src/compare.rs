@@ -1,6 +1,7 @@
 //! `ggpt compare`: the whole job in one command — convert a checkpoint to F16, Q8_0, Q6_K,
-//! Q5_K_M, Q5_K_S and Q4_K_M (reusing files already converted), then measure every format's size, memory, speed
-//! and quality against F16, and write a Markdown table, a JSON report and two SVG charts.
+//! Q5_K_M, Q5_K_S and Q4_K_M (reusing files already converted), then measure every format's size,
+//! memory, speed and quality against F16, and write a Markdown table, a JSON report and two
+//! charts (SVG and PNG).
 //! With no arguments it runs on the bundled tiny GPT-2 and its held-out text.
 
 use super::common::{
@@ -213,16 +214,21 @@ pub fn run(args: Args) -> Result<()> {
     };
     let md = markdown(&setup, &rows);
     print_stdout(&format!("{md}\n"))?;
-    let (ppl_svg, kld_svg) = charts(&setup, &rows);
+    let (ppl_chart, kld_chart) = charts(&setup, &rows);
     write(&out.join("report.md"), md.as_bytes())?;
     write(
         &out.join("report.json"),
         serde_json::to_string_pretty(&to_json(&setup, &rows))?.as_bytes(),
     )?;
-    write(&out.join("ppl_vs_size.svg"), ppl_svg.as_bytes())?;
-    write(&out.join("kld_vs_size.svg"), kld_svg.as_bytes())?;
+    for (stem, chart) in [("ppl_vs_size", &ppl_chart), ("kld_vs_size", &kld_chart)] {
+        write(
+            &out.join(format!("{stem}.svg")),
+            ggpt::chart::svg(chart)?.as_bytes(),
+        )?;
+        write(&out.join(format!("{stem}.png")), &ggpt::chart::png(chart)?)?;
+    }
     super::common::note!(
-        "wrote {}/report.md, report.json, ppl_vs_size.svg, kld_vs_size.svg",
+        "wrote {}/report.md, report.json, ppl_vs_size.{{svg,png}}, kld_vs_size.{{svg,png}}",
         out.display()
     );
     Ok(())

@@ -10,6 +10,7 @@ mod bench;
 mod common;
 mod compare;
 mod convert;
+mod diff;
 mod dump;
 mod features;
 mod inspect;
@@ -57,6 +58,8 @@ pub enum Command {
     Compare(compare::Args),
     /// Serve models over an OpenAI-compatible HTTP API with continuous batching.
     Serve(serve::Args),
+    /// Show token by token where formats depart from a base model (KLD, flips, top-5).
+    Diff(diff::Args),
 }
 
 fn main() {
@@ -88,6 +91,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Perplexity(a) => perplexity::run(a),
         Command::Compare(a) => compare::run(a),
         Command::Serve(a) => serve::run(a),
+        Command::Diff(a) => diff::run(a),
     }
 }
 

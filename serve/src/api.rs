@@ -230,6 +230,7 @@ pub fn router(app: Arc<App>) -> Router {
         .route("/detokenize", post(detokenize))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
+        .merge(crate::page::routes())
         .fallback(|| async { ApiError::status(StatusCode::NOT_FOUND, "no such endpoint") })
         .layer(RequestBodyLimitLayer::new(app.cfg.body_limit))
         .layer(RequestBodyTimeoutLayer::new(t))

@@ -48,6 +48,9 @@ pub struct ServeArgs {
     /// KV cache element type: f16 or f32.
     #[arg(long, default_value = "f16")]
     pub kv_type: KvType,
+    /// `ggpt compare`'s report.json: the comparison page at / shows its table and charts.
+    #[arg(long)]
+    pub report: Option<PathBuf>,
     /// Threads for the forward pass (default: one per core).
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
@@ -95,6 +98,7 @@ impl ServeArgs {
             prefill_chunk: self.prefill_chunk,
             body_limit: self.body_limit,
             kv_type: self.kv_type,
+            report: self.report.clone(),
         })
     }
 }

@@ -19,6 +19,7 @@ pub mod args;
 pub mod engine;
 pub mod error;
 pub mod metrics;
+pub mod page;
 pub mod request;
 pub mod text;
 
@@ -56,6 +57,8 @@ pub struct ServeConfig {
     /// Largest request body in bytes.
     pub body_limit: usize,
     pub kv_type: KvType,
+    /// `compare`'s report.json for the comparison page (page.rs).
+    pub report: Option<PathBuf>,
 }
 
 impl ServeConfig {
@@ -74,6 +77,7 @@ impl ServeConfig {
             prefill_chunk: 256,
             body_limit: 2 << 20,
             kv_type: KvType::F16,
+            report: None,
         }
     }
 }
