@@ -254,7 +254,8 @@ const ENDPOINTS: &[&str] = &[
     "/metrics",
 ];
 
-/// Auth (everything but `/health` and `/metrics` needs the key if one is set), OpenAI-shaped
+/// Auth (everything but `/health`, `/metrics` and the comparison page's static files needs the
+/// key if one is set: the page itself carries no data and asks for the key on a 401), OpenAI-shaped
 /// bodies for the errors the tower layers produce (413, 408, 405), and the request counter.
 async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Response {
     let path = req.uri().path();
@@ -263,7 +264,9 @@ async fn guard(State(app): State<Arc<App>>, req: Request, next: Next) -> Respons
         .find(|e| **e == path)
         .copied()
         .unwrap_or("other");
-    let public = endpoint == "/health" || endpoint == "/metrics";
+    let public = endpoint == "/health"
+        || endpoint == "/metrics"
+        || crate::page::STATIC_PATHS.contains(&path);
     let resp = match &app.cfg.api_key {
         Some(key) if !public && !authorized(req.headers(), key.as_bytes()) => {
             let msg = if req.headers().contains_key(header::AUTHORIZATION) {

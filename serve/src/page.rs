@@ -43,6 +43,10 @@ pub const CHARTS: &[&str] = &[
 /// Most tokens one diff may generate.
 pub const MAX_DIFF_TOKENS: i64 = 512;
 
+/// The page's static files: served without the API key (they hold no data; the page asks for
+/// the key when an API call answers 401).
+pub const STATIC_PATHS: &[&str] = &["/", "/app.js", "/style.css"];
+
 /// The page's routes, to be merged into the server's router.
 pub fn routes() -> Router<Arc<App>> {
     Router::new()

@@ -490,6 +490,16 @@ async fn api_key_is_required_except_for_health() {
     assert_eq!(r.status, 200);
     assert_eq!(http(a, "GET", "/v1/models", &[], b"").await.status, 401);
     assert_eq!(http(a, "GET", "/health", &[], b"").await.status, 200);
+    // The page's static files are public (the page asks for the key); its data is not.
+    assert_eq!(http(a, "GET", "/", &[], b"").await.status, 200);
+    assert_eq!(http(a, "GET", "/app.js", &[], b"").await.status, 200);
+    let diff = json!({"models": [M], "prompt": "a", "max_tokens": 1}).to_string();
+    assert_eq!(
+        http(a, "POST", "/v1/diff", &[], diff.as_bytes())
+            .await
+            .status,
+        401
+    );
     s.shutdown();
     s.join().await.unwrap();
 }
