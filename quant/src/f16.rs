@@ -223,12 +223,14 @@ mod tests {
         let mut wide = vec![0.0f32; all.len()];
         f16_to_f32_row(&all, &mut wide);
         for (h, w) in all.iter().zip(&wide) {
-            assert_eq!(
-                w.to_bits(),
-                f16_to_f32(*h).to_bits(),
-                "{:#06x}",
-                h.to_bits()
-            );
+            let want = f16_to_f32(*h);
+            // A NaN stays a NaN; its payload may differ (aarch64's hardware conversion behind
+            // `half` quiets signalling NaNs, the bit-exact portable path keeps them).
+            if want.is_nan() {
+                assert!(w.is_nan(), "{:#06x}", h.to_bits());
+                continue;
+            }
+            assert_eq!(w.to_bits(), want.to_bits(), "{:#06x}", h.to_bits());
         }
         // f32 inputs around every f16 boundary (ties included), plus NaNs with payloads.
         let mut xs: Vec<f32> = Vec::new();
