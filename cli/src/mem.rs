@@ -76,7 +76,7 @@ pub fn run(args: Args) -> Result<()> {
         .batch
         .unwrap_or(ggpt_models::gpt2::forward::UBATCH)
         .clamp(1, n_ctx);
-    let shape = shape_of(&model);
+    let shape = MemShape::of(model.hparams());
     let tensor_bytes: u64 = model.file().tensors().iter().map(|t| t.size).sum();
     let run = RunShape {
         n_ctx: n_ctx as u64,
@@ -137,18 +137,6 @@ fn mem_available() -> Option<u64> {
     let line = info.lines().find(|l| l.starts_with("MemAvailable:"))?;
     let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
     kib.checked_mul(1024)
-}
-
-/// The memory shape of a loaded model.
-pub fn shape_of(model: &Model) -> MemShape {
-    let hp = model.hparams();
-    MemShape {
-        n_layer: hp.n_layer,
-        n_embd: hp.n_embd,
-        n_ff: hp.n_ff,
-        n_head: hp.n_head,
-        n_vocab: hp.n_vocab,
-    }
 }
 
 /// Prefill (almost) the whole context in micro-batches, decode a few tokens, read /proc.
