@@ -212,10 +212,12 @@ pub fn compare(
         let out = out_dir
             .clone()
             .unwrap_or_else(|| PathBuf::from("out/compare").join(&name));
-        std::fs::create_dir_all(&out).map_err(|e| ggpt::convert::pipeline::OutputError {
-            path: out.clone(),
-            what: "cannot create the output directory",
-            source: e,
+        ggpt::convert::atomic::create_dir_all(&out).map_err(|e| {
+            ggpt::convert::pipeline::OutputError {
+                path: out.clone(),
+                what: "cannot create the output directory",
+                source: e,
+            }
         })?;
         let files: Vec<(FileType, PathBuf)> = FileType::ALL
             .iter()
