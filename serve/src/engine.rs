@@ -658,6 +658,14 @@ pub fn logprob_of(row: &[f32], token: u32, n_top: usize) -> TokenLogprob {
     }
 }
 
+/// Sets the busy-slot and queue-depth gauges from the runners' current state.
+fn publish_occupancy(runners: &[Runner], metrics: &Metrics) {
+    let busy: usize = runners.iter().map(Runner::busy).sum();
+    let waiting: usize = runners.iter().map(|r| r.waiting.len()).sum();
+    metrics.busy_slots.set(busy as f64);
+    metrics.queue_depth.set(waiting as f64);
+}
+
 fn engine_loop(
     mut runners: Vec<Runner>,
     rx: mpsc::Receiver<Job>,
@@ -697,10 +705,14 @@ fn engine_loop(
         if shutdown {
             break;
         }
-        let (mut busy, mut waiting) = (0, 0);
+        // The gauges are published after admission and before the step, so a client that
+        // has seen its first event also sees its slot counted.
         for (m, r) in runners.iter_mut().enumerate() {
             r.reap(&engine, m);
             r.admit();
+        }
+        publish_occupancy(&runners, &metrics);
+        for (m, r) in runners.iter_mut().enumerate() {
             if r.has_work() {
                 let (t, s) = r.step(&engine, m, &metrics);
                 if t > 0 {
@@ -710,11 +722,8 @@ fn engine_loop(
                 // Free slots of clients that left during the step right away.
                 r.reap(&engine, m);
             }
-            busy += r.busy();
-            waiting += r.waiting.len();
         }
-        metrics.busy_slots.set(busy as f64);
-        metrics.queue_depth.set(waiting as f64);
+        publish_occupancy(&runners, &metrics);
     }
     // Shutting down: every sequence still known gets a final error event.
     for (m, r) in runners.iter_mut().enumerate() {
