@@ -144,7 +144,7 @@ fn token(model: &Model, id: u32, p: f64) -> TokenProb {
     TokenProb { id, text, p }
 }
 
-fn run_err(name: &str, e: anyhow::Error) -> DiffError {
+fn run_err(name: &str, e: crate::Error) -> DiffError {
     DiffError::Run {
         model: name.to_string(),
         message: format!("{e:#}"),

@@ -4,6 +4,8 @@ pub mod bench;
 pub mod chart;
 pub mod compare;
 pub mod diff;
+mod error;
+pub mod generate;
 pub mod memory;
 pub mod model;
 pub mod npy;
@@ -12,6 +14,8 @@ pub mod sampler;
 pub mod scoring;
 pub mod session;
 pub mod tokenizer;
+
+pub use error::{Error, Result};
 
 /// The checkpoint converter, with the `convert` feature.
 #[cfg(feature = "convert")]

@@ -20,6 +20,7 @@ use ggpt_gguf::GgufFile;
 use ggpt_models::Gpt2;
 
 use crate::tokenizer::{Tokenizer, TokenizerError};
+use crate::Result;
 
 pub use ggpt_models::{Hparams, KvType, LoadError, RunError};
 
@@ -38,7 +39,7 @@ pub struct NonFiniteWeights {
 ///
 /// ```no_run
 /// use ggpt::model::Model;
-/// # fn main() -> anyhow::Result<()> {
+/// # fn main() -> ggpt::Result<()> {
 /// let model = Model::load("tiny-gpt2-F16.gguf".as_ref())?;
 /// let ids = model.tokenizer().encode("Hello");
 /// println!("{} layers, {} tokens, loaded in {:.1} ms", model.hparams().n_layer, ids.len(), model.load_ms());
@@ -54,7 +55,7 @@ impl Model {
     /// Map and validate a GGUF file: GPT-2 architecture, hyper-parameters, every tensor's
     /// presence, shape and type, the scales of every quantized block, and the tokenizer
     /// tables.
-    pub fn load(path: &Path) -> anyhow::Result<Model> {
+    pub fn load(path: &Path) -> Result<Model> {
         let start = Instant::now();
         let file = GgufFile::open(path)?;
         let mut model = Self::from_file(file)?;
@@ -64,7 +65,7 @@ impl Model {
 
     /// Build a model from an already opened file (e.g. one made in memory with
     /// [`GgufFile::from_bytes`]).
-    pub fn from_file(file: GgufFile) -> anyhow::Result<Model> {
+    pub fn from_file(file: GgufFile) -> Result<Model> {
         let start = Instant::now();
         let file = Arc::new(file);
         let gpt2 = Gpt2::from_gguf(Arc::clone(&file))?;

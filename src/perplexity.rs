@@ -8,7 +8,7 @@
 use crate::model::Model;
 use crate::scoring::{score, Aggregate, Summary, TokenScore};
 use crate::session::Session;
-use anyhow::{bail, Result};
+use crate::Result;
 use rayon::prelude::*;
 use std::fmt;
 use std::time::Instant;
@@ -27,7 +27,8 @@ pub struct Method {
 
 /// Why a [`Method`] cannot run on a model: the window scores no prediction (shorter than 2
 /// tokens, or 3 when only the second half is scored) or is longer than the model's context,
-/// or no window may be evaluated.
+/// no window may be evaluated, the text is shorter than one window, or the base model's
+/// vocabulary differs.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MethodError {
     BadWindow {
@@ -36,6 +37,14 @@ pub enum MethodError {
         max: usize,
     },
     NoChunks,
+    TextTooShort {
+        n_tokens: usize,
+        n_ctx: usize,
+    },
+    BaseVocabDiffers {
+        base: u64,
+        model: u64,
+    },
 }
 
 impl fmt::Display for MethodError {
@@ -47,6 +56,14 @@ impl fmt::Display for MethodError {
                  prediction, at most the model's context)"
             ),
             MethodError::NoChunks => write!(f, "at most 0 windows: nothing to evaluate"),
+            MethodError::TextTooShort { n_tokens, n_ctx } => write!(
+                f,
+                "the text has {n_tokens} tokens, fewer than one window of {n_ctx}"
+            ),
+            MethodError::BaseVocabDiffers { base, model } => write!(
+                f,
+                "the base model's vocabulary ({base}) differs from the model's ({model})"
+            ),
         }
     }
 }
@@ -133,20 +150,20 @@ pub fn evaluate(
     method.validate(model.hparams().n_ctx as usize)?;
     if let Some(b) = base {
         if b.hparams().n_vocab != model.hparams().n_vocab {
-            bail!(
-                "the base model's vocabulary ({}) differs from the model's ({})",
-                b.hparams().n_vocab,
-                model.hparams().n_vocab
-            );
+            return Err(MethodError::BaseVocabDiffers {
+                base: b.hparams().n_vocab,
+                model: model.hparams().n_vocab,
+            }
+            .into());
         }
     }
     let windows = window_count(tokens.len(), &method);
     if windows == 0 {
-        bail!(
-            "the text has {} tokens, fewer than one window of {}",
-            tokens.len(),
-            method.n_ctx
-        );
+        return Err(MethodError::TextTooShort {
+            n_tokens: tokens.len(),
+            n_ctx: method.n_ctx,
+        }
+        .into());
     }
     let n_vocab = model.hparams().n_vocab as usize;
     let mut session = Session::new(model, method.n_ctx, 1)?;

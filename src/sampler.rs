@@ -19,7 +19,18 @@
 //! Buffers are kept between calls: sampling from a 50257-token vocabulary allocates nothing
 //! after the first call, and top-k uses a partial selection instead of a full sort.
 
-use anyhow::{ensure, Result};
+/// A sampler setting out of range; the message names the field and the value.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{0}")]
+pub struct ConfigError(String);
+
+macro_rules! ensure {
+    ($cond:expr, $($t:tt)*) => {
+        if !$cond {
+            return Err(ConfigError(format!($($t)*)));
+        }
+    };
+}
 
 /// Sampling settings. `Default` gives llama.cpp's defaults.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -64,7 +75,7 @@ impl SamplerConfig {
     }
 
     /// Checks every field's range, naming the field and the value in the error.
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self) -> Result<(), ConfigError> {
         let t = self.temperature;
         ensure!(
             t.is_finite() && t >= 0.0,

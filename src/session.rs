@@ -9,7 +9,7 @@
 //! ```no_run
 //! use ggpt::model::Model;
 //! use ggpt::session::Session;
-//! # fn main() -> anyhow::Result<()> {
+//! # fn main() -> ggpt::Result<()> {
 //! let model = Model::load("tiny-gpt2-F16.gguf".as_ref())?;
 //! let prompt = model.tokenizer().encode("The kernel");
 //! let mut session = Session::new(&model, 512, 1)?;
@@ -22,10 +22,10 @@
 //! # Ok(()) }
 //! ```
 
-use anyhow::Result;
 use ggpt_models::{KvType, Output, RunError, Seqs, State};
 
 use crate::model::{Model, NonFiniteWeights};
+use crate::Result;
 
 /// A running context over a [`Model`]: the KV cache for `n_seq` sequences of up to `n_ctx`
 /// tokens, and the buffers one forward pass needs (allocated once, reused every step).

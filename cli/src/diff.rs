@@ -68,7 +68,7 @@ pub fn run(args: Args) -> Result<()> {
         .models
         .iter()
         .map(|p| Model::load(p))
-        .collect::<Result<_>>()?;
+        .collect::<ggpt::Result<_>>()?;
     let named: Vec<Named> = args
         .models
         .iter()

@@ -100,7 +100,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// file (GGUF, safetensors, config, tokenizer, model shape, NaN/inf weights, a prompt or text
 /// file), 4 = the output could not be written, 130 = interrupted (SIGINT/SIGTERM). An
 /// unusable output path anywhere in the chain gives 2; otherwise the outermost typed error
-/// in the chain decides.
+/// in the chain decides (inside a `ggpt::Error`, the error it wraps).
 fn exit_code(err: &anyhow::Error) -> i32 {
     // An output path that names a directory, a socket, the input, … is a bad command line,
     // however deeply the writer wrapped it.
@@ -108,6 +108,8 @@ fn exit_code(err: &anyhow::Error) -> i32 {
         return EXIT_USAGE;
     }
     for cause in err.chain() {
+        // `ggpt::Error` wraps the error of the layer that found the problem: sort by that.
+        let cause = ggpt::Error::unwrap_ref(cause);
         if cause.is::<ggpt_convert::pipeline::OutputError>() {
             return EXIT_OUTPUT;
         }

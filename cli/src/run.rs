@@ -2,12 +2,11 @@
 //! lines on stderr.
 
 use super::common::{bail_flag, flag_error, init_threads, read_text_file, text_arg, Stdout};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
+use ggpt::generate::{generate, Flow, Request};
 use ggpt::model::Model;
-use ggpt::sampler::{Sampler, SamplerConfig};
-use ggpt::session::Session;
+use ggpt::sampler::SamplerConfig;
 use std::path::PathBuf;
-use std::time::Instant;
 
 /// Most sequences `--num-return-sequences` may ask for at once.
 pub const MAX_SEQUENCES: usize = 64;
@@ -166,81 +165,46 @@ pub fn run(args: Args) -> Result<()> {
     );
 
     let n_seq = args.num_return_sequences;
-    let mut session = Session::new(&model, n_ctx, n_seq)?;
-    let t_prompt = Instant::now();
-    let first_logits = session.prefill(&prompt_ids)?.to_vec();
-    let prompt_ms = t_prompt.elapsed().as_secs_f64() * 1e3;
-
-    let mut samplers: Vec<Sampler> = (0..n_seq)
-        .map(|i| {
-            Sampler::new(SamplerConfig {
-                seed: seed.wrapping_add(i as u64),
-                ..cfg
-            })
-        })
-        .collect();
-    let mut histories: Vec<Vec<u32>> = vec![prompt_ids.clone(); n_seq];
-    let mut done = vec![false; n_seq];
-    let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); n_seq];
+    let req = Request {
+        prompt: prompt_ids,
+        max_new_tokens: args.n_predict,
+        sampler: cfg,
+        n_seq,
+        stop: Vec::new(),
+        ignore_eos: args.ignore_eos,
+    };
     let mut out = Stdout::new();
-    let mut stream = tok.stream_decoder();
-    if n_seq == 1 {
-        out.write(&prompt)?;
-    } else {
-        session.fork_prompt();
-    }
-
-    let t_gen = Instant::now();
-    let mut n_generated = 0usize;
-    let mut logits = first_logits;
-    let n_vocab = model.hparams().n_vocab as usize;
-    for step in 0..args.n_predict {
-        let mut next = Vec::with_capacity(n_seq);
-        for s in 0..n_seq {
-            // Step 0: every sequence samples from the prompt's logits; then each has its own row.
-            let r = if step == 0 { 0 } else { s };
-            let row = &logits[r * n_vocab..(r + 1) * n_vocab];
-            let id = if done[s] {
-                next.last().copied().unwrap_or(0)
-            } else {
-                samplers[s].sample(row, &histories[s])
-            };
-            if !done[s] {
-                histories[s].push(id);
-                if Some(id) == eos && !args.ignore_eos {
-                    done[s] = true;
-                } else {
-                    outputs[s].push(id);
-                    n_generated += 1;
-                    if n_seq == 1 && !out.write(&stream.push(id)?)? {
-                        // The reader closed the pipe (`| head`): nothing more to generate for.
-                        done[s] = true;
-                    }
-                }
-            }
-            next.push(id);
+    // One sequence streams to stdout, after the prompt (written once the prompt has been
+    // evaluated, so that an error there leaves stdout empty); several are printed at the end.
+    let mut prompt_written = false;
+    let gen = generate(&model, &req, |_, piece| {
+        if n_seq > 1 {
+            return Ok(Flow::Continue);
         }
-        if done.iter().all(|&d| d) || step + 1 == args.n_predict {
-            break;
+        if !prompt_written {
+            prompt_written = true;
+            out.write(&prompt)?;
         }
-        logits = if n_seq == 1 {
-            session.decode(next[0])?.to_vec()
+        // `false`: the reader closed the pipe (`| head`), nothing more to generate for.
+        Ok::<_, anyhow::Error>(if out.write(piece)? {
+            Flow::Continue
         } else {
-            session.decode_batch(&next)?.to_vec()
-        };
-    }
-    let gen_ms = t_gen.elapsed().as_secs_f64() * 1e3;
+            Flow::Stop
+        })
+    })?;
     if n_seq == 1 {
-        out.write(&format!("{}\n", stream.finish()))?;
+        if !prompt_written {
+            out.write(&prompt)?;
+        }
+        out.write("\n")?;
     } else {
-        for (s, ids) in outputs.iter().enumerate() {
-            let text = tok
-                .decode_bytes(ids)
-                .map(|b| String::from_utf8_lossy(&b).into_owned())
-                .context("decoding generated tokens")?;
+        for (s, text) in gen.texts.iter().enumerate() {
             out.write(&format!("=== sequence {} ===\n{prompt}{text}\n", s + 1))?;
         }
     }
+    let n_prompt = req.prompt.len();
+    let n_generated: usize = gen.tokens.iter().map(Vec::len).sum();
+    let (prompt_ms, gen_ms) = (gen.prompt_ms, gen.generate_ms);
 
     let per = |ms: f64, n: usize| {
         if n == 0 {
@@ -249,13 +213,13 @@ pub fn run(args: Args) -> Result<()> {
             (ms / n as f64, n as f64 * 1e3 / ms)
         }
     };
-    let (pp_ms, pp_tps) = per(prompt_ms, prompt_ids.len());
+    let (pp_ms, pp_tps) = per(prompt_ms, n_prompt);
     let (tg_ms, tg_tps) = per(gen_ms, n_generated);
     super::common::note!("ggpt: load time        = {:10.2} ms", model.load_ms());
     super::common::note!(
         "ggpt: prompt eval time = {:10.2} ms / {:5} tokens ({:8.2} ms per token, {:8.2} tokens per second)",
         prompt_ms,
-        prompt_ids.len(),
+        n_prompt,
         pp_ms,
         pp_tps
     );

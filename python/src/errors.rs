@@ -12,6 +12,7 @@ use ggpt::convert::hf::InputError;
 use ggpt::convert::pipeline::OutputError;
 use ggpt::model::{LoadError, NonFiniteWeights, RunError};
 use ggpt::perplexity::MethodError;
+use ggpt::sampler::ConfigError;
 use ggpt::tokenizer::TokenizerError;
 use ggpt_gguf::GgufError as RustGgufError;
 use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyValueError};
@@ -53,6 +54,8 @@ pub fn to_py(e: anyhow::Error) -> PyErr {
     };
     let msg = format!("{e:#}");
     for cause in e.chain() {
+        // `ggpt::Error` wraps the error of the layer that found the problem: sort by that.
+        let cause = ggpt::Error::unwrap_ref(cause);
         if let Some(RustGgufError::Io { error, .. }) = cause.downcast_ref::<RustGgufError>() {
             if error.kind() == std::io::ErrorKind::NotFound {
                 return PyFileNotFoundError::new_err(msg);
@@ -74,7 +77,11 @@ pub fn to_py(e: anyhow::Error) -> PyErr {
         if cause.is::<OutputError>() {
             return PyOSError::new_err(msg);
         }
-        if cause.is::<BadArg>() || cause.is::<RunError>() || cause.is::<MethodError>() {
+        if cause.is::<BadArg>()
+            || cause.is::<RunError>()
+            || cause.is::<MethodError>()
+            || cause.is::<ConfigError>()
+        {
             return PyValueError::new_err(msg);
         }
     }

@@ -4,7 +4,6 @@
 
 mod blocking;
 mod errors;
-mod generate;
 mod model;
 mod seed;
 mod tools;

@@ -18,7 +18,7 @@ use pyo3::types::PyDict;
 
 use crate::blocking::{self, SIGNAL_CHECK};
 use crate::errors::{bad_arg, catch, guard, require_exists, Cancelled};
-use crate::generate::{generate, Request};
+use ggpt::generate::{generate, Flow, Request};
 
 /// Most sequences one call may ask for (the CLI's `--num-return-sequences` limit).
 const MAX_SEQUENCES: usize = 64;
@@ -278,7 +278,10 @@ impl Model {
         })?;
         let shared = &self.shared;
         blocking::run(py, shared.pool.as_ref(), |cancel| {
-            generate(&shared.model, &req, |_, _| cancel.check())
+            let out = generate(&shared.model, &req, |_, _| {
+                cancel.check().map(|()| Flow::Continue)
+            })?;
+            Ok(out.texts)
         })
     }
 
@@ -651,12 +654,13 @@ impl TextStream {
 }
 
 fn run_stream(shared: Arc<Shared>, req: Request, tx: SyncSender<Msg>) {
-    let send = |piece: &str| -> Result<()> {
+    let send = |piece: &str| -> Result<Flow> {
         if piece.is_empty() {
-            return Ok(());
+            return Ok(Flow::Continue);
         }
         // A send fails only when the reader has dropped the stream.
         tx.send(Msg::Text(piece.to_string()))
+            .map(|()| Flow::Continue)
             .map_err(|_| anyhow::Error::from(Cancelled))
     };
     let work = || generate(&shared.model, &req, |_, p| send(p));

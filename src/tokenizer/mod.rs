@@ -6,7 +6,8 @@
 //! 3. each piece's UTF-8 bytes are merged by rank ([`bpe`]), with a cache for repeated pieces.
 //!
 //! Decoding maps each token back to its bytes ([`byte_alphabet`] undoes GPT-2's byte-to-
-//! character trick) and concatenates them; [`StreamDecoder`] does that incrementally.
+//! character trick) and concatenates them; [`StreamDecoder`] does that incrementally, and
+//! [`TextStream`] adds stop strings for generation.
 //!
 //! The vocabulary comes from GGUF metadata (`tokenizer.ggml.*`, [`Tokenizer::from_gguf`]) or
 //! from a Hugging Face checkpoint's `vocab.json` + `merges.txt` ([`Tokenizer::from_hf_files`]).
@@ -15,6 +16,7 @@ mod bpe;
 pub mod byte_alphabet;
 mod gguf;
 pub mod pretokenize;
+mod stop;
 mod stream;
 
 use std::collections::HashMap;
@@ -25,7 +27,8 @@ use anyhow::{bail, Context};
 
 use bpe::{FxBuildHasher, Merge, MergeTable};
 pub use gguf::TokenizerError;
-pub use stream::StreamDecoder;
+pub use stop::TextStream;
+pub use stream::{StreamDecoder, Utf8Stream};
 
 /// GGUF `tokenizer.ggml.token_type` of an ordinary token.
 pub const TOKEN_TYPE_NORMAL: i32 = 1;
