@@ -1,9 +1,8 @@
 //! Small pieces shared by the subcommands: thread-pool set-up, reading text input, writing
-//! standard output, bounds on user-supplied sizes, and the error type for flag values that
-//! parse but cannot be used.
+//! standard output, bounds on user-supplied sizes, and the error types for flag values that
+//! parse but cannot be used and for inputs the command line reads itself.
 
 use anyhow::Result;
-use ggpt_convert::hf::InputError;
 use ggpt_convert::pipeline::OutputError;
 use std::io::{Read, StdoutLock, Write};
 use std::path::{Path, PathBuf};
@@ -22,6 +21,25 @@ pub const MAX_TEXT_BYTES: u64 = 256 << 20;
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct FlagError(pub String);
+
+/// An input the command line reads itself (a prompt or text file, standard input, a GGUF
+/// tensor's data for `dump`) that cannot be used: a bad input file, exit code 3, like the
+/// library's errors about model files. The message names the input.
+#[derive(Debug, thiserror::Error)]
+#[error("{}: {problem}", path.display())]
+pub struct InputError {
+    pub path: PathBuf,
+    pub problem: String,
+}
+
+impl InputError {
+    pub fn new(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
+        InputError {
+            path: path.into(),
+            problem: problem.into(),
+        }
+    }
+}
 
 /// A [`FlagError`] as an `anyhow::Error`.
 pub fn flag_error(msg: impl Into<String>) -> anyhow::Error {

@@ -39,7 +39,9 @@ pub struct Args {
 pub struct Types(pub Vec<FileType>);
 
 fn parse_types(s: &str) -> Result<Types, String> {
-    FileType::parse_list(s).map(Types)
+    FileType::parse_list(s)
+        .map(Types)
+        .map_err(|e| e.to_string())
 }
 
 pub fn run(args: Args) -> Result<()> {

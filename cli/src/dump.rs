@@ -8,9 +8,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use ggpt_convert::atomic::AtomicFile;
-use ggpt_convert::hf::InputError;
 
-use super::common::{flag_error, output_error};
+use super::common::{flag_error, output_error, InputError};
 use ggpt_gguf::{GgufFile, TensorInfo};
 
 #[derive(clap::Args, Debug)]

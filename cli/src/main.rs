@@ -118,6 +118,7 @@ fn exit_code(err: &anyhow::Error) -> i32 {
         }
         if cause.is::<ggpt_gguf::GgufError>()
             || cause.is::<ggpt_convert::hf::InputError>()
+            || cause.is::<common::InputError>()
             || cause.is::<ggpt_models::LoadError>()
             || cause.is::<ggpt::tokenizer::TokenizerError>()
             || cause.is::<ggpt::model::NonFiniteWeights>()

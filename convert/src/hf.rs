@@ -12,9 +12,9 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value as Json;
 
-/// A problem with an input file: which file, and what is wrong with it.
-///
-/// The CLI maps this to the "bad input file" exit code; everything else is an I/O or usage error.
+/// A problem with an input of the converter (a checkpoint file or directory, a GGUF file to
+/// requantize): which file, and what is wrong with it. A typed error so that callers can tell
+/// a bad input from an I/O or usage error (the CLI gives it the "bad input file" exit code).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct InputError {
     pub path: PathBuf,
@@ -716,9 +716,20 @@ pub fn is_extra_head(name: &str) -> bool {
         || name.starts_with("multiple_choice_head.")
 }
 
+/// A checkpoint tensor of a layer beyond `n_layer`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("layer {layer} is out of range: config.json has n_layer = {n_layer}")]
+pub struct LayerOutOfRange {
+    pub layer: usize,
+    pub n_layer: usize,
+}
+
 /// Map a HF GPT-2 tensor name (with or without the `transformer.` prefix) to its GGUF meaning.
-/// `Ok(None)` for a name that is not part of GPT-2; `Err` describes an out-of-range layer.
-pub fn map_tensor_name(name: &str, c: &HfConfig) -> std::result::Result<Option<HfTensor>, String> {
+/// `Ok(None)` for a name that is not part of GPT-2; `Err` for a layer the config does not have.
+pub fn map_tensor_name(
+    name: &str,
+    c: &HfConfig,
+) -> std::result::Result<Option<HfTensor>, LayerOutOfRange> {
     let n = name.strip_prefix("transformer.").unwrap_or(name);
     let (e, f, v, p) = (c.n_embd, c.n_ff, c.vocab_size, c.n_ctx);
     let keep = |g: String, shape: Vec<usize>, transpose: bool| {
@@ -777,10 +788,10 @@ pub fn map_tensor_name(name: &str, c: &HfConfig) -> std::result::Result<Option<H
         _ => return Ok(None),
     };
     if i >= c.n_layer {
-        return Err(format!(
-            "layer {i} is out of range: config.json has n_layer = {}",
-            c.n_layer
-        ));
+        return Err(LayerOutOfRange {
+            layer: i,
+            n_layer: c.n_layer,
+        });
     }
     keep(format!("blk.{i}.{suffix}"), shape, transpose)
 }
@@ -923,9 +934,13 @@ mod tests {
         );
         assert_eq!(map_tensor_name("h.01.ln_1.weight", &c).unwrap(), None);
         assert_eq!(map_tensor_name("foo.weight", &c).unwrap(), None);
-        assert!(map_tensor_name("h.2.ln_1.weight", &c)
-            .unwrap_err()
-            .contains("n_layer = 2"));
+        assert_eq!(
+            map_tensor_name("h.2.ln_1.weight", &c).unwrap_err(),
+            LayerOutOfRange {
+                layer: 2,
+                n_layer: 2
+            }
+        );
         assert_eq!(expected_tensors(&c).len(), 4 + 2 * 12);
     }
 }

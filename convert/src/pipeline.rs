@@ -404,9 +404,7 @@ fn layout(
     let mut types = Vec::with_capacity(planned.len());
     let mut differs = Vec::new();
     for p in planned {
-        let choice = policy
-            .choose(&p.gguf_name, &p.dims, p.f16_file_type)
-            .map_err(anyhow::Error::msg)?;
+        let choice = policy.choose(&p.gguf_name, &p.dims, p.f16_file_type)?;
         if let Some(d) = choice.differs {
             differs.push((p.gguf_name.clone(), choice.ty, d));
         }

@@ -74,16 +74,14 @@ impl FileType {
     }
 
     /// Parse a `--type` value: one name, a comma-separated list, or `all` ([`FileType::ALL`]).
-    pub fn parse_list(s: &str) -> Result<Vec<FileType>, String> {
+    pub fn parse_list(s: &str) -> Result<Vec<FileType>, UnknownFileType> {
         if s.trim().eq_ignore_ascii_case("all") {
             return Ok(FileType::ALL.to_vec());
         }
         s.split(',')
             .map(|t| {
-                FileType::parse(t.trim()).ok_or_else(|| {
-                    format!(
-                        "unknown type {t:?}; expected f16, q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m or all"
-                    )
+                FileType::parse(t.trim()).ok_or_else(|| UnknownFileType {
+                    given: t.to_string(),
                 })
             })
             .collect()
@@ -99,6 +97,26 @@ impl FileType {
             FileType::Q4KM => GgmlType::Q4K,
         }
     }
+}
+
+/// A type name that is not one of [`FileType::KNOWN`] (nor `all`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown type {given:?}; expected f16, q8_0, q6_k, q5_k_m, q5_k_s, q4_k_m or all")]
+pub struct UnknownFileType {
+    pub given: String,
+}
+
+/// A tensor whose name does not fit the model it is placed in.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    #[error("{name}: ffn_down outside a blk.N. block")]
+    NoLayer { name: String },
+    #[error("{name}: layer {layer} ≥ block_count {n_layer}")]
+    LayerOutOfRange {
+        name: String,
+        layer: usize,
+        n_layer: usize,
+    },
 }
 
 impl fmt::Display for FileType {
@@ -199,7 +217,12 @@ impl Policy {
 
     /// The type of `name` (GGUF dims `dims`, ne0 first) in the output, given its type `current`
     /// in the F16/F32 input llama-quantize would read. Errors for a layer index out of range.
-    pub fn choose(&self, name: &str, dims: &[u64], current: GgmlType) -> Result<Choice, String> {
+    pub fn choose(
+        &self,
+        name: &str,
+        dims: &[u64],
+        current: GgmlType,
+    ) -> Result<Choice, PolicyError> {
         if !is_quantizable(name, dims) {
             return Ok(Choice {
                 ty: current,
@@ -228,13 +251,15 @@ impl Policy {
             // Unchanged for the file types ggpt writes.
         } else if name.contains("ffn_down") {
             if is_q4km || is_q5km {
-                let layer = layer_of(name)
-                    .ok_or_else(|| format!("{name}: ffn_down outside a blk.N. block"))?;
+                let layer = layer_of(name).ok_or_else(|| PolicyError::NoLayer {
+                    name: name.to_string(),
+                })?;
                 if layer >= self.n_layer {
-                    return Err(format!(
-                        "{name}: layer {layer} ≥ block_count {}",
-                        self.n_layer
-                    ));
+                    return Err(PolicyError::LayerOutOfRange {
+                        name: name.to_string(),
+                        layer,
+                        n_layer: self.n_layer,
+                    });
                 }
                 if use_more_bits(layer, self.n_layer) {
                     ty = GgmlType::Q6K;
@@ -515,7 +540,30 @@ mod tests {
             FileType::parse_list("q5_k_s, q5_k_m").unwrap(),
             [FileType::Q5KS, FileType::Q5KM]
         );
-        assert!(FileType::parse_list("q5_k").is_err());
+        assert_eq!(
+            FileType::parse_list("f16,q5_k").unwrap_err(),
+            UnknownFileType {
+                given: "q5_k".into()
+            }
+        );
+    }
+
+    #[test]
+    fn names_that_do_not_fit_the_model_are_typed_errors() {
+        let p = Policy::new(FileType::Q4KM, 2, false);
+        assert_eq!(
+            p.choose("blk.2.ffn_down.weight", &[1024, 256], F16)
+                .unwrap_err(),
+            PolicyError::LayerOutOfRange {
+                name: "blk.2.ffn_down.weight".into(),
+                layer: 2,
+                n_layer: 2
+            }
+        );
+        assert!(matches!(
+            p.choose("ffn_down.weight", &[1024, 256], F16),
+            Err(PolicyError::NoLayer { .. })
+        ));
         assert_eq!(ggml_n_dims(&[1024, 1]), 1);
         assert_eq!(ggml_n_dims(&[1, 1024]), 2);
     }

@@ -105,7 +105,9 @@ pub fn requantize(
     let mut differs = Vec::new();
     for &i in &order {
         let t = &gg.tensors()[i];
-        let choice = policy.choose(&t.name, &t.dims, t.ty).map_err(bad)?;
+        let choice = policy
+            .choose(&t.name, &t.dims, t.ty)
+            .map_err(|e| bad(e.to_string()))?;
         if choice.ty != t.ty && !is_float(t.ty) {
             return Err(bad(format!(
                 "tensor {} is already quantized ({}); requantizing it to {} would compound the error — start from an F32/F16/BF16 file",

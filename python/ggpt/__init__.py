@@ -49,7 +49,7 @@ def set_seed(seed: int) -> None:
 
 
 def compare(hf_dir, text=None, out_dir=None, n_ctx=512, chunks=100, bench_prompt=256, bench_gen=64):
-    """Convert ``hf_dir`` to F16, Q8_0, Q6_K and Q4_K_M and measure each format.
+    """Convert ``hf_dir`` to F16, Q8_0, Q6_K, Q5_K_M, Q5_K_S and Q4_K_M and measure each format.
 
     The measurements of ``ggpt compare`` (size, bits per weight, estimated RAM/VRAM, load time,
     prefill/decode speed, perplexity with its error, and against F16: KL divergence, top-1

@@ -12,22 +12,13 @@ use pyo3::types::PyDict;
 use crate::blocking::{self, Cancel};
 use crate::errors::{bad_arg, guard, require_exists};
 
-/// Output types from Python: "f16", "q8_0", …, or "all".
+/// Output types from Python: "f16", "q8_0", …, or "all" (each as `ggpt convert --type`).
 pub fn parse_types(types: &[String]) -> anyhow::Result<Vec<FileType>> {
     let mut out = Vec::new();
     for t in types {
-        if t.trim().eq_ignore_ascii_case("all") {
-            out.extend(FileType::ALL);
-            continue;
-        }
-        match FileType::parse(t.trim()) {
-            Some(ft) => out.push(ft),
-            None => bad_arg!(
-                "unknown type {t:?}; expected {} or \"all\"",
-                FileType::ALL
-                    .map(|t| format!("{:?}", t.label().to_ascii_lowercase()))
-                    .join(", ")
-            ),
+        match FileType::parse_list(t) {
+            Ok(ts) => out.extend(ts),
+            Err(e) => bad_arg!("{e}"),
         }
     }
     if out.is_empty() {
@@ -219,7 +210,7 @@ pub fn compare(
                 source: e,
             }
         })?;
-        let files: Vec<(FileType, PathBuf)> = FileType::ALL
+        let files: Vec<(FileType, PathBuf)> = FileType::KNOWN
             .iter()
             .map(|&t| (t, out.join(format!("{name}-{}.gguf", t.label()))))
             .collect();

@@ -17,6 +17,7 @@ use axum::{Json, Router};
 use base64::Engine as _;
 use ggpt::model::Model;
 use ggpt::sampler::SamplerConfig;
+use ggpt::tokenizer::TextStream;
 use serde_json::{json, Map, Value};
 use subtle::ConstantTimeEq;
 use tokio::sync::{mpsc, oneshot, watch};
@@ -30,7 +31,6 @@ use crate::engine::{
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::request::{self, parse_object, Fields, Prompt};
-use crate::text::TextStream;
 use crate::{ServeConfig, ServeError};
 
 /// The plain transcript template that renders chat messages for GPT-2, which was never

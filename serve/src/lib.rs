@@ -4,7 +4,6 @@
 //! - [`api`]: the HTTP endpoints (parse, tokenize, format; they talk to the engine through
 //!   channels).
 //! - [`request`]: request fields, validated with the field named in every refusal.
-//! - [`text`]: streamed text that never splits a UTF-8 character and holds back stop strings.
 //! - [`metrics`]: the Prometheus metrics.
 //!
 //! ```no_run
@@ -21,7 +20,6 @@ pub mod error;
 pub mod metrics;
 pub mod page;
 pub mod request;
-pub mod text;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
