@@ -4,7 +4,7 @@
 
 use crate::model::Model;
 use crate::session::Session;
-use anyhow::Result;
+use crate::Result;
 use std::time::Instant;
 
 /// One test's samples.

@@ -79,7 +79,7 @@ pub fn measure_format(
     m: &Measure,
     peak_rss: u64,
     progress: impl FnMut(usize, usize, &Aggregate),
-) -> anyhow::Result<FormatRow> {
+) -> crate::Result<FormatRow> {
     let shape = MemShape::of(model.hparams());
     let tensors = model.file().tensors();
     let tensor_bytes: u64 = tensors.iter().map(|t| t.size).sum();

@@ -123,7 +123,7 @@ impl Model {
     /// The file's quantization mix as llama.cpp names it (`general.file_type`): "F16",
     /// "Q8_0", "Q6_K", "Q4_K_M", …; "unknown" if the key is absent.
     pub fn file_type_name(&self) -> String {
-        match self.file().get_u64("general.file_type") {
+        match self.file().get_u64(ggpt_gguf::gpt2::keys::FILE_TYPE) {
             Ok(Some(t)) => file_type_name(t),
             _ => "unknown".to_string(),
         }

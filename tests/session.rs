@@ -185,9 +185,11 @@ fn batched_sequences_match_separate_runs() {
     check_batched_sequences(KvType::F16, 1e-3);
 }
 
-fn run_error(e: &anyhow::Error) -> &RunError {
-    e.downcast_ref::<RunError>()
-        .unwrap_or_else(|| panic!("not a RunError: {e:#}"))
+fn run_error(e: &ggpt::Error) -> &RunError {
+    match e {
+        ggpt::Error::Run(r) => r,
+        other => panic!("not a RunError: {other:#}"),
+    }
 }
 
 #[test]
@@ -347,7 +349,7 @@ fn f16_parts() -> Parts {
     parts(&GgufFile::open(&model_path(FileType::F16)).unwrap())
 }
 
-fn load_error(p: &Parts, name: &str) -> anyhow::Error {
+fn load_error(p: &Parts, name: &str) -> ggpt::Error {
     match Model::from_file(build(p, name)) {
         Ok(_) => panic!("{name}: loaded"),
         Err(e) => e,
@@ -393,7 +395,7 @@ fn missing_tensor_is_named() {
     let e = load_error(&p, "missing.gguf");
     assert!(
         matches!(
-            e.downcast_ref::<LoadError>(),
+            e.inner().downcast_ref::<LoadError>(),
             Some(LoadError::MissingTensor { .. })
         ),
         "{e:#}"
@@ -418,7 +420,7 @@ fn wrong_shape_is_reported_with_expected_and_found() {
     let e = load_error(&p, "shape.gguf");
     assert!(
         matches!(
-            e.downcast_ref::<LoadError>(),
+            e.inner().downcast_ref::<LoadError>(),
             Some(LoadError::WrongShape { .. })
         ),
         "{e:#}"
@@ -468,7 +470,7 @@ fn unsupported_weight_type_is_reported() {
     let e = load_error(&p, "q4_0.gguf");
     assert!(
         matches!(
-            e.downcast_ref::<LoadError>(),
+            e.inner().downcast_ref::<LoadError>(),
             Some(LoadError::UnsupportedType { .. })
         ),
         "{e:#}"

@@ -10,6 +10,7 @@ use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
 
+use ggpt_gguf::gpt2;
 use serde_json::Value as Json;
 
 /// A problem with an input of the converter (a checkpoint file or directory, a GGUF file to
@@ -724,6 +725,64 @@ pub struct LayerOutOfRange {
     pub n_layer: usize,
 }
 
+/// How each GGUF tensor comes from a Hugging Face GPT-2 checkpoint: the HF name (without the
+/// `transformer.` prefix; `h.N.` for a block tensor), and its HF shape in units of
+/// [`Dim`]. 2-D weights are Conv1D, stored [in, out], and are transposed on the way.
+const GLOBAL_MAP: [(&str, &str, &[Dim]); 5] = [
+    (gpt2::TOKEN_EMBD, "wte.weight", &[Dim::Vocab, Dim::Embd]),
+    (gpt2::POSITION_EMBD, "wpe.weight", &[Dim::Ctx, Dim::Embd]),
+    ("output_norm.weight", "ln_f.weight", &[Dim::Embd]),
+    ("output_norm.bias", "ln_f.bias", &[Dim::Embd]),
+    (gpt2::OUTPUT, "lm_head.weight", &[Dim::Vocab, Dim::Embd]),
+];
+/// The HF name after `h.N.` and the HF shape of each of [`gpt2::BLOCK_TENSORS`], in its order.
+const BLOCK_MAP: [(&str, &[Dim]); 12] = [
+    ("ln_1.weight", &[Dim::Embd]),
+    ("ln_1.bias", &[Dim::Embd]),
+    ("attn.c_attn.weight", &[Dim::Embd, Dim::Qkv]),
+    ("attn.c_attn.bias", &[Dim::Qkv]),
+    ("attn.c_proj.weight", &[Dim::Embd, Dim::Embd]),
+    ("attn.c_proj.bias", &[Dim::Embd]),
+    ("ln_2.weight", &[Dim::Embd]),
+    ("ln_2.bias", &[Dim::Embd]),
+    ("mlp.c_fc.weight", &[Dim::Embd, Dim::Ff]),
+    ("mlp.c_fc.bias", &[Dim::Ff]),
+    ("mlp.c_proj.weight", &[Dim::Ff, Dim::Embd]),
+    ("mlp.c_proj.bias", &[Dim::Embd]),
+];
+
+/// A dimension of a checkpoint tensor, resolved against the config.
+#[derive(Clone, Copy, Debug)]
+enum Dim {
+    Vocab,
+    Ctx,
+    Embd,
+    /// 3 × n_embd: query, key and value side by side.
+    Qkv,
+    Ff,
+}
+
+impl Dim {
+    fn of(self, c: &HfConfig) -> usize {
+        match self {
+            Dim::Vocab => c.vocab_size,
+            Dim::Ctx => c.n_ctx,
+            Dim::Embd => c.n_embd,
+            Dim::Qkv => 3 * c.n_embd,
+            Dim::Ff => c.n_ff,
+        }
+    }
+}
+
+fn keep(gguf_name: String, dims: &[Dim], block: bool, c: &HfConfig) -> HfTensor {
+    HfTensor::Keep {
+        gguf_name,
+        hf_shape: dims.iter().map(|d| d.of(c)).collect(),
+        // Only the blocks' matrices are Conv1D; wte, wpe and lm_head are [rows, n_embd].
+        transpose: block && dims.len() == 2,
+    }
+}
+
 /// Map a HF GPT-2 tensor name (with or without the `transformer.` prefix) to its GGUF meaning.
 /// `Ok(None)` for a name that is not part of GPT-2; `Err` for a layer the config does not have.
 pub fn map_tensor_name(
@@ -731,29 +790,20 @@ pub fn map_tensor_name(
     c: &HfConfig,
 ) -> std::result::Result<Option<HfTensor>, LayerOutOfRange> {
     let n = name.strip_prefix("transformer.").unwrap_or(name);
-    let (e, f, v, p) = (c.n_embd, c.n_ff, c.vocab_size, c.n_ctx);
-    let keep = |g: String, shape: Vec<usize>, transpose: bool| {
-        Ok(Some(HfTensor::Keep {
-            gguf_name: g,
-            hf_shape: shape,
-            transpose,
-        }))
-    };
-    if name == "lm_head.weight" {
-        if c.tie_word_embeddings {
-            return Ok(Some(HfTensor::TiedHead));
-        }
-        return keep("output.weight".into(), vec![v, e], false);
+    if name == "lm_head.weight" && c.tie_word_embeddings {
+        return Ok(Some(HfTensor::TiedHead));
     }
     if is_extra_head(name) {
         return Ok(Some(HfTensor::ExtraHead));
     }
-    match n {
-        "wte.weight" => return keep("token_embd.weight".into(), vec![v, e], false),
-        "wpe.weight" => return keep("position_embd.weight".into(), vec![p, e], false),
-        "ln_f.weight" => return keep("output_norm.weight".into(), vec![e], false),
-        "ln_f.bias" => return keep("output_norm.bias".into(), vec![e], false),
-        _ => {}
+    // `lm_head.weight` never carries the `transformer.` prefix.
+    let global = if n == "lm_head.weight" && n != name {
+        None
+    } else {
+        GLOBAL_MAP.iter().find(|(_, hf, _)| *hf == n)
+    };
+    if let Some((g, _, dims)) = global {
+        return Ok(Some(keep(g.to_string(), dims, false, c)));
     }
     let Some(rest) = n.strip_prefix("h.") else {
         return Ok(None);
@@ -771,21 +821,11 @@ pub fn map_tensor_name(
     let Ok(i) = layer.parse::<usize>() else {
         return Ok(None);
     };
-    let (suffix, shape, transpose): (&str, Vec<usize>, bool) = match field {
-        "attn.bias" | "attn.masked_bias" => return Ok(Some(HfTensor::DropBuffer)),
-        "ln_1.weight" => ("attn_norm.weight", vec![e], false),
-        "ln_1.bias" => ("attn_norm.bias", vec![e], false),
-        "attn.c_attn.weight" => ("attn_qkv.weight", vec![e, 3 * e], true),
-        "attn.c_attn.bias" => ("attn_qkv.bias", vec![3 * e], false),
-        "attn.c_proj.weight" => ("attn_output.weight", vec![e, e], true),
-        "attn.c_proj.bias" => ("attn_output.bias", vec![e], false),
-        "ln_2.weight" => ("ffn_norm.weight", vec![e], false),
-        "ln_2.bias" => ("ffn_norm.bias", vec![e], false),
-        "mlp.c_fc.weight" => ("ffn_up.weight", vec![e, f], true),
-        "mlp.c_fc.bias" => ("ffn_up.bias", vec![f], false),
-        "mlp.c_proj.weight" => ("ffn_down.weight", vec![f, e], true),
-        "mlp.c_proj.bias" => ("ffn_down.bias", vec![e], false),
-        _ => return Ok(None),
+    if field == "attn.bias" || field == "attn.masked_bias" {
+        return Ok(Some(HfTensor::DropBuffer));
+    }
+    let Some(k) = BLOCK_MAP.iter().position(|(hf, _)| *hf == field) else {
+        return Ok(None);
     };
     if i >= c.n_layer {
         return Err(LayerOutOfRange {
@@ -793,36 +833,20 @@ pub fn map_tensor_name(
             n_layer: c.n_layer,
         });
     }
-    keep(format!("blk.{i}.{suffix}"), shape, transpose)
+    let g = gpt2::block_tensor(i as u64, gpt2::BLOCK_TENSORS[k]);
+    Ok(Some(keep(g, BLOCK_MAP[k].1, true, c)))
 }
 
 /// Every GGUF tensor a GPT-2 checkpoint must provide, with the canonical HF name it comes from.
 pub fn expected_tensors(c: &HfConfig) -> Vec<(String, String)> {
-    let mut out = vec![
-        ("token_embd.weight".to_string(), "wte.weight".to_string()),
-        ("position_embd.weight".into(), "wpe.weight".into()),
-        ("output_norm.weight".into(), "ln_f.weight".into()),
-        ("output_norm.bias".into(), "ln_f.bias".into()),
-    ];
-    if !c.tie_word_embeddings {
-        out.push(("output.weight".into(), "lm_head.weight".into()));
-    }
+    let mut out: Vec<(String, String)> = GLOBAL_MAP
+        .iter()
+        .filter(|(g, _, _)| *g != gpt2::OUTPUT || !c.tie_word_embeddings)
+        .map(|(g, hf, _)| (g.to_string(), hf.to_string()))
+        .collect();
     for i in 0..c.n_layer {
-        for (g, h) in [
-            ("attn_norm.weight", "ln_1.weight"),
-            ("attn_norm.bias", "ln_1.bias"),
-            ("attn_qkv.weight", "attn.c_attn.weight"),
-            ("attn_qkv.bias", "attn.c_attn.bias"),
-            ("attn_output.weight", "attn.c_proj.weight"),
-            ("attn_output.bias", "attn.c_proj.bias"),
-            ("ffn_norm.weight", "ln_2.weight"),
-            ("ffn_norm.bias", "ln_2.bias"),
-            ("ffn_up.weight", "mlp.c_fc.weight"),
-            ("ffn_up.bias", "mlp.c_fc.bias"),
-            ("ffn_down.weight", "mlp.c_proj.weight"),
-            ("ffn_down.bias", "mlp.c_proj.bias"),
-        ] {
-            out.push((format!("blk.{i}.{g}"), format!("h.{i}.{h}")));
+        for (g, (h, _)) in gpt2::BLOCK_TENSORS.iter().zip(BLOCK_MAP) {
+            out.push((gpt2::block_tensor(i as u64, g), format!("h.{i}.{h}")));
         }
     }
     out

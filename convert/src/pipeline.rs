@@ -32,6 +32,7 @@ use crate::atomic::{describe, AtomicFile, UnusableOutput};
 use crate::hf::{expected_tensors, map_tensor_name, HfConfig, HfTensor, HfVocab, InputError};
 use crate::policy::{converter_type, tensor_order, Fallback, FileType, Policy};
 use crate::safetensors::{decode_f32, Checkpoint, SrcDtype};
+use ggpt_gguf::gpt2::{self, keys};
 use ggpt_gguf::{GgufWriter, Value};
 
 /// Values per streamed chunk (4 MiB of f32): small enough that four outputs' buffers stay
@@ -218,42 +219,33 @@ pub fn gguf_metadata(
 ) -> Vec<(String, Value)> {
     let converter = ftype == FileType::F16;
     let mut kv: Vec<(String, Value)> = vec![
-        ("general.architecture".into(), "gpt2".into()),
-        ("general.type".into(), "model".into()),
-        ("general.name".into(), name.into()),
-        ("gpt2.block_count".into(), Value::U32(c.n_layer as u32)),
-        ("gpt2.context_length".into(), Value::U32(c.n_ctx as u32)),
-        ("gpt2.embedding_length".into(), Value::U32(c.n_embd as u32)),
-        ("gpt2.feed_forward_length".into(), Value::U32(c.n_ff as u32)),
+        (keys::ARCHITECTURE.into(), gpt2::ARCH.into()),
+        (keys::TYPE.into(), "model".into()),
+        (keys::NAME.into(), name.into()),
+        (keys::BLOCK_COUNT.into(), Value::U32(c.n_layer as u32)),
+        (keys::CONTEXT_LENGTH.into(), Value::U32(c.n_ctx as u32)),
+        (keys::EMBEDDING_LENGTH.into(), Value::U32(c.n_embd as u32)),
+        (keys::FEED_FORWARD_LENGTH.into(), Value::U32(c.n_ff as u32)),
+        (keys::HEAD_COUNT.into(), Value::U32(c.n_head as u32)),
         (
-            "gpt2.attention.head_count".into(),
-            Value::U32(c.n_head as u32),
-        ),
-        (
-            "gpt2.attention.layer_norm_epsilon".into(),
+            keys::LAYER_NORM_EPSILON.into(),
             Value::F32(c.layer_norm_eps),
         ),
     ];
     if converter {
-        kv.push(("general.file_type".into(), Value::U32(ftype.code())));
+        kv.push((keys::FILE_TYPE.into(), Value::U32(ftype.code())));
     }
     kv.extend([
-        ("tokenizer.ggml.model".into(), "gpt2".into()),
+        (keys::TOKENIZER_MODEL.into(), "gpt2".into()),
         // The converter identifies the pre-tokenizer by hashing HF's tokenization of a probe
         // text; for GPT-2's own tokenizer that is "gpt-2", the only one ggpt accepts.
-        ("tokenizer.ggml.pre".into(), "gpt-2".into()),
+        (keys::TOKENIZER_PRE.into(), "gpt-2".into()),
+        (keys::TOKENIZER_TOKENS.into(), Value::from(v.tokens.clone())),
         (
-            "tokenizer.ggml.tokens".into(),
-            Value::from(v.tokens.clone()),
-        ),
-        (
-            "tokenizer.ggml.token_type".into(),
+            keys::TOKENIZER_TOKEN_TYPE.into(),
             Value::from(v.token_types.clone()),
         ),
-        (
-            "tokenizer.ggml.merges".into(),
-            Value::from(v.merges.clone()),
-        ),
+        (keys::TOKENIZER_MERGES.into(), Value::from(v.merges.clone())),
     ]);
     for &(key, id) in &v.special_ids {
         kv.push((key.into(), Value::U32(id)));
@@ -262,11 +254,11 @@ pub fn gguf_metadata(
         kv.push((key.into(), Value::Bool(b)));
     }
     if let Some(t) = &v.chat_template {
-        kv.push(("tokenizer.chat_template".into(), t.as_str().into()));
+        kv.push((keys::CHAT_TEMPLATE.into(), t.as_str().into()));
     }
-    kv.push(("general.quantization_version".into(), Value::U32(2)));
+    kv.push((keys::QUANTIZATION_VERSION.into(), Value::U32(2)));
     if !converter {
-        kv.push(("general.file_type".into(), Value::U32(ftype.code())));
+        kv.push((keys::FILE_TYPE.into(), Value::U32(ftype.code())));
     }
     kv
 }
@@ -399,7 +391,7 @@ fn layout(
     for (k, v) in gguf_metadata(config, vocab, name, ftype) {
         writer.add_kv(&k, v);
     }
-    let has_output = planned.iter().any(|p| p.gguf_name == "output.weight");
+    let has_output = planned.iter().any(|p| p.gguf_name == gpt2::OUTPUT);
     let policy = Policy::new(ftype, config.n_layer, has_output);
     let mut types = Vec::with_capacity(planned.len());
     let mut differs = Vec::new();

@@ -18,6 +18,7 @@
 use std::cmp::Ordering;
 use std::fmt;
 
+use ggpt_gguf::gpt2;
 use ggpt_quant::GgmlType;
 
 /// `general.file_type` values (llama.cpp `llama_ftype`) of the files ggpt writes.
@@ -130,7 +131,7 @@ impl fmt::Display for FileType {
 pub fn converter_type(name: &str, n_dims: usize) -> GgmlType {
     if n_dims <= 1
         || name.ends_with("_norm.weight")
-        || name == "position_embd.weight"
+        || name == gpt2::POSITION_EMBD
         || !name.ends_with(".weight")
     {
         GgmlType::F32
@@ -150,7 +151,7 @@ pub fn is_quantizable(name: &str, dims: &[u64]) -> bool {
         && ggml_n_dims(dims) >= 2
         && !name.contains("_norm.weight")
         && !name.contains("ffn_gate_inp.weight")
-        && name != "position_embd.weight"
+        && name != gpt2::POSITION_EMBD
         && name != "token_types.weight"
 }
 
@@ -240,14 +241,14 @@ impl Policy {
         let ne0 = dims.first().copied().unwrap_or(0);
         let mut ty = default;
         let (is_q4km, is_q5km) = (self.ftype == FileType::Q4KM, self.ftype == FileType::Q5KM);
-        if name == "output.weight" || (!self.has_output && name == "token_embd.weight") {
+        if name == gpt2::OUTPUT || (!self.has_output && name == gpt2::TOKEN_EMBD) {
             // The output head is the most sensitive matrix: Q6_K unless the file is Q8_0.
             if !ne0.is_multiple_of(ty.block_size() as u64) {
                 ty = GgmlType::Q8_0;
             } else if ty != GgmlType::Q8_0 {
                 ty = GgmlType::Q6K;
             }
-        } else if name == "token_embd.weight" {
+        } else if name == gpt2::TOKEN_EMBD {
             // Unchanged for the file types ggpt writes.
         } else if name.contains("ffn_down") {
             if is_q4km || is_q5km {

@@ -24,6 +24,7 @@ use crate::atomic::{same_file, AtomicFile, UnusableOutput};
 use crate::hf::InputError;
 use crate::pipeline::{scratch, FileSummary, OutputError, Progress, CHUNK_VALUES};
 use crate::policy::{tensor_order, FileType, Policy};
+use ggpt_gguf::gpt2::keys;
 use ggpt_gguf::{GgufFile, GgufWriter, Value};
 
 /// Keys llama-quantize drops (it writes a single file).
@@ -42,7 +43,7 @@ pub fn requantize(
 ) -> anyhow::Result<FileSummary> {
     let gg = GgufFile::open(input)?;
     let bad = |msg: String| InputError::new(input, msg);
-    match gg.get_str("general.architecture")? {
+    match gg.get_str(keys::ARCHITECTURE)? {
         Some("gpt2") => {}
         Some(a) => {
             return Err(bad(format!(
@@ -59,7 +60,7 @@ pub fn requantize(
         .into());
     }
     let n_layer = gg
-        .get_u64("gpt2.block_count")?
+        .get_u64(keys::BLOCK_COUNT)?
         .ok_or_else(|| bad("gpt2.block_count is missing".into()))? as usize;
     if same_file(input, output) {
         // Also through a symbolic or hard link: the same device and inode.
@@ -97,8 +98,8 @@ pub fn requantize(
             writer.add_kv(k, v.clone());
         }
     }
-    writer.add_kv("general.quantization_version", Value::U32(2));
-    writer.add_kv("general.file_type", Value::U32(ftype.code()));
+    writer.add_kv(keys::QUANTIZATION_VERSION, Value::U32(2));
+    writer.add_kv(keys::FILE_TYPE, Value::U32(ftype.code()));
 
     let policy = Policy::new(ftype, n_layer, has_output);
     let mut types = Vec::with_capacity(order.len());

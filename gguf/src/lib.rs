@@ -8,6 +8,7 @@
 //!
 //! See docs/gguf.md for the design and the full list of checks the reader makes.
 
+pub mod gpt2;
 mod read;
 mod types;
 mod value;

@@ -9,24 +9,28 @@ use ggpt_gguf::{GgufError, GgufFile};
 
 use super::Tokenizer;
 
-pub const KEY_MODEL: &str = "tokenizer.ggml.model";
-pub const KEY_PRE: &str = "tokenizer.ggml.pre";
-pub const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
-pub const KEY_MERGES: &str = "tokenizer.ggml.merges";
-pub const KEY_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
-pub const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
+use ggpt_gguf::gpt2::keys::{
+    TOKENIZER_EOS_ID as KEY_EOS, TOKENIZER_MERGES as KEY_MERGES, TOKENIZER_MODEL as KEY_MODEL,
+    TOKENIZER_PRE as KEY_PRE, TOKENIZER_TOKENS as KEY_TOKENS,
+    TOKENIZER_TOKEN_TYPE as KEY_TOKEN_TYPE,
+};
 
-/// Why a GGUF file's tokenizer metadata cannot be used. A typed error so the command line can
-/// report it as a bad input file (exit 3); every message names the file once.
+/// Why a tokenizer cannot be built: GGUF metadata or Hugging Face files that cannot be used. A
+/// typed error so the command line can report it as a bad input file (exit 3); every message
+/// from a file names the file once.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum TokenizerError {
     /// A key has the wrong type or the metadata cannot be read (the reader names file and key).
     #[error(transparent)]
     Gguf(#[from] GgufError),
-    /// The metadata reads fine but does not describe a GPT-2 tokenizer ggpt can use.
+    /// The metadata or files read fine but do not describe a GPT-2 tokenizer ggpt can use.
     #[error("{file}: {problem}")]
     Invalid { file: String, problem: String },
+    /// The vocabulary, merges or EOS id given to [`Tokenizer::new`] or
+    /// [`Tokenizer::with_eos`] are inconsistent (the callers that read files add the file).
+    #[error("{0}")]
+    Tables(String),
 }
 
 impl Tokenizer {

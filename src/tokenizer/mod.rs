@@ -23,8 +23,6 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
-use anyhow::{bail, Context};
-
 use bpe::{FxBuildHasher, Merge, MergeTable};
 pub use gguf::TokenizerError;
 pub use stop::TextStream;
@@ -54,6 +52,13 @@ pub enum DecodeError {
         "the tokens decode to bytes that are not valid UTF-8 (first bad byte at offset {offset})"
     )]
     InvalidUtf8 { offset: usize },
+}
+
+/// `return Err(TokenizerError::Tables(format!(...)))`.
+macro_rules! bail {
+    ($($t:tt)*) => {
+        return Err(TokenizerError::Tables(format!($($t)*)))
+    };
 }
 
 /// A token that is matched verbatim in the input before pre-tokenization.
@@ -118,7 +123,7 @@ impl Tokenizer {
         tokens: impl IntoIterator<Item = T>,
         merges: impl IntoIterator<Item = M>,
         token_types: Option<Vec<i32>>,
-    ) -> anyhow::Result<Tokenizer>
+    ) -> Result<Tokenizer, TokenizerError>
     where
         T: AsRef<str>,
         M: AsRef<str>,
@@ -180,14 +185,12 @@ impl Tokenizer {
         for (b, slot) in byte_ids.iter_mut().enumerate() {
             let c = byte_alphabet::byte_to_char(b as u8);
             let mut buf = [0u8; 4];
-            *slot = *token_to_id
-                .get(&*c.encode_utf8(&mut buf))
-                .with_context(|| {
-                    format!(
-                        "the vocabulary has no token for byte 0x{b:02x} (written {c:?}), which \
-                     byte-level BPE needs: this is not a GPT-2 style vocabulary"
-                    )
-                })?;
+            *slot = *token_to_id.get(&*c.encode_utf8(&mut buf)).ok_or_else(|| {
+                TokenizerError::Tables(format!(
+                    "the vocabulary has no token for byte 0x{b:02x} (written {c:?}), which \
+                         byte-level BPE needs: this is not a GPT-2 style vocabulary"
+                ))
+            })?;
         }
 
         let mut table = MergeTable::with_capacity(50_000);
@@ -197,12 +200,16 @@ impl Tokenizer {
             let Ok(rank32) = u32::try_from(rank) else {
                 bail!("more than {} merges", u32::MAX);
             };
-            let (left, right) = split_merge(line).with_context(|| {
-                format!("merge {rank} ({line:?}) is not of the form \"left right\"")
+            let (left, right) = split_merge(line).ok_or_else(|| {
+                TokenizerError::Tables(format!(
+                    "merge {rank} ({line:?}) is not of the form \"left right\""
+                ))
             })?;
             let lookup = |s: &str| {
-                token_to_id.get(s).copied().with_context(|| {
-                    format!("merge {rank} ({line:?}): {s:?} is not in the vocabulary")
+                token_to_id.get(s).copied().ok_or_else(|| {
+                    TokenizerError::Tables(format!(
+                        "merge {rank} ({line:?}): {s:?} is not in the vocabulary"
+                    ))
                 })
             };
             joined.clear();
@@ -239,10 +246,16 @@ impl Tokenizer {
 
     /// Reads a Hugging Face GPT-2 tokenizer: `vocab.json` (token → id, ids 0..n without gaps)
     /// and `merges.txt` (one "left right" merge per line after a `#version` line).
-    pub fn from_hf_files(vocab_json: &Path, merges_txt: &Path) -> anyhow::Result<Tokenizer> {
+    pub fn from_hf_files(
+        vocab_json: &Path,
+        merges_txt: &Path,
+    ) -> Result<Tokenizer, TokenizerError> {
         let tokens = read_vocab_json(vocab_json)?;
-        let merges_text = std::fs::read_to_string(merges_txt)
-            .with_context(|| format!("cannot read {}", merges_txt.display()))?;
+        let merges_text =
+            std::fs::read_to_string(merges_txt).map_err(|e| TokenizerError::Invalid {
+                file: merges_txt.display().to_string(),
+                problem: format!("cannot read: {e}"),
+            })?;
         let merges: Vec<&str> = merges_text
             .lines()
             .enumerate()
@@ -250,17 +263,14 @@ impl Tokenizer {
             .map(|(_, line)| line.strip_suffix('\r').unwrap_or(line))
             .filter(|line| !line.is_empty())
             .collect();
-        Tokenizer::new(tokens, merges, None).with_context(|| {
-            format!(
-                "invalid tokenizer in {} + {}",
-                vocab_json.display(),
-                merges_txt.display()
-            )
+        Tokenizer::new(tokens, merges, None).map_err(|e| TokenizerError::Invalid {
+            file: format!("{} + {}", vocab_json.display(), merges_txt.display()),
+            problem: format!("invalid tokenizer: {e}"),
         })
     }
 
     /// Sets the end-of-sequence token.
-    pub fn with_eos(mut self, id: u32) -> anyhow::Result<Tokenizer> {
+    pub fn with_eos(mut self, id: u32) -> Result<Tokenizer, TokenizerError> {
         if id as usize >= self.n_vocab() {
             bail!(
                 "EOS token id {id} is out of range (the vocabulary has {} tokens)",
@@ -420,48 +430,47 @@ impl Tokenizer {
 }
 
 /// Reads `vocab.json` into `tokens[id]`, checking that the ids are exactly 0..n.
-fn read_vocab_json(path: &Path) -> anyhow::Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+fn read_vocab_json(path: &Path) -> Result<Vec<String>, TokenizerError> {
+    let invalid = |problem: String| TokenizerError::Invalid {
+        file: path.display().to_string(),
+        problem,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| invalid(format!("cannot read: {e}")))?;
     // A hash map, not `serde_json::Value`, whose B-tree map costs several times more here.
     let map: HashMap<String, serde_json::Value> =
         serde_json::from_str(&text).map_err(|e| match e.classify() {
-            serde_json::error::Category::Data => anyhow::anyhow!(
-                "{}: expected a JSON object mapping tokens to ids ({e})",
-                path.display()
-            ),
-            _ => anyhow::anyhow!("{} is not valid JSON: {e}", path.display()),
+            serde_json::error::Category::Data => invalid(format!(
+                "expected a JSON object mapping tokens to ids ({e})"
+            )),
+            _ => invalid(format!("not valid JSON: {e}")),
         })?;
     let n = map.len();
     let mut tokens: Vec<Option<String>> = vec![None; n];
     for (token, id) in map {
         let Some(id) = id.as_u64() else {
-            bail!(
-                "{}: the id of {token:?} is not a non-negative integer",
-                path.display()
-            );
+            return Err(invalid(format!(
+                "the id of {token:?} is not a non-negative integer"
+            )));
         };
         let slot = usize::try_from(id)
             .ok()
             .and_then(|i| tokens.get_mut(i))
-            .with_context(|| {
-                format!(
-                    "{}: id {id} of {token:?} is out of range for {n} tokens (ids must be 0..n)",
-                    path.display()
-                )
+            .ok_or_else(|| {
+                invalid(format!(
+                    "id {id} of {token:?} is out of range for {n} tokens (ids must be 0..n)"
+                ))
             })?;
         if let Some(other) = slot.replace(token.clone()) {
-            bail!(
-                "{}: id {id} is used by both {other:?} and {token:?}",
-                path.display()
-            );
+            return Err(invalid(format!(
+                "id {id} is used by both {other:?} and {token:?}"
+            )));
         }
     }
     // n distinct ids below n: no gaps are possible, but keep the check explicit.
     tokens
         .into_iter()
         .enumerate()
-        .map(|(i, t)| t.with_context(|| format!("{}: no token has id {i}", path.display())))
+        .map(|(i, t)| t.ok_or_else(|| invalid(format!("no token has id {i}"))))
         .collect()
 }
 

@@ -1,6 +1,7 @@
 //! GPT-2 hyper-parameters, read from the `gpt2.*` GGUF keys and checked before anything is
 //! sized from them.
 
+use ggpt_gguf::gpt2::keys;
 use ggpt_gguf::GgufFile;
 
 use super::weights::TOKEN_EMBD;
@@ -67,12 +68,12 @@ impl Hparams {
             }
             Ok(v)
         };
-        let n_layer = int("gpt2.block_count", MAX_LAYERS)?;
-        let n_ctx = int("gpt2.context_length", MAX_CTX)?;
-        let n_embd = int("gpt2.embedding_length", MAX_EMBD)?;
-        let n_ff = int("gpt2.feed_forward_length", MAX_FF)?;
-        let n_head = int("gpt2.attention.head_count", MAX_EMBD)?;
-        let eps_key = "gpt2.attention.layer_norm_epsilon";
+        let n_layer = int(keys::BLOCK_COUNT, MAX_LAYERS)?;
+        let n_ctx = int(keys::CONTEXT_LENGTH, MAX_CTX)?;
+        let n_embd = int(keys::EMBEDDING_LENGTH, MAX_EMBD)?;
+        let n_ff = int(keys::FEED_FORWARD_LENGTH, MAX_FF)?;
+        let n_head = int(keys::HEAD_COUNT, MAX_EMBD)?;
+        let eps_key = keys::LAYER_NORM_EPSILON;
         let eps = file
             .get_f32(eps_key)
             .map_err(LoadError::from)?
@@ -90,19 +91,16 @@ impl Hparams {
         if n_embd % n_head != 0 {
             return Err(LoadError::BadHparam {
                 file: path.clone(),
-                key: "gpt2.attention.head_count".to_string(),
+                key: keys::HEAD_COUNT.to_string(),
                 what: format!("embedding length {n_embd} is not a multiple of {n_head} heads"),
             });
         }
         // llama.cpp only supports head_count_kv == head_count for GPT-2 (no GQA).
-        if let Some(kv) = file
-            .get_u64("gpt2.attention.head_count_kv")
-            .map_err(LoadError::from)?
-        {
+        if let Some(kv) = file.get_u64(keys::HEAD_COUNT_KV).map_err(LoadError::from)? {
             if kv != n_head {
                 return Err(LoadError::BadHparam {
                     file: path,
-                    key: "gpt2.attention.head_count_kv".to_string(),
+                    key: keys::HEAD_COUNT_KV.to_string(),
                     what: format!("{kv} differs from head_count {n_head}; GPT-2 has no GQA"),
                 });
             }

@@ -12,6 +12,7 @@ pub mod weights;
 
 use std::sync::Arc;
 
+use ggpt_gguf::gpt2::{keys, ARCH};
 use ggpt_gguf::GgufFile;
 use ggpt_quant::GgmlType;
 
@@ -116,8 +117,8 @@ impl Gpt2 {
     /// uses it).
     pub fn check_header(file: &GgufFile) -> Result<Hparams, LoadError> {
         let path = file.path().display().to_string();
-        match file.get_str("general.architecture")? {
-            Some("gpt2") => {}
+        match file.get_str(keys::ARCHITECTURE)? {
+            Some(ARCH) => {}
             Some(other) => {
                 return Err(LoadError::WrongArchitecture {
                     file: path,
@@ -127,7 +128,7 @@ impl Gpt2 {
             None => {
                 return Err(LoadError::MissingKey {
                     file: path,
-                    key: "general.architecture".to_string(),
+                    key: keys::ARCHITECTURE.to_string(),
                 })
             }
         }

@@ -11,39 +11,10 @@ use ggpt_quant::GgmlType;
 
 use super::{Hparams, LoadError};
 
-/// The token embedding, (V, C); its row count is the vocabulary size.
-pub const TOKEN_EMBD: &str = "token_embd.weight";
-/// The tensors outside the blocks, in llama.cpp's `LLM_ARCH_GPT2` order. `output.weight` is
-/// optional (see [`OPTIONAL_TENSORS`]).
-pub const GLOBAL_TENSORS: [&str; 4] = [
+pub use ggpt_gguf::gpt2::{
+    block_tensor, BLOCK_TENSORS, GLOBAL_TENSORS, OPTIONAL_TENSORS, OUTPUT, POSITION_EMBD,
     TOKEN_EMBD,
-    "position_embd.weight",
-    "output_norm.weight",
-    "output_norm.bias",
-];
-/// Tensors a GPT-2 file may hold or leave out: the output projection, tied to the token
-/// embedding when absent.
-pub const OPTIONAL_TENSORS: [&str; 1] = ["output.weight"];
-/// The tensors of every block `blk.N.`, by their name after that prefix.
-pub const BLOCK_TENSORS: [&str; 12] = [
-    "attn_norm.weight",
-    "attn_norm.bias",
-    "attn_qkv.weight",
-    "attn_qkv.bias",
-    "attn_output.weight",
-    "attn_output.bias",
-    "ffn_norm.weight",
-    "ffn_norm.bias",
-    "ffn_up.weight",
-    "ffn_up.bias",
-    "ffn_down.weight",
-    "ffn_down.bias",
-];
-
-/// `blk.{i}.{name}`.
-pub fn block_tensor(i: u64, name: &str) -> String {
-    format!("blk.{i}.{name}")
-}
+};
 
 /// Unexpected tensors named in an error before the rest are only counted.
 const NAMED_EXTRA: usize = 6;
@@ -204,10 +175,10 @@ impl Weights {
 
         let (v, t, f) = (hp.n_vocab, hp.n_ctx, hp.n_ff);
         let token_embd = ld.matrix(TOKEN_EMBD, c, v)?;
-        let pos_embd = ld.matrix("position_embd.weight", c, t)?;
+        let pos_embd = ld.matrix(POSITION_EMBD, c, t)?;
         let output_norm = ld.norm("output_norm", c)?;
-        let output = match file.tensor("output.weight") {
-            Some(_) => Some(ld.matrix("output.weight", c, v)?),
+        let output = match file.tensor(OUTPUT) {
+            Some(_) => Some(ld.matrix(OUTPUT, c, v)?),
             None => None,
         };
         let layers = (0..hp.n_layer)
