@@ -26,18 +26,13 @@ pub struct FlagError(pub String);
 /// tensor's data for `dump`) that cannot be used: a bad input file, exit code 3, like the
 /// library's errors about model files. The message names the input.
 #[derive(Debug, thiserror::Error)]
-#[error("{}: {problem}", path.display())]
-pub struct InputError {
-    pub path: PathBuf,
-    pub problem: String,
-}
+#[error("{0}")]
+pub struct InputError(pub String);
 
 impl InputError {
-    pub fn new(path: impl Into<PathBuf>, problem: impl Into<String>) -> Self {
-        InputError {
-            path: path.into(),
-            problem: problem.into(),
-        }
+    /// "`input`: `problem`".
+    pub fn new(input: impl AsRef<Path>, problem: impl std::fmt::Display) -> Self {
+        InputError(format!("{}: {problem}", input.as_ref().display()))
     }
 }
 

@@ -188,6 +188,7 @@ impl Model {
                 // The evaluation cannot return early; a cancelled call unwinds out of it.
                 |_, _, _| cancel.unwind_if_set(),
             )
+            .map_err(anyhow::Error::from)
         })
     }
 }
@@ -216,7 +217,7 @@ impl Model {
             )),
         })?;
         // Loading checks every quantized block's scales in parallel: on the model's own pool.
-        let model = blocking::run(py, pool.as_ref(), |_| RustModel::load(&path))?;
+        let model = blocking::run(py, pool.as_ref(), |_| Ok(RustModel::load(&path)?))?;
         let train = model.hparams().n_ctx as usize;
         let n_ctx = n_ctx.unwrap_or(train);
         if n_ctx == 0 || n_ctx > train {
