@@ -1,9 +1,12 @@
 //! A loaded model: the mmapped GGUF file, its validated GPT-2 weights and its tokenizer.
 //!
-//! Loading maps the file and checks it (metadata, every tensor's shape and type, the
-//! tokenizer tables, and the fp16 scales of every quantized block); F16/F32 weight values
-//! are not read until inference touches them, so [`Model::load_ms`] measures validation, not
-//! reading the whole file.
+//! Loading maps the file and checks its header (metadata, every tensor's shape and type, the
+//! 1-D norms and biases, the tokenizer tables) without reading the 2-D weights, so
+//! [`Model::load_ms`] is a few milliseconds and nothing of the weights is resident before the
+//! first token. The fp16 scales of each quantized weight are checked the first time a forward
+//! pass uses it (in parallel, once per model; [`Model::check_weights`] checks them all at
+//! once), and a bad one is a [`RunError::InvalidWeights`] naming the file, the tensor and the
+//! block, the same message a check at load would give.
 //!
 //! Why only the quantized scales: a NaN or infinite scale turns every activation it touches
 //! into NaN, and checking scales reads a few bytes per 32 or 256 weights — about 2 % of a
@@ -53,8 +56,8 @@ pub struct Model {
 
 impl Model {
     /// Map and validate a GGUF file: GPT-2 architecture, hyper-parameters, every tensor's
-    /// presence, shape and type, the scales of every quantized block, and the tokenizer
-    /// tables.
+    /// presence, shape and type, and the tokenizer tables. Quantized scales are checked on
+    /// first use (see the module comment).
     pub fn load(path: &Path) -> Result<Model> {
         let start = Instant::now();
         let file = GgufFile::open(path)?;
@@ -81,7 +84,6 @@ impl Model {
             }
             .into());
         }
-        check_quantized_scales(&file)?;
         Ok(Model {
             gpt2,
             tokenizer,
@@ -109,6 +111,14 @@ impl Model {
         &self.gpt2
     }
 
+    /// Check the fp16 scales of every quantized weight now (ggml's row-data validation)
+    /// instead of on first use, for callers that want a bad file refused before they start:
+    /// the error names the file, the tensor and the block. Float weights are left to the
+    /// session's logit check (see the module comment).
+    pub fn check_weights(&self) -> Result<(), RunError> {
+        self.gpt2.check_weights()
+    }
+
     /// Milliseconds spent opening and validating the file.
     pub fn load_ms(&self) -> f64 {
         self.load_ms
@@ -128,16 +138,6 @@ impl Model {
             _ => "unknown".to_string(),
         }
     }
-}
-
-/// Check the fp16 scales of every quantized tensor (ggml's row-data validation): the error
-/// names the file, the tensor and the block. Float tensors are left to the session's logit
-/// check (see the module comment); their 1-D parameters were already checked when loading.
-fn check_quantized_scales(file: &GgufFile) -> Result<(), ggpt_gguf::GgufError> {
-    file.validate_tensor_data(
-        |t| t.ty.block_size() > 1,
-        ggpt_quant::tensor::validate_row_data,
-    )
 }
 
 /// llama.cpp's `llama_ftype` values (include/llama.h) for the mixes ggpt reads.

@@ -122,6 +122,10 @@ fn exit_code(err: &anyhow::Error) -> i32 {
             || cause.is::<ggpt_models::LoadError>()
             || cause.is::<ggpt::tokenizer::TokenizerError>()
             || cause.is::<ggpt::model::NonFiniteWeights>()
+            || matches!(
+                cause.downcast_ref::<ggpt_models::RunError>(),
+                Some(ggpt_models::RunError::InvalidWeights { .. })
+            )
         {
             return EXIT_INPUT;
         }

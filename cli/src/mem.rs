@@ -67,6 +67,8 @@ pub fn run(args: Args) -> Result<()> {
         return predict_checkpoint(&args, kv_elem, threads);
     }
     let model = Model::load(&args.path)?;
+    // The estimate reads no weights, but a file with bad scales is still refused here.
+    model.check_weights()?;
     let hp = model.hparams().clone();
     let n_ctx = args.ctx.unwrap_or(hp.n_ctx as usize);
     if n_ctx == 0 || n_ctx as u64 > hp.n_ctx {

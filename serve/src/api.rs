@@ -104,6 +104,8 @@ impl App {
                 message,
             };
             let model = Model::load(path).map_err(|e| err(format!("{e:#}")))?;
+            // A server refuses a bad file at start rather than on its first request.
+            model.check_weights().map_err(|e| err(e.to_string()))?;
             let name = path
                 .file_stem()
                 .map(|s| s.to_string_lossy().into_owned())

@@ -73,6 +73,22 @@ pub fn decode_token(token: &str) -> Option<Vec<u8>> {
     token.chars().map(char_to_byte).collect()
 }
 
+/// [`decode_token`] appending to `out` instead of allocating: `false` (and `out` unchanged)
+/// if any character is outside the alphabet.
+pub fn decode_token_into(token: &str, out: &mut Vec<u8>) -> bool {
+    let start = out.len();
+    for c in token.chars() {
+        match char_to_byte(c) {
+            Some(b) => out.push(b),
+            None => {
+                out.truncate(start);
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// Encodes raw bytes as a vocabulary string (` the` → `Ġthe`).
 pub fn encode_bytes(bytes: &[u8]) -> String {
     bytes.iter().map(|&b| byte_to_char(b)).collect()

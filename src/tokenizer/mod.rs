@@ -18,15 +18,19 @@ mod gguf;
 pub mod pretokenize;
 mod stop;
 mod stream;
+mod vocab;
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::{Mutex, PoisonError};
 
+use rayon::prelude::*;
+
 use bpe::{FxBuildHasher, Merge, MergeTable};
 pub use gguf::TokenizerError;
 pub use stop::TextStream;
 pub use stream::{StreamDecoder, Utf8Stream};
+use vocab::Vocab;
 
 /// GGUF `tokenizer.ggml.token_type` of an ordinary token.
 pub const TOKEN_TYPE_NORMAL: i32 = 1;
@@ -74,7 +78,7 @@ pub struct Tokenizer {
     bytes: Vec<u8>,
     offsets: Vec<usize>,
     /// Vocabulary string (as stored, e.g. `Ġthe`) → id; the first id wins for duplicates.
-    token_to_id: HashMap<Box<str>, u32, FxBuildHasher>,
+    token_to_id: Vocab,
     /// Token id of each single byte, where every BPE starts.
     byte_ids: [u32; 256],
     merges: MergeTable,
@@ -128,26 +132,34 @@ impl Tokenizer {
         T: AsRef<str>,
         M: AsRef<str>,
     {
-        let mut bytes = Vec::new();
-        let mut offsets = vec![0usize];
-        let tokens = tokens.into_iter();
-        let mut token_to_id: HashMap<Box<str>, u32, FxBuildHasher> =
-            HashMap::with_capacity_and_hasher(tokens.size_hint().0, FxBuildHasher::default());
+        let tokens: Vec<T> = tokens.into_iter().collect();
+        let Some(token_to_id) = Vocab::new(tokens.iter().map(AsRef::as_ref)) else {
+            bail!("the vocabulary is too large");
+        };
+        let mut bytes = Vec::with_capacity(token_to_id.heap_bytes() / 4);
+        let mut offsets = Vec::with_capacity(tokens.len() + 1);
+        offsets.push(0usize);
         let mut specials = Vec::new();
-        let mut n_tokens = 0usize;
-        for (i, token) in tokens.enumerate() {
+        let n_tokens = tokens.len();
+        debug_assert_eq!(token_to_id.len(), n_tokens);
+        if n_tokens == 0 {
+            bail!("the vocabulary is empty");
+        }
+        if let Some(types) = &token_types {
+            if types.len() != n_tokens {
+                bail!(
+                    "token types list has {} entries but the vocabulary has {n_tokens} tokens",
+                    types.len()
+                );
+            }
+        }
+        for (i, token) in tokens.iter().enumerate() {
             let token = token.as_ref();
             let Ok(id) = u32::try_from(i) else {
                 bail!("vocabulary has more than {} tokens", u32::MAX);
             };
             let ty = match &token_types {
-                Some(types) => match types.get(i) {
-                    Some(&t) => t,
-                    None => bail!(
-                        "token types list has {} entries but the vocabulary has more tokens",
-                        types.len()
-                    ),
-                },
+                Some(types) => types[i],
                 None if looks_like_control(token) => TOKEN_TYPE_CONTROL,
                 None => TOKEN_TYPE_NORMAL,
             };
@@ -161,67 +173,73 @@ impl Tokenizer {
             // Control and user-defined tokens are stored as plain text; ordinary tokens in the
             // byte alphabet. An ordinary token with characters outside the alphabet cannot come
             // out of BPE on bytes anyway; it decodes to its text as stored.
-            match byte_alphabet::decode_token(token).filter(|_| !verbatim) {
-                Some(b) => bytes.extend_from_slice(&b),
-                None => bytes.extend_from_slice(token.as_bytes()),
+            if verbatim || !byte_alphabet::decode_token_into(token, &mut bytes) {
+                bytes.extend_from_slice(token.as_bytes());
             }
             offsets.push(bytes.len());
-            token_to_id.entry(token.into()).or_insert(id);
-            n_tokens += 1;
-        }
-        if n_tokens == 0 {
-            bail!("the vocabulary is empty");
-        }
-        if let Some(types) = &token_types {
-            if types.len() != n_tokens {
-                bail!(
-                    "token types list has {} entries but the vocabulary has {n_tokens} tokens",
-                    types.len()
-                );
-            }
         }
 
         let mut byte_ids = [0u32; 256];
         for (b, slot) in byte_ids.iter_mut().enumerate() {
             let c = byte_alphabet::byte_to_char(b as u8);
             let mut buf = [0u8; 4];
-            *slot = *token_to_id.get(&*c.encode_utf8(&mut buf)).ok_or_else(|| {
+            *slot = token_to_id.get(c.encode_utf8(&mut buf)).ok_or_else(|| {
                 TokenizerError::Tables(format!(
                     "the vocabulary has no token for byte 0x{b:02x} (written {c:?}), which \
-                         byte-level BPE needs: this is not a GPT-2 style vocabulary"
+                     byte-level BPE needs: this is not a GPT-2 style vocabulary"
                 ))
             })?;
         }
 
-        let mut table = MergeTable::with_capacity(50_000);
-        let mut joined = String::new();
-        for (rank, line) in merges.into_iter().enumerate() {
-            let line = line.as_ref();
-            let Ok(rank32) = u32::try_from(rank) else {
-                bail!("more than {} merges", u32::MAX);
-            };
-            let (left, right) = split_merge(line).ok_or_else(|| {
-                TokenizerError::Tables(format!(
-                    "merge {rank} ({line:?}) is not of the form \"left right\""
-                ))
-            })?;
-            let lookup = |s: &str| {
-                token_to_id.get(s).copied().ok_or_else(|| {
-                    TokenizerError::Tables(format!(
-                        "merge {rank} ({line:?}): {s:?} is not in the vocabulary"
-                    ))
-                })
-            };
-            joined.clear();
-            joined.push_str(left);
-            joined.push_str(right);
-            // Parts first: an unknown part is the more useful message than the unknown result.
-            let (left_id, right_id) = (lookup(left)?, lookup(right)?);
-            let merged = Merge {
-                rank: rank32,
-                id: lookup(&joined)?,
-            };
-            table.insert(left_id, right_id, merged);
+        // Each rule's three lookups (left, right, joined) are independent: resolve them on
+        // every core, in rank order within chunks, then insert in rank order so that the
+        // first rule for a pair wins and the first bad rule is the one reported.
+        let merges: Vec<M> = merges.into_iter().collect();
+        if u32::try_from(merges.len()).is_err() {
+            bail!("more than {} merges", u32::MAX);
+        }
+        let lines: Vec<&str> = merges.iter().map(AsRef::as_ref).collect();
+        const CHUNK: usize = 4096;
+        let resolved: Vec<Result<Vec<(u32, u32, Merge)>, TokenizerError>> = lines
+            .par_chunks(CHUNK)
+            .enumerate()
+            .map(|(c, chunk)| {
+                let mut joined = String::new();
+                let mut out = Vec::with_capacity(chunk.len());
+                for (k, &line) in chunk.iter().enumerate() {
+                    let rank = c * CHUNK + k;
+                    let (left, right) = split_merge(line).ok_or_else(|| {
+                        TokenizerError::Tables(format!(
+                            "merge {rank} ({line:?}) is not of the form \"left right\""
+                        ))
+                    })?;
+                    let lookup = |s: &str| {
+                        token_to_id.get(s).ok_or_else(|| {
+                            TokenizerError::Tables(format!(
+                                "merge {rank} ({line:?}): {s:?} is not in the vocabulary"
+                            ))
+                        })
+                    };
+                    joined.clear();
+                    joined.push_str(left);
+                    joined.push_str(right);
+                    // Parts first: an unknown part is the more useful message than the
+                    // unknown result.
+                    let (left_id, right_id) = (lookup(left)?, lookup(right)?);
+                    let merged = Merge {
+                        rank: rank as u32,
+                        id: lookup(&joined)?,
+                    };
+                    out.push((left_id, right_id, merged));
+                }
+                Ok(out)
+            })
+            .collect();
+        let mut table = MergeTable::with_capacity(merges.len());
+        for chunk in resolved {
+            for (left, right, merged) in chunk? {
+                table.insert(left, right, merged);
+            }
         }
 
         specials.sort_by_key(|s: &Special| std::cmp::Reverse(s.text.len()));
@@ -229,7 +247,7 @@ impl Tokenizer {
         for s in &specials {
             special_first_byte[s.text.as_bytes()[0] as usize] = true;
         }
-        let eos = token_to_id.get(ENDOFTEXT).copied();
+        let eos = token_to_id.get(ENDOFTEXT);
 
         Ok(Tokenizer {
             bytes,
@@ -298,7 +316,7 @@ impl Tokenizer {
 
     /// The id of a vocabulary string as stored (e.g. `Ġthe` or `<|endoftext|>`).
     pub fn token_id(&self, token: &str) -> Option<u32> {
-        self.token_to_id.get(token).copied()
+        self.token_to_id.get(token)
     }
 
     /// Whether `id` is a control or user-defined token (matched verbatim by `encode`).

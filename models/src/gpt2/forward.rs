@@ -331,6 +331,12 @@ impl Gpt2 {
             )));
         }
 
+        // KV rows for every position this batch adds, allocated now (not at creation, so
+        // memory follows the tokens actually run).
+        for s in 0..n_seq {
+            st.cache.reserve(s, st.next[s]);
+        }
+
         // Place the tokens: each goes at the next free position of its sequence.
         for s in 0..n_seq {
             st.next[s] = st.cache.len(s);
@@ -353,7 +359,8 @@ impl Gpt2 {
 
             // Final LayerNorm and the head, only for the rows asked for.
             let lnf = &self.weights.output_norm;
-            let head = self.weights.lm_head().view(self.file());
+            // Checked on first use, only when logits are asked for.
+            let head = || self.weights.lm_head().checked_view(self.file());
             let (x, ln) = (&st.x[..t * c], &mut st.ln[..t * c]);
             match &mut out {
                 Output::Nothing => {}
@@ -361,12 +368,13 @@ impl Gpt2 {
                     if end == t_all {
                         let last = &x[(t - 1) * c..];
                         ops::layer_norm(last, &lnf.w, &lnf.b, hp.eps, &mut ln[..c]);
-                        matmul(&head, &ln[..c], 1, None, o, &mut st.mm);
+                        matmul(&head()?, &ln[..c], 1, None, o, &mut st.mm);
                     }
                 }
                 Output::AllLogits(o) => {
                     layer_norm_rows_par(x, &lnf.w, &lnf.b, hp.eps, ln);
-                    matmul(&head, ln, t, None, &mut o[start * v..end * v], &mut st.mm);
+                    let o = &mut o[start * v..end * v];
+                    matmul(&head()?, ln, t, None, o, &mut st.mm);
                 }
                 Output::Hidden(o) => {
                     layer_norm_rows_par(x, &lnf.w, &lnf.b, hp.eps, &mut o[start * c..end * c]);
@@ -381,7 +389,7 @@ impl Gpt2 {
                     }
                     if n > 0 {
                         let o = &mut out[first * v..(first + n) * v];
-                        matmul(&head, &ln[..n * c], n, None, o, &mut st.mm);
+                        matmul(&head()?, &ln[..n * c], n, None, o, &mut st.mm);
                     }
                 }
             }
@@ -431,7 +439,7 @@ impl Gpt2 {
             layer_norm_rows_par(x, &lw.attn_norm.w, &lw.attn_norm.b, hp.eps, ln);
             // qkv = ln · W_qkvᵀ + b                                             (T, 3C)
             matmul(
-                &lw.attn_qkv.view(file),
+                &lw.attn_qkv.checked_view(file)?,
                 ln,
                 t,
                 Some(&lw.attn_qkv_b),
@@ -453,7 +461,7 @@ impl Gpt2 {
             }
             // x += att · W_oᵀ + b                                               (T, C)
             matmul(
-                &lw.attn_out.view(file),
+                &lw.attn_out.checked_view(file)?,
                 att,
                 t,
                 Some(&lw.attn_out_b),
@@ -466,7 +474,8 @@ impl Gpt2 {
             // ln = LN2(x)                                                       (T, C)
             layer_norm_rows_par(x, &lw.ffn_norm.w, &lw.ffn_norm.b, hp.eps, ln);
             // up = GELU(ln · W_upᵀ + b)                                         (T, F)
-            matmul(&lw.ffn_up.view(file), ln, t, Some(&lw.ffn_up_b), up, mm);
+            let w_up = lw.ffn_up.checked_view(file)?;
+            matmul(&w_up, ln, t, Some(&lw.ffn_up_b), up, mm);
             if t > 1 {
                 up.par_chunks_mut(f).for_each(ops::gelu_inplace);
             } else {
@@ -474,7 +483,7 @@ impl Gpt2 {
             }
             // x += up · W_downᵀ + b                                             (T, C)
             matmul(
-                &lw.ffn_down.view(file),
+                &lw.ffn_down.checked_view(file)?,
                 up,
                 t,
                 Some(&lw.ffn_down_b),
@@ -497,6 +506,7 @@ fn embed_row(
     let bytes = m.row(file, r).ok_or_else(|| {
         RunError::BadRequest(format!("row {r} of {} is out of range", m.info.name))
     })?;
+    m.check_row(file, r)?;
     ggpt_quant::tensor::dequantize(m.ty, bytes, out)
         .map_err(|e| RunError::BadRequest(format!("{}: {e}", m.info.name)))
 }

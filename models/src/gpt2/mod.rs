@@ -88,6 +88,15 @@ pub enum RunError {
     BadContext { n_ctx: usize, max: usize },
     #[error("invalid request: {0}")]
     BadRequest(String),
+    /// A quantized weight has a NaN or infinite scale, found the first time the weight was
+    /// used (the file is bad input). The pass stopped part-way: sequences keep the positions
+    /// committed before it, but the error is meant to end the run.
+    #[error("{file}: tensor '{tensor}': invalid values: {what}")]
+    InvalidWeights {
+        file: String,
+        tensor: String,
+        what: String,
+    },
 }
 
 /// A loaded GPT-2: hyper-parameters plus weight descriptors borrowing the mmapped file.
@@ -150,5 +159,14 @@ impl Gpt2 {
     /// The weight descriptors.
     pub fn weights(&self) -> &Weights {
         &self.weights
+    }
+
+    /// Check every quantized weight's scales now ([`weights::Matrix::check`]), rather than
+    /// each on its first use: the first bad one in file order is the error.
+    pub fn check_weights(&self) -> Result<(), RunError> {
+        self.weights
+            .matrices()
+            .into_iter()
+            .try_for_each(|m| m.check(&self.file))
     }
 }

@@ -4,12 +4,25 @@
 //! 2-D weights are not copied: a [`Matrix`] records where the tensor lives and is turned
 //! into a borrowed [`QMatrix`] over the mmap at each use. The 1-D norms and biases (a few KiB
 //! per layer) are copied into `Vec<f32>` so the hot loops read plain f32 slices.
+//!
+//! The fp16 scales of a quantized matrix are checked the first time the matrix is used
+//! ([`Matrix::checked_view`]; an embedding lookup checks just the rows it reads), not at
+//! load: loading then reads no weight data at all, and the check reads each matrix while
+//! the forward pass is about to read it anyway, instead of faulting in the whole file before
+//! the first token. The outcome is kept, so each matrix is checked once per model.
+
+use std::sync::OnceLock;
 
 use ggpt_gguf::{GgufFile, TensorInfo};
 use ggpt_quant::matmul::QMatrix;
+use ggpt_quant::tensor::{validate_row_data, TensorError};
 use ggpt_quant::GgmlType;
+use rayon::prelude::*;
 
-use super::{Hparams, LoadError};
+use super::{Hparams, LoadError, RunError};
+
+/// Bytes of a matrix one task checks when its scales are validated in parallel.
+const CHECK_CHUNK_BYTES: usize = 256 << 10;
 
 pub use ggpt_gguf::gpt2::{
     block_tensor, BLOCK_TENSORS, GLOBAL_TENSORS, OPTIONAL_TENSORS, OUTPUT, POSITION_EMBD,
@@ -78,13 +91,91 @@ pub struct Matrix {
     pub cols: usize,
     /// Bytes per row in `ty`.
     pub row_bytes: usize,
+    /// The outcome of checking the quantized scales, once the matrix was first used.
+    checked: OnceLock<Result<(), RunError>>,
 }
 
 impl Matrix {
-    /// Borrow the weight from `file` (the file it was loaded from) for a matmul.
+    /// Borrow the weight from `file` (the file it was loaded from) for a matmul, without
+    /// checking its values (see [`Matrix::checked_view`]).
     pub fn view<'a>(&self, file: &'a GgufFile) -> QMatrix<'a> {
         QMatrix::new(self.ty, self.rows, self.cols, file.tensor_data(&self.info))
             .expect("the matrix was checked when the model was loaded")
+    }
+
+    /// [`Matrix::view`] once [`Matrix::check`] has passed.
+    pub fn checked_view<'a>(&self, file: &'a GgufFile) -> Result<QMatrix<'a>, RunError> {
+        self.check(file)?;
+        Ok(self.view(file))
+    }
+
+    /// Check the fp16 scales of every block (ggml's row-data validation: a NaN or infinite
+    /// scale turns every activation it touches into NaN), in parallel, the first time it is
+    /// called; later calls return the same outcome. The error names the file, the tensor
+    /// and the first bad block. Float matrices are not read here: their values are checked
+    /// by the caller's check of the outputs (reading them all would read the whole file).
+    pub fn check(&self, file: &GgufFile) -> Result<(), RunError> {
+        if self.ty.block_size() == 1 {
+            return Ok(());
+        }
+        self.checked
+            .get_or_init(|| {
+                let data = file.tensor_data(&self.info);
+                let rows_per_chunk = (CHECK_CHUNK_BYTES / self.row_bytes.max(1)).max(1);
+                let chunk = rows_per_chunk * self.row_bytes;
+                let first_bad = data
+                    .par_chunks(chunk.max(1))
+                    .enumerate()
+                    .filter_map(|(i, bytes)| {
+                        validate_row_data(self.ty, bytes).err().map(|e| (i, e))
+                    })
+                    .min_by_key(|(i, _)| *i);
+                match first_bad {
+                    Some((i, e)) => Err(self.invalid(file, e, i * chunk)),
+                    None => Ok(()),
+                }
+            })
+            .clone()
+    }
+
+    /// Check the scales of rows `r` only (an embedding lookup), unless the whole matrix was
+    /// already checked.
+    pub fn check_row(&self, file: &GgufFile, r: usize) -> Result<(), RunError> {
+        if self.ty.block_size() == 1 {
+            return Ok(());
+        }
+        if let Some(done) = self.checked.get() {
+            return done.clone();
+        }
+        match self.row(file, r) {
+            Some(bytes) => validate_row_data(self.ty, bytes)
+                .map_err(|e| self.invalid(file, e, r * self.row_bytes)),
+            None => Ok(()),
+        }
+    }
+
+    /// The error for `e`, found in the bytes starting at `offset` of the tensor: block
+    /// indices are made relative to the whole tensor.
+    fn invalid(&self, file: &GgufFile, e: TensorError, offset: usize) -> RunError {
+        let e = match e {
+            TensorError::NonFinite {
+                ty,
+                what,
+                field,
+                index,
+            } => TensorError::NonFinite {
+                ty,
+                what,
+                field,
+                index: index + offset / self.ty.type_size(),
+            },
+            other => other,
+        };
+        RunError::InvalidWeights {
+            file: file.path().display().to_string(),
+            tensor: self.info.name.clone(),
+            what: e.to_string(),
+        }
     }
 
     /// The bytes of row `r` (`None` if `r` is out of range).
@@ -146,6 +237,21 @@ impl Weights {
     /// The matrix that turns final hidden states into logits.
     pub fn lm_head(&self) -> &Matrix {
         self.output.as_ref().unwrap_or(&self.token_embd)
+    }
+
+    /// Every 2-D weight, in file order.
+    pub fn matrices(&self) -> Vec<&Matrix> {
+        let mut all: Vec<&Matrix> = [&self.token_embd, &self.pos_embd]
+            .into_iter()
+            .chain(&self.output)
+            .chain(
+                self.layers
+                    .iter()
+                    .flat_map(|l| [&l.attn_qkv, &l.attn_out, &l.ffn_up, &l.ffn_down]),
+            )
+            .collect();
+        all.sort_by_key(|m| m.info.offset);
+        all
     }
 
     /// Bytes of 2-D weight data referenced in the map.
@@ -275,6 +381,7 @@ impl Loader<'_> {
             rows: rows as usize,
             cols: cols as usize,
             row_bytes: row_bytes as usize,
+            checked: OnceLock::new(),
         })
     }
 
