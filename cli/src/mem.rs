@@ -3,9 +3,11 @@
 
 use super::common::{bail_flag, flag_error, init_threads, print_stdout};
 use anyhow::Result;
+use ggpt::budget::{BudgetError, Needs, Source};
 use ggpt::memory::{estimate, rss, Estimate, MemShape, Mib, RunShape};
 use ggpt::model::Model;
 use ggpt::session::Session;
+use ggpt_models::residency::Pinning;
 use ggpt_models::KvType;
 use serde_json::json;
 use std::fmt::Write as _;
@@ -129,6 +131,81 @@ pub fn run(args: Args) -> Result<()> {
         print_stdout(&o)?;
     }
     Ok(())
+}
+
+/// `--mem-budget` / `--budget` values: bytes, or a number with K, M, G or T (binary units).
+pub fn parse_size_arg(text: &str) -> std::result::Result<u64, String> {
+    ggpt::budget::parse_size(text).map_err(|e| e.to_string())
+}
+
+/// The run's needs besides the weights: KV for `kv_positions` per sequence, scratch for a
+/// prompt of `n_prompt` tokens.
+fn run_needs(
+    model: &Model,
+    kv_positions: usize,
+    n_ctx: usize,
+    n_prompt: usize,
+    n_seq: usize,
+    threads: usize,
+) -> Needs {
+    let run = RunShape {
+        n_ctx: n_ctx as u64,
+        n_batch: n_prompt.clamp(1, ggpt_models::gpt2::forward::UBATCH) as u64,
+        n_seq: n_seq as u64,
+        kv_elem: 2,
+        threads: threads as u64,
+    };
+    Needs::of(&MemShape::of(model.hparams()), kv_positions as u64, &run)
+}
+
+/// Fit `model` into the memory budget (`flag`, else the cgroup limit or MemAvailable) for a
+/// run of `n_prompt` prompt tokens in a context of `n_ctx`: weights that do not fit are
+/// streamed. A budget too small even for streaming is an error naming the smallest that
+/// works (a [`super::common::FlagError`] when it came from the flag). Returns a line for the
+/// user when the budget changes anything or was asked for.
+pub fn fit_budget(
+    model: &mut Model,
+    flag: Option<u64>,
+    n_ctx: usize,
+    n_prompt: usize,
+    n_seq: usize,
+    threads: usize,
+) -> Result<Option<String>> {
+    let Some(budget) = ggpt::budget::detect(flag) else {
+        return Ok(None);
+    };
+    // The KV cache is allocated (and touched) for the whole context.
+    let needs = run_needs(model, n_ctx, n_ctx, n_prompt, n_seq, threads);
+    let plan = match ggpt::budget::fit(model, budget.bytes, needs) {
+        Ok(p) => p,
+        Err(e @ BudgetError::TooSmall { .. }) if budget.source == Source::Flag => {
+            return Err(flag_error(format!("--mem-budget: {e}")))
+        }
+        Err(e @ BudgetError::TooSmall { .. }) => {
+            return Err(anyhow::Error::new(e).context(format!("memory budget {budget}")))
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if plan.in_memory() {
+        return Ok((budget.source == Source::Flag).then(|| {
+            format!(
+                "memory budget {budget}: every weight stays in memory (full speed from {})",
+                Mib(plan.full_budget)
+            )
+        }));
+    }
+    let pinning = match model.gpt2().residency().map(|r| r.pinning().clone()) {
+        Some(Pinning::Unlocked(why)) => format!("not locked, {why}"),
+        _ => "locked".to_string(),
+    };
+    Ok(Some(format!(
+        "memory budget {budget}: {} of weights resident ({pinning}), streaming {:.1} MB per token \
+         (read-ahead window {}); full speed needs {}",
+        Mib(plan.resident_bytes),
+        plan.streamed_bytes as f64 / 1e6,
+        Mib(plan.window),
+        Mib(plan.full_budget)
+    )))
 }
 
 /// `MemAvailable` from /proc/meminfo in bytes (`None` where there is no such file).

@@ -61,6 +61,10 @@ pub struct Args {
     /// Keep generating after `<|endoftext|>`.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Memory this run may use (300M, 1.5G, bytes); default: the cgroup limit or
+    /// MemAvailable. Weights that do not fit are streamed from the file (docs/memory.md).
+    #[arg(long = "mem-budget", value_parser = super::mem::parse_size_arg)]
+    pub mem_budget: Option<u64>,
 }
 
 /// The sampling flags, each checked by name (the sampler's own validation, run after this,
@@ -134,7 +138,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     cfg.validate().map_err(|e| flag_error(format!("{e:#}")))?;
 
-    let model = Model::load(&args.model)?;
+    let mut model = Model::load(&args.model)?;
     let tok = model.tokenizer();
     let n_ctx_train = model.hparams().n_ctx as usize;
     let n_ctx = args.ctx.unwrap_or(n_ctx_train);
@@ -157,6 +161,16 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     check_lengths(prompt_ids.len(), args.n_predict, n_ctx)?;
+    let n_seq = args.num_return_sequences;
+    let fit = super::mem::fit_budget(
+        &mut model,
+        args.mem_budget,
+        n_ctx,
+        prompt_ids.len(),
+        n_seq,
+        threads,
+    )?;
+    let tok = model.tokenizer();
     super::common::note!(
         "ggpt: {} | {} threads | seed {} | prompt {} tokens",
         args.model.display(),
@@ -164,8 +178,10 @@ pub fn run(args: Args) -> Result<()> {
         seed,
         prompt_ids.len()
     );
+    if let Some(line) = fit {
+        super::common::note!("ggpt: {line}");
+    }
 
-    let n_seq = args.num_return_sequences;
     let mut session = Session::new(&model, n_ctx, n_seq)?;
     let t_prompt = Instant::now();
     let first_logits = session.prefill(&prompt_ids)?.to_vec();
@@ -190,6 +206,7 @@ pub fn run(args: Args) -> Result<()> {
         session.fork_prompt();
     }
 
+    let read_before = ggpt::budget::storage_read_bytes();
     let t_gen = Instant::now();
     let mut n_generated = 0usize;
     let mut logits = first_logits;
@@ -230,6 +247,9 @@ pub fn run(args: Args) -> Result<()> {
         };
     }
     let gen_ms = t_gen.elapsed().as_secs_f64() * 1e3;
+    let read_during = ggpt::budget::storage_read_bytes()
+        .zip(read_before)
+        .map(|(a, b)| a.saturating_sub(b));
     if n_seq == 1 {
         out.write(&format!("{}\n", stream.finish()))?;
     } else {
@@ -263,6 +283,12 @@ pub fn run(args: Args) -> Result<()> {
         "ggpt:        eval time = {:10.2} ms / {:5} tokens ({:8.2} ms per token, {:8.2} tokens per second)",
         gen_ms, n_generated, tg_ms, tg_tps
     );
+    if let (Some(bytes), Some(_)) = (read_during, model.gpt2().residency()) {
+        super::common::note!(
+            "ggpt: storage reads     = {:10.1} MB per generated token",
+            bytes as f64 / 1e6 / n_generated.max(1) as f64
+        );
+    }
     Ok(())
 }
 
