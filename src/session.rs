@@ -189,9 +189,15 @@ impl<'m> Session<'m> {
         self.state.cache().ty()
     }
 
-    /// Bytes held by the KV cache.
+    /// Bytes the KV cache takes when every sequence fills its `n_ctx` positions: the most it
+    /// grows to. It starts empty and grows as tokens arrive ([`kv_allocated_bytes`](Self::kv_allocated_bytes)).
     pub fn kv_bytes(&self) -> usize {
         self.state.cache().bytes()
+    }
+
+    /// Bytes the KV cache has allocated for the positions run so far.
+    pub fn kv_allocated_bytes(&self) -> usize {
+        self.state.cache().allocated_bytes()
     }
 
     /// Bytes of activation scratch and logits currently allocated.

@@ -1,12 +1,21 @@
 //! The key/value cache: every layer's K and V rows for the positions already processed, for
 //! one or more independent sequences.
 //!
-//! Layout: `[layer][seq][head][pos][head_dim]`. One head of one sequence is a contiguous
-//! (n_ctx, hd) block whose first `len` rows are filled, so a decode step reads each head's
-//! keys and values as one sequential stream (which the hardware prefetcher follows; a
-//! transposed `[hd][pos]` layout, tried first, turned each head into 64 short strided reads
-//! and made decoding at 576 tokens of context 5× slower), and copying a prompt to another
-//! sequence is one `memcpy` per (layer, head).
+//! Layout: one block per (layer, sequence), `[head][row][head_dim]` with room for `cap` rows
+//! per head. One head of one sequence is a contiguous (cap, hd) block whose first `len` rows
+//! are filled, so a decode step reads each head's keys and values as one sequential stream
+//! (which the hardware prefetcher follows; a transposed `[hd][pos]` layout, tried first,
+//! turned each head into 64 short strided reads and made decoding at 576 tokens of context
+//! 5× slower), and copying a prompt to another sequence is one `memcpy` per (layer, head).
+//!
+//! Memory follows the work: a sequence's blocks start empty and grow as its tokens arrive
+//! ([`KvCache::reserve`], called before each batch with the exact rows it needs, at least
+//! doubling so that decoding one token at a time reallocates only O(log n_ctx) times), up
+//! to the `n_ctx` ceiling. A new block comes from a zeroed allocation that is never
+//! pre-filled — large ones are fresh pages from the kernel — so only the rows actually
+//! copied or stored are touched and counted in the resident set. A 5-token run with the
+//! default 1024-token context holds a few MiB of KV, not the whole context's 96 MiB (GPT-2
+//! Medium, F16). A server slot's memory is given back when its sequence is cleared.
 //!
 //! Elements are F16 by default (llama.cpp's default: half the memory, 96 MiB for GPT-2
 //! Medium at n_ctx 1024) or F32. Values are rounded to f16 when stored, so prefill and
@@ -14,8 +23,14 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
+use half::vec::HalfBitsVecExt;
 
 use crate::attention::{f16_to_f32, HeadKv};
+
+/// Rows a block is allocated in multiples of (and at least): small enough that a short run
+/// costs little (16 rows of a 64-wide f16 head are 2 KiB), large enough that the first
+/// tokens of a decode do not reallocate every step.
+const ROW_QUANTUM: usize = 16;
 
 /// Element type of the KV cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -57,10 +72,29 @@ impl std::str::FromStr for KvType {
     }
 }
 
-/// K and V storage, one flat vector each, in one element type.
+/// An element type the cache can hold, with a zeroed allocation that does not touch its
+/// pages (`vec![0; n]` of a primitive becomes `calloc`; `vec![f16::ZERO; n]` would write
+/// every element).
+trait Elem: Copy {
+    fn zeroed(n: usize) -> Vec<Self>;
+}
+
+impl Elem for f32 {
+    fn zeroed(n: usize) -> Vec<f32> {
+        vec![0.0; n]
+    }
+}
+
+impl Elem for f16 {
+    fn zeroed(n: usize) -> Vec<f16> {
+        vec![0u16; n].reinterpret_into()
+    }
+}
+
+/// K and V storage: one vector per (layer, sequence) block, index `layer * n_seq + seq`.
 enum Store {
-    F16 { k: Vec<f16>, v: Vec<f16> },
-    F32 { k: Vec<f32>, v: Vec<f32> },
+    F16 { k: Vec<Vec<f16>>, v: Vec<Vec<f16>> },
+    F32 { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
 }
 
 /// Per-layer K and V for `n_seq` sequences of up to `n_ctx` positions each.
@@ -72,13 +106,49 @@ pub struct KvCache {
     n_head: usize,
     head_dim: usize,
     store: Store,
+    /// Rows allocated per head in each of a sequence's blocks.
+    cap: Vec<usize>,
     /// Filled positions per sequence.
     len: Vec<usize>,
 }
 
+/// `old` (n_head blocks of `old_cap` rows) moved into a zeroed allocation of n_head blocks
+/// of `new_cap` rows, copying the first `rows` rows of each head.
+fn regrow<T: Elem>(
+    old: &[T],
+    n_head: usize,
+    hd: usize,
+    old_cap: usize,
+    new_cap: usize,
+    rows: usize,
+) -> Vec<T> {
+    let mut new = T::zeroed(n_head * new_cap * hd);
+    if rows > 0 {
+        for h in 0..n_head {
+            let (from, to) = (h * old_cap * hd, h * new_cap * hd);
+            new[to..to + rows * hd].copy_from_slice(&old[from..from + rows * hd]);
+        }
+    }
+    new
+}
+
+/// Two distinct elements of `v`, the first shared and the second mutable.
+fn pair<T>(v: &mut [T], a: usize, b: usize) -> (&T, &mut T) {
+    debug_assert_ne!(a, b);
+    if a < b {
+        let (lo, hi) = v.split_at_mut(b);
+        (&lo[a], &mut hi[0])
+    } else {
+        let (lo, hi) = v.split_at_mut(a);
+        (&hi[0], &mut lo[b])
+    }
+}
+
 impl KvCache {
-    /// An empty cache. Sizes must already be validated by the caller (non-zero, and the
-    /// product small enough to allocate); `None` if the element count overflows.
+    /// An empty cache that may grow to `n_ctx` positions per sequence; nothing is allocated
+    /// until positions are reserved. Sizes must already be validated by the caller (non-zero,
+    /// and the product small enough to allocate); `None` if the full cache's element count
+    /// overflows.
     pub fn new(
         ty: KvType,
         n_layer: usize,
@@ -87,19 +157,21 @@ impl KvCache {
         n_head: usize,
         head_dim: usize,
     ) -> Option<KvCache> {
-        let n = n_layer
+        n_layer
             .checked_mul(n_seq)?
             .checked_mul(n_ctx)?
             .checked_mul(n_head)?
-            .checked_mul(head_dim)?;
+            .checked_mul(head_dim)?
+            .checked_mul(2 * ty.size())?;
+        let blocks = n_layer * n_seq;
         let store = match ty {
             KvType::F16 => Store::F16 {
-                k: vec![f16::ZERO; n],
-                v: vec![f16::ZERO; n],
+                k: vec![Vec::new(); blocks],
+                v: vec![Vec::new(); blocks],
             },
             KvType::F32 => Store::F32 {
-                k: vec![0.0; n],
-                v: vec![0.0; n],
+                k: vec![Vec::new(); blocks],
+                v: vec![Vec::new(); blocks],
             },
         };
         Some(KvCache {
@@ -110,6 +182,7 @@ impl KvCache {
             n_head,
             head_dim,
             store,
+            cap: vec![0; n_seq],
             len: vec![0; n_seq],
         })
     }
@@ -118,7 +191,7 @@ impl KvCache {
     pub fn ty(&self) -> KvType {
         self.ty
     }
-    /// Positions per sequence.
+    /// Positions per sequence (the ceiling the cache may grow to).
     pub fn n_ctx(&self) -> usize {
         self.n_ctx
     }
@@ -134,32 +207,84 @@ impl KvCache {
     pub fn is_empty(&self, seq: usize) -> bool {
         self.len[seq] == 0
     }
-    /// Bytes held by K and V together.
+    /// Positions allocated for sequence `seq` (≥ its length, ≤ `n_ctx`).
+    pub fn capacity(&self, seq: usize) -> usize {
+        self.cap[seq]
+    }
+    /// Bytes of K and V for one position of one sequence, every layer.
+    pub fn bytes_per_position(&self) -> usize {
+        2 * self.n_layer * self.n_head * self.head_dim * self.ty.size()
+    }
+    /// Bytes K and V take when every sequence is full (`n_ctx` positions each): the most
+    /// this cache can grow to.
     pub fn bytes(&self) -> usize {
-        2 * self.n_layer * self.n_seq * self.n_ctx * self.n_head * self.head_dim * self.ty.size()
+        self.n_seq * self.n_ctx * self.bytes_per_position()
+    }
+    /// Bytes K and V are allocated now (what the rows reserved so far cost).
+    pub fn allocated_bytes(&self) -> usize {
+        self.cap.iter().sum::<usize>() * self.bytes_per_position()
     }
 
-    /// Start of the (layer, seq, head) block (n_ctx rows of hd) in the flat stores.
-    fn base(&self, layer: usize, seq: usize, head: usize) -> usize {
-        ((layer * self.n_seq + seq) * self.n_head + head) * self.n_ctx * self.head_dim
+    /// Make room for positions 0..n of `seq` (n ≤ `n_ctx`) in every layer. Growing keeps the
+    /// filled rows and at least doubles the capacity (capped at `n_ctx`), so appending one
+    /// position at a time costs O(log n_ctx) reallocations.
+    pub fn reserve(&mut self, seq: usize, n: usize) {
+        let cap = self.cap[seq];
+        if n <= cap {
+            return;
+        }
+        debug_assert!(n <= self.n_ctx);
+        let new_cap = n
+            .max(2 * cap)
+            .next_multiple_of(ROW_QUANTUM)
+            .min(self.n_ctx)
+            .max(n);
+        let (nh, hd, rows) = (self.n_head, self.head_dim, self.len[seq]);
+        for layer in 0..self.n_layer {
+            let b = layer * self.n_seq + seq;
+            match &mut self.store {
+                Store::F16 { k, v } => {
+                    k[b] = regrow(&k[b], nh, hd, cap, new_cap, rows);
+                    v[b] = regrow(&v[b], nh, hd, cap, new_cap, rows);
+                }
+                Store::F32 { k, v } => {
+                    k[b] = regrow(&k[b], nh, hd, cap, new_cap, rows);
+                    v[b] = regrow(&v[b], nh, hd, cap, new_cap, rows);
+                }
+            }
+        }
+        self.cap[seq] = new_cap;
+    }
+
+    /// Block index and the start of `head` within it.
+    fn at(&self, layer: usize, seq: usize, head: usize) -> (usize, usize) {
+        (
+            layer * self.n_seq + seq,
+            head * self.cap[seq] * self.head_dim,
+        )
     }
 
     /// Store one token's K and V rows (each C = n_head·hd values, heads concatenated, as the
-    /// QKV projection produces them) at `pos` of `seq` in `layer`. Does not change `len`:
-    /// the caller commits the positions with [`KvCache::set_len`] once all layers are done.
+    /// QKV projection produces them) at `pos` of `seq` in `layer`, growing the sequence's
+    /// blocks if `pos` is beyond them. Does not change `len`: the caller commits the positions
+    /// with [`KvCache::set_len`] once all layers are done.
     pub fn store(&mut self, layer: usize, seq: usize, pos: usize, k_row: &[f32], v_row: &[f32]) {
+        if pos >= self.cap[seq] {
+            self.reserve(seq, pos + 1);
+        }
         let hd = self.head_dim;
         for h in 0..self.n_head {
-            let at = self.base(layer, seq, h) + pos * hd;
+            let (b, base) = self.at(layer, seq, h);
+            let at = base + pos * hd;
             let (kh, vh) = (&k_row[h * hd..(h + 1) * hd], &v_row[h * hd..(h + 1) * hd]);
             match &mut self.store {
                 Store::F16 { k, v } => {
-                    k[at..at + hd].convert_from_f32_slice(kh);
-                    v[at..at + hd].convert_from_f32_slice(vh);
+                    k[b][at..at + hd].convert_from_f32_slice(kh);
+                    v[b][at..at + hd].convert_from_f32_slice(vh);
                 }
                 Store::F32 { k, v } => {
-                    k[at..at + hd].copy_from_slice(kh);
-                    v[at..at + hd].copy_from_slice(vh);
+                    k[b][at..at + hd].copy_from_slice(kh);
+                    v[b][at..at + hd].copy_from_slice(vh);
                 }
             }
         }
@@ -168,16 +293,16 @@ impl KvCache {
     /// Positions 0..n of (layer, seq, head), read in place in the cache's element type (for
     /// a few queries: the kernel widens f16 rows as it goes).
     pub fn head(&self, layer: usize, seq: usize, head: usize, n: usize) -> HeadKv<'_> {
-        let base = self.base(layer, seq, head);
+        let (b, base) = self.at(layer, seq, head);
         let r = base..base + n * self.head_dim;
         match &self.store {
             Store::F32 { k, v } => HeadKv::F32 {
-                k: &k[r.clone()],
-                v: &v[r],
+                k: &k[b][r.clone()],
+                v: &v[b][r],
             },
             Store::F16 { k, v } => HeadKv::F16 {
-                k: &k[r.clone()],
-                v: &v[r],
+                k: &k[b][r.clone()],
+                v: &v[b][r],
             },
         }
     }
@@ -193,7 +318,7 @@ impl KvCache {
         n: usize,
         buf: &'a mut Vec<f32>,
     ) -> HeadKv<'a> {
-        let base = self.base(layer, seq, head);
+        let (b, base) = self.at(layer, seq, head);
         let m = n * self.head_dim;
         match &self.store {
             Store::F32 { .. } => self.head(layer, seq, head, n),
@@ -202,8 +327,8 @@ impl KvCache {
                     buf.resize(2 * m, 0.0);
                 }
                 let (kb, vb) = buf[..2 * m].split_at_mut(m);
-                f16_to_f32(&k[base..base + m], kb);
-                f16_to_f32(&v[base..base + m], vb);
+                f16_to_f32(&k[b][base..base + m], kb);
+                f16_to_f32(&v[b][base..base + m], vb);
                 HeadKv::F32 { k: kb, v: vb }
             }
         }
@@ -211,44 +336,64 @@ impl KvCache {
 
     /// Mark the first `len` positions of `seq` as filled.
     pub fn set_len(&mut self, seq: usize, len: usize) {
-        debug_assert!(len <= self.n_ctx);
+        debug_assert!(len <= self.cap[seq]);
         self.len[seq] = len;
     }
 
     /// Copy sequence `src`'s filled positions into every other sequence (a shared prompt
     /// before sampling several continuations), making them all the same length.
     pub fn fork(&mut self, src: usize) {
-        let m = self.len[src] * self.head_dim;
+        let n = self.len[src];
+        let (nh, hd) = (self.n_head, self.head_dim);
+        let m = n * hd;
         for dst in (0..self.n_seq).filter(|&s| s != src) {
+            self.reserve(dst, n);
+            let (cs, cd) = (self.cap[src], self.cap[dst]);
             for layer in 0..self.n_layer {
-                for h in 0..self.n_head {
-                    let (f, t) = (self.base(layer, src, h), self.base(layer, dst, h));
+                let (bs, bd) = (layer * self.n_seq + src, layer * self.n_seq + dst);
+                for h in 0..nh {
+                    let (f, t) = (h * cs * hd, h * cd * hd);
                     match &mut self.store {
                         Store::F16 { k, v } => {
-                            k.copy_within(f..f + m, t);
-                            v.copy_within(f..f + m, t);
+                            let (ks, kd) = pair(k, bs, bd);
+                            kd[t..t + m].copy_from_slice(&ks[f..f + m]);
+                            let (vs, vd) = pair(v, bs, bd);
+                            vd[t..t + m].copy_from_slice(&vs[f..f + m]);
                         }
                         Store::F32 { k, v } => {
-                            k.copy_within(f..f + m, t);
-                            v.copy_within(f..f + m, t);
+                            let (ks, kd) = pair(k, bs, bd);
+                            kd[t..t + m].copy_from_slice(&ks[f..f + m]);
+                            let (vs, vd) = pair(v, bs, bd);
+                            vd[t..t + m].copy_from_slice(&vs[f..f + m]);
                         }
                     }
                 }
             }
-            self.len[dst] = self.len[src];
+            self.len[dst] = n;
         }
     }
 
-    /// Forget every sequence (the memory is kept).
+    /// Forget every sequence. The memory is kept: the same session usually runs a similar
+    /// length next (a benchmark repetition, the next perplexity window).
     pub fn clear(&mut self) {
         self.len.fill(0);
     }
 
-    /// Forget sequence `seq` only, leaving the others as they are: a server slot whose
-    /// request ended is reused from position 0. No-op for a sequence that does not exist.
+    /// Forget sequence `seq` only, leaving the others as they are, and give its memory back:
+    /// a server slot whose request ended is reused from position 0 by a request of any
+    /// length. No-op for a sequence that does not exist.
     pub fn clear_seq(&mut self, seq: usize) {
-        if let Some(l) = self.len.get_mut(seq) {
-            *l = 0;
+        if seq >= self.n_seq {
+            return;
+        }
+        self.len[seq] = 0;
+        self.cap[seq] = 0;
+        for layer in 0..self.n_layer {
+            let b = layer * self.n_seq + seq;
+            match &mut self.store {
+                Store::F16 { k, v } => (k[b], v[b]) = (Vec::new(), Vec::new()),
+                Store::F32 { k, v } => (k[b], v[b]) = (Vec::new(), Vec::new()),
+            }
         }
     }
 }
@@ -305,11 +450,11 @@ mod tests {
                     assert_eq!(v[p * hd + d], -(p as f32) + (8 + d) as f32 * 0.25);
                 }
             }
-            // Other layers and sequences are untouched.
-            for (l, s) in [(0, 1), (1, 0)] {
-                let (k, v) = read(&kv, l, s, 2, 3);
-                assert!(k.iter().chain(&v).all(|&x| x == 0.0));
-            }
+            // The other layer of the sequence is untouched (zero); the other sequence was
+            // never given memory.
+            let (k, v) = read(&kv, 0, 1, 2, 3);
+            assert!(k.iter().chain(&v).all(|&x| x == 0.0));
+            assert_eq!(kv.capacity(0), 0);
         }
     }
 
@@ -373,6 +518,73 @@ mod tests {
         // The kept sequences still read their own rows.
         assert_eq!(read(&kv, 0, 2, 0, 1).0, [3.0, 1.0]);
         assert_eq!(read(&kv, 0, 0, 0, 1).0, [1.0, 1.0]);
+    }
+
+    #[test]
+    fn memory_grows_with_the_positions_used() {
+        for ty in [KvType::F16, KvType::F32] {
+            let (n_layer, n_ctx, n_head, hd) = (2, 100, 3, 4);
+            let mut kv = KvCache::new(ty, n_layer, 2, n_ctx, n_head, hd).unwrap();
+            let per_pos = 2 * n_layer * n_head * hd * ty.size();
+            assert_eq!(kv.bytes_per_position(), per_pos);
+            assert_eq!(kv.bytes(), 2 * n_ctx * per_pos);
+            assert_eq!(kv.allocated_bytes(), 0);
+            // A 5-token prompt: rounded up to the row quantum, not the context.
+            kv.reserve(0, 5);
+            assert_eq!(kv.capacity(0), ROW_QUANTUM);
+            assert_eq!(kv.allocated_bytes(), ROW_QUANTUM * per_pos);
+            // Appending one position at a time doubles, up to n_ctx and never past it; the
+            // rows already stored survive every reallocation, in every layer and head.
+            let c = n_head * hd;
+            let mut caps = vec![kv.capacity(0)];
+            for pos in 0..n_ctx {
+                for layer in 0..n_layer {
+                    let base = (layer * 1000 + pos) as f32;
+                    kv.store(layer, 0, pos, &row(c, base), &row(c, -base));
+                }
+                kv.set_len(0, pos + 1);
+                if *caps.last().unwrap() != kv.capacity(0) {
+                    caps.push(kv.capacity(0));
+                }
+            }
+            assert_eq!(caps, [16, 32, 64, 100]);
+            for layer in 0..n_layer {
+                for h in 0..n_head {
+                    let (k, v) = read(&kv, layer, 0, h, n_ctx);
+                    for p in 0..n_ctx {
+                        let want = (layer * 1000 + p) as f32 + (h * hd) as f32 * 0.25;
+                        // f16 holds these integers + quarters exactly below 2048.
+                        assert_eq!(k[p * hd], want, "layer {layer} head {h} pos {p}");
+                        assert_eq!(
+                            v[p * hd],
+                            -(layer as f32 * 1000.0 + p as f32) + (h * hd) as f32 * 0.25
+                        );
+                    }
+                }
+            }
+            // Sequence 1 was never used: it holds nothing.
+            assert_eq!(kv.capacity(1), 0);
+            assert_eq!(kv.allocated_bytes(), n_ctx * per_pos);
+            // Clearing everything keeps the memory; clearing one slot gives it back.
+            kv.clear();
+            assert_eq!(kv.allocated_bytes(), n_ctx * per_pos);
+            kv.clear_seq(0);
+            assert_eq!((kv.capacity(0), kv.allocated_bytes()), (0, 0));
+        }
+    }
+
+    #[test]
+    fn fork_grows_the_other_sequences_to_the_prompt() {
+        let mut kv = KvCache::new(KvType::F16, 1, 2, 64, 2, 2).unwrap();
+        kv.reserve(0, 20);
+        for pos in 0..20 {
+            kv.store(0, 0, pos, &row(4, pos as f32), &row(4, 1.0));
+        }
+        kv.set_len(0, 20);
+        assert_eq!(kv.capacity(1), 0);
+        kv.fork(0);
+        assert_eq!((kv.len(1), kv.capacity(1)), (20, 32));
+        assert_eq!(read(&kv, 0, 1, 1, 20), read(&kv, 0, 0, 1, 20));
     }
 
     #[test]

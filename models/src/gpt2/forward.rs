@@ -331,6 +331,12 @@ impl Gpt2 {
             )));
         }
 
+        // KV rows for every position this batch adds, allocated now (not at creation, so
+        // memory follows the tokens actually run).
+        for s in 0..n_seq {
+            st.cache.reserve(s, st.next[s]);
+        }
+
         // Place the tokens: each goes at the next free position of its sequence.
         for s in 0..n_seq {
             st.next[s] = st.cache.len(s);

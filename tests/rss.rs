@@ -1,0 +1,162 @@
+//! Memory follows the work: after a 5-token run with the model's full default context (1024
+//! positions), the resident set must be below the weights + 16 MiB + what those tokens need,
+//! for one sequence and for eight (a server's slots). A KV cache allocated for the whole
+//! context up front fails this: the bundled model's F16 cache is 6 MiB per sequence at 1024
+//! positions, 48 MiB for eight.
+//!
+//! Each measurement runs in a fresh process (this test binary re-executed with `child`), so
+//! the parent's conversion of the bundled checkpoint does not count, and reads VmRSS and
+//! VmHWM from `/proc/self/status`. Linux only; elsewhere the test says so and passes.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use ggpt::model::Model;
+use ggpt::session::Session;
+
+const MIB: u64 = 1 << 20;
+/// What the process may hold beyond the weights and the tokens' own needs: the tokenizer,
+/// the program's code and data, thread stacks, allocator slack.
+const OVERHEAD: u64 = 16 * MIB;
+const PROMPT: &str = "Hello, my name is";
+const PROMPT_TOKENS: usize = 5;
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("child") {
+        child(Path::new(&args[2]), args[3].parse().expect("n_seq"));
+        return;
+    }
+    // `cargo test` passes harness flags (`--nocapture`, a filter); a filter that does not
+    // match this test's name skips it, like the standard harness.
+    if let Some(filter) = args.iter().skip(1).find(|a| !a.starts_with('-')) {
+        if !"rss_follows_the_tokens_run".contains(filter.as_str()) {
+            return;
+        }
+    }
+    if std::fs::read_to_string("/proc/self/status").is_err() {
+        println!("rss: skipped, /proc/self/status is not readable on this system");
+        return;
+    }
+    let model = tiny_q4km();
+    for n_seq in [1, 8] {
+        let out = Command::new(std::env::current_exe().expect("test binary"))
+            .args(["child", model.to_str().unwrap(), &n_seq.to_string()])
+            .output()
+            .expect("run the measuring child");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "child failed: {}\n{stdout}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with("measured"))
+            .unwrap_or_else(|| panic!("no measurement in {stdout:?}"));
+        let num = |key: &str| -> u64 {
+            let i = line.find(&format!(" {key}=")).expect(key) + key.len() + 2;
+            line[i..].split(' ').next().unwrap().parse().expect(key)
+        };
+        let (rss, hwm, file, need, ceiling) = (
+            num("rss"),
+            num("hwm"),
+            num("file"),
+            num("need"),
+            num("kv_ceiling"),
+        );
+        let limit = file + OVERHEAD + need;
+        let mib = |b: u64| b as f64 / MIB as f64;
+        println!(
+            "n_seq {n_seq}: VmRSS {:.1} MiB, VmHWM {:.1} MiB; limit {:.1} MiB = file {:.1} + \
+             {:.0} + tokens {:.2} (a full-context KV cache would be {:.1} MiB)",
+            mib(rss),
+            mib(hwm),
+            mib(limit),
+            mib(file),
+            mib(OVERHEAD),
+            mib(need),
+            mib(ceiling)
+        );
+        assert!(
+            rss <= limit,
+            "n_seq {n_seq}: VmRSS {:.1} MiB after a {PROMPT_TOKENS}-token run is above the \
+             weights + 16 MiB + the tokens' needs ({:.1} MiB)",
+            mib(rss),
+            mib(limit)
+        );
+        assert!(
+            hwm <= limit,
+            "n_seq {n_seq}: peak RSS {:.1} MiB of a {PROMPT_TOKENS}-token run is above the \
+             weights + 16 MiB + the tokens' needs ({:.1} MiB)",
+            mib(hwm),
+            mib(limit)
+        );
+    }
+    println!("test rss_follows_the_tokens_run ... ok");
+}
+
+/// Load, run the prompt and one generated token in each of `n_seq` sequences at the model's
+/// default context, and print this process's resident set and what the run needed.
+fn child(path: &Path, n_seq: usize) {
+    let model = Model::load(path).expect("load");
+    let hp = model.hparams().clone();
+    let n_ctx = hp.n_ctx as usize;
+    let mut session = Session::new(&model, n_ctx, n_seq).expect("session");
+    let prompt = model.tokenizer().encode(PROMPT);
+    assert_eq!(prompt.len(), PROMPT_TOKENS, "{prompt:?}");
+    let argmax = |l: &[f32]| (0..l.len()).max_by(|&a, &b| l[a].total_cmp(&l[b])).unwrap() as u32;
+    let next = argmax(session.prefill(&prompt).expect("prefill"));
+    if n_seq > 1 {
+        session.fork_prompt();
+        session.decode_batch(&vec![next; n_seq]).expect("decode");
+    } else {
+        session.decode(next).expect("decode");
+    }
+    let positions = (PROMPT_TOKENS + 1) as u64;
+    let (c, f, v) = (hp.n_embd, hp.n_ff, hp.n_vocab);
+    // K and V (f16) of every position in every layer and sequence; the activations of the
+    // prompt's micro-batch (f32: residual, norm, QKV, attention, projections, MLP hidden);
+    // the logits of every sequence.
+    let kv = 2 * hp.n_layer * c * 2 * positions * n_seq as u64;
+    let activations = 4 * PROMPT_TOKENS as u64 * (8 * c + f);
+    let logits = 4 * v * n_seq as u64;
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    let field = |name: &str| -> u64 {
+        let l = status.lines().find(|l| l.starts_with(name)).expect(name);
+        let kb: u64 = l[name.len()..]
+            .trim()
+            .trim_end_matches("kB")
+            .trim()
+            .parse()
+            .expect(name);
+        kb * 1024
+    };
+    println!(
+        "measured rss={} hwm={} file={} need={} kv_ceiling={} ",
+        field("VmRSS:"),
+        field("VmHWM:"),
+        model.file().file_len(),
+        kv + activations + logits,
+        session.kv_bytes()
+    );
+}
+
+/// The bundled checkpoint converted to Q4_K_M, once per build.
+fn tiny_q4km() -> PathBuf {
+    use ggpt_convert::pipeline::{convert_hf, ConvertOptions, NoProgress};
+    use ggpt_convert::policy::FileType;
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("rss-models");
+    let path = dir.join(format!("tiny-gpt2-{}.gguf", FileType::Q4KM.label()));
+    std::fs::create_dir_all(&dir).expect("create test model dir");
+    let opts = ConvertOptions {
+        hf_dir: repo.join("models/tiny-gpt2"),
+        types: vec![FileType::Q4KM],
+        output: Some(dir),
+        name: Some("tiny-gpt2".to_string()),
+    };
+    convert_hf(&opts, &NoProgress).expect("convert models/tiny-gpt2");
+    path
+}
