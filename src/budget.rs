@@ -483,6 +483,19 @@ pub fn fit(
     Ok(p)
 }
 
+/// Drop the cached pages of the file at `path` from the page cache (those no process has
+/// mapped), so that the next run reads it from storage.
+pub fn drop_cached(path: &Path) -> Result<(), BudgetError> {
+    use std::os::fd::AsRawFd;
+    let f = std::fs::File::open(path).map_err(|source| BudgetError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    // SAFETY: plain system call on a descriptor owned here; it only advises the kernel.
+    unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+    Ok(())
+}
+
 /// Sequential read bandwidth of the storage holding `path`, in bytes per second: up to
 /// `max_bytes` read with `O_DIRECT` in 8 MiB requests, bypassing the page cache, so the
 /// figure is a cold read whatever is cached (no need to drop caches).

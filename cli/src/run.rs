@@ -167,6 +167,7 @@ pub fn run(args: Args) -> Result<()> {
         args.mem_budget,
         n_ctx,
         prompt_ids.len(),
+        prompt_ids.len() + args.n_predict,
         n_seq,
         threads,
     )?;
