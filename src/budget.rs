@@ -455,8 +455,7 @@ pub fn apply(gpt2: &mut Gpt2, layout: &Layout, plan: &Plan) -> Result<(), Budget
     for &i in &plan.streamed {
         steps[layout.units[i].step].push(span(i));
     }
-    // Drop streamed pages a load-time check may have left in the cache before pinning, so
-    // the pinned set is read into a clean budget.
+    // Pin, then drop the streamed pages the load-time checks left in the page cache.
     let r = Residency::new(gpt2.file_arc().clone(), pinned, steps, plan.window)?;
     r.release_all();
     gpt2.set_residency(Some(r));
