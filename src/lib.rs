@@ -1,6 +1,7 @@
 //! ggpt: quantize GPT-2 to GGUF and run it fast on small machines.
 
 pub mod bench;
+pub mod budget;
 pub mod chart;
 pub mod compare;
 pub mod diff;

@@ -119,6 +119,12 @@ impl Model {
         self.gpt2.check_weights()
     }
 
+    /// The GPT-2 network, mutable: to set how its weights are held under a memory budget
+    /// ([`crate::budget::fit`]) before any session is created.
+    pub fn gpt2_mut(&mut self) -> &mut Gpt2 {
+        &mut self.gpt2
+    }
+
     /// Milliseconds spent opening and validating the file.
     pub fn load_ms(&self) -> f64 {
         self.load_ms

@@ -35,6 +35,10 @@ pub struct Args {
     /// Print JSON lines instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Memory budget (300M, 1.5G, bytes): weights that do not fit beside KV and scratch are
+    /// streamed; the streamed bytes per token and the disk-read roofline are printed.
+    #[arg(long = "mem-budget", value_parser = super::mem::parse_size_arg)]
+    pub mem_budget: Option<u64>,
 }
 
 /// One table row.
@@ -82,7 +86,7 @@ pub fn run(args: Args) -> Result<()> {
     }
     let mut decode_rows = Vec::new();
     for file in &files {
-        let model = Model::load(file)?;
+        let mut model = Model::load(file)?;
         let n_ctx = model.hparams().n_ctx as usize;
         if args.n_prompt > n_ctx || args.n_gen > n_ctx {
             bail_flag!(
@@ -91,6 +95,31 @@ pub fn run(args: Args) -> Result<()> {
                 args.n_gen,
                 file.display()
             );
+        }
+        if args.mem_budget.is_some() {
+            let n = args.n_prompt.max(args.n_gen).clamp(1, n_ctx);
+            let fit = super::mem::fit_budget(
+                &mut model,
+                args.mem_budget,
+                n,
+                args.n_prompt,
+                n,
+                1,
+                threads,
+            )?;
+            if let Some(line) = fit {
+                super::common::note!("{}: {line}", file.display());
+            }
+            if let Some(r) = model.gpt2().residency() {
+                let bw = ggpt::budget::disk_read_bandwidth(file, 256 << 20)?;
+                super::common::note!(
+                    "{}: streamed {:.1} MB per token; disk read {:.0} MB/s (cold O_DIRECT); disk roofline {:.2} t/s",
+                    file.display(),
+                    r.streamed_bytes() as f64 / 1e6,
+                    bw / 1e6,
+                    bw / r.streamed_bytes() as f64
+                );
+            }
         }
         let mut results = Vec::new();
         if args.n_prompt > 0 {

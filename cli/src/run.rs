@@ -60,6 +60,10 @@ pub struct Args {
     /// Keep generating after `<|endoftext|>`.
     #[arg(long)]
     pub ignore_eos: bool,
+    /// Memory this run may use (300M, 1.5G, bytes); default: the cgroup limit or
+    /// MemAvailable. Weights that do not fit are streamed from the file (docs/memory.md).
+    #[arg(long = "mem-budget", value_parser = super::mem::parse_size_arg)]
+    pub mem_budget: Option<u64>,
 }
 
 /// The sampling flags, each checked by name (the sampler's own validation, run after this,
@@ -133,7 +137,7 @@ pub fn run(args: Args) -> Result<()> {
     };
     cfg.validate().map_err(|e| flag_error(format!("{e:#}")))?;
 
-    let model = Model::load(&args.model)?;
+    let mut model = Model::load(&args.model)?;
     let tok = model.tokenizer();
     let n_ctx_train = model.hparams().n_ctx as usize;
     let n_ctx = args.ctx.unwrap_or(n_ctx_train);
@@ -156,6 +160,16 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     check_lengths(prompt_ids.len(), args.n_predict, n_ctx)?;
+    let n_seq = args.num_return_sequences;
+    let fit = super::mem::fit_budget(
+        &mut model,
+        args.mem_budget,
+        n_ctx,
+        prompt_ids.len(),
+        prompt_ids.len() + args.n_predict,
+        n_seq,
+        threads,
+    )?;
     super::common::note!(
         "ggpt: {} | {} threads | seed {} | prompt {} tokens",
         args.model.display(),
@@ -163,7 +177,11 @@ pub fn run(args: Args) -> Result<()> {
         seed,
         prompt_ids.len()
     );
+    if let Some(line) = fit {
+        super::common::note!("ggpt: {line}");
+    }
 
+    let read_before = ggpt::budget::storage_read_bytes();
     let n_seq = args.num_return_sequences;
     let req = Request {
         prompt: prompt_ids,
@@ -192,6 +210,9 @@ pub fn run(args: Args) -> Result<()> {
             Flow::Stop
         })
     })?;
+    let read_during = ggpt::budget::storage_read_bytes()
+        .zip(read_before)
+        .map(|(a, b)| a.saturating_sub(b));
     if n_seq == 1 {
         if !prompt_written {
             out.write(&prompt)?;
@@ -227,6 +248,12 @@ pub fn run(args: Args) -> Result<()> {
         "ggpt:        eval time = {:10.2} ms / {:5} tokens ({:8.2} ms per token, {:8.2} tokens per second)",
         gen_ms, n_generated, tg_ms, tg_tps
     );
+    if let (Some(bytes), Some(_)) = (read_during, model.gpt2().residency()) {
+        super::common::note!(
+            "ggpt: storage reads     = {:10.1} MB per generated token",
+            bytes as f64 / 1e6 / n_generated.max(1) as f64
+        );
+    }
     Ok(())
 }
 

@@ -273,6 +273,12 @@ impl GgufFile {
         self.data.bytes()
     }
 
+    /// Whether the bytes are a memory mapping of the file at [`GgufFile::path`] (from
+    /// [`GgufFile::open`]), starting at offset 0, rather than a copy in memory.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.data, Backing::Mapped(_))
+    }
+
     /// Check one tensor's values with `check`, which knows the block formats (ggpt-quant's
     /// `tensor::validate_row_data` checks them the way ggml's `ggml_validate_row_data` does: no
     /// NaN or infinite fp16 scale in any quantized block, no NaN or infinite F32/F16/BF16

@@ -4,11 +4,14 @@
 //! - [`kv_cache`]: the per-layer key/value cache (F16 or F32, several sequences).
 //! - [`attention`]: one query against one head's cache (portable and AVX2/FMA variants).
 //! - [`ops`]: LayerNorm, GELU, softmax and residual add on f32 slices.
+//! - [`residency`]: pinning part of the weights and streaming the rest under a memory budget.
 
 pub mod attention;
 pub mod gpt2;
 pub mod kv_cache;
 pub mod ops;
+pub mod residency;
 
 pub use gpt2::{Gpt2, Hparams, LoadError, Output, RunError, Seqs, State};
 pub use kv_cache::{KvCache, KvType};
+pub use residency::{Residency, Span};

@@ -362,19 +362,24 @@ impl Gpt2 {
             // Checked on first use, only when logits are asked for.
             let head = || self.weights.lm_head().checked_view(self.file());
             let (x, ln) = (&st.x[..t * c], &mut st.ln[..t * c]);
+            // The head is step n_layer for a streamed model (only when it is used).
+            let head_step = d.layer;
             match &mut out {
                 Output::Nothing => {}
                 Output::LastLogits(o) => {
                     if end == t_all {
                         let last = &x[(t - 1) * c..];
                         ops::layer_norm(last, &lnf.w, &lnf.b, hp.eps, &mut ln[..c]);
+                        self.enter_step(head_step);
                         matmul(&head()?, &ln[..c], 1, None, o, &mut st.mm);
+                        self.leave_step(head_step);
                     }
                 }
                 Output::AllLogits(o) => {
                     layer_norm_rows_par(x, &lnf.w, &lnf.b, hp.eps, ln);
-                    let o = &mut o[start * v..end * v];
-                    matmul(&head()?, ln, t, None, o, &mut st.mm);
+                    self.enter_step(head_step);
+                    matmul(&head()?, ln, t, None, &mut o[start * v..end * v], &mut st.mm);
+                    self.leave_step(head_step);
                 }
                 Output::Hidden(o) => {
                     layer_norm_rows_par(x, &lnf.w, &lnf.b, hp.eps, &mut o[start * c..end * c]);
@@ -389,7 +394,9 @@ impl Gpt2 {
                     }
                     if n > 0 {
                         let o = &mut out[first * v..(first + n) * v];
+                        self.enter_step(head_step);
                         matmul(&head()?, &ln[..n * c], n, None, o, &mut st.mm);
+                        self.leave_step(head_step);
                     }
                 }
             }
@@ -434,6 +441,8 @@ impl Gpt2 {
         }
 
         for (l, lw) in w.layers.iter().enumerate() {
+            // Streamed weights of this block read ahead, and of the next ones (residency.rs).
+            self.enter_step(l);
             // --- attention ---
             // ln = LN1(x)                                                       (T, C)
             layer_norm_rows_par(x, &lw.attn_norm.w, &lw.attn_norm.b, hp.eps, ln);
@@ -491,6 +500,7 @@ impl Gpt2 {
                 mm,
             );
             ops::add_inplace(x, tmp);
+            self.leave_step(l);
         }
         Ok(())
     }

@@ -104,6 +104,8 @@ pub struct Gpt2 {
     file: Arc<GgufFile>,
     hparams: Hparams,
     weights: Weights,
+    /// Pinned and streamed weights when the model runs under a memory budget.
+    residency: Option<crate::residency::Residency>,
 }
 
 impl Gpt2 {
@@ -118,6 +120,7 @@ impl Gpt2 {
             file,
             hparams,
             weights,
+            residency: None,
         })
     }
 
@@ -168,5 +171,35 @@ impl Gpt2 {
             .matrices()
             .into_iter()
             .try_for_each(|m| m.check(&self.file))
+    }
+
+    /// The file's mapping, shared (to build a [`Residency`](crate::residency::Residency)).
+    pub fn file_arc(&self) -> &Arc<GgufFile> {
+        &self.file
+    }
+
+    /// Run with part of the weights pinned and the rest streamed (`None`: leave every page
+    /// to the kernel).
+    pub fn set_residency(&mut self, r: Option<crate::residency::Residency>) {
+        self.residency = r;
+    }
+
+    /// The residency set with [`Gpt2::set_residency`], if any.
+    pub fn residency(&self) -> Option<&crate::residency::Residency> {
+        self.residency.as_ref()
+    }
+
+    /// Forward-pass step `step` (block `step`, or the output head at n_layer) is about to run.
+    fn enter_step(&self, step: usize) {
+        if let Some(r) = &self.residency {
+            r.enter(step);
+        }
+    }
+
+    /// Forward-pass step `step` is done.
+    fn leave_step(&self, step: usize) {
+        if let Some(r) = &self.residency {
+            r.leave(step);
+        }
     }
 }
