@@ -142,6 +142,48 @@ pub fn read_bandwidth(reps: usize) -> f64 {
     best
 }
 
+/// Floating-point operations of one `ppN` test (`n` prompt tokens, logits for the last one):
+/// 2 per multiply-add of every layer matrix for every token, of the output matrix for one
+/// token, and of causal attention (`QKᵀ` and `AV`: n(n+1)/2 · n_embd multiply-adds each per
+/// layer). Norms, GELU and softmax (well under 1 %) are left out.
+pub fn prefill_flops(model: &Model, n: usize) -> f64 {
+    let hp = model.hparams();
+    let tensors = model.file().tensors();
+    let layer_params: u64 = tensors
+        .iter()
+        .filter(|t| t.name.starts_with("blk.") && t.name.ends_with(".weight") && t.dims.len() == 2)
+        .map(|t| t.n_elements())
+        .sum();
+    let head = hp.n_vocab * hp.n_embd;
+    let n = n as f64;
+    let attn = hp.n_layer as f64 * 2.0 * n * (n + 1.0) / 2.0 * hp.n_embd as f64;
+    2.0 * (n * layer_params as f64 + head as f64) + 2.0 * attn
+}
+
+/// The f32 FMA peak of this machine in FLOP/s, measured the way prefill uses the cores: every
+/// thread of the current rayon pool runs [`ggpt_quant::peak::fma_burst`] at the level the
+/// kernels use, at the same time. Best of `reps` passes of ~50 ms.
+pub fn fma_peak(reps: usize) -> f64 {
+    use rayon::prelude::*;
+    let level = ggpt_quant::cpu::level();
+    let threads = rayon::current_num_threads().max(1);
+    let iters = 1 << 23;
+    let mut best = 0.0f64;
+    for rep in 0..=reps.max(1) {
+        let t = Instant::now();
+        let (flops, v) = (0..threads)
+            .into_par_iter()
+            .map(|_| ggpt_quant::peak::fma_burst(level, iters))
+            .reduce(|| (0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(v);
+        if rep > 0 {
+            best = best.max(flops as f64 / secs);
+        }
+    }
+    best
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,6 +202,12 @@ mod tests {
     fn bandwidth_is_positive_and_finite() {
         let b = read_bandwidth(1);
         assert!(b.is_finite() && b > 1e8, "{b}");
+    }
+
+    #[test]
+    fn fma_peak_is_positive_and_finite() {
+        let p = fma_peak(1);
+        assert!(p.is_finite() && p > 1e8, "{p}");
     }
 
     #[test]

@@ -3,7 +3,9 @@
 
 use super::common::{bail_flag, init_threads, Stdout};
 use anyhow::Result;
-use ggpt::bench::{bytes_per_token, decode, prefill, read_bandwidth, TestResult};
+use ggpt::bench::{
+    bytes_per_token, decode, fma_peak, prefill, prefill_flops, read_bandwidth, TestResult,
+};
 use ggpt::model::Model;
 use std::path::PathBuf;
 
@@ -49,6 +51,8 @@ pub struct Row {
     pub params: u64,
     /// Weight bytes one decoded token reads (for the roofline of `tg` rows).
     pub bytes_per_token: u64,
+    /// Floating-point operations per token of a `pp` row (0 for `tg` rows).
+    pub flops_per_token: f64,
     pub threads: usize,
     pub result: TestResult,
 }
@@ -78,6 +82,8 @@ pub fn run(args: Args) -> Result<()> {
     // Decode is memory-bound: measure what memory delivers to this many threads, before and
     // after the runs (the machine may be shared), and relate each decode result to it.
     let bw_before = (args.n_gen > 0).then(|| read_bandwidth(5));
+    // Prefill is compute-bound: measure the f32 FMA peak of this many threads likewise.
+    let peak_before = (args.n_prompt > 0).then(|| fma_peak(5));
     let mut out = Stdout::new();
     if !args.json {
         out.write(
@@ -85,6 +91,7 @@ pub fn run(args: Args) -> Result<()> {
         )?;
     }
     let mut decode_rows = Vec::new();
+    let mut prefill_rows = Vec::new();
     for file in &files {
         let mut model = Model::load(file)?;
         let n_ctx = model.hparams().n_ctx as usize;
@@ -132,19 +139,65 @@ pub fn run(args: Args) -> Result<()> {
         let params: u64 = model.file().tensors().iter().map(|t| t.n_elements()).sum();
         let ftype = model.file_type_name();
         let bytes_per_token = bytes_per_token(&model);
+        let flops_per_token = prefill_flops(&model, args.n_prompt) / args.n_prompt.max(1) as f64;
         for r in results {
+            let is_pp = r.test.starts_with("pp");
             let row = Row {
                 file: file.to_path_buf(),
                 ftype: ftype.clone(),
                 size,
                 params,
                 bytes_per_token,
+                flops_per_token: if is_pp { flops_per_token } else { 0.0 },
                 threads,
                 result: r,
             };
             out.write(&format_row(&row, args.json))?;
             if row.result.test.starts_with("tg") {
                 decode_rows.push(row);
+            } else {
+                prefill_rows.push(row);
+            }
+        }
+    }
+    if let Some(before) = peak_before {
+        let after = fma_peak(5);
+        let peak = before.max(after);
+        if args.json {
+            for r in &prefill_rows {
+                let gflops = r.result.mean() * r.flops_per_token / 1e9;
+                let doc = serde_json::json!({
+                    "model": r.file.display().to_string(),
+                    "type": r.ftype,
+                    "test": r.result.test,
+                    "avg_ts": r.result.mean(),
+                    "flops_per_token": r.flops_per_token,
+                    "gflops": gflops,
+                    "fma_peak_gflops_before": before / 1e9,
+                    "fma_peak_gflops_after": after / 1e9,
+                    "peak_fraction": gflops * 1e9 / peak,
+                });
+                out.write(&format!("{doc}\n"))?;
+            }
+        } else {
+            out.write(&format!(
+                "\nf32 FMA peak ({threads} threads, {}, best of 5): {:.1} GFLOP/s before, {:.1} GFLOP/s after\n",
+                ggpt_quant::cpu::isa(),
+                before / 1e9,
+                after / 1e9
+            ))?;
+            out.write("| model | GFLOP per token | pp t/s | GFLOP/s | of f32 FMA peak |\n|---|---:|---:|---:|---:|\n")?;
+            for r in &prefill_rows {
+                let gflops = r.result.mean() * r.flops_per_token / 1e9;
+                out.write(&format!(
+                    "| {} {} | {:.3} | {:.2} | {:.1} | {:.0} % |\n",
+                    r.name(),
+                    r.ftype,
+                    r.flops_per_token / 1e9,
+                    r.result.mean(),
+                    gflops,
+                    100.0 * gflops * 1e9 / peak
+                ))?;
             }
         }
     }

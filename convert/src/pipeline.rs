@@ -595,8 +595,9 @@ pub fn convert_hf(opts: &ConvertOptions, progress: &dyn Progress) -> anyhow::Res
 
     let mut x: Vec<f32> = Vec::new();
     let mut rounded: Vec<f32> = Vec::new();
-    let mut bytes: Vec<u8> = Vec::new();
+    let mut bytes: Vec<Vec<u8>> = Vec::new();
     let mut whole: Vec<f32> = Vec::new();
+    let mut tmp: Vec<f32> = Vec::new();
     for (ti, p) in planned.iter().enumerate() {
         progress.tensor(ti, planned.len(), &p.gguf_name);
         let src = ckpt
@@ -604,11 +605,11 @@ pub fn convert_hf(opts: &ConvertOptions, progress: &dyn Progress) -> anyhow::Res
             .ok_or_else(|| anyhow::anyhow!("internal: tensor {} vanished", p.source))?;
         let (rows, cols) = (p.rows(), p.cols());
         if p.transpose {
-            whole.resize(src.n_elements(), 0.0);
-            let mut tmp = vec![0f32; src.n_elements()];
-            decode_par(p.dtype, src.data, &mut tmp);
+            let whole = scratch(&mut whole, src.n_elements());
+            let tmp = scratch(&mut tmp, src.n_elements());
+            decode_par(p.dtype, src.data, tmp);
             // Source is [in = cols, out = rows]; GGUF row r is source column r.
-            transpose(&tmp, cols, rows, &mut whole);
+            transpose(tmp, cols, rows, whole);
             ckpt.release(&p.source);
         }
         let needs_f16 = outs.iter().any(|o| o.types[ti] != GgmlType::F32);
@@ -640,23 +641,33 @@ pub fn convert_hf(opts: &ConvertOptions, progress: &dyn Progress) -> anyhow::Res
                     )
                 })?;
             }
-            for (fi, o) in outs.iter_mut().enumerate() {
-                let t0 = Instant::now();
-                let ty = o.types[ti];
-                let row_bytes = ty.row_bytes(cols as u64).unwrap_or(0) as usize;
-                let bytes = scratch(&mut bytes, (r1 - r0) * row_bytes);
-                let input: &[f32] = if ty == GgmlType::F32 { x } else { rounded };
-                quantize_into(ty, input, cols, bytes)
-                    .map_err(|e| anyhow::anyhow!("tensor {}: {e}", p.gguf_name))?;
-                if ty != GgmlType::F32 && ty != GgmlType::F16 {
-                    validate_row_data(ty, bytes).map_err(|e| {
-                        anyhow::anyhow!("tensor {}: quantized data invalid: {e}", p.gguf_name)
-                    })?;
-                }
-                write_out(o, bytes)?;
-                o.seconds += t0.elapsed().as_secs_f64();
-                progress.wrote(fi, bytes.len() as u64);
+            // Every output encodes this chunk at once (each quantizer is itself parallel over
+            // rows): the cheap F16/Q8_0 encodings fill the gaps of the K-quant searches.
+            if bytes.len() < outs.len() {
+                bytes.resize_with(outs.len(), Vec::new);
             }
+            let (x, rounded): (&[f32], &[f32]) = (x, rounded);
+            outs.par_iter_mut()
+                .zip(bytes.par_iter_mut())
+                .enumerate()
+                .try_for_each(|(fi, (o, buf))| -> anyhow::Result<()> {
+                    let t0 = Instant::now();
+                    let ty = o.types[ti];
+                    let row_bytes = ty.row_bytes(cols as u64).unwrap_or(0) as usize;
+                    let buf = scratch(buf, (r1 - r0) * row_bytes);
+                    let input: &[f32] = if ty == GgmlType::F32 { x } else { rounded };
+                    quantize_into(ty, input, cols, buf)
+                        .map_err(|e| anyhow::anyhow!("tensor {}: {e}", p.gguf_name))?;
+                    if ty != GgmlType::F32 && ty != GgmlType::F16 {
+                        validate_row_data(ty, buf).map_err(|e| {
+                            anyhow::anyhow!("tensor {}: quantized data invalid: {e}", p.gguf_name)
+                        })?;
+                    }
+                    write_out(o, buf)?;
+                    o.seconds += t0.elapsed().as_secs_f64();
+                    progress.wrote(fi, buf.len() as u64);
+                    Ok(())
+                })?;
             r0 = r1;
         }
         for (fi, o) in outs.iter_mut().enumerate() {
@@ -742,9 +753,17 @@ fn round_f16(x: &[f32], out: &mut [f32]) -> Result<(), usize> {
         })
 }
 
+/// Index of the first NaN or infinite value, searched in pieces on all cores.
+pub(crate) fn first_non_finite(x: &[f32]) -> Option<usize> {
+    const PIECE: usize = 1 << 16;
+    x.par_chunks(PIECE)
+        .enumerate()
+        .find_map_first(|(k, s)| s.iter().position(|v| !v.is_finite()).map(|i| k * PIECE + i))
+}
+
 /// NaN or infinite weights make a broken model; say where instead of writing it.
 fn check_finite(x: &[f32], p: &Planned, base: usize, file: &Path) -> Result<(), InputError> {
-    match x.iter().position(|v| !v.is_finite()) {
+    match first_non_finite(x) {
         None => Ok(()),
         Some(i) => Err(InputError::new(
             file,
@@ -753,21 +772,29 @@ fn check_finite(x: &[f32], p: &Planned, base: usize, file: &Path) -> Result<(), 
     }
 }
 
-/// `dst[r][c] = src[c][r]` for a `src` of `src_rows × src_cols`, in cache-sized tiles.
-/// `dst` is `src_cols × src_rows`.
+/// `dst[r][c] = src[c][r]` for a `src` of `src_rows × src_cols`, in cache-sized tiles, bands
+/// of destination rows on all cores. `dst` is `src_cols × src_rows`.
 pub(crate) fn transpose(src: &[f32], src_rows: usize, src_cols: usize, dst: &mut [f32]) {
     const T: usize = 32;
     debug_assert_eq!(src.len(), src_rows * src_cols);
     debug_assert_eq!(dst.len(), src.len());
-    for r0 in (0..src_rows).step_by(T) {
-        for c0 in (0..src_cols).step_by(T) {
-            for r in r0..(r0 + T).min(src_rows) {
-                for c in c0..(c0 + T).min(src_cols) {
-                    dst[c * src_rows + r] = src[r * src_cols + c];
+    if src.is_empty() {
+        return;
+    }
+    // A band is T destination rows (= T source columns).
+    dst.par_chunks_mut(T * src_rows)
+        .enumerate()
+        .for_each(|(band, d)| {
+            let c0 = band * T;
+            let c1 = (c0 + T).min(src_cols);
+            for r0 in (0..src_rows).step_by(T) {
+                for r in r0..(r0 + T).min(src_rows) {
+                    for c in c0..c1 {
+                        d[(c - c0) * src_rows + r] = src[r * src_cols + c];
+                    }
                 }
             }
-        }
-    }
+        });
 }
 
 #[cfg(test)]
@@ -791,6 +818,17 @@ mod tests {
                 assert_eq!(dst[j * r + i], src[i * c + j]);
             }
         }
+    }
+
+    #[test]
+    fn first_non_finite_finds_the_earliest_across_pieces() {
+        let mut x = vec![1.0f32; 300_000];
+        assert_eq!(first_non_finite(&x), None);
+        x[250_000] = f32::INFINITY;
+        x[70_000] = f32::NAN;
+        assert_eq!(first_non_finite(&x), Some(70_000));
+        x[70_000] = 0.0;
+        assert_eq!(first_non_finite(&x), Some(250_000));
     }
 
     #[test]

@@ -22,7 +22,9 @@ use ggpt_quant::GgmlType;
 
 use crate::atomic::{same_file, AtomicFile, UnusableOutput};
 use crate::hf::InputError;
-use crate::pipeline::{scratch, FileSummary, OutputError, Progress, CHUNK_VALUES};
+use crate::pipeline::{
+    first_non_finite, scratch, FileSummary, OutputError, Progress, CHUNK_VALUES,
+};
 use crate::policy::{tensor_order, FileType, Policy};
 use ggpt_gguf::gpt2::keys;
 use ggpt_gguf::{GgufFile, GgufWriter, Value};
@@ -139,59 +141,92 @@ pub fn requantize(
     progress.wrote(0, header.len() as u64);
 
     let align = writer.alignment();
-    let mut raw: Vec<u8> = Vec::new();
-    let mut x: Vec<f32> = Vec::new();
-    let mut q: Vec<u8> = Vec::new();
+    // Every row chunk of every tensor, in file order: (tensor k, first row, end row).
+    let mut chunks: Vec<(usize, usize, usize)> = Vec::new();
     for (k, &i) in order.iter().enumerate() {
         let t = &gg.tensors()[i];
-        progress.tensor(k, order.len(), &t.name);
+        let (cols, rows) = (t.cols() as usize, t.rows() as usize);
+        let rows_per_chunk = (CHUNK_VALUES / cols.max(1)).max(1);
+        if rows == 0 {
+            chunks.push((k, 0, 0));
+        }
+        chunks.extend(
+            (0..rows)
+                .step_by(rows_per_chunk)
+                .map(|r0| (k, r0, (r0 + rows_per_chunk).min(rows))),
+        );
+    }
+    let read_chunk = |src: &mut File, (k, r0, r1): (usize, usize, usize), raw: &mut Vec<u8>| {
+        let t = &gg.tensors()[order[k]];
+        let in_row = t.row_bytes() as usize;
+        let raw = scratch(raw, (r1 - r0) * in_row);
+        let base = gg.data_offset() + t.offset;
+        src.seek(SeekFrom::Start(base + (r0 * in_row) as u64))
+            .and_then(|_| src.read_exact(raw))
+            .map_err(|e| bad(format!("cannot read tensor {}: {e}", t.name)))
+    };
+    // Reading chunk j+1 (a copy out of the page cache, or disk) overlaps encoding chunk j.
+    let (mut raw, mut next_raw): (Vec<u8>, Vec<u8>) = (Vec::new(), Vec::new());
+    let mut x: Vec<f32> = Vec::new();
+    let mut q: Vec<u8> = Vec::new();
+    if let Some(&first) = chunks.first() {
+        read_chunk(&mut src, first, &mut raw)?;
+    }
+    for (j, &(k, r0, r1)) in chunks.iter().enumerate() {
+        let t = &gg.tensors()[order[k]];
+        if r0 == 0 {
+            progress.tensor(k, order.len(), &t.name);
+        }
         let new = types[k];
         let cols = t.cols() as usize;
-        let rows = t.rows() as usize;
-        let in_row = t.row_bytes() as usize;
-        let rows_per_chunk = (CHUNK_VALUES / cols.max(1)).max(1);
-        let base = gg.data_offset() + t.offset;
-        let mut r0 = 0;
-        while r0 < rows {
-            let r1 = (r0 + rows_per_chunk).min(rows);
-            let raw = scratch(&mut raw, (r1 - r0) * in_row);
-            src.seek(SeekFrom::Start(base + (r0 * in_row) as u64))
-                .and_then(|_| src.read_exact(raw))
-                .map_err(|e| bad(format!("cannot read tensor {}: {e}", t.name)))?;
-            let bytes: &[u8] = if new == t.ty {
-                raw
-            } else {
-                let x = scratch(&mut x, (r1 - r0) * cols);
-                dequantize(t.ty, raw, x).map_err(|e| bad(format!("tensor {}: {e}", t.name)))?;
-                if let Some(j) = x.iter().position(|v| !v.is_finite()) {
-                    return Err(bad(format!(
-                        "tensor {}: element {} is {}",
-                        t.name,
-                        r0 * cols + j,
-                        x[j]
-                    ))
-                    .into());
-                }
-                let q = scratch(
-                    &mut q,
-                    (r1 - r0) * new.row_bytes(cols as u64).unwrap_or(0) as usize,
-                );
-                quantize_into(new, x, cols, q)
-                    .map_err(|e| anyhow::anyhow!("tensor {}: {e}", t.name))?;
-                validate_row_data(new, q).map_err(|e| {
-                    anyhow::anyhow!("tensor {}: quantized data invalid: {e}", t.name)
-                })?;
-                q
-            };
-            out.write_all(bytes).map_err(out_err("cannot write"))?;
-            progress.wrote(0, bytes.len() as u64);
-            r0 = r1;
+        let in_bytes = (r1 - r0) * t.row_bytes() as usize;
+        let encode = || -> anyhow::Result<bool> {
+            if new == t.ty {
+                return Ok(false);
+            }
+            let x = scratch(&mut x, (r1 - r0) * cols);
+            dequantize(t.ty, &raw[..in_bytes], x)
+                .map_err(|e| bad(format!("tensor {}: {e}", t.name)))?;
+            if let Some(i) = first_non_finite(x) {
+                return Err(bad(format!(
+                    "tensor {}: element {} is {}",
+                    t.name,
+                    r0 * cols + i,
+                    x[i]
+                ))
+                .into());
+            }
+            let q = scratch(
+                &mut q,
+                (r1 - r0) * new.row_bytes(cols as u64).unwrap_or(0) as usize,
+            );
+            quantize_into(new, x, cols, q)
+                .map_err(|e| anyhow::anyhow!("tensor {}: {e}", t.name))?;
+            validate_row_data(new, q)
+                .map_err(|e| anyhow::anyhow!("tensor {}: quantized data invalid: {e}", t.name))?;
+            Ok(true)
+        };
+        let prefetch = || match chunks.get(j + 1) {
+            Some(&c) => read_chunk(&mut src, c, &mut next_raw),
+            None => Ok(()),
+        };
+        let (encoded, read) = rayon::join(encode, prefetch);
+        let bytes: &[u8] = if encoded? {
+            &q[..(r1 - r0) * new.row_bytes(cols as u64).unwrap_or(0) as usize]
+        } else {
+            &raw[..in_bytes]
+        };
+        out.write_all(bytes).map_err(out_err("cannot write"))?;
+        progress.wrote(0, bytes.len() as u64);
+        read?;
+        std::mem::swap(&mut raw, &mut next_raw);
+        if r1 == t.rows() as usize {
+            let size = writer.tensors()[k].size;
+            let pad = ((align - size % align) % align) as usize;
+            out.write_all(&vec![0u8; pad])
+                .map_err(out_err("cannot write"))?;
+            progress.wrote(0, pad as u64);
         }
-        let size = writer.tensors()[k].size;
-        let pad = ((align - size % align) % align) as usize;
-        out.write_all(&vec![0u8; pad])
-            .map_err(out_err("cannot write"))?;
-        progress.wrote(0, pad as u64);
     }
     out.commit().map_err(out_err("cannot commit"))?;
     progress.finish();

@@ -74,13 +74,13 @@ macro_rules! float_format {
                     ),
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx512 => (
-                        avx512::plain::$dot,
-                        Some(crate::format::Tile::Direct(avx512::plain::$gemm)),
+                        avx512::float::$dot,
+                        Some(crate::format::Tile::Direct(avx512::float::$gemm)),
                     ),
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx512Vnni => (
-                        avx512::vnni::$dot,
-                        Some(crate::format::Tile::Direct(avx512::vnni::$gemm)),
+                        avx512::float::$dot,
+                        Some(crate::format::Tile::Direct(avx512::float::$gemm)),
                     ),
                     #[cfg(target_arch = "aarch64")]
                     Isa::Neon => (neon::plain::$dot, None),

@@ -241,3 +241,56 @@ pub fn weight_type_list() -> &'static str {
             .join(", ")
     })
 }
+
+/// The `WeightFormat` of a K-quant (Q4_K, Q5_K, Q6_K): Q8_K activations, `KPacked` tiles, and
+/// per level the row dot `$dot` and the packer `$pack` of that level's module (the tile gemm
+/// `kq_gemm` is shared by the three formats).
+macro_rules! k_quant_weight_format {
+    ($block:ty, $dot:ident, $pack:ident) => {
+        impl $crate::format::WeightFormat for $block {
+            type Act = $crate::q8_k::BlockQ8K;
+            type Packed = $crate::dot::KPacked;
+            fn quantize_act(x: &[f32], out: &mut [$crate::q8_k::BlockQ8K]) {
+                $crate::act::quantize_q8k(x, out)
+            }
+            fn kernels(level: $crate::cpu::Level) -> $crate::format::Kernels<Self> {
+                use $crate::cpu::Isa;
+                use $crate::dot::*;
+                use $crate::format::{DotFn, Kernels, Tile};
+                let (dot, tile): (DotFn<Self, $crate::q8_k::BlockQ8K>, _) = match level.isa() {
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx2 => (
+                        avx2::$dot,
+                        Some(Tile::Packed {
+                            pack: avx2_tile::$pack,
+                            gemm: avx2_tile::kq_gemm,
+                        }),
+                    ),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512 => (
+                        avx512::plain::$dot,
+                        Some(Tile::Packed {
+                            pack: avx512::plain::$pack,
+                            gemm: avx512::plain::kq_gemm,
+                        }),
+                    ),
+                    #[cfg(target_arch = "x86_64")]
+                    Isa::Avx512Vnni => (
+                        avx512::vnni::$dot,
+                        Some(Tile::Packed {
+                            pack: avx512::vnni::$pack,
+                            gemm: avx512::vnni::kq_gemm,
+                        }),
+                    ),
+                    #[cfg(target_arch = "aarch64")]
+                    Isa::Neon => (neon::plain::$dot, None),
+                    #[cfg(target_arch = "aarch64")]
+                    Isa::NeonDot => (neon::dot::$dot, None),
+                    _ => (scalar::$dot, None),
+                };
+                Kernels { dot, tile }
+            }
+        }
+    };
+}
+pub(crate) use k_quant_weight_format;

@@ -29,6 +29,7 @@ pub mod q8_k;
 pub mod act;
 pub mod dot;
 pub mod matmul;
+pub mod peak;
 mod q5_kernels;
 pub mod tensor;
 

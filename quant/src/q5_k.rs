@@ -81,48 +81,4 @@ unsafe impl BlockFormat for BlockQ5K {
     }
 }
 
-impl crate::format::WeightFormat for BlockQ5K {
-    type Act = crate::q8_k::BlockQ8K;
-    type Packed = crate::dot::KPacked;
-    fn quantize_act(x: &[f32], out: &mut [crate::q8_k::BlockQ8K]) {
-        crate::act::quantize_q8k(x, out)
-    }
-    fn kernels(level: crate::cpu::Level) -> crate::format::Kernels<Self> {
-        use crate::cpu::Isa;
-        use crate::dot::*;
-        use crate::format::Kernels;
-        let (dot, tile): (crate::format::DotFn<Self, crate::q8_k::BlockQ8K>, _) = match level.isa()
-        {
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => (
-                avx2::q5k_q8k,
-                Some(crate::format::Tile::Packed {
-                    pack: avx2_tile::pack_q5k,
-                    gemm: avx2_tile::kq_gemm,
-                }),
-            ),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => (
-                avx512::plain::q5k_q8k,
-                Some(crate::format::Tile::Packed {
-                    pack: avx512::plain::pack_q5k,
-                    gemm: avx512::plain::kq_gemm,
-                }),
-            ),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => (
-                avx512::vnni::q5k_q8k,
-                Some(crate::format::Tile::Packed {
-                    pack: avx512::vnni::pack_q5k,
-                    gemm: avx512::vnni::kq_gemm,
-                }),
-            ),
-            #[cfg(target_arch = "aarch64")]
-            Isa::Neon => (neon::plain::q5k_q8k, None),
-            #[cfg(target_arch = "aarch64")]
-            Isa::NeonDot => (neon::dot::q5k_q8k, None),
-            _ => (scalar::q5k_q8k, None),
-        };
-        Kernels { dot, tile }
-    }
-}
+crate::format::k_quant_weight_format!(BlockQ5K, q5k_q8k, pack_q5k);

@@ -16,6 +16,7 @@
 //! was checked for AVX2, FMA and F16C.
 
 use super::avx2::{f16_to_f32, load};
+use super::tile::{self, Micro};
 use super::{gemm_shape, KPacked, Q8_0Packed};
 use crate::act::{q8_0_tiles, Q8KTile, Q8_0Tile};
 use crate::kscale::scales_mins_bytes;
@@ -284,37 +285,37 @@ unsafe fn q8_0_micro<const T: usize>(
     hsums(&acc)
 }
 
-/// Tokens in groups of T (outer, so their activations stay in L1 while the packed rows stream
-/// from L2), rows inner.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn rows_by_tokens<W, A, const T: usize>(
-    w: &[W],
-    a: &[A],
-    n: usize,
-    t0: usize,
-    bias: Option<&[f32]>,
-    out: &mut [&mut [f32]],
-    micro: impl Fn(*const W, *const A) -> [f32; T],
-) {
-    let rows = w.len() / n;
-    let ap = a.as_ptr().add(t0 * n);
-    for r in 0..rows {
-        let v = micro(w.as_ptr().add(r * n), ap);
-        let b = bias.map_or(0.0, |b| b[r]);
-        for (t, v) in v.iter().enumerate() {
-            out[t0 + t][r] = v + b;
-        }
-    }
-}
-
-/// Tokens per register tile of the K-quant kernel: 4 f32 accumulators, the 4 weight vectors
-/// of a half and their factors fill the 16 ymm registers (6 or 8 tokens measured no faster).
 const NT: usize = 4;
 /// Tokens per register tile of the Q8_0 kernel. Its i32 sums live only through one half-tile
 /// and the f32 accumulators are touched once per half, so spilling those is cheap, while every
 /// extra token reuses the transformed weights (`|w|`, `w`): 8 measured ~15 % faster than 4.
 const NT_Q8_0: usize = 8;
+
+/// The K-quant register tile of this level for the shared driver.
+struct KqTile;
+impl Micro for KqTile {
+    type W = KPacked;
+    type A = Q8KTile;
+    const MAX_T: usize = NT;
+    #[inline(always)]
+    unsafe fn row<const T: usize>(w: *const KPacked, a: *const Q8KTile, n: usize) -> [f32; T] {
+        // SAFETY: the caller's contract (`Micro::row`) is `kq_micro`'s.
+        unsafe { kq_micro::<T>(w, a, n) }
+    }
+}
+
+/// The Q8_0 register tile of this level for the shared driver.
+struct Q8_0Tile8;
+impl Micro for Q8_0Tile8 {
+    type W = Q8_0Packed;
+    type A = Q8_0Tile;
+    const MAX_T: usize = NT_Q8_0;
+    #[inline(always)]
+    unsafe fn row<const T: usize>(w: *const Q8_0Packed, a: *const Q8_0Tile, n: usize) -> [f32; T] {
+        // SAFETY: the caller's contract (`Micro::row`) is `q8_0_micro`'s.
+        unsafe { q8_0_micro::<T>(w, a, n) }
+    }
+}
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn kq_gemm_impl(
@@ -324,23 +325,7 @@ unsafe fn kq_gemm_impl(
     bias: Option<&[f32]>,
     out: &mut [&mut [f32]],
 ) {
-    let tokens = out.len();
-    let mut t0 = 0;
-    while t0 < tokens {
-        let m = (tokens - t0).min(NT);
-        macro_rules! go {
-            ($t:literal) => {
-                rows_by_tokens::<_, _, $t>(w, a, n, t0, bias, out, |w, a| kq_micro::<$t>(w, a, n))
-            };
-        }
-        match m {
-            4 => go!(4),
-            3 => go!(3),
-            2 => go!(2),
-            _ => go!(1),
-        }
-        t0 += m;
-    }
+    tile::gemm::<KqTile>(w, a, n, bias, out)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -351,27 +336,7 @@ unsafe fn q8_0_gemm_impl(
     bias: Option<&[f32]>,
     out: &mut [&mut [f32]],
 ) {
-    let tokens = out.len();
-    let mut t0 = 0;
-    while t0 < tokens {
-        let m = (tokens - t0).min(NT_Q8_0);
-        macro_rules! go {
-            ($t:literal) => {
-                rows_by_tokens::<_, _, $t>(w, a, n, t0, bias, out, |w, a| q8_0_micro::<$t>(w, a, n))
-            };
-        }
-        match m {
-            8 => go!(8),
-            7 => go!(7),
-            6 => go!(6),
-            5 => go!(5),
-            4 => go!(4),
-            3 => go!(3),
-            2 => go!(2),
-            _ => go!(1),
-        }
-        t0 += m;
-    }
+    tile::gemm::<Q8_0Tile8>(w, a, n, bias, out)
 }
 
 /// How a float weight type becomes f32 lanes: 8 values at a pointer, or the first `len` (< 8)

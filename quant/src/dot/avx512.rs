@@ -16,6 +16,7 @@
 
 #![allow(clippy::missing_safety_doc)]
 
+use super::tile::{self, Micro};
 use super::{gemm_shape, KPacked, Q8_0Packed};
 use crate::act::{Q8KTile, Q8_0Tile};
 use crate::kscale::scales_mins_bytes;
@@ -53,23 +54,296 @@ pub(crate) const PERM4_23: [u16; 32] = perm(8, true);
 pub(crate) const PERM4_MINS: [u16; 16] =
     [8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15];
 
+/// The float kernels (F16, BF16, F32 weights): one build for both AVX-512 levels, which
+/// share them (they use no VNNI instruction), plus the horizontal sums the integer kernels use.
+pub(crate) mod float {
+    use super::gemm_shape;
+    use half::{bf16, f16};
+    use std::arch::x86_64::*;
+
+    /// Tokens per register tile of the float gemms (4 rows × 4 tokens of accumulators).
+    const NT: usize = 4;
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    pub(crate) unsafe fn hsum256(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+        _mm_cvtss_f32(s)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    pub(crate) unsafe fn hsum(v: __m512) -> f32 {
+        hsum256(_mm256_add_ps(
+            _mm512_castps512_ps256(v),
+            _mm512_extractf32x8_ps::<1>(v),
+        ))
+    }
+
+    /// Σ w·a for f32 lanes produced by `wload` (16 weights from index i), four
+    /// accumulators deep, with a masked tail so any length works.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn float_dot(n: usize, a: &[f32], wload: impl Fn(usize, __mmask16) -> __m512) -> f32 {
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let full = !0;
+        let mut i = 0;
+        while i + 64 <= n {
+            for (j, s) in acc.iter_mut().enumerate() {
+                let k = i + 16 * j;
+                *s = _mm512_fmadd_ps(wload(k, full), _mm512_loadu_ps(a.as_ptr().add(k)), *s);
+            }
+            i += 64;
+        }
+        while i + 16 <= n {
+            acc[0] = _mm512_fmadd_ps(wload(i, full), _mm512_loadu_ps(a.as_ptr().add(i)), acc[0]);
+            i += 16;
+        }
+        if i < n {
+            let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
+            acc[1] = _mm512_fmadd_ps(
+                wload(i, m),
+                _mm512_maskz_loadu_ps(m, a.as_ptr().add(i)),
+                acc[1],
+            );
+        }
+        let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
+        hsum(s)
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    unsafe fn f16_f32_impl(w: &[f16], a: &[f32]) -> f32 {
+        let n = w.len().min(a.len());
+        let p = w.as_ptr().cast::<i16>();
+        float_dot(n, a, |i, m| {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.add(i)))
+        })
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    unsafe fn bf16_f32_impl(w: &[bf16], a: &[f32]) -> f32 {
+        let n = w.len().min(a.len());
+        let p = w.as_ptr().cast::<i16>();
+        float_dot(n, a, |i, m| {
+            let h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.add(i)));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+        })
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    unsafe fn f32_f32_impl(w: &[f32], a: &[f32]) -> f32 {
+        let n = w.len().min(a.len());
+        float_dot(n, a, |i, m| _mm512_maskz_loadu_ps(m, w.as_ptr().add(i)))
+    }
+
+    /// R float weight rows × T f32 token rows, 16 columns per step (masked tail).
+    /// `wload(p, mask)` turns 16 weights at `p` into f32.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn float_micro<E, const R: usize, const T: usize>(
+        w: *const E,
+        a: *const f32,
+        n: usize,
+        wload: &impl Fn(*const E, __mmask16) -> __m512,
+    ) -> [[f32; T]; R] {
+        // Plain loops, no closures: a closure is a separate function that LLVM may
+        // leave un-inlined (it did once, after unrelated code moved between codegen
+        // units, costing F16 prefill 25 %), and outside this function's target features.
+        let mut acc = [[_mm512_setzero_ps(); T]; R];
+        // One step of 16 columns from `i` with lane mask `m` (all ones in the main loop,
+        // so the loads there are plain).
+        macro_rules! step {
+            ($i:expr, $m:expr) => {{
+                let (i, m): (usize, __mmask16) = ($i, $m);
+                let mut wv = [_mm512_setzero_ps(); R];
+                for (r, v) in wv.iter_mut().enumerate() {
+                    *v = wload(w.add(r * n + i), m);
+                }
+                let mut av = [_mm512_setzero_ps(); T];
+                for (t, v) in av.iter_mut().enumerate() {
+                    *v = _mm512_maskz_loadu_ps(m, a.add(t * n + i));
+                }
+                for r in 0..R {
+                    for t in 0..T {
+                        acc[r][t] = _mm512_fmadd_ps(wv[r], av[t], acc[r][t]);
+                    }
+                }
+            }};
+        }
+        let mut i = 0;
+        while i + 16 <= n {
+            step!(i, !0);
+            i += 16;
+        }
+        if i < n {
+            step!(i, ((1u32 << (n - i)) - 1) as u16);
+        }
+        let mut out = [[0.0f32; T]; R];
+        for r in 0..R {
+            for t in 0..T {
+                out[r][t] = hsum(acc[r][t]);
+            }
+        }
+        out
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn float_gemm_impl<E>(
+        w: &[E],
+        a: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+        wload: impl Fn(*const E, __mmask16) -> __m512,
+    ) {
+        const R: usize = 4;
+        let rows = w.len() / n;
+        let tokens = out.len();
+        let mut t0 = 0;
+        while t0 < tokens {
+            let m = (tokens - t0).min(NT);
+            let ap = a.as_ptr().add(t0 * n);
+            let mut r = 0;
+            while r < rows {
+                let wp = w.as_ptr().add(r * n);
+                let mut put = |rr: usize, vals: &[f32]| {
+                    let b = bias.map_or(0.0, |b| b[r + rr]);
+                    for (t, v) in vals.iter().enumerate() {
+                        out[t0 + t][r + rr] = v + b;
+                    }
+                };
+                if rows - r >= R {
+                    macro_rules! tile {
+                        ($t:literal) => {{
+                            let v = float_micro::<E, R, $t>(wp, ap, n, &wload);
+                            for (rr, vr) in v.iter().enumerate() {
+                                put(rr, vr);
+                            }
+                        }};
+                    }
+                    match m {
+                        4 => tile!(4),
+                        3 => tile!(3),
+                        2 => tile!(2),
+                        _ => tile!(1),
+                    }
+                    r += R;
+                } else {
+                    macro_rules! tile {
+                        ($t:literal) => {{
+                            let v = float_micro::<E, 1, $t>(wp, ap, n, &wload);
+                            put(0, &v[0]);
+                        }};
+                    }
+                    match m {
+                        4 => tile!(4),
+                        3 => tile!(3),
+                        2 => tile!(2),
+                        _ => tile!(1),
+                    }
+                    r += 1;
+                }
+            }
+            t0 += m;
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    unsafe fn f16_gemm_impl(
+        w: &[f16],
+        a: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    ) {
+        float_gemm_impl(w, a, n, bias, out, |p, m| {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.cast()))
+        })
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    unsafe fn bf16_gemm_impl(
+        w: &[bf16],
+        a: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    ) {
+        float_gemm_impl(w, a, n, bias, out, |p, m| {
+            let h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+        })
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    unsafe fn f32_gemm_impl(
+        w: &[f32],
+        a: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    ) {
+        float_gemm_impl(w, a, n, bias, out, |p, m| _mm512_maskz_loadu_ps(m, p))
+    }
+
+    pub(crate) fn f16_gemm(
+        w: &[f16],
+        a: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    ) {
+        gemm_shape(w.len(), a.len(), n, bias, out);
+        // SAFETY: see above.
+        unsafe { f16_gemm_impl(w, a, n, bias, out) }
+    }
+    pub(crate) fn bf16_gemm(
+        w: &[bf16],
+        a: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    ) {
+        gemm_shape(w.len(), a.len(), n, bias, out);
+        // SAFETY: see above.
+        unsafe { bf16_gemm_impl(w, a, n, bias, out) }
+    }
+    pub(crate) fn f32_gemm(
+        w: &[f32],
+        a: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    ) {
+        gemm_shape(w.len(), a.len(), n, bias, out);
+        // SAFETY: see above.
+        unsafe { f32_gemm_impl(w, a, n, bias, out) }
+    }
+
+    pub(crate) fn f16_f32(w: &[f16], a: &[f32]) -> f32 {
+        // SAFETY: see above.
+        unsafe { f16_f32_impl(w, a) }
+    }
+    pub(crate) fn bf16_f32(w: &[bf16], a: &[f32]) -> f32 {
+        // SAFETY: see above.
+        unsafe { bf16_f32_impl(w, a) }
+    }
+    pub(crate) fn f32_f32(w: &[f32], a: &[f32]) -> f32 {
+        // SAFETY: see above.
+        unsafe { f32_f32_impl(w, a) }
+    }
+}
+
 macro_rules! avx512_family {
-    ($name:ident, $features:literal, $dp:item, $dp_full:item, $q8_pair:item) => {
+    ($name:ident, $features:literal, $ops:ident) => {
         pub(crate) mod $name {
+            use super::float::{hsum, hsum256};
+            use super::$ops::{dp, dp_full, q8_pair};
             use super::*;
-            use half::bf16; // explicit, over std::arch's own `bf16`
             use std::arch::x86_64::*;
-
-            /// u8 × i8 products, 4 adjacent pairs summed into each i32 lane, added to `acc`;
-            /// the unsigned side must be ≤ 127 (K-quant values are ≤ 63).
-            $dp
-
-            /// As `dp`, for any unsigned byte (the `w + 128` of packed Q8_0).
-            $dp_full
-
-            /// Signed × signed bytes of two Q8_0 blocks side by side: exact i32 sums, lanes
-            /// 0..8 holding block 0's, lanes 8..16 block 1's.
-            $q8_pair
 
             #[target_feature(enable = $features)]
             #[inline]
@@ -111,8 +385,14 @@ macro_rules! avx512_family {
                 let m = _mm512_set1_epi8(0x0f);
                 let qa = load(qs.as_ptr());
                 let qb = load(qs.as_ptr().add(64));
-                let (la, ha) = (_mm512_and_si512(qa, m), _mm512_and_si512(_mm512_srli_epi16::<4>(qa), m));
-                let (lb, hb) = (_mm512_and_si512(qb, m), _mm512_and_si512(_mm512_srli_epi16::<4>(qb), m));
+                let (la, ha) = (
+                    _mm512_and_si512(qa, m),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(qa), m),
+                );
+                let (lb, hb) = (
+                    _mm512_and_si512(qb, m),
+                    _mm512_and_si512(_mm512_srli_epi16::<4>(qb), m),
+                );
                 // A 32-byte chunk's low nibbles are elements 64c..64c+32, its high nibbles
                 // the next 32: interleave the 128-bit quarters back into element order.
                 [
@@ -151,7 +431,10 @@ macro_rules! avx512_family {
                     let l = load(ql.as_ptr().add(64 * h));
                     let q = _mm256_loadu_si256(qh.as_ptr().add(32 * h).cast());
                     // [qh | qh >> 2]: bits 0-1 then 4-5 of each half feed the four 32-value runs.
-                    let x = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(q), _mm256_srli_epi16::<2>(q));
+                    let x = _mm512_inserti64x4::<1>(
+                        _mm512_castsi256_si512(q),
+                        _mm256_srli_epi16::<2>(q),
+                    );
                     let lo = _mm512_or_si512(
                         _mm512_and_si512(l, m4),
                         _mm512_and_si512(_mm512_slli_epi16::<4>(x), m30),
@@ -170,7 +453,11 @@ macro_rules! avx512_family {
             /// Group scales for `superblock` from 16 i16 values (see `PERM*`).
             #[target_feature(enable = $features)]
             #[inline]
-            pub(crate) unsafe fn group_scales(v16: __m256i, p01: &[u16; 32], p23: &[u16; 32]) -> (__m512i, __m512i) {
+            pub(crate) unsafe fn group_scales(
+                v16: __m256i,
+                p01: &[u16; 32],
+                p23: &[u16; 32],
+            ) -> (__m512i, __m512i) {
                 let v = _mm512_zextsi256_si512(v16);
                 (
                     _mm512_permutexvar_epi16(_mm512_loadu_si512(p01.as_ptr().cast()), v),
@@ -186,10 +473,21 @@ macro_rules! avx512_family {
             pub(crate) unsafe fn scales_mins_vec(s: &[u8; 12]) -> __m128i {
                 let lo = _mm_loadl_epi64(s.as_ptr().cast());
                 let x = _mm_insert_epi32::<2>(lo, i32::from_le_bytes([s[8], s[9], s[10], s[11]]));
-                let a = _mm_shuffle_epi8(x, _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11));
+                let a = _mm_shuffle_epi8(
+                    x,
+                    _mm_setr_epi8(0, 1, 2, 3, 8, 9, 10, 11, 4, 5, 6, 7, 8, 9, 10, 11),
+                );
                 let z = -128i8; // shuffle index with the top bit set: zero
-                let b = _mm_shuffle_epi8(x, _mm_setr_epi8(z, z, z, z, 0, 1, 2, 3, z, z, z, z, 4, 5, 6, 7));
-                let m = |v: [i8; 4]| _mm_setr_epi8(v[0], v[0], v[0], v[0], v[1], v[1], v[1], v[1], v[2], v[2], v[2], v[2], v[3], v[3], v[3], v[3]);
+                let b = _mm_shuffle_epi8(
+                    x,
+                    _mm_setr_epi8(z, z, z, z, 0, 1, 2, 3, z, z, z, z, 4, 5, 6, 7),
+                );
+                let m = |v: [i8; 4]| {
+                    _mm_setr_epi8(
+                        v[0], v[0], v[0], v[0], v[1], v[1], v[1], v[1], v[2], v[2], v[2], v[2],
+                        v[3], v[3], v[3], v[3],
+                    )
+                };
                 let c = _mm_and_si128(a, m([63, 15, 63, 0]));
                 let d = _mm_and_si128(_mm_srli_epi16::<4>(a), m([0, 0, 0, 15]));
                 let e = _mm_and_si128(_mm_srli_epi16::<2>(b), m([0, 0x30, 0, 0x30]));
@@ -202,7 +500,8 @@ macro_rules! avx512_family {
             pub(crate) unsafe fn k4_scales(s: &[u8; 12]) -> (__m512i, __m512i, __m256i) {
                 let v16 = _mm256_cvtepu8_epi16(scales_mins_vec(s));
                 let (s01, s23) = group_scales(v16, &PERM4_01, &PERM4_23);
-                let mins = _mm256_permutexvar_epi16(_mm256_loadu_si256(PERM4_MINS.as_ptr().cast()), v16);
+                let mins =
+                    _mm256_permutexvar_epi16(_mm256_loadu_si256(PERM4_MINS.as_ptr().cast()), v16);
                 (s01, s23, mins)
             }
 
@@ -226,24 +525,13 @@ macro_rules! avx512_family {
             /// in integers so the result stays exact (|·| < 2.7e8 < 2³¹).
             #[target_feature(enable = $features)]
             #[inline]
-            pub(crate) unsafe fn q6k_offset(isum: __m512i, sc16: __m256i, bsums: &[i16; 16]) -> __m512i {
+            pub(crate) unsafe fn q6k_offset(
+                isum: __m512i,
+                sc16: __m256i,
+                bsums: &[i16; 16],
+            ) -> __m512i {
                 let off = _mm256_slli_epi32::<5>(min_sums(sc16, bsums));
                 _mm512_sub_epi32(isum, _mm512_zextsi256_si512(off))
-            }
-
-            #[target_feature(enable = $features)]
-            #[inline]
-            pub(crate) unsafe fn hsum256(v: __m256) -> f32 {
-                let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-                let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-                let s = _mm_add_ss(s, _mm_movehdup_ps(s));
-                _mm_cvtss_f32(s)
-            }
-
-            #[target_feature(enable = $features)]
-            #[inline]
-            pub(crate) unsafe fn hsum(v: __m512) -> f32 {
-                hsum256(_mm256_add_ps(_mm512_castps512_ps256(v), _mm512_extractf32x8_ps::<1>(v)))
             }
 
             #[target_feature(enable = $features)]
@@ -257,7 +545,8 @@ macro_rules! avx512_family {
                     let d = y.d * f16_to_f32(x.d);
                     let dmin = y.d * f16_to_f32(x.dmin);
                     acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d), acc);
-                    acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_set1_ps(dmin), acc_min);
+                    acc_min =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_set1_ps(dmin), acc_min);
                 }
                 hsum(acc) - hsum256(acc_min)
             }
@@ -273,7 +562,8 @@ macro_rules! avx512_family {
                     let d = y.d * f16_to_f32(x.d);
                     let dmin = y.d * f16_to_f32(x.dmin);
                     acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d), acc);
-                    acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_set1_ps(dmin), acc_min);
+                    acc_min =
+                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_set1_ps(dmin), acc_min);
                 }
                 hsum(acc) - hsum256(acc_min)
             }
@@ -285,7 +575,11 @@ macro_rules! avx512_family {
                     let (s01, s23, sc16) = k6_scales(&x.scales);
                     let isum = superblock(&unpack_q6k(&x.ql, &x.qh), y.qs.as_ptr(), s01, s23);
                     let d = y.d * f16_to_f32(x.d);
-                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(q6k_offset(isum, sc16, &y.bsums)), _mm512_set1_ps(d), acc);
+                    acc = _mm512_fmadd_ps(
+                        _mm512_cvtepi32_ps(q6k_offset(isum, sc16, &y.bsums)),
+                        _mm512_set1_ps(d),
+                        acc,
+                    );
                 }
                 hsum(acc)
             }
@@ -314,7 +608,11 @@ macro_rules! avx512_family {
                         let s = q8_pair(pair(&x[2 * p..]), pair(&y[2 * p..]));
                         let idx = _mm512_set1_epi32(2 * p as i32);
                         let idx = _mm512_mask_add_epi32(idx, 0xff00, idx, _mm512_set1_epi32(1));
-                        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s), _mm512_permutexvar_ps(idx, d), acc);
+                        acc = _mm512_fmadd_ps(
+                            _mm512_cvtepi32_ps(s),
+                            _mm512_permutexvar_ps(idx, d),
+                            acc,
+                        );
                     }
                 }
                 let mut sum = hsum(acc);
@@ -328,59 +626,6 @@ macro_rules! avx512_family {
                 sum
             }
 
-            /// Σ w·a for f32 lanes produced by `wload` (16 weights from index i), four
-            /// accumulators deep, with a masked tail so any length works.
-            #[target_feature(enable = $features)]
-            #[inline]
-            unsafe fn float_dot(n: usize, a: &[f32], wload: impl Fn(usize, __mmask16) -> __m512) -> f32 {
-                let mut acc = [_mm512_setzero_ps(); 4];
-                let full = !0;
-                let mut i = 0;
-                while i + 64 <= n {
-                    for (j, s) in acc.iter_mut().enumerate() {
-                        let k = i + 16 * j;
-                        *s = _mm512_fmadd_ps(wload(k, full), _mm512_loadu_ps(a.as_ptr().add(k)), *s);
-                    }
-                    i += 64;
-                }
-                while i + 16 <= n {
-                    acc[0] = _mm512_fmadd_ps(wload(i, full), _mm512_loadu_ps(a.as_ptr().add(i)), acc[0]);
-                    i += 16;
-                }
-                if i < n {
-                    let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
-                    acc[1] = _mm512_fmadd_ps(wload(i, m), _mm512_maskz_loadu_ps(m, a.as_ptr().add(i)), acc[1]);
-                }
-                let s = _mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]));
-                hsum(s)
-            }
-
-            #[target_feature(enable = $features)]
-            unsafe fn f16_f32_impl(w: &[f16], a: &[f32]) -> f32 {
-                let n = w.len().min(a.len());
-                let p = w.as_ptr().cast::<i16>();
-                float_dot(n, a, |i, m| {
-                    _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.add(i)))
-                })
-            }
-
-            #[target_feature(enable = $features)]
-            unsafe fn bf16_f32_impl(w: &[bf16], a: &[f32]) -> f32 {
-                let n = w.len().min(a.len());
-                let p = w.as_ptr().cast::<i16>();
-                float_dot(n, a, |i, m| {
-                    let h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.add(i)));
-                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
-                })
-            }
-
-            #[target_feature(enable = $features)]
-            unsafe fn f32_f32_impl(w: &[f32], a: &[f32]) -> f32 {
-                let n = w.len().min(a.len());
-                float_dot(n, a, |i, m| _mm512_maskz_loadu_ps(m, w.as_ptr().add(i)))
-            }
-
-
             // ---------------------------------------------------------------------------
             // Multi-token (prefill) kernels: packing and register tiles.
 
@@ -393,7 +638,8 @@ macro_rules! avx512_family {
                 for (k, o) in out.iter_mut().enumerate() {
                     // Lanes 0..8 gather dword k of groups 0..8 from (v0, v1); likewise for
                     // groups 8..16 from (v2, v3); then the two halves are joined.
-                    let idx: [i32; 16] = std::array::from_fn(|g| ((g % 8) / 4 * 16 + 4 * (g % 4) + k) as i32);
+                    let idx: [i32; 16] =
+                        std::array::from_fn(|g| ((g % 8) / 4 * 16 + 4 * (g % 4) + k) as i32);
                     let idx = _mm512_loadu_si512(idx.as_ptr().cast());
                     let t01 = _mm512_permutex2var_epi32(v[0], idx, v[1]);
                     let t23 = _mm512_permutex2var_epi32(v[2], idx, v[3]);
@@ -450,7 +696,9 @@ macro_rules! avx512_family {
             #[target_feature(enable = $features)]
             unsafe fn pack_q6k_impl(row: &[BlockQ6K], out: &mut [KPacked]) {
                 for (x, p) in row.iter().zip(out.iter_mut()) {
-                    let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(x.scales.as_ptr().cast())));
+                    let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
+                        x.scales.as_ptr().cast(),
+                    )));
                     let d = f16_to_f32(x.d);
                     // The 0..63 values carry a −32 offset: wm = 32·d·sc_g (32·d is exact).
                     let ws = _mm512_mul_ps(sc, _mm512_set1_ps(d));
@@ -470,16 +718,35 @@ macro_rules! avx512_family {
                     let nblk = row.len().saturating_sub(first).min(16);
                     let m: __mmask16 = ((1u32 << nblk) - 1) as u16;
                     let blk = _mm512_mullo_epi32(
-                        _mm512_add_epi32(_mm512_set1_epi32(first as i32), _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15)),
+                        _mm512_add_epi32(
+                            _mm512_set1_epi32(first as i32),
+                            _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                        ),
                         _mm512_set1_epi32(34),
                     );
                     for k in 0..8 {
                         let off = _mm512_add_epi32(blk, _mm512_set1_epi32(2 + 4 * k as i32));
-                        let v = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), m, off, base.cast());
-                        _mm512_storeu_si512(p.qs.as_mut_ptr().add(64 * k).cast(), _mm512_xor_si512(v, flip));
+                        let v = _mm512_mask_i32gather_epi32::<1>(
+                            _mm512_setzero_si512(),
+                            m,
+                            off,
+                            base.cast(),
+                        );
+                        _mm512_storeu_si512(
+                            p.qs.as_mut_ptr().add(64 * k).cast(),
+                            _mm512_xor_si512(v, flip),
+                        );
                     }
-                    let dv = _mm512_mask_i32gather_epi32::<1>(_mm512_setzero_si512(), m, blk, base.cast());
-                    let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_and_si512(dv, _mm512_set1_epi32(0xffff))));
+                    let dv = _mm512_mask_i32gather_epi32::<1>(
+                        _mm512_setzero_si512(),
+                        m,
+                        blk,
+                        base.cast(),
+                    );
+                    let d = _mm512_cvtph_ps(_mm512_cvtepi32_epi16(_mm512_and_si512(
+                        dv,
+                        _mm512_set1_epi32(0xffff),
+                    )));
                     _mm512_storeu_ps(p.d.as_mut_ptr(), d);
                 }
             }
@@ -488,12 +755,21 @@ macro_rules! avx512_family {
             /// 0's `n` tiles, token t's at `a + t·n`.
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn kq_micro<const T: usize>(w: *const KPacked, a: *const Q8KTile, n: usize) -> [f32; T] {
+            unsafe fn kq_micro<const T: usize>(
+                w: *const KPacked,
+                a: *const Q8KTile,
+                n: usize,
+            ) -> [f32; T] {
                 let mut acc = [_mm512_setzero_ps(); T];
                 for s in 0..n {
                     let p = &*w.add(s);
                     let wq = p.qs.as_ptr();
-                    let wv = [load(wq), load(wq.add(64)), load(wq.add(128)), load(wq.add(192))];
+                    let wv = [
+                        load(wq),
+                        load(wq.add(64)),
+                        load(wq.add(128)),
+                        load(wq.add(192)),
+                    ];
                     let ws = _mm512_loadu_ps(p.ws.as_ptr());
                     let wm = _mm512_loadu_ps(p.wm.as_ptr());
                     for (t, acc_t) in acc.iter_mut().enumerate() {
@@ -503,7 +779,10 @@ macro_rules! avx512_family {
                         // Lane g: Σ over group g (exact i32); two chains for latency.
                         let i01 = dp(dp(z, wv[0], load(q)), wv[1], load(q.add(64)));
                         let i23 = dp(dp(z, wv[2], load(q.add(128))), wv[3], load(q.add(192)));
-                        let f = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(i01, i23)), _mm512_set1_ps(at.d));
+                        let f = _mm512_mul_ps(
+                            _mm512_cvtepi32_ps(_mm512_add_epi32(i01, i23)),
+                            _mm512_set1_ps(at.d),
+                        );
                         *acc_t = _mm512_fmadd_ps(f, ws, *acc_t);
                         *acc_t = _mm512_fnmadd_ps(wm, _mm512_loadu_ps(at.bsd.as_ptr()), *acc_t);
                     }
@@ -514,7 +793,11 @@ macro_rules! avx512_family {
             /// One packed Q8_0 row × T tokens; `n` tiles per row.
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn q8_0_micro<const T: usize>(w: *const Q8_0Packed, a: *const Q8_0Tile, n: usize) -> [f32; T] {
+            unsafe fn q8_0_micro<const T: usize>(
+                w: *const Q8_0Packed,
+                a: *const Q8_0Tile,
+                n: usize,
+            ) -> [f32; T] {
                 let mut acc = [_mm512_setzero_ps(); T];
                 for g in 0..n {
                     let p = &*w.add(g);
@@ -535,199 +818,73 @@ macro_rules! avx512_family {
                             i1 = dp_full(i1, wv[k + 4], load(q.add(64 * (k + 4))));
                         }
                         let f = _mm512_cvtepi32_ps(_mm512_add_epi32(i0, i1));
-                        *acc_t = _mm512_fmadd_ps(f, _mm512_mul_ps(dw, _mm512_loadu_ps(at.d.as_ptr())), *acc_t);
+                        *acc_t = _mm512_fmadd_ps(
+                            f,
+                            _mm512_mul_ps(dw, _mm512_loadu_ps(at.d.as_ptr())),
+                            *acc_t,
+                        );
                     }
                 }
                 acc.map(|v| hsum(v))
             }
 
-            /// Tokens in groups of T (outer, so their activations stay in L1), rows inner.
-            #[target_feature(enable = $features)]
-            #[inline]
-            unsafe fn rows_by_tokens<W, A, const T: usize>(
-                w: &[W],
-                a: &[A],
-                n: usize,
-                t0: usize,
-                bias: Option<&[f32]>,
-                out: &mut [&mut [f32]],
-                micro: impl Fn(*const W, *const A) -> [f32; T],
-            ) {
-                let rows = w.len() / n;
-                let ap = a.as_ptr().add(t0 * n);
-                for r in 0..rows {
-                    let v = micro(w.as_ptr().add(r * n), ap);
-                    let b = bias.map_or(0.0, |b| b[r]);
-                    for (t, v) in v.iter().enumerate() {
-                        out[t0 + t][r] = v + b;
-                    }
-                }
-            }
-
             /// Tokens per register tile of the quantized kernels.
             const NT: usize = 4;
 
-            #[target_feature(enable = $features)]
-            unsafe fn kq_gemm_impl(w: &[KPacked], a: &[Q8KTile], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
-                let tokens = out.len();
-                let mut t0 = 0;
-                while t0 < tokens {
-                    let m = (tokens - t0).min(NT);
-                    match m {
-                        4 => rows_by_tokens::<_, _, 4>(w, a, n, t0, bias, out, |w, a| kq_micro::<4>(w, a, n)),
-                        3 => rows_by_tokens::<_, _, 3>(w, a, n, t0, bias, out, |w, a| kq_micro::<3>(w, a, n)),
-                        2 => rows_by_tokens::<_, _, 2>(w, a, n, t0, bias, out, |w, a| kq_micro::<2>(w, a, n)),
-                        _ => rows_by_tokens::<_, _, 1>(w, a, n, t0, bias, out, |w, a| kq_micro::<1>(w, a, n)),
-                    }
-                    t0 += m;
+            /// The K-quant register tile of this build for the shared driver.
+            struct KqTile;
+            impl Micro for KqTile {
+                type W = KPacked;
+                type A = Q8KTile;
+                const MAX_T: usize = NT;
+                #[inline(always)]
+                unsafe fn row<const T: usize>(
+                    w: *const KPacked,
+                    a: *const Q8KTile,
+                    n: usize,
+                ) -> [f32; T] {
+                    // SAFETY: the caller's contract (`Micro::row`) is `kq_micro`'s.
+                    unsafe { kq_micro::<T>(w, a, n) }
+                }
+            }
+
+            /// The Q8_0 register tile of this build for the shared driver.
+            struct Q8_0Tile4;
+            impl Micro for Q8_0Tile4 {
+                type W = Q8_0Packed;
+                type A = Q8_0Tile;
+                const MAX_T: usize = NT;
+                #[inline(always)]
+                unsafe fn row<const T: usize>(
+                    w: *const Q8_0Packed,
+                    a: *const Q8_0Tile,
+                    n: usize,
+                ) -> [f32; T] {
+                    // SAFETY: the caller's contract (`Micro::row`) is `q8_0_micro`'s.
+                    unsafe { q8_0_micro::<T>(w, a, n) }
                 }
             }
 
             #[target_feature(enable = $features)]
-            unsafe fn q8_0_gemm_impl(w: &[Q8_0Packed], a: &[Q8_0Tile], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
-                let tokens = out.len();
-                let mut t0 = 0;
-                while t0 < tokens {
-                    let m = (tokens - t0).min(NT);
-                    match m {
-                        4 => rows_by_tokens::<_, _, 4>(w, a, n, t0, bias, out, |w, a| q8_0_micro::<4>(w, a, n)),
-                        3 => rows_by_tokens::<_, _, 3>(w, a, n, t0, bias, out, |w, a| q8_0_micro::<3>(w, a, n)),
-                        2 => rows_by_tokens::<_, _, 2>(w, a, n, t0, bias, out, |w, a| q8_0_micro::<2>(w, a, n)),
-                        _ => rows_by_tokens::<_, _, 1>(w, a, n, t0, bias, out, |w, a| q8_0_micro::<1>(w, a, n)),
-                    }
-                    t0 += m;
-                }
-            }
-
-            /// R float weight rows × T f32 token rows, 16 columns per step (masked tail).
-            /// `wload(p, mask)` turns 16 weights at `p` into f32.
-            #[target_feature(enable = $features)]
-            #[inline]
-            unsafe fn float_micro<E, const R: usize, const T: usize>(
-                w: *const E,
-                a: *const f32,
-                n: usize,
-                wload: &impl Fn(*const E, __mmask16) -> __m512,
-            ) -> [[f32; T]; R] {
-                // Plain loops, no closures: a closure is a separate function that LLVM may
-                // leave un-inlined (it did once, after unrelated code moved between codegen
-                // units, costing F16 prefill 25 %), and outside this function's target features.
-                let mut acc = [[_mm512_setzero_ps(); T]; R];
-                // One step of 16 columns from `i` with lane mask `m` (all ones in the main loop,
-                // so the loads there are plain).
-                macro_rules! step {
-                    ($i:expr, $m:expr) => {{
-                        let (i, m): (usize, __mmask16) = ($i, $m);
-                        let mut wv = [_mm512_setzero_ps(); R];
-                        for (r, v) in wv.iter_mut().enumerate() {
-                            *v = wload(w.add(r * n + i), m);
-                        }
-                        let mut av = [_mm512_setzero_ps(); T];
-                        for (t, v) in av.iter_mut().enumerate() {
-                            *v = _mm512_maskz_loadu_ps(m, a.add(t * n + i));
-                        }
-                        for r in 0..R {
-                            for t in 0..T {
-                                acc[r][t] = _mm512_fmadd_ps(wv[r], av[t], acc[r][t]);
-                            }
-                        }
-                    }};
-                }
-                let mut i = 0;
-                while i + 16 <= n {
-                    step!(i, !0);
-                    i += 16;
-                }
-                if i < n {
-                    step!(i, ((1u32 << (n - i)) - 1) as u16);
-                }
-                let mut out = [[0.0f32; T]; R];
-                for r in 0..R {
-                    for t in 0..T {
-                        out[r][t] = hsum(acc[r][t]);
-                    }
-                }
-                out
-            }
-
-            #[target_feature(enable = $features)]
-            #[inline]
-            unsafe fn float_gemm_impl<E>(
-                w: &[E],
-                a: &[f32],
+            unsafe fn kq_gemm_impl(
+                w: &[KPacked],
+                a: &[Q8KTile],
                 n: usize,
                 bias: Option<&[f32]>,
                 out: &mut [&mut [f32]],
-                wload: impl Fn(*const E, __mmask16) -> __m512,
             ) {
-                const R: usize = 4;
-                let rows = w.len() / n;
-                let tokens = out.len();
-                let mut t0 = 0;
-                while t0 < tokens {
-                    let m = (tokens - t0).min(NT);
-                    let ap = a.as_ptr().add(t0 * n);
-                    let mut r = 0;
-                    while r < rows {
-                        let wp = w.as_ptr().add(r * n);
-                        let mut put = |rr: usize, vals: &[f32]| {
-                            let b = bias.map_or(0.0, |b| b[r + rr]);
-                            for (t, v) in vals.iter().enumerate() {
-                                out[t0 + t][r + rr] = v + b;
-                            }
-                        };
-                        if rows - r >= R {
-                            macro_rules! tile {
-                                ($t:literal) => {{
-                                    let v = float_micro::<E, R, $t>(wp, ap, n, &wload);
-                                    for (rr, vr) in v.iter().enumerate() {
-                                        put(rr, vr);
-                                    }
-                                }};
-                            }
-                            match m {
-                                4 => tile!(4),
-                                3 => tile!(3),
-                                2 => tile!(2),
-                                _ => tile!(1),
-                            }
-                            r += R;
-                        } else {
-                            macro_rules! tile {
-                                ($t:literal) => {{
-                                    let v = float_micro::<E, 1, $t>(wp, ap, n, &wload);
-                                    put(0, &v[0]);
-                                }};
-                            }
-                            match m {
-                                4 => tile!(4),
-                                3 => tile!(3),
-                                2 => tile!(2),
-                                _ => tile!(1),
-                            }
-                            r += 1;
-                        }
-                    }
-                    t0 += m;
-                }
+                tile::gemm::<KqTile>(w, a, n, bias, out)
             }
 
             #[target_feature(enable = $features)]
-            unsafe fn f16_gemm_impl(w: &[f16], a: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
-                float_gemm_impl(w, a, n, bias, out, |p, m| _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.cast())))
-            }
-
-            #[target_feature(enable = $features)]
-            unsafe fn bf16_gemm_impl(w: &[bf16], a: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
-                float_gemm_impl(w, a, n, bias, out, |p, m| {
-                    let h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.cast()));
-                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
-                })
-            }
-
-            #[target_feature(enable = $features)]
-            unsafe fn f32_gemm_impl(w: &[f32], a: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
-                float_gemm_impl(w, a, n, bias, out, |p, m| _mm512_maskz_loadu_ps(m, p))
+            unsafe fn q8_0_gemm_impl(
+                w: &[Q8_0Packed],
+                a: &[Q8_0Tile],
+                n: usize,
+                bias: Option<&[f32]>,
+                out: &mut [&mut [f32]],
+            ) {
+                tile::gemm::<Q8_0Tile4>(w, a, n, bias, out)
             }
 
             // Safe entry points for the tile kernels. SAFETY (all): reachable only through
@@ -750,36 +907,36 @@ macro_rules! avx512_family {
                 unsafe { pack_q6k_impl(row, out) }
             }
             pub(crate) fn pack_q8_0(row: &[BlockQ8_0], out: &mut [Q8_0Packed]) {
-                assert_eq!(crate::act::q8_0_tiles(row.len()), out.len(), "pack_q8_0: length");
+                assert_eq!(
+                    crate::act::q8_0_tiles(row.len()),
+                    out.len(),
+                    "pack_q8_0: length"
+                );
                 // SAFETY: see above; gathers are masked to the blocks of `row`.
                 unsafe { pack_q8_0_impl(row, out) }
             }
-            pub(crate) fn kq_gemm(w: &[KPacked], a: &[Q8KTile], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+            pub(crate) fn kq_gemm(
+                w: &[KPacked],
+                a: &[Q8KTile],
+                n: usize,
+                bias: Option<&[f32]>,
+                out: &mut [&mut [f32]],
+            ) {
                 gemm_shape(w.len(), a.len(), n, bias, out);
                 // SAFETY: see above.
                 unsafe { kq_gemm_impl(w, a, n, bias, out) }
             }
-            pub(crate) fn q8_0_gemm(w: &[Q8_0Packed], a: &[Q8_0Tile], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+            pub(crate) fn q8_0_gemm(
+                w: &[Q8_0Packed],
+                a: &[Q8_0Tile],
+                n: usize,
+                bias: Option<&[f32]>,
+                out: &mut [&mut [f32]],
+            ) {
                 gemm_shape(w.len(), a.len(), n, bias, out);
                 // SAFETY: see above.
                 unsafe { q8_0_gemm_impl(w, a, n, bias, out) }
             }
-            pub(crate) fn f16_gemm(w: &[f16], a: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
-                gemm_shape(w.len(), a.len(), n, bias, out);
-                // SAFETY: see above.
-                unsafe { f16_gemm_impl(w, a, n, bias, out) }
-            }
-            pub(crate) fn bf16_gemm(w: &[bf16], a: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
-                gemm_shape(w.len(), a.len(), n, bias, out);
-                // SAFETY: see above.
-                unsafe { bf16_gemm_impl(w, a, n, bias, out) }
-            }
-            pub(crate) fn f32_gemm(w: &[f32], a: &[f32], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
-                gemm_shape(w.len(), a.len(), n, bias, out);
-                // SAFETY: see above.
-                unsafe { f32_gemm_impl(w, a, n, bias, out) }
-            }
-
             // Safe entry points. SAFETY (all): these are only reachable through a
             // `WeightFormat::kernels` entry for a `cpu::Level` checked to support this
             // build's features; slice accesses are bounds-checked by `zip`/indexing, and every
@@ -801,36 +958,29 @@ macro_rules! avx512_family {
                 // SAFETY: see above (both slices cut to the common length first).
                 unsafe { q8_0_q8_0_impl(&w[..n], &a[..n]) }
             }
-            pub(crate) fn f16_f32(w: &[f16], a: &[f32]) -> f32 {
-                // SAFETY: see above.
-                unsafe { f16_f32_impl(w, a) }
-            }
-            pub(crate) fn bf16_f32(w: &[bf16], a: &[f32]) -> f32 {
-                // SAFETY: see above.
-                unsafe { bf16_f32_impl(w, a) }
-            }
-            pub(crate) fn f32_f32(w: &[f32], a: &[f32]) -> f32 {
-                // SAFETY: see above.
-                unsafe { f32_f32_impl(w, a) }
-            }
         }
     };
 }
 
-avx512_family!(
-    plain,
-    "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c",
+/// The int8 products of the build without VNNI.
+mod plain_ops {
+    use std::arch::x86_64::*;
+
+    /// u8 × i8 products, 4 adjacent pairs summed into each i32 lane, added to `acc`; the
+    /// unsigned side must be ≤ 127 (K-quant values are ≤ 63).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     #[inline]
-    unsafe fn dp(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
+    pub(super) unsafe fn dp(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
         // Pair sums fit i16: |2 · 255 · 128| would not, but the unsigned side here is at most
         // 63 (K-quant values), so |pair| ≤ 2·63·128.
         let pairs = _mm512_maddubs_epi16(u, s);
         _mm512_add_epi32(acc, _mm512_madd_epi16(pairs, _mm512_set1_epi16(1)))
-    },
+    }
+
+    /// As `dp`, for any unsigned byte (the `w + 128` of packed Q8_0).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     #[inline]
-    unsafe fn dp_full(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
+    pub(super) unsafe fn dp_full(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
         // u up to 255 would saturate vpmaddubsw: widen to i16 instead, then add the pair sums
         // of each dword (even + odd i32 lane) and narrow back to one lane per dword.
         let lo = _mm512_madd_epi16(
@@ -844,10 +994,13 @@ avx512_family!(
         let lo = _mm512_cvtepi64_epi32(_mm512_add_epi32(lo, _mm512_srli_epi64::<32>(lo)));
         let hi = _mm512_cvtepi64_epi32(_mm512_add_epi32(hi, _mm512_srli_epi64::<32>(hi)));
         _mm512_add_epi32(acc, _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi))
-    },
+    }
+
+    /// Signed × signed bytes of two Q8_0 blocks side by side: exact i32 sums, lanes 0..8
+    /// holding block 0's, lanes 8..16 block 1's.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     #[inline]
-    unsafe fn q8_pair(w: __m512i, a: __m512i) -> __m512i {
+    pub(super) unsafe fn q8_pair(w: __m512i, a: __m512i) -> __m512i {
         // Widen to i16 (exact for every byte), then fold each block's 16 pair sums to 8 lanes.
         let half = |w: __m256i, a: __m256i| {
             let p = _mm512_madd_epi16(_mm512_cvtepi8_epi16(w), _mm512_cvtepi8_epi16(a));
@@ -860,24 +1013,30 @@ avx512_family!(
         );
         _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi)
     }
-);
+}
 
-avx512_family!(
-    vnni,
-    "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c",
+/// The int8 products of the VNNI build (`vpdpbusd`).
+mod vnni_ops {
+    use std::arch::x86_64::*;
+
+    /// u8 × i8 products, 4 adjacent pairs summed into each i32 lane, added to `acc`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
     #[inline]
-    unsafe fn dp(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
+    pub(super) unsafe fn dp(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
         _mm512_dpbusd_epi32(acc, u, s)
-    },
+    }
+
+    /// As `dp` (any unsigned byte works with `vpdpbusd`).
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
     #[inline]
-    unsafe fn dp_full(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
+    pub(super) unsafe fn dp_full(acc: __m512i, u: __m512i, s: __m512i) -> __m512i {
         _mm512_dpbusd_epi32(acc, u, s)
-    },
+    }
+
+    /// Signed × signed bytes of two Q8_0 blocks side by side, as `plain_ops::q8_pair`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c")]
     #[inline]
-    unsafe fn q8_pair(w: __m512i, a: __m512i) -> __m512i {
+    pub(super) unsafe fn q8_pair(w: __m512i, a: __m512i) -> __m512i {
         // vpdpbusd wants an unsigned side: Σ (w+128)·a − 128·Σ a, both exact in i32.
         let z = _mm512_setzero_si512();
         let flip = _mm512_set1_epi8(-128);
@@ -886,4 +1045,15 @@ avx512_family!(
             _mm512_dpbusd_epi32(z, flip, a),
         )
     }
+}
+
+avx512_family!(
+    plain,
+    "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c",
+    plain_ops
+);
+avx512_family!(
+    vnni,
+    "avx512f,avx512bw,avx512vl,avx512dq,avx512vnni,avx2,fma,f16c",
+    vnni_ops
 );

@@ -21,6 +21,8 @@ pub(crate) mod avx2_tile;
 pub(crate) mod avx512;
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod neon;
+#[cfg(target_arch = "x86_64")]
+mod tile;
 
 pub use crate::cpu::{available_isas, isa, Isa};
 pub use crate::format::{DotFn, GemmFn};
