@@ -25,7 +25,8 @@ use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::engine::{
-    EmbedJob, EngineConfig, EngineHandle, Event, Finish, Params, SeqJob, SubmitError, TokenLogprob,
+    event_channel, EmbedJob, EngineConfig, EngineHandle, Event, EventReceiver, Finish, Params,
+    SeqJob, SubmitError, TokenLogprob,
 };
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -774,12 +775,9 @@ struct ChoiceState {
 
 /// Submit every (prompt, choice) sequence; choice index = prompt × n + j, seeded with
 /// seed + j so choices of one prompt differ and each is reproducible alone.
-fn submit(
-    app: &App,
-    gen: &Gen,
-) -> Result<(mpsc::UnboundedReceiver<Event>, Vec<Arc<AtomicBool>>), ApiError> {
+fn submit(app: &App, gen: &Gen) -> Result<(EventReceiver, Vec<Arc<AtomicBool>>), ApiError> {
     let l = app.loaded()?;
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = event_channel(gen.prompts.len() * gen.n);
     let base = gen.seed.unwrap_or_else(random_seed);
     let mut jobs = Vec::new();
     let mut cancels = Vec::new();
@@ -966,7 +964,7 @@ async fn collect_response(
     gen: Gen,
     kind: Kind,
     model: Arc<Model>,
-    mut rx: mpsc::UnboundedReceiver<Event>,
+    mut rx: EventReceiver,
     cancels: Vec<Arc<AtomicBool>>,
     mut states: Vec<ChoiceState>,
 ) -> Result<Response, ApiError> {
@@ -1061,7 +1059,7 @@ fn stream_response(
     gen: Gen,
     kind: Kind,
     model: Arc<Model>,
-    mut rx: mpsc::UnboundedReceiver<Event>,
+    mut rx: EventReceiver,
     cancels: Vec<Arc<AtomicBool>>,
     mut states: Vec<ChoiceState>,
 ) -> Response {
