@@ -56,7 +56,21 @@ pub struct Loaded {
 enum LoadState {
     Loading,
     Ready,
-    Failed(String),
+    /// The message, and the file when that file could not be loaded (not a bad setting).
+    Failed(String, Option<String>),
+}
+
+impl LoadState {
+    fn failure(&self) -> Option<ServeError> {
+        match self {
+            LoadState::Failed(message, Some(path)) => Some(ServeError::Load {
+                path: path.clone(),
+                message: message.clone(),
+            }),
+            LoadState::Failed(message, None) => Some(ServeError::Config(message.clone())),
+            _ => None,
+        }
+    }
 }
 
 /// Everything the handlers share.
@@ -89,7 +103,10 @@ impl App {
         let r = self.load_inner();
         self.load_state.send_replace(match &r {
             Ok(()) => LoadState::Ready,
-            Err(e) => LoadState::Failed(e.to_string()),
+            Err(ServeError::Load { path, message }) => {
+                LoadState::Failed(message.clone(), Some(path.clone()))
+            }
+            Err(e) => LoadState::Failed(e.to_string(), None),
         });
         if let Err(e) = &r {
             tracing::error!("{e}");
@@ -173,18 +190,12 @@ impl App {
             .wait_for(|s| *s != LoadState::Loading)
             .await
             .map(|s| s.clone())
-            .unwrap_or(LoadState::Failed("the server stopped".into()));
-        match s {
-            LoadState::Failed(m) => Err(ServeError::Config(m)),
-            _ => Ok(()),
-        }
+            .unwrap_or(LoadState::Failed("the server stopped".into(), None));
+        s.failure().map_or(Ok(()), Err)
     }
 
     pub fn load_error(&self) -> Result<(), ServeError> {
-        match &*self.load_state.borrow() {
-            LoadState::Failed(m) => Err(ServeError::Config(m.clone())),
-            _ => Ok(()),
-        }
+        self.load_state.borrow().failure().map_or(Ok(()), Err)
     }
 
     pub fn loaded(&self) -> Result<&Loaded, ApiError> {
@@ -331,9 +342,12 @@ async fn health(State(app): State<Arc<App>>) -> Response {
             Json(json!({"status": "loading"})),
         )
             .into_response(),
-        LoadState::Failed(m) => (
+        LoadState::Failed(m, path) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "error", "message": m})),
+            Json(json!({"status": "error", "message": match path {
+                Some(p) => format!("cannot load {p}: {m}"),
+                None => m.clone(),
+            }})),
         )
             .into_response(),
     }
