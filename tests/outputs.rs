@@ -764,6 +764,38 @@ fn output_path_usage_errors() {
         "the link changed".into()
     });
 
+    // convert onto one of its own inputs, through a link named like a GGUF file.
+    let hf_copy = root.join("hf");
+    fs::create_dir(&hf_copy).unwrap();
+    for e in fs::read_dir(&hf).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            fs::copy(e.path(), hf_copy.join(e.file_name())).unwrap();
+        }
+    }
+    let weights = hf_copy.join("model-00002-of-00002.safetensors");
+    let weights_before = fs::read(&weights).unwrap();
+    for (link, target) in [
+        ("w.gguf", "model-00002-of-00002.safetensors"),
+        ("c.gguf", "config.json"),
+    ] {
+        let out = hf_copy.join(link);
+        symlink(target, &out).unwrap();
+        let o = run_ggpt(&args(&[
+            &"convert", &hf_copy, &"--type", &"q8_0", &"-o", &out,
+        ]));
+        r.expect_error(
+            &o,
+            2,
+            &out,
+            "the output would overwrite the checkpoint",
+            &format!("convert -o {link} -> {target}"),
+        );
+    }
+    r.check(fs::read(&weights).unwrap() == weights_before, || {
+        "the checkpoint's weights changed".into()
+    });
+
     // Output directories that are not directories.
     for (cmd, p) in [
         ("dump", &existing),

@@ -23,7 +23,11 @@ use std::process::Command;
 /// The bundled default model and texts, found next to the sources this binary was built from
 /// or, failing that, relative to the working directory.
 pub fn bundled(rel: &str) -> PathBuf {
-    let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("..").join(rel);
+    // The CLI crate sits one level below the workspace root.
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .unwrap_or(Path::new("."));
+    let built = root.join(rel);
     if built.exists() {
         built
     } else {

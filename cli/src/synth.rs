@@ -52,14 +52,9 @@ pub fn run(args: Args) -> Result<()> {
         "bf16" => SrcDtype::BF16,
         other => super::common::bail_flag!("--dtype {other:?}: expected f32, f16 or bf16"),
     };
-    let vocab_from = args.vocab_from.unwrap_or_else(|| {
-        let local = PathBuf::from("models/tiny-gpt2");
-        if local.join("vocab.json").is_file() {
-            local
-        } else {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../models/tiny-gpt2")
-        }
-    });
+    let vocab_from = args
+        .vocab_from
+        .unwrap_or_else(|| super::compare::bundled("models/tiny-gpt2"));
     let opts = SynthOptions {
         shape,
         dtype,

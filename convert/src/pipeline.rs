@@ -28,7 +28,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::atomic::{describe, AtomicFile, UnusableOutput};
+use crate::atomic::{describe, same_file, AtomicFile, UnusableOutput};
 use crate::hf::{expected_tensors, map_tensor_name, HfConfig, HfTensor, HfVocab, InputError};
 use crate::policy::{converter_type, tensor_order, Fallback, FileType, Policy};
 use crate::safetensors::{decode_f32, Checkpoint, SrcDtype};
@@ -189,6 +189,40 @@ pub fn output_paths(opts: &ConvertOptions, name: &str) -> anyhow::Result<Vec<Pat
         .iter()
         .map(|t| out.join(format!("{name}-{}.gguf", t.label())))
         .collect())
+}
+
+/// Refuse an output path that is one of the files the conversion reads (a checkpoint shard, the
+/// config or a tokenizer file), also through a symbolic or hard link: writing it would destroy
+/// the user's checkpoint.
+fn refuse_input_as_output(paths: &[PathBuf], ckpt: &Checkpoint) -> anyhow::Result<()> {
+    const SIDE_FILES: [&str; 6] = [
+        "config.json",
+        "vocab.json",
+        "merges.txt",
+        "tokenizer.json",
+        "model.safetensors.index.json",
+        "pytorch_model.bin.index.json",
+    ];
+    let dir = ckpt.dir();
+    let inputs: Vec<PathBuf> = ckpt
+        .files()
+        .into_iter()
+        .map(Path::to_path_buf)
+        .chain(SIDE_FILES.iter().map(|f| dir.join(f)))
+        .collect();
+    for out in paths {
+        if let Some(input) = inputs.iter().find(|i| same_file(out, i)) {
+            return Err(UnusableOutput::new(
+                out,
+                format!(
+                    "is the same file as the input {}: the output would overwrite the checkpoint; choose another path",
+                    input.display()
+                ),
+            )
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// The model's name: the directory name, as llama.cpp's converter falls back to.
@@ -498,6 +532,7 @@ pub fn dry_run(opts: &ConvertOptions) -> anyhow::Result<Vec<DryRun>> {
     let planned = plan(&ckpt, &config)?;
     let name = opts.name.clone().unwrap_or_else(|| model_name(dir));
     let paths = output_paths(opts, &name)?;
+    refuse_input_as_output(&paths, &ckpt)?;
     let mut files = Vec::with_capacity(paths.len());
     for (&ftype, path) in opts.types.iter().zip(paths) {
         let (writer, types, differs) = layout(&config, &vocab, &name, ftype, &planned)?;
@@ -537,6 +572,7 @@ pub fn convert_hf(opts: &ConvertOptions, progress: &dyn Progress) -> anyhow::Res
     let planned = plan(&ckpt, &config)?;
     let name = opts.name.clone().unwrap_or_else(|| model_name(dir));
     let paths = output_paths(opts, &name)?;
+    refuse_input_as_output(&paths, &ckpt)?;
 
     let mut outs: Vec<Out> = Vec::with_capacity(paths.len());
     for (&ftype, path) in opts.types.iter().zip(&paths) {
