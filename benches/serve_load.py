@@ -11,7 +11,8 @@ p50/p99. Loopback only, bounded in count and time.
 
 `--soak SECONDS` instead runs 64 clients for that long with random lengths, ~10 % of streams
 cancelled early and ~10 % malformed requests, and checks that no response is a 5xx other than
-503 and every response parses; RSS of `--pid` is sampled before and after.
+503, every response parses, every event is a completion chunk and every stream not cancelled
+ends with [DONE]; RSS of `--pid` is sampled before and after.
 """
 
 import argparse
@@ -114,7 +115,7 @@ def rss_kib(pid):
 async def soak(base, key, model, seconds, pid):
     root = base.rsplit("/v1", 1)[0]
     headers = {"Authorization": f"Bearer {key}"}
-    stats = {"ok": 0, "4xx": 0, "503": 0, "cancelled": 0, "bad_5xx": 0, "invalid": 0}
+    stats = {"ok": 0, "4xx": 0, "503": 0, "cancelled": 0, "bad_5xx": 0, "invalid": 0, "truncated": 0}
     deadline = time.time() + seconds
     rss0 = rss_kib(pid) if pid else None
 
@@ -143,16 +144,22 @@ async def soak(base, key, model, seconds, pid):
                         stats["bad_5xx"] += 1
                         continue
                     cancel_after = rng.randint(1, 8) if kind < 0.2 else None
-                    seen = 0
+                    seen, ended = 0, False
                     async for line in r.aiter_lines():
                         if line.startswith("data: {"):
-                            json.loads(line[6:])
+                            ev = json.loads(line[6:])
+                            if "error" in ev or not isinstance(ev.get("choices"), list):
+                                raise ValueError(f"bad event {line}")
                             seen += 1
                             if cancel_after and seen >= cancel_after:
                                 stats["cancelled"] += 1
+                                ended = True
                                 break
                         elif line == "data: [DONE]":
                             stats["ok"] += 1
+                            ended = True
+                    if not ended:
+                        stats["truncated"] += 1
             except (ValueError, json.JSONDecodeError):
                 stats["invalid"] += 1
 

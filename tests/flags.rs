@@ -374,3 +374,35 @@ fn closed_stdout_pipe_is_not_an_error() {
         "{stderr}"
     );
 }
+
+/// `ggpt serve`: a model file that cannot be loaded exits 3, a context the model cannot take 2
+/// (the server has bound its port and logged by then, so the `error:` line comes last).
+#[test]
+fn serve_exit_codes() {
+    let dir = scratch("flags-serve");
+    let s = |p: PathBuf| p.to_string_lossy().into_owned();
+    let m = s(tiny_model("Q8_0"));
+    let missing = s(dir.join("no-such-model.gguf"));
+    let text = dir.join("notes.gguf");
+    std::fs::write(&text, "not a model\n").unwrap();
+    let text = s(text);
+    let d = s(dir.clone());
+    let cases = [
+        (3, missing.clone(), vec!["-m", &missing]),
+        (3, text.clone(), vec!["-m", &text]),
+        (3, d.clone(), vec!["-m", &m, "-m", &d]),
+        (2, "--ctx 5000".to_string(), vec!["-m", &m, "--ctx", "5000"]),
+    ];
+    for (code, names, args) in cases {
+        let mut argv = vec!["serve", "--port", "0", "-t", "1"];
+        argv.extend(args);
+        let o = run_ggpt(&argv);
+        assert_eq!(o.code(), Some(code), "ggpt {argv:?}: {}", o.stderr);
+        let last = o.stderr.lines().last().unwrap_or("");
+        assert!(
+            last.starts_with("error:") && last.contains(&names),
+            "ggpt {argv:?}: the last line {last:?} does not name {names}"
+        );
+        assert!(!o.stderr.contains("panicked"), "{}", o.stderr);
+    }
+}

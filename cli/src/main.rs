@@ -116,6 +116,9 @@ fn exit_code(err: &anyhow::Error) -> i32 {
         if cause.is::<common::FlagError>() {
             return EXIT_USAGE;
         }
+        if let Some(e) = cause.downcast_ref::<ggpt_serve::ServeError>() {
+            return e.exit_code();
+        }
         if cause.is::<ggpt_gguf::GgufError>()
             || cause.is::<ggpt_convert::hf::InputError>()
             || cause.is::<common::InputError>()

@@ -26,7 +26,8 @@ use tower_http::timeout::{RequestBodyTimeoutLayer, TimeoutLayer};
 use tower_http::trace::TraceLayer;
 
 use crate::engine::{
-    EmbedJob, EngineConfig, EngineHandle, Event, Finish, Params, SeqJob, SubmitError, TokenLogprob,
+    event_channel, EmbedJob, EngineConfig, EngineHandle, Event, EventReceiver, Finish, Params,
+    SeqJob, SubmitError, TokenLogprob,
 };
 use crate::error::ApiError;
 use crate::metrics::Metrics;
@@ -55,7 +56,21 @@ pub struct Loaded {
 enum LoadState {
     Loading,
     Ready,
-    Failed(String),
+    /// The message, and the file when that file could not be loaded (not a bad setting).
+    Failed(String, Option<String>),
+}
+
+impl LoadState {
+    fn failure(&self) -> Option<ServeError> {
+        match self {
+            LoadState::Failed(message, Some(path)) => Some(ServeError::Load {
+                path: path.clone(),
+                message: message.clone(),
+            }),
+            LoadState::Failed(message, None) => Some(ServeError::Config(message.clone())),
+            _ => None,
+        }
+    }
 }
 
 /// Everything the handlers share.
@@ -88,7 +103,10 @@ impl App {
         let r = self.load_inner();
         self.load_state.send_replace(match &r {
             Ok(()) => LoadState::Ready,
-            Err(e) => LoadState::Failed(e.to_string()),
+            Err(ServeError::Load { path, message }) => {
+                LoadState::Failed(message.clone(), Some(path.clone()))
+            }
+            Err(e) => LoadState::Failed(e.to_string(), None),
         });
         if let Err(e) = &r {
             tracing::error!("{e}");
@@ -174,18 +192,12 @@ impl App {
             .wait_for(|s| *s != LoadState::Loading)
             .await
             .map(|s| s.clone())
-            .unwrap_or(LoadState::Failed("the server stopped".into()));
-        match s {
-            LoadState::Failed(m) => Err(ServeError::Config(m)),
-            _ => Ok(()),
-        }
+            .unwrap_or(LoadState::Failed("the server stopped".into(), None));
+        s.failure().map_or(Ok(()), Err)
     }
 
     pub fn load_error(&self) -> Result<(), ServeError> {
-        match &*self.load_state.borrow() {
-            LoadState::Failed(m) => Err(ServeError::Config(m.clone())),
-            _ => Ok(()),
-        }
+        self.load_state.borrow().failure().map_or(Ok(()), Err)
     }
 
     pub fn loaded(&self) -> Result<&Loaded, ApiError> {
@@ -332,9 +344,12 @@ async fn health(State(app): State<Arc<App>>) -> Response {
             Json(json!({"status": "loading"})),
         )
             .into_response(),
-        LoadState::Failed(m) => (
+        LoadState::Failed(m, path) => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"status": "error", "message": m})),
+            Json(json!({"status": "error", "message": match path {
+                Some(p) => format!("cannot load {p}: {m}"),
+                None => m.clone(),
+            }})),
         )
             .into_response(),
     }
@@ -776,12 +791,9 @@ struct ChoiceState {
 
 /// Submit every (prompt, choice) sequence; choice index = prompt × n + j, seeded with
 /// seed + j so choices of one prompt differ and each is reproducible alone.
-fn submit(
-    app: &App,
-    gen: &Gen,
-) -> Result<(mpsc::UnboundedReceiver<Event>, Vec<Arc<AtomicBool>>), ApiError> {
+fn submit(app: &App, gen: &Gen) -> Result<(EventReceiver, Vec<Arc<AtomicBool>>), ApiError> {
     let l = app.loaded()?;
-    let (tx, rx) = mpsc::unbounded_channel();
+    let (tx, rx) = event_channel(gen.prompts.len() * gen.n);
     let base = gen.seed.unwrap_or_else(random_seed);
     let mut jobs = Vec::new();
     let mut cancels = Vec::new();
@@ -968,7 +980,7 @@ async fn collect_response(
     gen: Gen,
     kind: Kind,
     model: Arc<Model>,
-    mut rx: mpsc::UnboundedReceiver<Event>,
+    mut rx: EventReceiver,
     cancels: Vec<Arc<AtomicBool>>,
     mut states: Vec<ChoiceState>,
 ) -> Result<Response, ApiError> {
@@ -1063,7 +1075,7 @@ fn stream_response(
     gen: Gen,
     kind: Kind,
     model: Arc<Model>,
-    mut rx: mpsc::UnboundedReceiver<Event>,
+    mut rx: EventReceiver,
     cancels: Vec<Arc<AtomicBool>>,
     mut states: Vec<ChoiceState>,
 ) -> Response {

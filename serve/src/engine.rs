@@ -13,11 +13,18 @@
 //!
 //! Each sequence samples with its own [`Sampler`] seeded per request, so its tokens do not
 //! depend on what else runs; with batch-invariant kernels its logits do not either.
+//!
+//! A request's events go through an [`EventSender`] that counts what its handler has not
+//! read yet. A sequence whose request has [`EVENTS_PER_SEQ`] unread events per sequence is
+//! paused: it keeps its slot but is left out of the steps until the handler catches up, so a
+//! client that reads slowly paces its own generation and one that stops reading costs no
+//! compute and no memory beyond that bound. The handler gives up on a client that has not
+//! read for `--timeout` and drops its receiver, which frees the slot at the next step.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use ggpt::model::Model;
 use ggpt::sampler::{Sampler, SamplerConfig};
@@ -84,6 +91,83 @@ pub enum Event {
     Error { choice: usize, message: String },
 }
 
+/// Unread events allowed per sequence of a request before the engine pauses it. A step
+/// sends at most three events per sequence (prompt logprobs, a token, the end), so a handler
+/// that keeps up never sees its sequences paused.
+pub const EVENTS_PER_SEQ: usize = 16;
+
+/// The engine's end of a request's event channel: unbounded underneath, but counting the
+/// events its receiver has not taken yet so the engine can pause the request's sequences
+/// while that count is at the limit (see the module docs).
+#[derive(Clone, Debug)]
+pub struct EventSender {
+    tx: tmpsc::UnboundedSender<Event>,
+    unread: Arc<AtomicUsize>,
+    limit: usize,
+}
+
+/// The handler's end of a request's event channel.
+#[derive(Debug)]
+pub struct EventReceiver {
+    rx: tmpsc::UnboundedReceiver<Event>,
+    unread: Arc<AtomicUsize>,
+}
+
+/// A channel for a request of `n_seqs` sequences: [`EVENTS_PER_SEQ`] unread events per
+/// sequence pause them all.
+pub fn event_channel(n_seqs: usize) -> (EventSender, EventReceiver) {
+    let (tx, rx) = tmpsc::unbounded_channel();
+    let unread = Arc::new(AtomicUsize::new(0));
+    (
+        EventSender {
+            tx,
+            unread: Arc::clone(&unread),
+            limit: n_seqs.max(1) * EVENTS_PER_SEQ,
+        },
+        EventReceiver { rx, unread },
+    )
+}
+
+impl EventSender {
+    /// Send an event (never blocks, never refused for being full: the engine checks
+    /// [`EventSender::is_full`] before doing more work). False if the receiver is gone.
+    pub fn send(&self, ev: Event) -> bool {
+        // Counted before sending so the receiver never takes an event it has not counted.
+        self.unread.fetch_add(1, Ordering::SeqCst);
+        if self.tx.send(ev).is_err() {
+            self.unread.fetch_sub(1, Ordering::SeqCst);
+            return false;
+        }
+        true
+    }
+
+    /// The receiver was dropped (the client went away or timed out).
+    pub fn is_closed(&self) -> bool {
+        self.tx.is_closed()
+    }
+
+    /// The receiver has the limit of unread events: generate nothing more for now.
+    pub fn is_full(&self) -> bool {
+        self.unread.load(Ordering::SeqCst) >= self.limit
+    }
+
+    /// Events sent and not yet received.
+    pub fn unread(&self) -> usize {
+        self.unread.load(Ordering::SeqCst)
+    }
+}
+
+impl EventReceiver {
+    /// The next event; `None` once every sender is gone.
+    pub async fn recv(&mut self) -> Option<Event> {
+        let ev = self.rx.recv().await;
+        if ev.is_some() {
+            self.unread.fetch_sub(1, Ordering::SeqCst);
+        }
+        ev
+    }
+}
+
 /// One sequence to run: a prompt and its settings.
 pub struct SeqJob {
     pub model: usize,
@@ -92,7 +176,7 @@ pub struct SeqJob {
     pub choice: usize,
     /// Set by the request's handler to end the sequence (e.g. a stop string matched).
     pub cancel: Arc<AtomicBool>,
-    pub events: tmpsc::UnboundedSender<Event>,
+    pub events: EventSender,
     pub arrived: Instant,
 }
 
@@ -332,6 +416,15 @@ impl Runner {
         self.slots.iter().filter(|s| s.is_some()).count()
     }
 
+    /// Decoding sequences left out of the steps until their client reads.
+    fn paused(&self) -> usize {
+        self.slots
+            .iter()
+            .flatten()
+            .filter(|s| s.next.is_some() && s.job.events.is_full())
+            .count()
+    }
+
     /// Free slots whose client left or whose request was cancelled; drop such waiting jobs.
     fn reap(&mut self, engine: &EngineHandle, m: usize) {
         for slot in 0..self.slots.len() {
@@ -393,9 +486,11 @@ impl Runner {
         self.seq_ids.clear();
         self.rows.clear();
         self.uses.clear();
-        // Decoding sequences: one token each.
+        // Decoding sequences: one token each, except those whose client has the limit of
+        // unread events (paused until it reads).
         for (slot, s) in self.slots.iter().enumerate() {
-            if let Some(tok) = s.as_ref().and_then(|s| s.next) {
+            let ready = s.as_ref().filter(|s| !s.job.events.is_full());
+            if let Some(tok) = ready.and_then(|s| s.next) {
                 self.rows.push(self.tokens.len());
                 self.uses.push(RowUse::Sample(slot));
                 self.tokens.push(tok);
@@ -661,10 +756,16 @@ pub fn logprob_of(row: &[f32], token: u32, n_top: usize) -> TokenLogprob {
 /// Sets the busy-slot and queue-depth gauges from the runners' current state.
 fn publish_occupancy(runners: &[Runner], metrics: &Metrics) {
     let busy: usize = runners.iter().map(Runner::busy).sum();
+    let paused: usize = runners.iter().map(Runner::paused).sum();
+    metrics.paused_slots.set(paused as f64);
     let waiting: usize = runners.iter().map(|r| r.waiting.len()).sum();
     metrics.busy_slots.set(busy as f64);
     metrics.queue_depth.set(waiting as f64);
 }
+
+/// How long the engine waits between looks at paused sequences' clients when nothing else
+/// can run.
+const PAUSED_POLL: Duration = Duration::from_millis(2);
 
 fn engine_loop(
     mut runners: Vec<Runner>,
@@ -674,6 +775,9 @@ fn engine_loop(
 ) {
     let n_ctx = engine.cfg.n_ctx;
     let mut shutdown = false;
+    // The last round ran no tokens although sequences were active: all of them are paused
+    // for clients that have not read their events.
+    let mut stalled = false;
     while !shutdown {
         let idle = !runners.iter().any(|r| r.has_work());
         let mut incoming = Vec::new();
@@ -681,6 +785,13 @@ fn engine_loop(
             match rx.recv() {
                 Ok(j) => incoming.push(j),
                 Err(_) => break,
+            }
+        } else if stalled {
+            // Wait for new work, or a little while for clients to read (or leave).
+            match rx.recv_timeout(PAUSED_POLL) {
+                Ok(j) => incoming.push(j),
+                Err(mpsc::RecvTimeoutError::Timeout) => {}
+                Err(mpsc::RecvTimeoutError::Disconnected) => break,
             }
         }
         while let Ok(j) = rx.try_recv() {
@@ -712,9 +823,11 @@ fn engine_loop(
             r.admit();
         }
         publish_occupancy(&runners, &metrics);
+        let mut ran = 0;
         for (m, r) in runners.iter_mut().enumerate() {
             if r.has_work() {
                 let (t, s) = r.step(&engine, m, &metrics);
+                ran += t;
                 if t > 0 {
                     metrics.step_tokens.record(t as f64);
                     metrics.step_seqs.record(s as f64);
@@ -723,6 +836,7 @@ fn engine_loop(
                 r.reap(&engine, m);
             }
         }
+        stalled = ran == 0;
         publish_occupancy(&runners, &metrics);
     }
     // Shutting down: every sequence still known gets a final error event.
@@ -753,6 +867,7 @@ fn engine_loop(
         }
     }
     metrics.busy_slots.set(0.0);
+    metrics.paused_slots.set(0.0);
     metrics.queue_depth.set(0.0);
 }
 

@@ -96,6 +96,19 @@ pub enum ServeError {
     Io(#[from] std::io::Error),
 }
 
+impl ServeError {
+    /// The process exit code for this error (docs/errors.md): 3 for a model file that cannot
+    /// be loaded, 2 for settings that cannot be used, 1 for anything else (e.g. the port is
+    /// taken).
+    pub fn exit_code(&self) -> i32 {
+        match self {
+            ServeError::Load { .. } => 3,
+            ServeError::Config(_) => 2,
+            ServeError::Bind { .. } | ServeError::Io(_) => 1,
+        }
+    }
+}
+
 /// A running server.
 pub struct Server {
     pub addr: SocketAddr,

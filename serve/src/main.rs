@@ -72,6 +72,6 @@ fn main() {
     }
     if let Err(e) = ggpt_serve::args::serve_blocking(config) {
         eprintln!("error: {e}");
-        std::process::exit(1);
+        std::process::exit(e.exit_code());
     }
 }

@@ -19,6 +19,7 @@ pub struct Metrics {
     pub generated_tokens: Counter,
     pub queue_depth: Gauge,
     pub busy_slots: Gauge,
+    pub paused_slots: Gauge,
     pub slots: Gauge,
     pub rss: Gauge,
     pub step_tokens: Histogram,
@@ -67,6 +68,11 @@ impl Metrics {
             "Slots running a sequence".into(),
         );
         recorder.describe_gauge(
+            "ggpt_paused_slots".into(),
+            None,
+            "Busy slots paused because their client has not read its unread events".into(),
+        );
+        recorder.describe_gauge(
             "ggpt_slots".into(),
             None,
             "Slots in total (all models)".into(),
@@ -102,6 +108,7 @@ impl Metrics {
             generated_tokens: recorder.register_counter(&key("ggpt_generated_tokens_total"), &META),
             queue_depth: recorder.register_gauge(&key("ggpt_queue_depth"), &META),
             busy_slots: recorder.register_gauge(&key("ggpt_busy_slots"), &META),
+            paused_slots: recorder.register_gauge(&key("ggpt_paused_slots"), &META),
             slots: recorder.register_gauge(&key("ggpt_slots"), &META),
             rss: recorder.register_gauge(&key("ggpt_rss_bytes"), &META),
             step_tokens: recorder.register_histogram(&key("ggpt_step_tokens"), &META),
