@@ -200,7 +200,9 @@ impl Tokenizer {
         }
         let lines: Vec<&str> = merges.iter().map(AsRef::as_ref).collect();
         const CHUNK: usize = 4096;
-        let resolved: Vec<Result<Vec<(u32, u32, Merge)>, TokenizerError>> = lines
+        /// (left id, right id, merge) of each rule in a chunk.
+        type Resolved = Vec<(u32, u32, Merge)>;
+        let resolved: Vec<Result<Resolved, TokenizerError>> = lines
             .par_chunks(CHUNK)
             .enumerate()
             .map(|(c, chunk)| {

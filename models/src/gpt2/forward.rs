@@ -378,7 +378,14 @@ impl Gpt2 {
                 Output::AllLogits(o) => {
                     layer_norm_rows_par(x, &lnf.w, &lnf.b, hp.eps, ln);
                     self.enter_step(head_step);
-                    matmul(&head()?, ln, t, None, &mut o[start * v..end * v], &mut st.mm);
+                    matmul(
+                        &head()?,
+                        ln,
+                        t,
+                        None,
+                        &mut o[start * v..end * v],
+                        &mut st.mm,
+                    );
                     self.leave_step(head_step);
                 }
                 Output::Hidden(o) => {
