@@ -72,13 +72,9 @@ macro_rules! float_format {
                         avx2::$dot,
                         Some(crate::format::Tile::Direct(avx2_tile::$gemm)),
                     ),
+                    // The float kernels use no VNNI instruction: one build serves both levels.
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 => (
-                        avx512::float::$dot,
-                        Some(crate::format::Tile::Direct(avx512::float::$gemm)),
-                    ),
-                    #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512Vnni => (
+                    Isa::Avx512 | Isa::Avx512Vnni => (
                         avx512::float::$dot,
                         Some(crate::format::Tile::Direct(avx512::float::$gemm)),
                     ),
