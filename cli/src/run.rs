@@ -181,8 +181,8 @@ pub fn run(args: Args) -> Result<()> {
         super::common::note!("ggpt: {line}");
     }
 
-    let read_before = ggpt::budget::storage_read_bytes();
-    let n_seq = args.num_return_sequences;
+    // Storage reads are counted from the first generated piece, after the prompt's evaluation.
+    let mut read_before = None;
     let req = Request {
         prompt: prompt_ids,
         max_new_tokens: args.n_predict,
@@ -196,6 +196,9 @@ pub fn run(args: Args) -> Result<()> {
     // evaluated, so that an error there leaves stdout empty); several are printed at the end.
     let mut prompt_written = false;
     let gen = generate(&model, &req, |_, piece| {
+        if read_before.is_none() {
+            read_before = Some(ggpt::budget::storage_read_bytes());
+        }
         if n_seq > 1 {
             return Ok(Flow::Continue);
         }
@@ -211,7 +214,7 @@ pub fn run(args: Args) -> Result<()> {
         })
     })?;
     let read_during = ggpt::budget::storage_read_bytes()
-        .zip(read_before)
+        .zip(read_before.flatten())
         .map(|(a, b)| a.saturating_sub(b));
     if n_seq == 1 {
         if !prompt_written {
