@@ -4,7 +4,9 @@
 #   sudo bash benches/lowmem.sh [FILE:LIMIT_MIB[,LIMIT_MIB...] ...]
 #
 # Default cases: /tmp/med-gguf/med-Q4_K_M.gguf at 320/256/200 MiB and med-F16.gguf at
-# 600/400/300 MiB. For each file: its cold O_DIRECT read bandwidth (dd), then for each limit,
+# 600/400/300 MiB. Each file is first copied to a private directory, so that no other process
+# has its pages mapped (mapped pages survive drop_caches and are charged to the group that
+# first touched them). For each file: its cold O_DIRECT read bandwidth (dd), then for each limit,
 # each program in turn: page cache dropped, a fresh child of /sys/fs/cgroup/memory with
 # memory.limit_in_bytes set, the program started inside it (a shell writes its pid to
 # cgroup.procs, then execs), -n 64 greedy tokens on 2 threads. Printed per run: decode t/s,
@@ -13,13 +15,14 @@
 #
 # Environment: BEFORE (default /tmp/ggpt-main0), AFTER (default target/release/ggpt),
 # LLAMA_DIR (default /work/llama.cpp/build/bin; llama-bench -p 0 -n 64 -r 1 --repack 0),
-# N (64), THREADS (2). Needs root (drop_caches, cgroups) and a cgroup v1 memory controller.
+# N (64), THREADS (2), TIMEOUT (seconds per run, 300; a run cut off prints rc 124). Needs root (drop_caches, cgroups) and a cgroup v1 memory controller.
 set -u
 BEFORE=${BEFORE:-/tmp/ggpt-main0}
 AFTER=${AFTER:-target/release/ggpt}
 LLAMA_DIR=${LLAMA_DIR:-/work/llama.cpp/build/bin}
 N=${N:-64}
 THREADS=${THREADS:-2}
+TIMEOUT=${TIMEOUT:-300}
 CG_ROOT=/sys/fs/cgroup/memory
 PROMPT="The meaning of life is"
 
@@ -41,7 +44,7 @@ run_limited() {
     mkdir "$cg" || return 1
     echo $((limit * 1024 * 1024)) > "$cg/memory.limit_in_bytes"
     drop_caches
-    sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg" "$@" > "$out" 2>&1
+    sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg" timeout "$TIMEOUT" "$@" > "$out" 2>&1
     local rc=$?
     local peak oom
     peak=$(( $(cat "$cg/memory.max_usage_in_bytes") / 1048576 ))
@@ -60,6 +63,9 @@ for case in "$@"; do
     file=${case%%:*}
     limits=${case#*:}
     name=$(basename "$file" .gguf)
+    private=$(mktemp -d)
+    cp "$file" "$private/" || exit 1
+    file="$private/$name.gguf"
     drop_caches
     bw=$(dd if="$file" of=/dev/null bs=8M iflag=direct 2>&1 | awk '/copied/ {print $(NF-1), $NF}')
     printf '| %s | - | disk (dd O_DIRECT, cold) | - | - | - | - | %s |\n' "$name" "$bw"
@@ -103,5 +109,6 @@ for case in "$@"; do
         done
     done
     rm -f "$tmp"
+    rm -rf "$private"
 done
 printf '# load: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"

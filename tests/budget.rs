@@ -243,7 +243,11 @@ fn streamed_runs_write_the_same_text_locked_or_copied() {
         .unwrap_or(false);
     let mut prefix = Vec::new();
     if root {
-        prefix.extend(["setpriv", "--bounding-set=-ipc_lock", "--inh-caps=-ipc_lock"]);
+        prefix.extend([
+            "setpriv",
+            "--bounding-set=-ipc_lock",
+            "--inh-caps=-ipc_lock",
+        ]);
     }
     prefix.extend(["prlimit", "--memlock=0:0"]);
     let programs = prefix.iter().filter(|p| !p.starts_with('-'));

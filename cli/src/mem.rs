@@ -232,7 +232,10 @@ pub fn fit_budget(
          ({reads} {} of buffers); full speed needs {}",
         Mib(plan.resident_bytes),
         plan.streamed_bytes as f64 / 1e6,
-        Mib(r.map(|r| r.ring_bytes()).filter(|&b| b > 0).unwrap_or(plan.window)),
+        Mib(r
+            .map(|r| r.ring_bytes())
+            .filter(|&b| b > 0)
+            .unwrap_or(plan.window)),
         Mib(plan.full_budget)
     )))
 }

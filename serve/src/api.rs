@@ -208,7 +208,9 @@ impl App {
             .filter_map(|m| Arc::get_mut(&mut m.model))
             .collect();
         if refs.len() != needs.len() {
-            return Err(ServeError::Config("models are shared before loading ended".into()));
+            return Err(ServeError::Config(
+                "models are shared before loading ended".into(),
+            ));
         }
         match ggpt::budget::fit_all(&mut refs, &needs, self.cfg.mem_budget) {
             Ok(None) => Ok(()),

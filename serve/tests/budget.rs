@@ -51,7 +51,10 @@ async fn streamed_server_answers_the_same_and_impossible_budget_is_refused() {
     let s = ggpt_serve::start(tiny).await.expect("the socket opens");
     let e = s.ready().await.expect_err("loading must fail");
     let msg = e.to_string();
-    assert!(msg.contains("cannot run this model") && msg.contains("give at least"), "{msg}");
+    assert!(
+        msg.contains("cannot run this model") && msg.contains("give at least"),
+        "{msg}"
+    );
     assert_eq!(e.exit_code(), 2);
     s.shutdown();
     let _ = s.join().await;

@@ -476,9 +476,7 @@ impl Gpt2 {
             // ln = LN2(x)                                                       (T, C)
             layer_norm_rows_par(x, &lw.ffn_norm.w, &lw.ffn_norm.b, hp.eps, ln);
             // up = GELU(ln · W_upᵀ + b)                                         (T, F)
-            self.with_weight(&lw.ffn_up, |w| {
-                matmul(w, ln, t, Some(&lw.ffn_up_b), up, mm)
-            })?;
+            self.with_weight(&lw.ffn_up, |w| matmul(w, ln, t, Some(&lw.ffn_up_b), up, mm))?;
             if t > 1 {
                 up.par_chunks_mut(f).for_each(ops::gelu_inplace);
             } else {
