@@ -194,6 +194,8 @@ struct RingState {
     fill: u64,
     /// The sequence number each slot holds, once filled.
     filled: Vec<Option<u64>>,
+    /// A reader is writing the slot.
+    busy: Vec<bool>,
     /// The next sequence number the forward pass takes; slots of numbers below it are free.
     consume: u64,
     /// A slot is lent out to the forward pass.
@@ -231,23 +233,30 @@ impl Ring {
         loop {
             let seq = {
                 let mut g = self.lock();
-                while !g.stop && g.fill >= g.consume + k {
+                loop {
+                    if g.stop {
+                        return;
+                    }
+                    // Sequence numbers the forward pass skipped need no reading.
+                    g.fill = g.fill.max(g.consume);
+                    // The slot must be free: consumed, and not still being written by a
+                    // reader that filled it for a number the forward pass then skipped.
+                    if g.fill < g.consume + k && !g.busy[(g.fill % k) as usize] {
+                        break;
+                    }
                     g = self.wait(g);
                 }
-                if g.stop {
-                    return;
-                }
-                // Sequence numbers the forward pass skipped need no reading.
-                g.fill = g.fill.max(g.consume);
+                let seq = g.fill;
+                g.busy[(seq % k) as usize] = true;
                 g.fill += 1;
-                g.fill - 1
+                seq
             };
             let piece = &self.pieces[(seq % n) as usize];
             let slot = &self.slots[(seq % k) as usize];
-            // SAFETY: slot `seq % k` last held sequence `seq - k`, which the forward pass has
-            // consumed (`seq < consume + k`); no other reader can claim `seq + k` before `seq`
-            // is consumed, and the slot is not lent out before `filled` names `seq`: this
-            // reader is its only user now.
+            // SAFETY: slot `seq % k` was claimed above while no reader was writing it (`busy`)
+            // and its last number was consumed or skipped (`seq < consume + k`), so the forward
+            // pass holds no slice of it; it is not lent out before `filled` names `seq`, and no
+            // other reader claims it while `busy`: this reader is its only user now.
             let buf = unsafe { slot.bytes_mut_unchecked() };
             let got = read_full(&self.file, &mut buf[..piece.read_len], piece.read_start);
             let head = (piece.span.offset - piece.read_start) as usize;
@@ -273,6 +282,7 @@ impl Ring {
                 };
             }
             let mut g = self.lock();
+            g.busy[(seq % k) as usize] = false;
             match result {
                 Ok(()) => g.filled[(seq % k) as usize] = Some(seq),
                 Err(e) => {
@@ -561,6 +571,7 @@ impl Residency {
             state: Mutex::new(RingState {
                 fill: 0,
                 filled: vec![None; slots.len()],
+                busy: vec![false; slots.len()],
                 consume: 0,
                 held: false,
                 stop: false,
@@ -883,5 +894,97 @@ impl std::fmt::Debug for Residency {
             .field("read_mode", &self.read_mode())
             .field("pinning", &self.pinning)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ggpt_gguf::{GgmlType, GgufWriter};
+
+    /// A GGUF file with one F32 tensor of `n` values whose bytes follow a pattern, mapped.
+    fn file(tag: &str, n: u64) -> (Arc<GgufFile>, std::path::PathBuf) {
+        let path =
+            std::env::temp_dir().join(format!("ggpt-residency-{tag}-{}.gguf", std::process::id()));
+        let mut w = GgufWriter::new();
+        w.add_tensor("t", &[n], GgmlType::F32).unwrap();
+        let data: Vec<u8> = (0..n * 4).map(|i| (i * 7 + i / 4093) as u8).collect();
+        let mut f = std::fs::File::create(&path).unwrap();
+        w.write_header(&mut f).unwrap();
+        w.write_tensor_data(&mut f, 0, &data).unwrap();
+        drop(f);
+        (Arc::new(GgufFile::open(&path).unwrap()), path)
+    }
+
+    #[test]
+    fn ring_hands_out_the_file_bytes_in_order_with_skips() {
+        let (f, path) = file("ring", 300_000);
+        let base = f.data_offset();
+        // Unaligned spans of different sizes over three steps; the last is skipped at times.
+        let mk = |o: u64, l: u64| Span {
+            offset: base + o,
+            len: l,
+        };
+        let steps = vec![
+            vec![mk(3, 70_001), mk(70_100, 5_000)],
+            vec![mk(100_000, 200_000), mk(300_001, 123_457)],
+            vec![mk(500_000, 4_096)],
+        ];
+        // Room for two of the largest pieces: the readers must wait for the forward pass.
+        let r = Residency::new(Arc::clone(&f), Vec::new(), steps.clone(), 420_000).unwrap();
+        assert!(r.read_mode().is_some());
+        assert_eq!(
+            r.streamed_bytes(),
+            70_001 + 5_000 + 200_000 + 123_457 + 4_096
+        );
+        let bytes = f.bytes();
+        for round in 0..40 {
+            for (l, spans) in steps.iter().enumerate() {
+                if l == 2 && round % 3 == 1 {
+                    continue;
+                }
+                for (i, s) in spans.iter().enumerate() {
+                    // Sometimes skip a piece too.
+                    if round % 5 == 2 && l == 0 && i == 1 {
+                        continue;
+                    }
+                    let got = r.weight(s.offset, s.len).unwrap().expect("streamed");
+                    let want = &bytes[s.offset as usize..(s.offset + s.len) as usize];
+                    assert!(*got == *want, "round {round} step {l} span {i}");
+                }
+            }
+        }
+        // Not streamed: read the mapping.
+        assert!(r.weight(base + 1, 10).unwrap().is_none());
+        drop(r);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn copies_hold_the_pinned_bytes() {
+        let (f, path) = file("copy", 100_000);
+        let base = f.data_offset();
+        let pinned = vec![
+            Span {
+                offset: base + 17,
+                len: 50_000,
+            },
+            Span {
+                offset: base + 60_000,
+                len: 300_000,
+            },
+        ];
+        let r =
+            Residency::with_pinning(Arc::clone(&f), pinned.clone(), Vec::new(), 0, false).unwrap();
+        assert!(matches!(r.pinning(), Pinning::Copied(_)));
+        assert_eq!(r.read_mode(), None);
+        for s in &pinned {
+            let got = r.weight(s.offset, s.len).unwrap().expect("copied");
+            assert!(*got == f.bytes()[s.offset as usize..(s.offset + s.len) as usize]);
+            // The copy keeps the file's alignment within a page.
+            assert_eq!(got.as_ptr() as u64 % PAGE, s.offset % PAGE);
+        }
+        drop(r);
+        let _ = std::fs::remove_file(path);
     }
 }
