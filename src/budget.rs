@@ -325,6 +325,9 @@ impl Needs {
     }
 }
 
+/// A budget and the plan of each model fitted into it.
+pub type Fitted = (Budget, Vec<Plan>);
+
 /// What a server needs for one model besides its weights: `parallel` slots that may each fill
 /// `n_ctx` positions of a KV cache of `kv_elem`-byte elements, prompt chunks of `chunk` tokens.
 pub fn serving_needs(
@@ -353,7 +356,7 @@ pub fn fit_all(
     models: &mut [&mut crate::model::Model],
     needs: &[Needs],
     flag: Option<u64>,
-) -> Result<Option<(Budget, Vec<Plan>)>, (usize, BudgetError)> {
+) -> Result<Option<Fitted>, (usize, BudgetError)> {
     let Some(budget) = detect(flag) else {
         return Ok(None);
     };
