@@ -325,6 +325,49 @@ impl Needs {
     }
 }
 
+/// A budget and the plan of each model fitted into it.
+pub type Fitted = (Budget, Vec<Plan>);
+
+/// What a server needs for one model besides its weights: `parallel` slots that may each fill
+/// `n_ctx` positions of a KV cache of `kv_elem`-byte elements, prompt chunks of `chunk` tokens.
+pub fn serving_needs(
+    hp: &ggpt_models::Hparams,
+    n_ctx: u64,
+    parallel: u64,
+    chunk: u64,
+    kv_elem: u64,
+    threads: u64,
+) -> Needs {
+    let run = RunShape {
+        n_ctx,
+        n_batch: chunk.clamp(1, ggpt_models::gpt2::forward::UBATCH as u64),
+        n_seq: parallel.max(1),
+        kv_elem,
+        threads: threads.max(1),
+    };
+    Needs::of(&MemShape::of(hp), n_ctx, &run)
+}
+
+/// Fit every model of a server into one budget (`flag`, else the cgroup limit or
+/// `MemAvailable`), split evenly between the models; `needs[i]` is model `i`'s
+/// ([`serving_needs`]). Returns the budget and each model's plan (`None` when no budget can
+/// be read). A share too small even for streaming is [`BudgetError::TooSmall`] for that model.
+pub fn fit_all(
+    models: &mut [&mut crate::model::Model],
+    needs: &[Needs],
+    flag: Option<u64>,
+) -> Result<Option<Fitted>, (usize, BudgetError)> {
+    let Some(budget) = detect(flag) else {
+        return Ok(None);
+    };
+    let share = budget.bytes / models.len().max(1) as u64;
+    let mut plans = Vec::new();
+    for (i, (m, n)) in models.iter_mut().zip(needs).enumerate() {
+        plans.push(fit(m, share, *n).map_err(|e| (i, e))?);
+    }
+    Ok(Some((budget, plans)))
+}
+
 /// Which tensors stay resident and which are streamed, within a budget.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Plan {

@@ -168,3 +168,110 @@ fn runs_under_a_cgroup_limit_smaller_than_its_file() {
         "tiny F16 ({file_len} bytes) under a {limit}-byte limit: same text, peak {peak} bytes"
     );
 }
+
+/// `ggpt run` of `model` with `extra` flags, through the wrapper command `prefix` (may be
+/// empty): (exit ok, stdout, stderr).
+fn run_through(prefix: &[&str], model: &Path, extra: &[&str]) -> (bool, String, String) {
+    let mut cmd = match prefix.split_first() {
+        Some((first, rest)) => {
+            let mut c = Command::new(first);
+            c.args(rest).arg(ggpt());
+            c
+        }
+        None => Command::new(ggpt()),
+    };
+    cmd.arg("run")
+        .arg("-m")
+        .arg(model)
+        .args(RUN)
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().expect("spawn");
+    let (out_t, err_t) = common::drain(&mut child);
+    let (status, timed_out) = wait_timeout(&mut child, Duration::from_secs(120));
+    assert!(!timed_out, "ggpt run did not finish in 120 s");
+    let ok = status.is_some_and(|s| s.success());
+    (ok, out_t.join().unwrap(), err_t.join().unwrap())
+}
+
+/// The number before " MiB" after `key` in `text`.
+fn mib_after(text: &str, key: &str) -> f64 {
+    text.split(key)
+        .nth(1)
+        .and_then(|t| t.split(" MiB").next())
+        .and_then(|t| t.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no '{key}… MiB' in {text}"))
+}
+
+#[test]
+fn streamed_runs_write_the_same_text_locked_or_copied() {
+    let model = tiny_model("Q8_0");
+    let (ok, free_text, err) = run_through(&[], &model, &[]);
+    assert!(ok, "{err}");
+    // The smallest budget that works, from the refusal of an impossible one; then one halfway
+    // to full speed, so that some weights are resident and some streamed.
+    let (ok, _, err) = run_through(&[], &model, &["--mem-budget", "1M"]);
+    assert!(!ok);
+    let min = mib_after(&err, "give at least ");
+    let (ok, text, err) = run_through(&[], &model, &["--mem-budget", &format!("{}M", min.ceil())]);
+    assert!(ok, "{err}");
+    // Nothing resident at the minimum: the blocks' matrices go through the reader threads.
+    assert!(err.contains("reads into"), "{err}");
+    assert_eq!(text, free_text, "streamed at the minimum budget: {err}");
+    let full = mib_after(&err, "full speed needs ");
+    let mid = format!("{}M", ((min + full) / 2.0).ceil());
+    let (ok, text, err) = run_through(&[], &model, &["--mem-budget", &mid]);
+    assert!(ok, "{err}");
+    assert!(err.contains("streaming"), "{err}");
+    assert_eq!(text, free_text, "streamed at {mid}: {err}");
+    assert!(
+        mib_after(&err, "(given on the command line): ") > 0.0,
+        "nothing resident at {mid}: {err}"
+    );
+
+    // mlock refused: RLIMIT_MEMLOCK 0, and for root also without CAP_IPC_LOCK (which
+    // ignores the limit). The resident weights are then copied once, and the text is the same.
+    let root = std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .map(|l| l.split_whitespace().nth(1) == Some("0"))
+        })
+        .unwrap_or(false);
+    let mut prefix = Vec::new();
+    if root {
+        prefix.extend([
+            "setpriv",
+            "--bounding-set=-ipc_lock",
+            "--inh-caps=-ipc_lock",
+        ]);
+    }
+    prefix.extend(["prlimit", "--memlock=0:0"]);
+    let programs = prefix.iter().filter(|p| !p.starts_with('-'));
+    let usable = programs.into_iter().all(|p| {
+        Command::new(p)
+            .arg("--version")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    if !usable {
+        println!("skipped the mlock-refused run: {prefix:?} is not available here");
+        return;
+    }
+    let (ok, text, err) = run_through(&prefix, &model, &["--mem-budget", &mid]);
+    if !ok && text.is_empty() && !err.contains("ggpt") {
+        println!("skipped the mlock-refused run: the wrapper {prefix:?} failed here: {err}");
+        return;
+    }
+    assert!(ok, "{err}");
+    assert!(
+        err.contains("copied once, mlock: "),
+        "mlock was not refused, or the run did not say it copied: {err}"
+    );
+    assert_eq!(text, free_text, "copies instead of locked pages: {err}");
+}

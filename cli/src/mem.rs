@@ -7,7 +7,7 @@ use ggpt::budget::{BudgetError, Needs, Source};
 use ggpt::memory::{estimate, rss, Estimate, MemShape, Mib, RunShape};
 use ggpt::model::Model;
 use ggpt::session::Session;
-use ggpt_models::residency::Pinning;
+use ggpt_models::residency::{Pinning, ReadMode};
 use ggpt_models::KvType;
 use serde_json::json;
 use std::fmt::Write as _;
@@ -217,16 +217,25 @@ pub fn fit_budget(
             )
         }));
     }
-    let pinning = match model.gpt2().residency().map(|r| r.pinning().clone()) {
-        Some(Pinning::Unlocked(why)) => format!("not locked, {why}"),
+    let r = model.gpt2().residency();
+    let pinning = match r.map(|r| r.pinning().clone()) {
+        Some(Pinning::Copied(why)) => format!("copied once, {why}"),
         _ => "locked".to_string(),
+    };
+    let reads = match r.and_then(|r| r.read_mode()) {
+        Some(ReadMode::Direct) => "O_DIRECT reads into",
+        Some(ReadMode::Buffered) => "buffered reads into",
+        None => "read-ahead",
     };
     Ok(Some(format!(
         "memory budget {budget}: {} of weights resident ({pinning}), streaming {:.1} MB per token \
-         (read-ahead window {}); full speed needs {}",
+         ({reads} {} of buffers); full speed needs {}",
         Mib(plan.resident_bytes),
         plan.streamed_bytes as f64 / 1e6,
-        Mib(plan.window),
+        Mib(r
+            .map(|r| r.ring_bytes())
+            .filter(|&b| b > 0)
+            .unwrap_or(plan.window)),
         Mib(plan.full_budget)
     )))
 }

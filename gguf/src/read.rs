@@ -91,7 +91,7 @@ impl GgufFile {
             // mmap-based loader can rule out; ggpt writes model files via a temporary file
             // and rename, so it never modifies a file in place.
             let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| io("cannot mmap", e))?;
-            Backing::Mapped(map)
+            Backing::Mapped(map, file)
         };
         Self::parse(data, path.to_path_buf(), name)
     }
@@ -276,7 +276,15 @@ impl GgufFile {
     /// Whether the bytes are a memory mapping of the file at [`GgufFile::path`] (from
     /// [`GgufFile::open`]), starting at offset 0, rather than a copy in memory.
     pub fn is_mapped(&self) -> bool {
-        matches!(self.data, Backing::Mapped(_))
+        matches!(self.data, Backing::Mapped(..))
+    }
+
+    /// The open file the bytes are mapped from (`None` for an in-memory copy).
+    pub fn mapped_file(&self) -> Option<&File> {
+        match &self.data {
+            Backing::Mapped(_, f) => Some(f),
+            Backing::Owned(_) => None,
+        }
     }
 
     /// Check one tensor's values with `check`, which knows the block formats (ggpt-quant's
@@ -333,14 +341,16 @@ impl GgufFile {
 // Storage
 
 enum Backing {
-    Mapped(memmap2::Mmap),
+    /// The mapping and the descriptor it was made from (kept open so that readers of the
+    /// same bytes, such as a streaming reader, use the very file that is mapped).
+    Mapped(memmap2::Mmap, File),
     Owned(AlignedBuf),
 }
 
 impl Backing {
     fn bytes(&self) -> &[u8] {
         match self {
-            Backing::Mapped(m) => m,
+            Backing::Mapped(m, _) => m,
             Backing::Owned(b) => b.bytes(),
         }
     }

@@ -1,29 +1,40 @@
 //! Weights that do not all fit in the memory a run is given: which byte ranges of the mapped
-//! file stay resident, and how the rest is streamed through a small window.
+//! file stay resident, and how the rest is streamed from the file on every token.
 //!
 //! A [`Residency`] is built from a plan (`ggpt::budget` decides which tensors go where):
-//! - **pinned** spans are locked into memory with `mlock` once, when the residency is created,
-//!   so the kernel's page reclaim never takes them, however many streamed pages pass by;
+//! - **pinned** spans stay in memory for the whole run. They are locked with `mlock` once,
+//!   when the residency is created, so page reclaim never takes them. Where `mlock` is refused
+//!   (`RLIMIT_MEMLOCK`), each pinned span is read once into an anonymous buffer of its own
+//!   and the forward pass reads that copy ([`Pinning::Copied`]); the mapped pages are
+//!   released, so the budget holds one copy, never two.
 //! - **streamed** spans are listed per *step* of the forward pass (step `l` < n_layer is block
-//!   `l`, step n_layer is the output head). Entering a step asks the kernel to read ahead
-//!   (`MADV_WILLNEED`) the streamed spans of that step and of the following ones, cyclically
-//!   (the head is followed by the next token's block 0), up to `window` bytes; leaving a step
-//!   drops that step's pages from this process's page tables (`MADV_DONTNEED`) and from the
-//!   page cache (`POSIX_FADV_DONTNEED`), so streamed data never accumulates and never pushes
-//!   the resident set out.
+//!   `l`, step n_layer is the output head). Every streamed span no larger than the largest
+//!   streamed block matrix goes through a *ring*: reader threads (two, each with one read in
+//!   flight) `pread` the spans in the order the forward pass uses them (cyclically: the head is followed by the next token's
+//!   block 0) into a few reused buffers that together take at most the read-ahead window, as
+//!   far ahead of use as free buffers allow. The reads go through a second open file
+//!   description of the mapped file (`/proc/self/fd`, the same inode) with `O_DIRECT` where
+//!   the file system allows it, so streamed bytes never enter the page cache and are charged
+//!   once, as the buffers; elsewhere through the mapped descriptor itself, dropping each
+//!   range from the page cache (`POSIX_FADV_DONTNEED`) after reading it.
+//! - a streamed span larger than that (the output head of a model whose head could not stay)
+//!   is read through the mapping: entering a step asks the kernel to read ahead
+//!   (`MADV_WILLNEED`) such spans of that step and of the following ones, up to the window;
+//!   leaving it drops the pages (`MADV_DONTNEED`, `POSIX_FADV_DONTNEED`). That advice is
+//!   given by a thread of its own so that reclaim at the limit happens beside the forward
+//!   pass, not in it.
 //!
-//! The advice is given by a reader thread of the residency's own, so that allocating pages for
-//! read-ahead (and reclaiming them, at the limit) happens beside the forward pass, not in it;
-//! the forward pass only posts "entering step l" / "done with step l". If the thread falls
-//! behind, stale read-ahead requests are skipped.
-//!
-//! Every call only advises the kernel: the mapping stays valid and readable at all times, so a
-//! page that was dropped too early (two sessions at different steps) is simply read again.
+//! The forward pass asks [`Residency::weight`] for each matrix's bytes: a pinned copy, a
+//! filled ring buffer (held until the returned guard is dropped), or `None` for "read the
+//! mapping". Asking for a streamed span that is not the next one in the ring's order (a pass
+//! that skips the head, an error part-way) skips the ring ahead to it; the skipped reads are
+//! wasted, never wrong. One ring buffer is held at a time: concurrent passes take turns.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 
 use ggpt_gguf::GgufFile;
@@ -48,11 +59,17 @@ pub enum ResidencyError {
         len: u64,
         file_len: u64,
     },
-    #[error("{file}: cannot open for read-ahead advice: {source}")]
+    #[error("{file}: cannot set up streaming: {source}")]
     Open {
         file: String,
         #[source]
         source: std::io::Error,
+    },
+    #[error("{file}: cannot allocate {bytes} bytes for {what}")]
+    Alloc {
+        file: String,
+        bytes: u64,
+        what: &'static str,
     },
 }
 
@@ -61,10 +78,266 @@ pub enum ResidencyError {
 pub enum Pinning {
     /// Every pinned span is locked with `mlock`.
     Locked,
-    /// `mlock` was refused (e.g. `RLIMIT_MEMLOCK` for an unprivileged user): the spans are
-    /// read once and stay resident only as long as nothing else pushes them out. Streamed
-    /// pages are still released after use, so in practice they stay.
-    Unlocked(String),
+    /// `mlock` was refused (the reason is kept): every pinned span was read once into an
+    /// anonymous buffer, which the forward pass reads instead of the mapping.
+    Copied(String),
+}
+
+/// How the ring reads the file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ReadMode {
+    /// `O_DIRECT` through a second open file description of the mapped file.
+    Direct,
+    /// Buffered `pread` on the mapped descriptor, each range dropped from the page cache after.
+    Buffered,
+}
+
+const PAGE: u64 = 4096;
+
+/// Reader threads of a ring: each has one read in flight, so the disk stays busy while
+/// another waits to be scheduled (on a loaded machine a woken thread may wait milliseconds).
+const READERS: usize = 2;
+
+/// A zero-initialised, page-aligned heap buffer (anonymous memory: its pages are charged when
+/// first written).
+struct PageBuf {
+    ptr: std::ptr::NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: PageBuf owns its allocation exclusively, like a Vec<u8>.
+unsafe impl Send for PageBuf {}
+// SAFETY: shared access only hands out `&[u8]`; writes go through `&mut self` or through the
+// ring's protocol (see `Ring::fill`), which gives the reader exclusive use of a slot.
+unsafe impl Sync for PageBuf {}
+
+impl PageBuf {
+    fn new(len: usize) -> Option<PageBuf> {
+        let layout = std::alloc::Layout::from_size_align(len.max(1), PAGE as usize).ok()?;
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+        Some(PageBuf {
+            ptr: std::ptr::NonNull::new(ptr)?,
+            len,
+        })
+    }
+
+    fn bytes(&self) -> &[u8] {
+        // SAFETY: ptr..ptr+len is this buffer's initialised (zeroed) allocation.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// # Safety
+    /// The caller must have exclusive use of the buffer (no live `bytes()` slice).
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn bytes_mut_unchecked(&self) -> &mut [u8] {
+        // SAFETY: exclusive use is the caller's contract; the range is this allocation.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        let layout = std::alloc::Layout::from_size_align(self.len.max(1), PAGE as usize)
+            .expect("the layout was valid when allocated");
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr.as_ptr(), layout) };
+    }
+}
+
+/// Read `buf.len()` bytes at `offset` (fewer only at the end of the file).
+fn read_full(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
+    let mut done = 0;
+    while done < buf.len() {
+        match f.read_at(&mut buf[done..], offset + done as u64) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
+}
+
+/// The bytes of one weight matrix when they are not read from the mapping: a pinned copy or
+/// a filled ring buffer (released to the reader when this is dropped).
+pub struct WeightBytes<'a> {
+    bytes: &'a [u8],
+    ring: Option<&'a Ring>,
+}
+
+impl std::ops::Deref for WeightBytes<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        self.bytes
+    }
+}
+
+impl Drop for WeightBytes<'_> {
+    fn drop(&mut self) {
+        if let Some(r) = self.ring {
+            r.release();
+        }
+    }
+}
+
+/// A streamed span in the ring's order, and the page-aligned range read for it.
+struct Piece {
+    span: Span,
+    read_start: u64,
+    read_len: usize,
+}
+
+/// Where the ring's reader and the forward pass are.
+struct RingState {
+    /// The next sequence number the reader fills (piece `fill % n`, slot `fill % slots`).
+    fill: u64,
+    /// The sequence number each slot holds, once filled.
+    filled: Vec<Option<u64>>,
+    /// A reader is writing the slot.
+    busy: Vec<bool>,
+    /// The next sequence number the forward pass takes; slots of numbers below it are free.
+    consume: u64,
+    /// A slot is lent out to the forward pass.
+    held: bool,
+    stop: bool,
+    /// A read failed: the message, reported to the forward pass.
+    error: Option<String>,
+}
+
+/// Streamed spans read ahead by reader threads into reused buffers.
+pub struct Ring {
+    pieces: Vec<Piece>,
+    /// Span offset → index in `pieces`.
+    index: std::collections::HashMap<u64, usize>,
+    slots: Vec<PageBuf>,
+    file: File,
+    mode: ReadMode,
+    name: String,
+    state: Mutex<RingState>,
+    cv: Condvar,
+}
+
+impl Ring {
+    fn lock(&self) -> MutexGuard<'_, RingState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn wait<'g>(&self, g: MutexGuard<'g, RingState>) -> MutexGuard<'g, RingState> {
+        self.cv.wait(g).unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A reader thread: claim the next sequence number while its slot is free, fill the slot.
+    fn fill(&self) {
+        let (n, k) = (self.pieces.len() as u64, self.slots.len() as u64);
+        loop {
+            let seq = {
+                let mut g = self.lock();
+                loop {
+                    if g.stop {
+                        return;
+                    }
+                    // Sequence numbers the forward pass skipped need no reading.
+                    g.fill = g.fill.max(g.consume);
+                    // The slot must be free: consumed, and not still being written by a
+                    // reader that filled it for a number the forward pass then skipped.
+                    if g.fill < g.consume + k && !g.busy[(g.fill % k) as usize] {
+                        break;
+                    }
+                    g = self.wait(g);
+                }
+                let seq = g.fill;
+                g.busy[(seq % k) as usize] = true;
+                g.fill += 1;
+                seq
+            };
+            let piece = &self.pieces[(seq % n) as usize];
+            let slot = &self.slots[(seq % k) as usize];
+            // SAFETY: slot `seq % k` was claimed above while no reader was writing it (`busy`)
+            // and its last number was consumed or skipped (`seq < consume + k`), so the forward
+            // pass holds no slice of it; it is not lent out before `filled` names `seq`, and no
+            // other reader claims it while `busy`: this reader is its only user now.
+            let buf = unsafe { slot.bytes_mut_unchecked() };
+            let got = read_full(&self.file, &mut buf[..piece.read_len], piece.read_start);
+            let head = (piece.span.offset - piece.read_start) as usize;
+            let result = match got {
+                Ok(got) if got >= head + piece.span.len as usize => Ok(()),
+                Ok(got) => Err(format!(
+                    "short read of {} bytes at {} ({} expected)",
+                    got,
+                    piece.read_start,
+                    head + piece.span.len as usize
+                )),
+                Err(e) => Err(format!("read at {}: {e}", piece.read_start)),
+            };
+            if self.mode == ReadMode::Buffered {
+                // SAFETY: plain system call on a descriptor this ring holds; only advice.
+                unsafe {
+                    libc::posix_fadvise(
+                        self.file.as_raw_fd(),
+                        piece.read_start as libc::off_t,
+                        piece.read_len as libc::off_t,
+                        libc::POSIX_FADV_DONTNEED,
+                    )
+                };
+            }
+            let mut g = self.lock();
+            g.busy[(seq % k) as usize] = false;
+            match result {
+                Ok(()) => g.filled[(seq % k) as usize] = Some(seq),
+                Err(e) => {
+                    g.error = Some(e);
+                    g.stop = true;
+                }
+            }
+            self.cv.notify_all();
+            if g.stop {
+                return;
+            }
+        }
+    }
+
+    /// Wait for the span at `offset` (piece `idx`) and lend its slot out.
+    fn take(&self, idx: usize) -> Result<&[u8], String> {
+        let (n, k) = (self.pieces.len() as u64, self.slots.len() as u64);
+        let mut g = self.lock();
+        while g.held {
+            g = self.wait(g);
+        }
+        // Skip to the next occurrence of `idx` (at most one cycle).
+        while g.consume % n != idx as u64 {
+            g.consume += 1;
+        }
+        self.cv.notify_all();
+        let seq = g.consume;
+        loop {
+            if let Some(e) = &g.error {
+                return Err(format!("{}: reading streamed weights: {e}", self.name));
+            }
+            if g.filled[(seq % k) as usize] == Some(seq) {
+                break;
+            }
+            g = self.wait(g);
+        }
+        g.held = true;
+        let p = &self.pieces[idx];
+        let head = (p.span.offset - p.read_start) as usize;
+        Ok(&self.slots[(seq % k) as usize].bytes()[head..head + p.span.len as usize])
+    }
+
+    /// The forward pass is done with the slot it holds.
+    fn release(&self) {
+        let mut g = self.lock();
+        g.consume += 1;
+        g.held = false;
+        self.cv.notify_all();
+    }
+
+    fn stop(&self) {
+        let mut g = self.lock();
+        g.stop = true;
+        self.cv.notify_all();
+    }
 }
 
 /// Pinned and streamed spans of one mapped model file. See the module documentation.
@@ -72,45 +345,59 @@ pub struct Residency {
     inner: Arc<Inner>,
     pinned: Vec<Span>,
     pinning: Pinning,
-    /// Requests to the reader thread (`None` once dropping).
+    /// Copies of the pinned spans when `mlock` was refused, by span offset.
+    copies: std::collections::HashMap<u64, (PageBuf, usize, usize)>,
+    ring: Option<Arc<Ring>>,
+    ring_readers: Vec<JoinHandle<()>>,
+    /// Requests to the advice thread (`None` once dropping, or when nothing is read through
+    /// the mapping).
     tx: Mutex<Option<Sender<Msg>>>,
-    reader: Option<JoinHandle<()>>,
+    advisor: Option<JoinHandle<()>>,
+    streamed_bytes: u64,
 }
 
-/// What the reader thread needs.
+/// What the advice thread needs.
 struct Inner {
     file: Arc<GgufFile>,
-    /// A second descriptor of the mapped file, for `posix_fadvise`.
-    fd: File,
-    /// Streamed spans of each step.
+    /// Spans of each step read through the mapping.
     steps: Vec<Vec<Span>>,
-    /// Bytes of streamed spans per step.
+    /// Bytes of those spans per step.
     step_bytes: Vec<u64>,
-    /// Most streamed bytes asked for ahead of use.
+    /// Most bytes asked for ahead of use.
     window: u64,
 }
 
-/// A request to the reader thread.
+/// A request to the advice thread.
 enum Msg {
     Enter(usize),
     Leave(usize),
 }
 
-const PAGE: u64 = 4096;
-
 impl Residency {
-    /// Pin `pinned` (reading it once) and prepare to stream `steps`, keeping at most `window`
-    /// bytes of streamed data in flight.
+    /// Pin `pinned` and prepare to stream `steps`, with at most `window` bytes of streamed
+    /// data read ahead of use (the ring's buffers).
     pub fn new(
         file: Arc<GgufFile>,
         pinned: Vec<Span>,
         steps: Vec<Vec<Span>>,
         window: u64,
     ) -> Result<Residency, ResidencyError> {
+        Self::with_pinning(file, pinned, steps, window, true)
+    }
+
+    /// [`Residency::new`], with `lock = false` copying the pinned spans as when `mlock` is
+    /// refused.
+    pub fn with_pinning(
+        file: Arc<GgufFile>,
+        pinned: Vec<Span>,
+        steps: Vec<Vec<Span>>,
+        window: u64,
+        lock: bool,
+    ) -> Result<Residency, ResidencyError> {
         let name = file.path().display().to_string();
-        if !file.is_mapped() {
+        let Some(mapped) = file.mapped_file().filter(|_| file.is_mapped()) else {
             return Err(ResidencyError::NotMapped { file: name });
-        }
+        };
         let file_len = file.file_len();
         for s in pinned.iter().chain(steps.iter().flatten()) {
             if s.offset.checked_add(s.len).is_none_or(|end| end > file_len) {
@@ -122,43 +409,197 @@ impl Residency {
                 });
             }
         }
-        let fd = File::open(file.path()).map_err(|source| ResidencyError::Open {
+        let open_err = |source| ResidencyError::Open {
             file: name.clone(),
             source,
-        })?;
-        let step_bytes = steps
+        };
+        let streamed_bytes = steps.iter().flatten().map(|s| s.len).sum();
+
+        // The ring takes every streamed span up to the largest block matrix (steps before
+        // the head); larger ones are read through the mapping.
+        let n_steps = steps.len();
+        let cap = steps[..n_steps.saturating_sub(1)]
+            .iter()
+            .flatten()
+            .map(|s| s.len)
+            .max()
+            .unwrap_or(0);
+        let (mut ring_spans, mut mapped_steps) = (Vec::new(), vec![Vec::new(); n_steps]);
+        for (l, spans) in steps.iter().enumerate() {
+            for s in spans {
+                if s.len <= cap {
+                    ring_spans.push(*s);
+                } else {
+                    mapped_steps[l].push(*s);
+                }
+            }
+        }
+        let ring = if ring_spans.is_empty() {
+            None
+        } else {
+            Some(Arc::new(Self::ring(mapped, &name, ring_spans, window)?))
+        };
+        let mut ring_readers = Vec::new();
+        if let Some(r) = &ring {
+            for _ in 0..READERS.min(r.slots.len()) {
+                let worker = Arc::clone(r);
+                let h = std::thread::Builder::new()
+                    .name("ggpt-stream".to_string())
+                    .spawn(move || worker.fill())
+                    .map_err(open_err);
+                match h {
+                    Ok(h) => ring_readers.push(h),
+                    Err(e) => {
+                        r.stop();
+                        for h in ring_readers {
+                            let _ = h.join();
+                        }
+                        return Err(e);
+                    }
+                }
+            }
+        }
+
+        let step_bytes = mapped_steps
             .iter()
             .map(|v| v.iter().map(|s| s.len).sum())
             .collect();
+        let any_mapped = mapped_steps.iter().any(|v| !v.is_empty());
         let inner = Arc::new(Inner {
             file,
-            fd,
-            steps,
+            steps: mapped_steps,
             step_bytes,
             window,
         });
-        let pinning = inner.lock(&pinned);
-        let (tx, rx) = channel();
-        let worker = Arc::clone(&inner);
-        let reader = std::thread::Builder::new()
-            .name("ggpt-stream".to_string())
-            .spawn(move || worker.serve(rx))
-            .map_err(|source| ResidencyError::Open {
-                file: name.clone(),
-                source,
-            })?;
+        let (pinning, copies) = if lock {
+            match inner.lock(&pinned) {
+                Ok(()) => (Pinning::Locked, Default::default()),
+                Err(e) => (Pinning::Copied(format!("mlock: {e}")), inner.copy(&pinned)?),
+            }
+        } else {
+            (
+                Pinning::Copied("copies asked for".to_string()),
+                inner.copy(&pinned)?,
+            )
+        };
+        let (tx, advisor) = if any_mapped {
+            let (tx, rx) = channel();
+            let worker = Arc::clone(&inner);
+            let h = std::thread::Builder::new()
+                .name("ggpt-advise".to_string())
+                .spawn(move || worker.serve(rx))
+                .map_err(open_err)?;
+            (Some(tx), Some(h))
+        } else {
+            (None, None)
+        };
         Ok(Residency {
             inner,
             pinned,
             pinning,
-            tx: Mutex::new(Some(tx)),
-            reader: Some(reader),
+            copies,
+            ring,
+            ring_readers,
+            tx: Mutex::new(tx),
+            advisor,
+            streamed_bytes,
+        })
+    }
+
+    /// The ring for `spans` (in execution order) within `window` bytes of buffers.
+    fn ring(
+        mapped: &File,
+        name: &str,
+        spans: Vec<Span>,
+        window: u64,
+    ) -> Result<Ring, ResidencyError> {
+        // O_DIRECT through a new open file description of the same inode; the mapped
+        // descriptor itself (buffered) where that is refused (tmpfs, some file systems).
+        let proc_path = format!("/proc/self/fd/{}", mapped.as_raw_fd());
+        let direct = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(&proc_path)
+            .ok()
+            .filter(|f| {
+                // The probe: one aligned page read must work.
+                PageBuf::new(PAGE as usize).is_some_and(|b| {
+                    // SAFETY: `b` is a fresh buffer nobody else sees.
+                    read_full(f, unsafe { b.bytes_mut_unchecked() }, 0).is_ok()
+                })
+            });
+        let (file, mode) = match direct {
+            Some(f) => (f, ReadMode::Direct),
+            None => (
+                mapped.try_clone().map_err(|source| ResidencyError::Open {
+                    file: name.to_string(),
+                    source,
+                })?,
+                ReadMode::Buffered,
+            ),
+        };
+        let pieces: Vec<Piece> = spans
+            .iter()
+            .map(|s| {
+                let start = s.offset / PAGE * PAGE;
+                let end = (s.offset + s.len).div_ceil(PAGE) * PAGE;
+                Piece {
+                    span: *s,
+                    read_start: start,
+                    read_len: (end - start) as usize,
+                }
+            })
+            .collect();
+        let slot_len = pieces.iter().map(|p| p.read_len).max().unwrap_or(0);
+        let n_slots = (window / slot_len.max(1) as u64).clamp(2, pieces.len().max(2) as u64);
+        let mut slots = Vec::new();
+        for _ in 0..n_slots {
+            slots.push(PageBuf::new(slot_len).ok_or(ResidencyError::Alloc {
+                file: name.to_string(),
+                bytes: slot_len as u64 * n_slots,
+                what: "streaming buffers",
+            })?);
+        }
+        let index = pieces
+            .iter()
+            .enumerate()
+            .map(|(i, p)| (p.span.offset, i))
+            .collect();
+        Ok(Ring {
+            pieces,
+            index,
+            state: Mutex::new(RingState {
+                fill: 0,
+                filled: vec![None; slots.len()],
+                busy: vec![false; slots.len()],
+                consume: 0,
+                held: false,
+                stop: false,
+                error: None,
+            }),
+            slots,
+            file,
+            mode,
+            name: name.to_string(),
+            cv: Condvar::new(),
         })
     }
 
     /// How the resident set is held.
     pub fn pinning(&self) -> &Pinning {
         &self.pinning
+    }
+
+    /// How the ring reads the file (`None` when nothing is streamed through it).
+    pub fn read_mode(&self) -> Option<ReadMode> {
+        self.ring.as_ref().map(|r| r.mode)
+    }
+
+    /// Bytes of the ring's buffers.
+    pub fn ring_bytes(&self) -> u64 {
+        self.ring
+            .as_ref()
+            .map_or(0, |r| r.slots.iter().map(|s| s.len as u64).sum())
     }
 
     /// Bytes kept resident.
@@ -168,12 +609,38 @@ impl Residency {
 
     /// Bytes read from the file for each token (every streamed span once).
     pub fn streamed_bytes(&self) -> u64 {
-        self.inner.step_bytes.iter().sum()
+        self.streamed_bytes
     }
 
     /// The read-ahead window in bytes.
     pub fn window(&self) -> u64 {
         self.inner.window
+    }
+
+    /// The bytes of the weight stored at file offset `offset` (`len` bytes) when they are not
+    /// to be read from the mapping: a pinned copy, or a streamed span once the reader has it
+    /// (waiting for it). `Ok(None)`: read the mapping. `Err`: the streaming read failed.
+    pub fn weight(&self, offset: u64, len: u64) -> Result<Option<WeightBytes<'_>>, String> {
+        if let Some((buf, head, n)) = self.copies.get(&offset) {
+            if *n as u64 == len {
+                return Ok(Some(WeightBytes {
+                    bytes: &buf.bytes()[*head..*head + *n],
+                    ring: None,
+                }));
+            }
+        }
+        if let Some(r) = &self.ring {
+            if let Some(&idx) = r.index.get(&offset) {
+                if r.pieces[idx].span.len == len {
+                    let bytes = r.take(idx)?;
+                    return Ok(Some(WeightBytes {
+                        bytes,
+                        ring: Some(r),
+                    }));
+                }
+            }
+        }
+        Ok(None)
     }
 
     fn post(&self, m: Msg) {
@@ -184,27 +651,38 @@ impl Residency {
         }
     }
 
-    /// The forward pass is about to run `step`: have its streamed spans and the next steps'
-    /// read ahead, up to the window.
+    /// The forward pass is about to run `step`: have the spans it reads through the mapping
+    /// (and the next steps') read ahead, up to the window.
     pub fn enter(&self, step: usize) {
         self.post(Msg::Enter(step));
     }
 
-    /// The forward pass is done with `step`: have its streamed pages released.
+    /// The forward pass is done with `step`: have its mapped streamed pages released.
     pub fn leave(&self, step: usize) {
         self.post(Msg::Leave(step));
     }
 
-    /// Release every streamed page now, on the calling thread.
+    /// Release every page of the mapping that the forward pass does not read through it (all
+    /// streamed spans, and the pinned ones when they are copies), on the calling thread.
     pub fn release_all(&self) {
         for l in 0..self.inner.steps.len() {
             self.inner.leave(l);
+        }
+        if let Some(r) = &self.ring {
+            for p in &r.pieces {
+                self.inner.release(&p.span);
+            }
+        }
+        if !self.copies.is_empty() {
+            for s in &self.pinned {
+                self.inner.release(s);
+            }
         }
     }
 }
 
 impl Inner {
-    /// The reader thread: release and read ahead as the forward pass reports its progress.
+    /// The advice thread: release and read ahead as the forward pass reports its progress.
     /// Of several queued "entering" reports only the latest matters.
     fn serve(&self, rx: Receiver<Msg>) {
         while let Ok(first) = rx.recv() {
@@ -249,7 +727,7 @@ impl Inner {
         ))
     }
 
-    fn lock(&self, pinned: &[Span]) -> Pinning {
+    fn lock(&self, pinned: &[Span]) -> Result<(), std::io::Error> {
         for (i, s) in pinned.iter().enumerate() {
             let Some((addr, len)) = self.pages(s, true) else {
                 continue;
@@ -265,10 +743,50 @@ impl Inner {
                         unsafe { libc::munlock(addr, len) };
                     }
                 }
-                return Pinning::Unlocked(format!("mlock: {err}"));
+                return Err(err);
             }
         }
-        Pinning::Locked
+        Ok(())
+    }
+
+    /// Read each pinned span once into an anonymous buffer (same alignment within a page as
+    /// in the file), through the mapped descriptor, dropping the file's cached pages after.
+    #[allow(clippy::type_complexity)]
+    fn copy(
+        &self,
+        pinned: &[Span],
+    ) -> Result<std::collections::HashMap<u64, (PageBuf, usize, usize)>, ResidencyError> {
+        let name = self.file.path().display().to_string();
+        let f = self
+            .file
+            .mapped_file()
+            .ok_or_else(|| ResidencyError::NotMapped { file: name.clone() })?;
+        let mut out = std::collections::HashMap::new();
+        for s in pinned {
+            let head = (s.offset % PAGE) as usize;
+            let buf = PageBuf::new(head + s.len as usize).ok_or(ResidencyError::Alloc {
+                file: name.clone(),
+                bytes: s.len,
+                what: "a resident copy",
+            })?;
+            // SAFETY: `buf` is owned here and not shared yet.
+            let dst = unsafe { buf.bytes_mut_unchecked() };
+            let got = read_full(f, &mut dst[head..], s.offset).map_err(|source| {
+                ResidencyError::Open {
+                    file: name.clone(),
+                    source,
+                }
+            })?;
+            if got < s.len as usize {
+                return Err(ResidencyError::Open {
+                    file: name.clone(),
+                    source: std::io::Error::from(std::io::ErrorKind::UnexpectedEof),
+                });
+            }
+            self.release(s);
+            out.insert(s.offset, (buf, head, s.len as usize));
+        }
+        Ok(out)
     }
 
     /// Ask the kernel to read `len` bytes at the start of `s` ahead of use.
@@ -290,19 +808,21 @@ impl Inner {
             // to pages wholly inside the span. DONTNEED on such a mapping only unmaps the pages;
             // the next access reads them from the file again, so no data is lost.
             unsafe { libc::madvise(addr, len, libc::MADV_DONTNEED) };
-            // SAFETY: plain system call on a descriptor this struct owns.
-            unsafe {
-                libc::posix_fadvise(
-                    self.fd.as_raw_fd(),
-                    (addr as usize - self.file.bytes().as_ptr() as usize) as libc::off_t,
-                    len as libc::off_t,
-                    libc::POSIX_FADV_DONTNEED,
-                )
-            };
+            if let Some(f) = self.file.mapped_file() {
+                // SAFETY: plain system call on the mapped file's descriptor; only advice.
+                unsafe {
+                    libc::posix_fadvise(
+                        f.as_raw_fd(),
+                        (addr as usize - self.file.bytes().as_ptr() as usize) as libc::off_t,
+                        len as libc::off_t,
+                        libc::POSIX_FADV_DONTNEED,
+                    )
+                };
+            }
         }
     }
 
-    /// Read ahead the streamed spans of `step` and the next steps', up to the window.
+    /// Read ahead the mapped streamed spans of `step` and the next steps', up to the window.
     fn enter(&self, step: usize) {
         let n = self.steps.len();
         if n == 0 || step >= n {
@@ -328,7 +848,7 @@ impl Inner {
         }
     }
 
-    /// Release the streamed pages of `step`.
+    /// Release the mapped streamed pages of `step`.
     fn leave(&self, step: usize) {
         if let Some(spans) = self.steps.get(step) {
             for s in spans {
@@ -340,11 +860,17 @@ impl Inner {
 
 impl Drop for Residency {
     fn drop(&mut self) {
+        if let Some(r) = &self.ring {
+            r.stop();
+        }
+        for h in self.ring_readers.drain(..) {
+            let _ = h.join();
+        }
         if let Ok(mut tx) = self.tx.lock() {
             tx.take();
         }
-        if let Some(r) = self.reader.take() {
-            let _ = r.join();
+        if let Some(h) = self.advisor.take() {
+            let _ = h.join();
         }
         if self.pinning == Pinning::Locked {
             for s in &self.pinned {
@@ -364,7 +890,101 @@ impl std::fmt::Debug for Residency {
             .field("pinned_bytes", &self.pinned_bytes())
             .field("streamed_bytes", &self.streamed_bytes())
             .field("window", &self.inner.window)
+            .field("ring_bytes", &self.ring_bytes())
+            .field("read_mode", &self.read_mode())
             .field("pinning", &self.pinning)
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ggpt_gguf::{GgmlType, GgufWriter};
+
+    /// A GGUF file with one F32 tensor of `n` values whose bytes follow a pattern, mapped.
+    fn file(tag: &str, n: u64) -> (Arc<GgufFile>, std::path::PathBuf) {
+        let path =
+            std::env::temp_dir().join(format!("ggpt-residency-{tag}-{}.gguf", std::process::id()));
+        let mut w = GgufWriter::new();
+        w.add_tensor("t", &[n], GgmlType::F32).unwrap();
+        let data: Vec<u8> = (0..n * 4).map(|i| (i * 7 + i / 4093) as u8).collect();
+        let mut f = std::fs::File::create(&path).unwrap();
+        w.write_header(&mut f).unwrap();
+        w.write_tensor_data(&mut f, 0, &data).unwrap();
+        drop(f);
+        (Arc::new(GgufFile::open(&path).unwrap()), path)
+    }
+
+    #[test]
+    fn ring_hands_out_the_file_bytes_in_order_with_skips() {
+        let (f, path) = file("ring", 300_000);
+        let base = f.data_offset();
+        // Unaligned spans of different sizes over three steps; the last is skipped at times.
+        let mk = |o: u64, l: u64| Span {
+            offset: base + o,
+            len: l,
+        };
+        let steps = vec![
+            vec![mk(3, 70_001), mk(70_100, 5_000)],
+            vec![mk(100_000, 200_000), mk(300_001, 123_457)],
+            vec![mk(500_000, 4_096)],
+        ];
+        // Room for two of the largest pieces: the readers must wait for the forward pass.
+        let r = Residency::new(Arc::clone(&f), Vec::new(), steps.clone(), 420_000).unwrap();
+        assert!(r.read_mode().is_some());
+        assert_eq!(
+            r.streamed_bytes(),
+            70_001 + 5_000 + 200_000 + 123_457 + 4_096
+        );
+        let bytes = f.bytes();
+        for round in 0..40 {
+            for (l, spans) in steps.iter().enumerate() {
+                if l == 2 && round % 3 == 1 {
+                    continue;
+                }
+                for (i, s) in spans.iter().enumerate() {
+                    // Sometimes skip a piece too.
+                    if round % 5 == 2 && l == 0 && i == 1 {
+                        continue;
+                    }
+                    let got = r.weight(s.offset, s.len).unwrap().expect("streamed");
+                    let want = &bytes[s.offset as usize..(s.offset + s.len) as usize];
+                    assert!(*got == *want, "round {round} step {l} span {i}");
+                }
+            }
+        }
+        // Not streamed: read the mapping.
+        assert!(r.weight(base + 1, 10).unwrap().is_none());
+        drop(r);
+        let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn copies_hold_the_pinned_bytes() {
+        let (f, path) = file("copy", 100_000);
+        let base = f.data_offset();
+        let pinned = vec![
+            Span {
+                offset: base + 17,
+                len: 50_000,
+            },
+            Span {
+                offset: base + 60_000,
+                len: 300_000,
+            },
+        ];
+        let r =
+            Residency::with_pinning(Arc::clone(&f), pinned.clone(), Vec::new(), 0, false).unwrap();
+        assert!(matches!(r.pinning(), Pinning::Copied(_)));
+        assert_eq!(r.read_mode(), None);
+        for s in &pinned {
+            let got = r.weight(s.offset, s.len).unwrap().expect("copied");
+            assert!(*got == f.bytes()[s.offset as usize..(s.offset + s.len) as usize]);
+            // The copy keeps the file's alignment within a page.
+            assert_eq!(got.as_ptr() as u64 % PAGE, s.offset % PAGE);
+        }
+        drop(r);
+        let _ = std::fs::remove_file(path);
     }
 }

@@ -154,6 +154,7 @@ impl App {
             max_queue: self.cfg.max_queue,
             kv_type: self.cfg.kv_type,
         };
+        self.fit_budget(&mut models, &cfg)?;
         for m in &models {
             let hp = m.model.hparams();
             let per_slot =
@@ -183,6 +184,60 @@ impl App {
             n_ctx,
         });
         Ok(())
+    }
+
+    /// Plan the memory budget for the loaded (not yet shared) models: stream what does not
+    /// fit, refuse a budget too small even for that.
+    fn fit_budget(&self, models: &mut [Served], cfg: &EngineConfig) -> Result<(), ServeError> {
+        let threads = rayon::current_num_threads() as u64;
+        let needs: Vec<_> = models
+            .iter()
+            .map(|m| {
+                ggpt::budget::serving_needs(
+                    m.model.hparams(),
+                    cfg.n_ctx as u64,
+                    cfg.parallel as u64,
+                    cfg.prefill_chunk as u64,
+                    cfg.kv_type.size() as u64,
+                    threads,
+                )
+            })
+            .collect();
+        let mut refs: Vec<&mut Model> = models
+            .iter_mut()
+            .filter_map(|m| Arc::get_mut(&mut m.model))
+            .collect();
+        if refs.len() != needs.len() {
+            return Err(ServeError::Config(
+                "models are shared before loading ended".into(),
+            ));
+        }
+        match ggpt::budget::fit_all(&mut refs, &needs, self.cfg.mem_budget) {
+            Ok(None) => Ok(()),
+            Ok(Some((budget, plans))) => {
+                for (m, p) in models.iter().zip(plans) {
+                    if p.in_memory() {
+                        tracing::info!(
+                            "model '{}': memory budget {budget}: every weight in memory",
+                            m.name
+                        );
+                    } else {
+                        tracing::info!(
+                            "model '{}': memory budget {budget}: {:.1} MiB of weights resident, streaming {:.1} MB per token; full speed needs {:.1} MiB",
+                            m.name,
+                            p.resident_bytes as f64 / 1048576.0,
+                            p.streamed_bytes as f64 / 1e6,
+                            p.full_budget as f64 / 1048576.0
+                        );
+                    }
+                }
+                Ok(())
+            }
+            Err((i, e)) => Err(ServeError::Config(format!(
+                "model '{}': memory budget: {e}",
+                models[i].name
+            ))),
+        }
     }
 
     /// Wait for loading to end.

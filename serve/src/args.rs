@@ -54,6 +54,15 @@ pub struct ServeArgs {
     /// Threads for the forward pass (default: one per core).
     #[arg(short = 't', long)]
     pub threads: Option<usize>,
+    /// Memory budget (300M, 1.5G, bytes; default: the cgroup limit or MemAvailable), split
+    /// evenly between the models: weights that do not fit beside the slots' KV caches are
+    /// streamed from the file; a budget too small even for that is refused at start.
+    #[arg(long = "mem-budget", value_parser = parse_budget)]
+    pub mem_budget: Option<u64>,
+}
+
+fn parse_budget(s: &str) -> Result<u64, String> {
+    ggpt::budget::parse_size(s).map_err(|e| e.to_string())
 }
 
 impl ServeArgs {
@@ -99,6 +108,7 @@ impl ServeArgs {
             body_limit: self.body_limit,
             kv_type: self.kv_type,
             report: self.report.clone(),
+            mem_budget: self.mem_budget,
         })
     }
 }

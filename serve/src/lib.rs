@@ -57,6 +57,9 @@ pub struct ServeConfig {
     pub kv_type: KvType,
     /// `compare`'s report.json for the comparison page (page.rs).
     pub report: Option<PathBuf>,
+    /// Memory budget in bytes (`None`: the cgroup limit or `MemAvailable`); weights that do
+    /// not fit beside the slots' KV caches are streamed (docs/memory.md).
+    pub mem_budget: Option<u64>,
 }
 
 impl ServeConfig {
@@ -75,6 +78,7 @@ impl ServeConfig {
             prefill_chunk: 256,
             body_limit: 2 << 20,
             kv_type: KvType::F16,
+            mem_budget: None,
             report: None,
         }
     }

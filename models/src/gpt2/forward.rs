@@ -360,7 +360,7 @@ impl Gpt2 {
             // Final LayerNorm and the head, only for the rows asked for.
             let lnf = &self.weights.output_norm;
             // Checked on first use, only when logits are asked for.
-            let head = || self.weights.lm_head().checked_view(self.file());
+            let head = self.weights.lm_head();
             let (x, ln) = (&st.x[..t * c], &mut st.ln[..t * c]);
             // The head is step n_layer for a streamed model (only when it is used).
             let head_step = d.layer;
@@ -371,21 +371,16 @@ impl Gpt2 {
                         let last = &x[(t - 1) * c..];
                         ops::layer_norm(last, &lnf.w, &lnf.b, hp.eps, &mut ln[..c]);
                         self.enter_step(head_step);
-                        matmul(&head()?, &ln[..c], 1, None, o, &mut st.mm);
+                        let mm = &mut st.mm;
+                        self.with_weight(head, |w| matmul(w, &ln[..c], 1, None, o, mm))?;
                         self.leave_step(head_step);
                     }
                 }
                 Output::AllLogits(o) => {
                     layer_norm_rows_par(x, &lnf.w, &lnf.b, hp.eps, ln);
                     self.enter_step(head_step);
-                    matmul(
-                        &head()?,
-                        ln,
-                        t,
-                        None,
-                        &mut o[start * v..end * v],
-                        &mut st.mm,
-                    );
+                    let (o, mm) = (&mut o[start * v..end * v], &mut st.mm);
+                    self.with_weight(head, |w| matmul(w, ln, t, None, o, mm))?;
                     self.leave_step(head_step);
                 }
                 Output::Hidden(o) => {
@@ -402,7 +397,8 @@ impl Gpt2 {
                     if n > 0 {
                         let o = &mut out[first * v..(first + n) * v];
                         self.enter_step(head_step);
-                        matmul(&head()?, &ln[..n * c], n, None, o, &mut st.mm);
+                        let (ln, mm) = (&ln[..n * c], &mut st.mm);
+                        self.with_weight(head, |w| matmul(w, ln, n, None, o, mm))?;
                         self.leave_step(head_step);
                     }
                 }
@@ -454,14 +450,9 @@ impl Gpt2 {
             // ln = LN1(x)                                                       (T, C)
             layer_norm_rows_par(x, &lw.attn_norm.w, &lw.attn_norm.b, hp.eps, ln);
             // qkv = ln · W_qkvᵀ + b                                             (T, 3C)
-            matmul(
-                &lw.attn_qkv.checked_view(file)?,
-                ln,
-                t,
-                Some(&lw.attn_qkv_b),
-                qkv,
-                mm,
-            );
+            self.with_weight(&lw.attn_qkv, |w| {
+                matmul(w, ln, t, Some(&lw.attn_qkv_b), qkv, mm)
+            })?;
             // K, V rows into the cache, then each query attends over its sequence's
             // positions 0..=pos (causal: later tokens of this batch are not yet visible).
             for (i, row) in qkv.chunks_exact(3 * c).enumerate() {
@@ -476,36 +467,25 @@ impl Gpt2 {
                 }
             }
             // x += att · W_oᵀ + b                                               (T, C)
-            matmul(
-                &lw.attn_out.checked_view(file)?,
-                att,
-                t,
-                Some(&lw.attn_out_b),
-                tmp,
-                mm,
-            );
+            self.with_weight(&lw.attn_out, |w| {
+                matmul(w, att, t, Some(&lw.attn_out_b), tmp, mm)
+            })?;
             ops::add_inplace(x, tmp);
 
             // --- MLP ---
             // ln = LN2(x)                                                       (T, C)
             layer_norm_rows_par(x, &lw.ffn_norm.w, &lw.ffn_norm.b, hp.eps, ln);
             // up = GELU(ln · W_upᵀ + b)                                         (T, F)
-            let w_up = lw.ffn_up.checked_view(file)?;
-            matmul(&w_up, ln, t, Some(&lw.ffn_up_b), up, mm);
+            self.with_weight(&lw.ffn_up, |w| matmul(w, ln, t, Some(&lw.ffn_up_b), up, mm))?;
             if t > 1 {
                 up.par_chunks_mut(f).for_each(ops::gelu_inplace);
             } else {
                 ops::gelu_inplace(up);
             }
             // x += up · W_downᵀ + b                                             (T, C)
-            matmul(
-                &lw.ffn_down.checked_view(file)?,
-                up,
-                t,
-                Some(&lw.ffn_down_b),
-                tmp,
-                mm,
-            );
+            self.with_weight(&lw.ffn_down, |w| {
+                matmul(w, up, t, Some(&lw.ffn_down_b), tmp, mm)
+            })?;
             ops::add_inplace(x, tmp);
             self.leave_step(l);
         }

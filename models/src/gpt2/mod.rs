@@ -189,6 +189,30 @@ impl Gpt2 {
         self.residency.as_ref()
     }
 
+    /// Run `f` on the weight `m` for a matmul: its bytes from the residency (a resident copy
+    /// or a streaming buffer, held while `f` runs) or from the mapping; checked either way.
+    fn with_weight<R>(
+        &self,
+        m: &weights::Matrix,
+        f: impl FnOnce(&ggpt_quant::matmul::QMatrix<'_>) -> R,
+    ) -> Result<R, RunError> {
+        if let Some(r) = &self.residency {
+            let base = self.file.data_offset();
+            match r.weight(base + m.info.offset, m.info.size) {
+                Ok(Some(bytes)) => return Ok(f(&m.checked_view_in(&self.file, &bytes)?)),
+                Ok(None) => {}
+                Err(what) => {
+                    return Err(RunError::InvalidWeights {
+                        file: self.file.path().display().to_string(),
+                        tensor: m.info.name.clone(),
+                        what,
+                    })
+                }
+            }
+        }
+        Ok(f(&m.checked_view(&self.file)?))
+    }
+
     /// Forward-pass step `step` (block `step`, or the output head at n_layer) is about to run.
     fn enter_step(&self, step: usize) {
         if let Some(r) = &self.residency {

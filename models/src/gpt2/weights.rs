@@ -115,12 +115,31 @@ impl Matrix {
     /// and the first bad block. Float matrices are not read here: their values are checked
     /// by the caller's check of the outputs (reading them all would read the whole file).
     pub fn check(&self, file: &GgufFile) -> Result<(), RunError> {
+        self.check_in(file, file.tensor_data(&self.info))
+    }
+
+    /// [`Matrix::view`] of the matrix's bytes held elsewhere (`data`: a copy of
+    /// its bytes in `file`, e.g. a streaming buffer), once [`Matrix::check`] passed on them.
+    pub fn checked_view_in<'a>(
+        &self,
+        file: &GgufFile,
+        data: &'a [u8],
+    ) -> Result<QMatrix<'a>, RunError> {
+        self.check_in(file, data)?;
+        QMatrix::new(self.ty, self.rows, self.cols, data).map_err(|e| RunError::InvalidWeights {
+            file: file.path().display().to_string(),
+            tensor: self.info.name.clone(),
+            what: e.to_string(),
+        })
+    }
+
+    /// [`Matrix::check`] on `data`, the matrix's bytes wherever they are held.
+    fn check_in(&self, file: &GgufFile, data: &[u8]) -> Result<(), RunError> {
         if self.ty.block_size() == 1 {
             return Ok(());
         }
         self.checked
             .get_or_init(|| {
-                let data = file.tensor_data(&self.info);
                 let rows_per_chunk = (CHECK_CHUNK_BYTES / self.row_bytes.max(1)).max(1);
                 let chunk = rows_per_chunk * self.row_bytes;
                 let first_bad = data

@@ -1,0 +1,114 @@
+#!/usr/bin/env bash
+# Decode speed under cgroup-v1 memory limits: ggpt before/after and llama.cpp, back to back.
+#
+#   sudo bash benches/lowmem.sh [FILE:LIMIT_MIB[,LIMIT_MIB...] ...]
+#
+# Default cases: /tmp/med-gguf/med-Q4_K_M.gguf at 320/256/200 MiB and med-F16.gguf at
+# 600/400/300 MiB. Each file is first copied to a private directory, so that no other process
+# has its pages mapped (mapped pages survive drop_caches and are charged to the group that
+# first touched them). For each file: its cold O_DIRECT read bandwidth (dd), then for each limit,
+# each program in turn: page cache dropped, a fresh child of /sys/fs/cgroup/memory with
+# memory.limit_in_bytes set, the program started inside it (a shell writes its pid to
+# cgroup.procs, then execs), -n 64 greedy tokens on 2 threads. Printed per run: decode t/s,
+# the group's peak usage, OOM kills, exit status. For the streaming ggpt run also the
+# streamed MB per token and the disk roofline (dd bandwidth / streamed bytes).
+#
+# Environment: BEFORE (default /tmp/ggpt-main0), AFTER (default target/release/ggpt),
+# LLAMA_DIR (default /work/llama.cpp/build/bin; llama-bench -p 0 -n 64 -r 1 --repack 0),
+# N (64), THREADS (2), TIMEOUT (seconds per run, 300; a run cut off prints rc 124). Needs root (drop_caches, cgroups) and a cgroup v1 memory controller.
+set -u
+BEFORE=${BEFORE:-/tmp/ggpt-main0}
+AFTER=${AFTER:-target/release/ggpt}
+LLAMA_DIR=${LLAMA_DIR:-/work/llama.cpp/build/bin}
+N=${N:-64}
+THREADS=${THREADS:-2}
+TIMEOUT=${TIMEOUT:-300}
+CG_ROOT=/sys/fs/cgroup/memory
+PROMPT="The meaning of life is"
+
+if [ ! -f "$CG_ROOT/memory.limit_in_bytes" ]; then
+    echo "no cgroup v1 memory controller at $CG_ROOT" >&2
+    exit 1
+fi
+if [ "$#" -eq 0 ]; then
+    set -- /tmp/med-gguf/med-Q4_K_M.gguf:320,256,200 /tmp/med-gguf/med-F16.gguf:600,400,300
+fi
+
+drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+
+# run_limited LIMIT_MIB OUT CMD...: CMD inside a fresh group; prints "peak_mib oom_kills rc".
+run_limited() {
+    local limit=$1 out=$2; shift 2
+    local cg="$CG_ROOT/ggpt-lowmem-$$"
+    rmdir "$cg" 2>/dev/null
+    mkdir "$cg" || return 1
+    echo $((limit * 1024 * 1024)) > "$cg/memory.limit_in_bytes"
+    drop_caches
+    sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg" timeout "$TIMEOUT" "$@" > "$out" 2>&1
+    local rc=$?
+    local peak oom
+    peak=$(( $(cat "$cg/memory.max_usage_in_bytes") / 1048576 ))
+    oom=$(awk '$1 == "oom_kill" {print $2}' "$cg/memory.oom_control")
+    rmdir "$cg"
+    echo "$peak ${oom:-?} $rc"
+}
+
+ggpt_tps() { sed -n 's/.* eval time = .*, *\([0-9.]*\) tokens per second)/\1/p' "$1" | tail -1; }
+llama_tps() { awk -F'","' '/^"/ {v=$(NF-1)} END {print v+0}' "$1"; }
+
+printf '# load: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
+printf '| file | limit MiB | program | decode t/s | peak MiB | OOM kills | rc | note |\n'
+printf '|---|---:|---|---:|---:|---:|---:|---|\n'
+for case in "$@"; do
+    file=${case%%:*}
+    limits=${case#*:}
+    name=$(basename "$file" .gguf)
+    private=$(mktemp -d)
+    cp "$file" "$private/" || exit 1
+    file="$private/$name.gguf"
+    drop_caches
+    bw=$(dd if="$file" of=/dev/null bs=8M iflag=direct 2>&1 | awk '/copied/ {print $(NF-1), $NF}')
+    printf '| %s | - | disk (dd O_DIRECT, cold) | - | - | - | - | %s |\n' "$name" "$bw"
+    bw_mbs=$(echo "$bw" | awk '{v=$1; if ($2 ~ /^GB/) v*=1000; print v}')
+    tmp=$(mktemp)
+    # Unconstrained reference (default context).
+    drop_caches
+    "$AFTER" run -m "$file" -p "$PROMPT" -n "$N" --temp 0 -t "$THREADS" --ignore-eos > "$tmp" 2>&1
+    printf '| %s | none | ggpt after | %s | - | - | %s | |\n' "$name" "$(ggpt_tps "$tmp")" "$?"
+    for limit in ${limits//,/ }; do
+        for prog in before after llama; do
+            case $prog in
+            before | after)
+                bin=$BEFORE
+                [ "$prog" = after ] && bin=$AFTER
+                r=$(run_limited "$limit" "$tmp" "$bin" run -m "$file" -p "$PROMPT" -n "$N" \
+                    --temp 0 -t "$THREADS" --ignore-eos)
+                tps=$(ggpt_tps "$tmp")
+                note=""
+                streamed=$(sed -n 's/.*streaming \([0-9.]*\) MB per token.*/\1/p' "$tmp" | tail -1)
+                reads=$(sed -n 's/.*storage reads *= *\([0-9.]*\) MB.*/\1/p' "$tmp" | tail -1)
+                if [ -n "$streamed" ]; then
+                    roof=$(awk -v b="$bw_mbs" -v s="$streamed" 'BEGIN {printf "%.2f", b / s}')
+                    pct=$(awk -v t="${tps:-0}" -v r="$roof" 'BEGIN {printf "%.0f", 100 * t / r}')
+                    note="streams $streamed MB/token (read $reads), roofline $roof t/s, ${pct} %"
+                elif [ -n "$reads" ]; then
+                    note="reads $reads MB/token"
+                fi
+                ;;
+            llama)
+                r=$(LD_LIBRARY_PATH="$LLAMA_DIR" run_limited "$limit" "$tmp" \
+                    "$LLAMA_DIR/llama-bench" -m "$file" -t "$THREADS" -p 0 -n "$N" -r 1 \
+                    --repack 0 -o csv)
+                tps=$(llama_tps "$tmp")
+                note="llama-bench"
+                ;;
+            esac
+            read -r peak oom rc <<< "$r"
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$limit" "$prog" \
+                "${tps:-fail}" "$peak" "$oom" "$rc" "$note"
+        done
+    done
+    rm -f "$tmp"
+    rm -rf "$private"
+done
+printf '# load: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
