@@ -16,8 +16,8 @@
 //! was checked for AVX2, FMA and F16C.
 
 use super::avx2::{f16_to_f32, load};
-use super::tile::{self, Micro};
-use super::{gemm_shape, KPacked, Q8_0Packed};
+use super::tile::Micro;
+use super::{KPacked, Q8_0Packed};
 use crate::act::{q8_0_tiles, Q8KTile, Q8_0Tile};
 use crate::kscale::scales_mins_bytes;
 use crate::q4_k::BlockQ4K;
@@ -317,28 +317,6 @@ impl Micro for Q8_0Tile8 {
     }
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn kq_gemm_impl(
-    w: &[KPacked],
-    a: &[Q8KTile],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [&mut [f32]],
-) {
-    tile::gemm::<KqTile>(w, a, n, bias, out)
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_gemm_impl(
-    w: &[Q8_0Packed],
-    a: &[Q8_0Tile],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [&mut [f32]],
-) {
-    tile::gemm::<Q8_0Tile8>(w, a, n, bias, out)
-}
-
 /// How a float weight type becomes f32 lanes: 8 values at a pointer, or the first `len` (< 8)
 /// with zeros after them (the row's tail; nothing past it is read).
 trait FloatWeight: Copy {
@@ -503,82 +481,19 @@ unsafe fn float_gemm_impl<E: FloatWeight>(
     }
 }
 
-// Safe entry points. SAFETY (all): reachable only through a `Kernels` entry for a
-// `cpu::Level` that was checked for AVX2, FMA and F16C. The packers walk blocks with
-// `zip` and read/write whole blocks; `gemm_shape` establishes that every pointer offset the
-// gemms form (row r < rows, token t < tokens, element i < n, tails read only `n % 8` values)
-// stays inside the slices.
-pub(crate) fn pack_q4k(row: &[BlockQ4K], out: &mut [KPacked]) {
-    assert_eq!(row.len(), out.len(), "pack_q4k: length");
-    // SAFETY: see above.
-    unsafe { pack_q4k_impl(row, out) }
-}
-pub(crate) fn pack_q5k(row: &[BlockQ5K], out: &mut [KPacked]) {
-    assert_eq!(row.len(), out.len(), "pack_q5k: length");
-    // SAFETY: see above.
-    unsafe { pack_q5k_impl(row, out) }
-}
-pub(crate) fn pack_q6k(row: &[BlockQ6K], out: &mut [KPacked]) {
-    assert_eq!(row.len(), out.len(), "pack_q6k: length");
-    // SAFETY: see above.
-    unsafe { pack_q6k_impl(row, out) }
-}
+// The safe entry points (`dot::entry_points` states why they are sound). The Q8_0 packer is
+// safe code (it calls the AVX2 transpose inside).
 pub(crate) fn pack_q8_0(row: &[BlockQ8_0], out: &mut [Q8_0Packed]) {
     assert_eq!(q8_0_tiles(row.len()), out.len(), "pack_q8_0: length");
     pack_q8_0_rows(row, out)
 }
-pub(crate) fn kq_gemm(
-    w: &[KPacked],
-    a: &[Q8KTile],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [&mut [f32]],
-) {
-    gemm_shape(w.len(), a.len(), n, bias, out);
-    // SAFETY: see above.
-    unsafe { kq_gemm_impl(w, a, n, bias, out) }
-}
-pub(crate) fn q8_0_gemm(
-    w: &[Q8_0Packed],
-    a: &[Q8_0Tile],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [&mut [f32]],
-) {
-    gemm_shape(w.len(), a.len(), n, bias, out);
-    // SAFETY: see above.
-    unsafe { q8_0_gemm_impl(w, a, n, bias, out) }
-}
-pub(crate) fn f16_gemm(
-    w: &[f16],
-    a: &[f32],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [&mut [f32]],
-) {
-    gemm_shape(w.len(), a.len(), n, bias, out);
-    // SAFETY: see above.
-    unsafe { float_gemm_impl(w, a, n, bias, out) }
-}
-pub(crate) fn bf16_gemm(
-    w: &[bf16],
-    a: &[f32],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [&mut [f32]],
-) {
-    gemm_shape(w.len(), a.len(), n, bias, out);
-    // SAFETY: see above.
-    unsafe { float_gemm_impl(w, a, n, bias, out) }
-}
-pub(crate) fn f32_gemm(
-    w: &[f32],
-    a: &[f32],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [&mut [f32]],
-) {
-    gemm_shape(w.len(), a.len(), n, bias, out);
-    // SAFETY: see above.
-    unsafe { float_gemm_impl(w, a, n, bias, out) }
+super::entry_points! { "avx2,fma,f16c";
+    tile kq_gemm = KqTile(KPacked, Q8KTile);
+    tile q8_0_gemm = Q8_0Tile8(Q8_0Packed, Q8_0Tile);
+    gemm f16_gemm = float_gemm_impl(f16, f32);
+    gemm bf16_gemm = float_gemm_impl(bf16, f32);
+    gemm f32_gemm = float_gemm_impl(f32, f32);
+    pack pack_q4k = pack_q4k_impl(BlockQ4K => KPacked, super::same);
+    pack pack_q5k = pack_q5k_impl(BlockQ5K => KPacked, super::same);
+    pack pack_q6k = pack_q6k_impl(BlockQ6K => KPacked, super::same);
 }

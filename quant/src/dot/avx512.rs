@@ -16,8 +16,8 @@
 
 #![allow(clippy::missing_safety_doc)]
 
-use super::tile::{self, Micro};
-use super::{gemm_shape, KPacked, Q8_0Packed};
+use super::tile::Micro;
+use super::{KPacked, Q8_0Packed};
 use crate::act::{Q8KTile, Q8_0Tile};
 use crate::kscale::scales_mins_bytes;
 use crate::q4_k::BlockQ4K;
@@ -57,7 +57,6 @@ pub(crate) const PERM4_MINS: [u16; 16] =
 /// The float kernels (F16, BF16, F32 weights): one build for both AVX-512 levels, which
 /// share them (they use no VNNI instruction), plus the horizontal sums the integer kernels use.
 pub(crate) mod float {
-    use super::gemm_shape;
     use half::{bf16, f16};
     use std::arch::x86_64::*;
 
@@ -532,51 +531,13 @@ pub(crate) mod float {
         float_gemm_impl(w, a, n, bias, out, |p, m| _mm512_maskz_loadu_ps(m, p))
     }
 
-    pub(crate) fn f16_gemm(
-        w: &[f16],
-        a: &[f32],
-        n: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
-    ) {
-        gemm_shape(w.len(), a.len(), n, bias, out);
-        // SAFETY: see above.
-        unsafe { f16_gemm_impl(w, a, n, bias, out) }
-    }
-    pub(crate) fn bf16_gemm(
-        w: &[bf16],
-        a: &[f32],
-        n: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
-    ) {
-        gemm_shape(w.len(), a.len(), n, bias, out);
-        // SAFETY: see above.
-        unsafe { bf16_gemm_impl(w, a, n, bias, out) }
-    }
-    pub(crate) fn f32_gemm(
-        w: &[f32],
-        a: &[f32],
-        n: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
-    ) {
-        gemm_shape(w.len(), a.len(), n, bias, out);
-        // SAFETY: see above.
-        unsafe { f32_gemm_impl(w, a, n, bias, out) }
-    }
-
-    pub(crate) fn f16_f32(w: &[f16], a: &[f32]) -> f32 {
-        // SAFETY: see above.
-        unsafe { f16_f32_impl(w, a) }
-    }
-    pub(crate) fn bf16_f32(w: &[bf16], a: &[f32]) -> f32 {
-        // SAFETY: see above.
-        unsafe { bf16_f32_impl(w, a) }
-    }
-    pub(crate) fn f32_f32(w: &[f32], a: &[f32]) -> f32 {
-        // SAFETY: see above.
-        unsafe { f32_f32_impl(w, a) }
+    super::super::entry_points! { "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+        gemm f16_gemm = f16_gemm_impl(f16, f32);
+        gemm bf16_gemm = bf16_gemm_impl(bf16, f32);
+        gemm f32_gemm = f32_gemm_impl(f32, f32);
+        dot f16_f32 = f16_f32_impl(f16, f32);
+        dot bf16_f32 = bf16_f32_impl(bf16, f32);
+        dot f32_f32 = f32_f32_impl(f32, f32);
     }
 }
 
@@ -1108,98 +1069,18 @@ macro_rules! avx512_family {
                 }
             }
 
-            #[target_feature(enable = $features)]
-            unsafe fn kq_gemm_impl(
-                w: &[KPacked],
-                a: &[Q8KTile],
-                n: usize,
-                bias: Option<&[f32]>,
-                out: &mut [&mut [f32]],
-            ) {
-                tile::gemm::<KqTile>(w, a, n, bias, out)
-            }
-
-            #[target_feature(enable = $features)]
-            unsafe fn q8_0_gemm_impl(
-                w: &[Q8_0Packed],
-                a: &[Q8_0Tile],
-                n: usize,
-                bias: Option<&[f32]>,
-                out: &mut [&mut [f32]],
-            ) {
-                tile::gemm::<Q8_0Tile4>(w, a, n, bias, out)
-            }
-
-            // Safe entry points for the tile kernels. SAFETY (all): reachable only through
-            // `WeightFormat::kernels` for a `cpu::Level` checked for this build's features; `gemm_shape` /
-            // the length checks below establish that every pointer offset the kernels form
-            // (row r < rows, token t < tokens, element i < n) stays inside the slices.
-            pub(crate) fn pack_q4k(row: &[BlockQ4K], out: &mut [KPacked]) {
-                assert_eq!(row.len(), out.len(), "pack_q4k: length");
-                // SAFETY: see above.
-                unsafe { pack_q4k_impl(row, out) }
-            }
-            pub(crate) fn pack_q5k(row: &[BlockQ5K], out: &mut [KPacked]) {
-                assert_eq!(row.len(), out.len(), "pack_q5k: length");
-                // SAFETY: see above.
-                unsafe { pack_q5k_impl(row, out) }
-            }
-            pub(crate) fn pack_q6k(row: &[BlockQ6K], out: &mut [KPacked]) {
-                assert_eq!(row.len(), out.len(), "pack_q6k: length");
-                // SAFETY: see above.
-                unsafe { pack_q6k_impl(row, out) }
-            }
-            pub(crate) fn pack_q8_0(row: &[BlockQ8_0], out: &mut [Q8_0Packed]) {
-                assert_eq!(
-                    crate::act::q8_0_tiles(row.len()),
-                    out.len(),
-                    "pack_q8_0: length"
-                );
-                // SAFETY: see above; gathers are masked to the blocks of `row`.
-                unsafe { pack_q8_0_impl(row, out) }
-            }
-            pub(crate) fn kq_gemm(
-                w: &[KPacked],
-                a: &[Q8KTile],
-                n: usize,
-                bias: Option<&[f32]>,
-                out: &mut [&mut [f32]],
-            ) {
-                gemm_shape(w.len(), a.len(), n, bias, out);
-                // SAFETY: see above.
-                unsafe { kq_gemm_impl(w, a, n, bias, out) }
-            }
-            pub(crate) fn q8_0_gemm(
-                w: &[Q8_0Packed],
-                a: &[Q8_0Tile],
-                n: usize,
-                bias: Option<&[f32]>,
-                out: &mut [&mut [f32]],
-            ) {
-                gemm_shape(w.len(), a.len(), n, bias, out);
-                // SAFETY: see above.
-                unsafe { q8_0_gemm_impl(w, a, n, bias, out) }
-            }
-            // Safe entry points. SAFETY (all): these are only reachable through a
-            // `WeightFormat::kernels` entry for a `cpu::Level` checked to support this
-            // build's features; slice accesses are bounds-checked by `zip`/indexing, and every
-            // raw load reads inside a block or inside `n = min(len)` elements (masked tails).
-            pub(crate) fn q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
-                // SAFETY: see above.
-                unsafe { q4k_q8k_impl(w, a) }
-            }
-            pub(crate) fn q5k_q8k(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
-                // SAFETY: see above.
-                unsafe { q5k_q8k_impl(w, a) }
-            }
-            pub(crate) fn q6k_q8k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
-                // SAFETY: see above.
-                unsafe { q6k_q8k_impl(w, a) }
-            }
-            pub(crate) fn q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
-                let n = w.len().min(a.len());
-                // SAFETY: see above (both slices cut to the common length first).
-                unsafe { q8_0_q8_0_impl(&w[..n], &a[..n]) }
+            // The safe entry points (`dot::entry_points` states why they are sound).
+            crate::dot::entry_points! { $features;
+                tile kq_gemm = KqTile(KPacked, Q8KTile);
+                tile q8_0_gemm = Q8_0Tile4(Q8_0Packed, Q8_0Tile);
+                pack pack_q4k = pack_q4k_impl(BlockQ4K => KPacked, crate::dot::same);
+                pack pack_q5k = pack_q5k_impl(BlockQ5K => KPacked, crate::dot::same);
+                pack pack_q6k = pack_q6k_impl(BlockQ6K => KPacked, crate::dot::same);
+                pack pack_q8_0 = pack_q8_0_impl(BlockQ8_0 => Q8_0Packed, crate::act::q8_0_tiles);
+                dot q4k_q8k = q4k_q8k_impl(BlockQ4K, BlockQ8K);
+                dot q5k_q8k = q5k_q8k_impl(BlockQ5K, BlockQ8K);
+                dot q6k_q8k = q6k_q8k_impl(BlockQ6K, BlockQ8K);
+                dot q8_0_q8_0 = q8_0_q8_0_impl(BlockQ8_0, BlockQ8_0);
             }
         }
     };
