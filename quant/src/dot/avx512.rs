@@ -16,7 +16,6 @@
 
 #![allow(clippy::missing_safety_doc)]
 
-use super::tile::Micro;
 use super::{KPacked, Q8_0Packed};
 use crate::act::{Q8KTile, Q8_0Tile};
 use crate::kscale::scales_mins_bytes;
@@ -57,11 +56,9 @@ pub(crate) const PERM4_MINS: [u16; 16] =
 /// The float kernels (F16, BF16, F32 weights): one build for both AVX-512 levels, which
 /// share them (they use no VNNI instruction), plus the horizontal sums the integer kernels use.
 pub(crate) mod float {
+    use super::super::tile::{self, FloatMicro};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
-
-    /// Tokens per register tile of the float gemms (4 rows × 4 tokens of accumulators).
-    const NT: usize = 4;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     #[inline]
@@ -201,55 +198,24 @@ pub(crate) mod float {
         if out.len() >= PACK_MIN_TOKENS {
             return PACKED.with_borrow_mut(|buf| packed_gemm(w, a, n, bias, out, &wload, buf));
         }
-        const R: usize = 4;
-        let rows = w.len() / n;
-        let tokens = out.len();
-        let mut t0 = 0;
-        while t0 < tokens {
-            let m = (tokens - t0).min(NT);
-            let ap = a.as_ptr().add(t0 * n);
-            let mut r = 0;
-            while r < rows {
-                let wp = w.as_ptr().add(r * n);
-                let mut put = |rr: usize, vals: &[f32]| {
-                    let b = bias.map_or(0.0, |b| b[r + rr]);
-                    for (t, v) in vals.iter().enumerate() {
-                        out[t0 + t][r + rr] = v + b;
-                    }
-                };
-                if rows - r >= R {
-                    macro_rules! tile {
-                        ($t:literal) => {{
-                            let v = float_micro::<E, R, $t>(wp, ap, n, &wload);
-                            for (rr, vr) in v.iter().enumerate() {
-                                put(rr, vr);
-                            }
-                        }};
-                    }
-                    match m {
-                        4 => tile!(4),
-                        3 => tile!(3),
-                        2 => tile!(2),
-                        _ => tile!(1),
-                    }
-                    r += R;
-                } else {
-                    macro_rules! tile {
-                        ($t:literal) => {{
-                            let v = float_micro::<E, 1, $t>(wp, ap, n, &wload);
-                            put(0, &v[0]);
-                        }};
-                    }
-                    match m {
-                        4 => tile!(4),
-                        3 => tile!(3),
-                        2 => tile!(2),
-                        _ => tile!(1),
-                    }
-                    r += 1;
-                }
-            }
-            t0 += m;
+        let m = FloatTile(&wload, std::marker::PhantomData);
+        tile::float_gemm::<_, 4>(&m, w, a, n, bias, out)
+    }
+
+    /// The few-token float register tile for the shared driver: `float_micro` with the
+    /// element's 16-lane load.
+    struct FloatTile<'l, E, L>(&'l L, std::marker::PhantomData<E>);
+    impl<E, L: Fn(*const E, __mmask16) -> __m512> FloatMicro for FloatTile<'_, E, L> {
+        type E = E;
+        #[inline(always)]
+        unsafe fn tile<const R: usize, const T: usize>(
+            &self,
+            w: *const E,
+            a: *const f32,
+            n: usize,
+        ) -> [[f32; T]; R] {
+            // SAFETY: the caller's contract (`FloatMicro::tile`) is `float_micro`'s.
+            unsafe { float_micro::<E, R, T>(w, a, n, self.0) }
         }
     }
 
@@ -350,7 +316,7 @@ pub(crate) mod float {
         for s in 0..full {
             step!(s, !0);
         }
-        if len % 16 != 0 {
+        if !len.is_multiple_of(16) {
             step!(full, ((1u32 << (len % 16)) - 1) as u16);
         }
     }
@@ -1035,44 +1001,10 @@ macro_rules! avx512_family {
             /// Tokens per register tile of the quantized kernels.
             const NT: usize = 4;
 
-            /// The K-quant register tile of this build for the shared driver.
-            struct KqTile;
-            impl Micro for KqTile {
-                type W = KPacked;
-                type A = Q8KTile;
-                const MAX_T: usize = NT;
-                #[inline(always)]
-                unsafe fn row<const T: usize>(
-                    w: *const KPacked,
-                    a: *const Q8KTile,
-                    n: usize,
-                ) -> [f32; T] {
-                    // SAFETY: the caller's contract (`Micro::row`) is `kq_micro`'s.
-                    unsafe { kq_micro::<T>(w, a, n) }
-                }
-            }
-
-            /// The Q8_0 register tile of this build for the shared driver.
-            struct Q8_0Tile4;
-            impl Micro for Q8_0Tile4 {
-                type W = Q8_0Packed;
-                type A = Q8_0Tile;
-                const MAX_T: usize = NT;
-                #[inline(always)]
-                unsafe fn row<const T: usize>(
-                    w: *const Q8_0Packed,
-                    a: *const Q8_0Tile,
-                    n: usize,
-                ) -> [f32; T] {
-                    // SAFETY: the caller's contract (`Micro::row`) is `q8_0_micro`'s.
-                    unsafe { q8_0_micro::<T>(w, a, n) }
-                }
-            }
-
             // The safe entry points (`dot::entry_points` states why they are sound).
             crate::dot::entry_points! { $features;
-                tile kq_gemm = KqTile(KPacked, Q8KTile);
-                tile q8_0_gemm = Q8_0Tile4(Q8_0Packed, Q8_0Tile);
+                tile kq_gemm = kq_gemm_impl: kq_micro(KPacked, Q8KTile) x NT;
+                tile q8_0_gemm = q8_0_gemm_impl: q8_0_micro(Q8_0Packed, Q8_0Tile) x NT;
                 pack pack_q4k = pack_q4k_impl(BlockQ4K => KPacked, crate::dot::same);
                 pack pack_q5k = pack_q5k_impl(BlockQ5K => KPacked, crate::dot::same);
                 pack pack_q6k = pack_q6k_impl(BlockQ6K => KPacked, crate::dot::same);
