@@ -3,7 +3,8 @@
 //! A level supplies its register tile — one packed row × `T` tokens — as a [`Micro`]; the
 //! driver walks the tokens in groups of [`Micro::MAX_T`] (outer, so their activations stay in
 //! L1 while the packed rows stream from L2) and the rows inside each group, and writes
-//! `out[t][r] = row·token + bias[r]`.
+//! `out[t][r] = row·token + bias[r]`. [`float_gemm`] does the same for float rows as stored, with
+//! a level's [`FloatMicro`] (R rows × up to 4 tokens).
 //!
 //! Everything here is `#[inline(always)]` and carries no `#[target_feature]`: a level's thin
 //! entry point (a `#[target_feature]` function that calls [`gemm`]) absorbs the driver, so the
