@@ -160,6 +160,77 @@ pub fn prefill_flops(model: &Model, n: usize) -> f64 {
     2.0 * (n * layer_params as f64 + head as f64) + 2.0 * attn
 }
 
+/// The layer matrices of `model` (every 2-D `blk.*.weight`), as the matmuls of prefill see them.
+fn layer_matrices(model: &Model) -> Result<Vec<ggpt_quant::matmul::QMatrix<'_>>> {
+    let file = model.file();
+    file.tensors()
+        .iter()
+        .filter(|t| t.name.starts_with("blk.") && t.name.ends_with(".weight") && t.dims.len() == 2)
+        .map(|t| {
+            ggpt_quant::matmul::QMatrix::new(
+                t.ty,
+                t.rows() as usize,
+                t.cols() as usize,
+                file.tensor_data(t),
+            )
+            .map_err(|e| {
+                crate::Error::Load(ggpt_models::LoadError::BadValues {
+                    file: "model".into(),
+                    name: t.name.clone(),
+                    what: e.to_string(),
+                })
+            })
+        })
+        .collect()
+}
+
+/// The matmuls of a `ppN` test on their own: every layer matrix of `model` (in file order, so
+/// the weights stream as in a forward pass) multiplied with the same `n` tokens of activations,
+/// as one batch each, through [`ggpt_quant::matmul::matmul`] with the pool's threads. Returns the
+/// floating-point operations of one sweep (2 per multiply-add) and the best sweep time in
+/// seconds over `reps` timed sweeps after one warm-up. Activations are deterministic values in
+/// (−1, 1); the speed of the kernels does not depend on them.
+pub fn matmul_sweep(model: &Model, n: usize, reps: usize) -> Result<(f64, f64)> {
+    let mats = layer_matrices(model)?;
+    let max_cols = mats.iter().map(|m| m.cols()).max().unwrap_or(0);
+    let max_rows = mats.iter().map(|m| m.rows()).max().unwrap_or(0);
+    let mut s = 0x2545_F491_4F6C_DD1Du64;
+    let x: Vec<f32> = (0..n * max_cols)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        })
+        .collect();
+    let mut y = vec![0.0f32; n * max_rows];
+    let mut scratch = ggpt_quant::matmul::Scratch::default();
+    let flops: f64 = mats
+        .iter()
+        .map(|m| 2.0 * (m.rows() * m.cols() * n) as f64)
+        .sum();
+    let mut best = f64::INFINITY;
+    for rep in 0..=reps.max(1) {
+        let t = Instant::now();
+        for m in &mats {
+            ggpt_quant::matmul::matmul(
+                m,
+                &x[..n * m.cols()],
+                n,
+                None,
+                &mut y[..n * m.rows()],
+                &mut scratch,
+            );
+        }
+        let secs = t.elapsed().as_secs_f64();
+        std::hint::black_box(&y);
+        if rep > 0 {
+            best = best.min(secs);
+        }
+    }
+    Ok((flops, best))
+}
+
 /// The f32 FMA peak of this machine in FLOP/s, measured the way prefill uses the cores: every
 /// thread of the current rayon pool runs [`ggpt_quant::peak::fma_burst`] at the level the
 /// kernels use, at the same time. Best of `reps` passes of ~50 ms.

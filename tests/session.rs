@@ -515,3 +515,20 @@ fn bad_hyper_parameters_are_reported() {
     let e = load_error(&p, "ctx512.gguf");
     assert!(e.to_string().contains("position_embd.weight"), "{e}");
 }
+
+#[test]
+fn matmul_sweep_covers_every_layer_matrix() {
+    for ty in [FileType::F16, FileType::Q4KM] {
+        let model = load(ty);
+        let n = 9;
+        let (flops, secs) = ggpt::bench::matmul_sweep(&model, n, 1).expect("sweep");
+        // The layer-matrix part of the prefill FLOPs: 2 per multiply-add of every blk.* matrix
+        // for each of the n tokens (prefill_flops adds the head and attention on top).
+        let hp = model.hparams();
+        let per_layer = 4 * hp.n_embd * hp.n_embd + 8 * hp.n_embd * hp.n_embd;
+        let want = 2.0 * n as f64 * (hp.n_layer * per_layer) as f64;
+        assert_eq!(flops, want, "{ty:?}");
+        assert!(secs.is_finite() && secs > 0.0, "{ty:?}: {secs}");
+        assert!(ggpt::bench::prefill_flops(&model, n) > flops);
+    }
+}

@@ -4,7 +4,8 @@
 use super::common::{bail_flag, init_threads, Stdout};
 use anyhow::Result;
 use ggpt::bench::{
-    bytes_per_token, decode, fma_peak, prefill, prefill_flops, read_bandwidth, TestResult,
+    bytes_per_token, decode, fma_peak, matmul_sweep, prefill, prefill_flops, read_bandwidth,
+    TestResult,
 };
 use ggpt::model::Model;
 use std::path::PathBuf;
@@ -53,6 +54,8 @@ pub struct Row {
     pub bytes_per_token: u64,
     /// Floating-point operations per token of a `pp` row (0 for `tg` rows).
     pub flops_per_token: f64,
+    /// For a `pp` row: GFLOP/s of its matmuls alone (`ggpt::bench::matmul_sweep`).
+    pub matmul_gflops: Option<f64>,
     pub threads: usize,
     pub result: TestResult,
 }
@@ -129,8 +132,11 @@ pub fn run(args: Args) -> Result<()> {
             }
         }
         let mut results = Vec::new();
+        let mut matmul_gflops = None;
         if args.n_prompt > 0 {
             results.push(prefill(&model, args.n_prompt, args.reps)?);
+            let (flops, secs) = matmul_sweep(&model, args.n_prompt, args.reps)?;
+            matmul_gflops = Some(flops / secs / 1e9);
         }
         if args.n_gen > 0 {
             results.push(decode(&model, args.n_gen, args.reps)?);
@@ -149,6 +155,7 @@ pub fn run(args: Args) -> Result<()> {
                 params,
                 bytes_per_token,
                 flops_per_token: if is_pp { flops_per_token } else { 0.0 },
+                matmul_gflops: if is_pp { matmul_gflops } else { None },
                 threads,
                 result: r,
             };
@@ -176,27 +183,36 @@ pub fn run(args: Args) -> Result<()> {
                     "fma_peak_gflops_before": before / 1e9,
                     "fma_peak_gflops_after": after / 1e9,
                     "peak_fraction": gflops * 1e9 / peak,
+                    "matmul_gflops": r.matmul_gflops,
+                    "matmul_peak_fraction": r.matmul_gflops.map(|g| g * 1e9 / peak),
                 });
                 out.write(&format!("{doc}\n"))?;
             }
         } else {
             out.write(&format!(
-                "\nf32 FMA peak ({threads} threads, {}, best of 5): {:.1} GFLOP/s before, {:.1} GFLOP/s after\n",
+                "\nmatmuls alone: every layer matrix times the same {} tokens, one batch per matrix, best of {} sweeps\n",
+                args.n_prompt, args.reps
+            ))?;
+            out.write(&format!(
+                "f32 FMA peak ({threads} threads, {}, best of 5): {:.1} GFLOP/s before, {:.1} GFLOP/s after\n",
                 ggpt_quant::cpu::isa(),
                 before / 1e9,
                 after / 1e9
             ))?;
-            out.write("| model | GFLOP per token | pp t/s | GFLOP/s | of f32 FMA peak |\n|---|---:|---:|---:|---:|\n")?;
+            out.write("| model | GFLOP per token | pp t/s | GFLOP/s | of f32 FMA peak | matmuls alone GFLOP/s | of f32 FMA peak |\n|---|---:|---:|---:|---:|---:|---:|\n")?;
             for r in &prefill_rows {
                 let gflops = r.result.mean() * r.flops_per_token / 1e9;
+                let mm = r.matmul_gflops.unwrap_or(0.0);
                 out.write(&format!(
-                    "| {} {} | {:.3} | {:.2} | {:.1} | {:.0} % |\n",
+                    "| {} {} | {:.3} | {:.2} | {:.1} | {:.0} % | {:.1} | {:.0} % |\n",
                     r.name(),
                     r.ftype,
                     r.flops_per_token / 1e9,
                     r.result.mean(),
                     gflops,
-                    100.0 * gflops * 1e9 / peak
+                    100.0 * gflops * 1e9 / peak,
+                    mm,
+                    100.0 * mm * 1e9 / peak
                 ))?;
             }
         }

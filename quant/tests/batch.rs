@@ -51,6 +51,9 @@ fn variant_rows(types: &[GgmlType]) -> Vec<String> {
         // with several superblocks; 37 rows leaves remainders in every row tiling.
         let shapes: &[(usize, usize)] = if ty.block_size() == 256 {
             &[(37, 512), (19, 1280)]
+        } else if ty.block_size() == 1 {
+            // Floats also: rows longer than the packed float tile's K block, ragged tail.
+            &[(37, 800), (19, 1024), (13, 2100)]
         } else {
             &[(37, 800), (19, 1024)]
         };

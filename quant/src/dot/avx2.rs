@@ -253,34 +253,13 @@ unsafe fn f32_f32_impl(w: &[f32], a: &[f32]) -> f32 {
     float_dot(n, a, |i| _mm256_loadu_ps(w.as_ptr().add(i)), |i| w[i])
 }
 
-// Safe entry points. SAFETY (all): only reachable through a `Kernels` entry for a
-// `cpu::Level` that was checked for AVX2, FMA and F16C; block accesses go through `zip`,
-// and raw loads stay inside a block or below `n = min(len)` elements.
-pub(crate) fn q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
-    // SAFETY: see above.
-    unsafe { q4k_q8k_impl(w, a) }
-}
-pub(crate) fn q5k_q8k(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
-    // SAFETY: see above.
-    unsafe { q5k_q8k_impl(w, a) }
-}
-pub(crate) fn q6k_q8k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
-    // SAFETY: see above.
-    unsafe { q6k_q8k_impl(w, a) }
-}
-pub(crate) fn q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
-    // SAFETY: see above.
-    unsafe { q8_0_q8_0_impl(w, a) }
-}
-pub(crate) fn f16_f32(w: &[f16], a: &[f32]) -> f32 {
-    // SAFETY: see above.
-    unsafe { f16_f32_impl(w, a) }
-}
-pub(crate) fn bf16_f32(w: &[bf16], a: &[f32]) -> f32 {
-    // SAFETY: see above.
-    unsafe { bf16_f32_impl(w, a) }
-}
-pub(crate) fn f32_f32(w: &[f32], a: &[f32]) -> f32 {
-    // SAFETY: see above.
-    unsafe { f32_f32_impl(w, a) }
+// The safe entry points (`dot::entry_points` states why they are sound).
+super::entry_points! { "avx2,fma,f16c";
+    dot q4k_q8k = q4k_q8k_impl(BlockQ4K, BlockQ8K);
+    dot q5k_q8k = q5k_q8k_impl(BlockQ5K, BlockQ8K);
+    dot q6k_q8k = q6k_q8k_impl(BlockQ6K, BlockQ8K);
+    dot q8_0_q8_0 = q8_0_q8_0_impl(BlockQ8_0, BlockQ8_0);
+    dot f16_f32 = f16_f32_impl(f16, f32);
+    dot bf16_f32 = bf16_f32_impl(bf16, f32);
+    dot f32_f32 = f32_f32_impl(f32, f32);
 }

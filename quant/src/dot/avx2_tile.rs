@@ -16,8 +16,8 @@
 //! was checked for AVX2, FMA and F16C.
 
 use super::avx2::{f16_to_f32, load};
-use super::tile::{self, Micro};
-use super::{gemm_shape, KPacked, Q8_0Packed};
+use super::tile::{self, FloatMicro};
+use super::{KPacked, Q8_0Packed};
 use crate::act::{q8_0_tiles, Q8KTile, Q8_0Tile};
 use crate::kscale::scales_mins_bytes;
 use crate::q4_k::BlockQ4K;
@@ -291,54 +291,6 @@ const NT: usize = 4;
 /// extra token reuses the transformed weights (`|w|`, `w`): 8 measured ~15 % faster than 4.
 const NT_Q8_0: usize = 8;
 
-/// The K-quant register tile of this level for the shared driver.
-struct KqTile;
-impl Micro for KqTile {
-    type W = KPacked;
-    type A = Q8KTile;
-    const MAX_T: usize = NT;
-    #[inline(always)]
-    unsafe fn row<const T: usize>(w: *const KPacked, a: *const Q8KTile, n: usize) -> [f32; T] {
-        // SAFETY: the caller's contract (`Micro::row`) is `kq_micro`'s.
-        unsafe { kq_micro::<T>(w, a, n) }
-    }
-}
-
-/// The Q8_0 register tile of this level for the shared driver.
-struct Q8_0Tile8;
-impl Micro for Q8_0Tile8 {
-    type W = Q8_0Packed;
-    type A = Q8_0Tile;
-    const MAX_T: usize = NT_Q8_0;
-    #[inline(always)]
-    unsafe fn row<const T: usize>(w: *const Q8_0Packed, a: *const Q8_0Tile, n: usize) -> [f32; T] {
-        // SAFETY: the caller's contract (`Micro::row`) is `q8_0_micro`'s.
-        unsafe { q8_0_micro::<T>(w, a, n) }
-    }
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn kq_gemm_impl(
-    w: &[KPacked],
-    a: &[Q8KTile],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [&mut [f32]],
-) {
-    tile::gemm::<KqTile>(w, a, n, bias, out)
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_gemm_impl(
-    w: &[Q8_0Packed],
-    a: &[Q8_0Tile],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [&mut [f32]],
-) {
-    tile::gemm::<Q8_0Tile8>(w, a, n, bias, out)
-}
-
 /// How a float weight type becomes f32 lanes: 8 values at a pointer, or the first `len` (< 8)
 /// with zeros after them (the row's tail; nothing past it is read).
 trait FloatWeight: Copy {
@@ -454,6 +406,22 @@ unsafe fn float_micro<E: FloatWeight, const R: usize, const T: usize>(
 /// Weight rows per float register tile (see `float_micro`).
 const FR: usize = 3;
 
+/// The float register tile of this level for the shared driver.
+struct FloatTile<E>(std::marker::PhantomData<E>);
+impl<E: FloatWeight> FloatMicro for FloatTile<E> {
+    type E = E;
+    #[inline(always)]
+    unsafe fn tile<const R: usize, const T: usize>(
+        &self,
+        w: *const E,
+        a: *const f32,
+        n: usize,
+    ) -> [[f32; T]; R] {
+        // SAFETY: the caller's contract (`FloatMicro::tile`) is `float_micro`'s.
+        unsafe { float_micro::<E, R, T>(w, a, n) }
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn float_gemm_impl<E: FloatWeight>(
     w: &[E],
@@ -462,123 +430,24 @@ unsafe fn float_gemm_impl<E: FloatWeight>(
     bias: Option<&[f32]>,
     out: &mut [&mut [f32]],
 ) {
-    let rows = w.len() / n;
-    let tokens = out.len();
-    let mut t0 = 0;
-    while t0 < tokens {
-        let m = (tokens - t0).min(NT);
-        let ap = a.as_ptr().add(t0 * n);
-        let mut r = 0;
-        while r < rows {
-            let wp = w.as_ptr().add(r * n);
-            let mut put = |rr: usize, vals: &[f32]| {
-                let b = bias.map_or(0.0, |b| b[r + rr]);
-                for (t, v) in vals.iter().enumerate() {
-                    out[t0 + t][r + rr] = v + b;
-                }
-            };
-            // Full tiles of FR rows, then the remaining rows one at a time.
-            let nr = if rows - r >= FR { FR } else { 1 };
-            macro_rules! tile {
-                ($r:literal, $t:literal) => {{
-                    let v = float_micro::<E, $r, $t>(wp, ap, n);
-                    for (rr, vr) in v.iter().enumerate() {
-                        put(rr, vr);
-                    }
-                }};
-            }
-            match (nr, m) {
-                (FR, 4) => tile!(3, 4),
-                (FR, 3) => tile!(3, 3),
-                (FR, 2) => tile!(3, 2),
-                (FR, _) => tile!(3, 1),
-                (_, 4) => tile!(1, 4),
-                (_, 3) => tile!(1, 3),
-                (_, 2) => tile!(1, 2),
-                _ => tile!(1, 1),
-            }
-            r += nr;
-        }
-        t0 += m;
-    }
+    let m = FloatTile::<E>(std::marker::PhantomData);
+    // SAFETY: the caller's contract is the driver's.
+    unsafe { tile::float_gemm::<_, FR>(&m, w, a, n, bias, out) }
 }
 
-// Safe entry points. SAFETY (all): reachable only through a `Kernels` entry for a
-// `cpu::Level` that was checked for AVX2, FMA and F16C. The packers walk blocks with
-// `zip` and read/write whole blocks; `gemm_shape` establishes that every pointer offset the
-// gemms form (row r < rows, token t < tokens, element i < n, tails read only `n % 8` values)
-// stays inside the slices.
-pub(crate) fn pack_q4k(row: &[BlockQ4K], out: &mut [KPacked]) {
-    assert_eq!(row.len(), out.len(), "pack_q4k: length");
-    // SAFETY: see above.
-    unsafe { pack_q4k_impl(row, out) }
-}
-pub(crate) fn pack_q5k(row: &[BlockQ5K], out: &mut [KPacked]) {
-    assert_eq!(row.len(), out.len(), "pack_q5k: length");
-    // SAFETY: see above.
-    unsafe { pack_q5k_impl(row, out) }
-}
-pub(crate) fn pack_q6k(row: &[BlockQ6K], out: &mut [KPacked]) {
-    assert_eq!(row.len(), out.len(), "pack_q6k: length");
-    // SAFETY: see above.
-    unsafe { pack_q6k_impl(row, out) }
-}
+// The safe entry points (`dot::entry_points` states why they are sound). The Q8_0 packer is
+// safe code (it calls the AVX2 transpose inside).
 pub(crate) fn pack_q8_0(row: &[BlockQ8_0], out: &mut [Q8_0Packed]) {
     assert_eq!(q8_0_tiles(row.len()), out.len(), "pack_q8_0: length");
     pack_q8_0_rows(row, out)
 }
-pub(crate) fn kq_gemm(
-    w: &[KPacked],
-    a: &[Q8KTile],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [&mut [f32]],
-) {
-    gemm_shape(w.len(), a.len(), n, bias, out);
-    // SAFETY: see above.
-    unsafe { kq_gemm_impl(w, a, n, bias, out) }
-}
-pub(crate) fn q8_0_gemm(
-    w: &[Q8_0Packed],
-    a: &[Q8_0Tile],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [&mut [f32]],
-) {
-    gemm_shape(w.len(), a.len(), n, bias, out);
-    // SAFETY: see above.
-    unsafe { q8_0_gemm_impl(w, a, n, bias, out) }
-}
-pub(crate) fn f16_gemm(
-    w: &[f16],
-    a: &[f32],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [&mut [f32]],
-) {
-    gemm_shape(w.len(), a.len(), n, bias, out);
-    // SAFETY: see above.
-    unsafe { float_gemm_impl(w, a, n, bias, out) }
-}
-pub(crate) fn bf16_gemm(
-    w: &[bf16],
-    a: &[f32],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [&mut [f32]],
-) {
-    gemm_shape(w.len(), a.len(), n, bias, out);
-    // SAFETY: see above.
-    unsafe { float_gemm_impl(w, a, n, bias, out) }
-}
-pub(crate) fn f32_gemm(
-    w: &[f32],
-    a: &[f32],
-    n: usize,
-    bias: Option<&[f32]>,
-    out: &mut [&mut [f32]],
-) {
-    gemm_shape(w.len(), a.len(), n, bias, out);
-    // SAFETY: see above.
-    unsafe { float_gemm_impl(w, a, n, bias, out) }
+super::entry_points! { "avx2,fma,f16c";
+    tile kq_gemm = kq_gemm_impl: kq_micro(KPacked, Q8KTile) x NT;
+    tile q8_0_gemm = q8_0_gemm_impl: q8_0_micro(Q8_0Packed, Q8_0Tile) x NT_Q8_0;
+    gemm f16_gemm = float_gemm_impl(f16, f32);
+    gemm bf16_gemm = float_gemm_impl(bf16, f32);
+    gemm f32_gemm = float_gemm_impl(f32, f32);
+    pack pack_q4k = pack_q4k_impl(BlockQ4K => KPacked, super::same);
+    pack pack_q5k = pack_q5k_impl(BlockQ5K => KPacked, super::same);
+    pack pack_q6k = pack_q6k_impl(BlockQ6K => KPacked, super::same);
 }

@@ -16,8 +16,7 @@
 
 #![allow(clippy::missing_safety_doc)]
 
-use super::tile::{self, Micro};
-use super::{gemm_shape, KPacked, Q8_0Packed};
+use super::{KPacked, Q8_0Packed};
 use crate::act::{Q8KTile, Q8_0Tile};
 use crate::kscale::scales_mins_bytes;
 use crate::q4_k::BlockQ4K;
@@ -57,12 +56,9 @@ pub(crate) const PERM4_MINS: [u16; 16] =
 /// The float kernels (F16, BF16, F32 weights): one build for both AVX-512 levels, which
 /// share them (they use no VNNI instruction), plus the horizontal sums the integer kernels use.
 pub(crate) mod float {
-    use super::gemm_shape;
+    use super::super::tile::{self, FloatMicro};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
-
-    /// Tokens per register tile of the float gemms (4 rows × 4 tokens of accumulators).
-    const NT: usize = 4;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     #[inline]
@@ -199,53 +195,265 @@ pub(crate) mod float {
         out: &mut [&mut [f32]],
         wload: impl Fn(*const E, __mmask16) -> __m512,
     ) {
-        const R: usize = 4;
-        let rows = w.len() / n;
+        if out.len() >= PACK_MIN_TOKENS {
+            return PACKED.with_borrow_mut(|buf| packed_gemm(w, a, n, bias, out, &wload, buf));
+        }
+        let m = FloatTile(&wload, std::marker::PhantomData);
+        tile::float_gemm::<_, 4>(&m, w, a, n, bias, out)
+    }
+
+    /// The few-token float register tile for the shared driver: `float_micro` with the
+    /// element's 16-lane load.
+    struct FloatTile<'l, E, L>(&'l L, std::marker::PhantomData<E>);
+    impl<E, L: Fn(*const E, __mmask16) -> __m512> FloatMicro for FloatTile<'_, E, L> {
+        type E = E;
+        #[inline(always)]
+        unsafe fn tile<const R: usize, const T: usize>(
+            &self,
+            w: *const E,
+            a: *const f32,
+            n: usize,
+        ) -> [[f32; T]; R] {
+            // SAFETY: the caller's contract (`FloatMicro::tile`) is `float_micro`'s.
+            unsafe { float_micro::<E, R, T>(w, a, n, self.0) }
+        }
+    }
+
+    // ---------------------------------------------------------------------------------------
+    // Many tokens: the rows converted to f32 once, then a register tile of PR rows × PT tokens.
+    //
+    // Every (row, token) pair gets exactly the arithmetic of `float_micro`: lane j of its
+    // accumulator sums w·a over the columns ≡ j (mod 16) in ascending order with FMAs (a zero
+    // product for the lanes past n), and `red16` adds the 16 lanes in `hsum`'s order, so the
+    // result is bit-identical to the few-token path (which keeps F16/BF16/F32 batch-invariant).
+
+    /// From this many tokens on, a call converts its rows to f32 once and uses the packed tile.
+    const PACK_MIN_TOKENS: usize = 8;
+    /// Rows and tokens of the packed register tile (16 accumulators, reduced by one `red16`).
+    const PR: usize = 4;
+    const PT: usize = 4;
+    /// Columns per K block: the PT tokens' activations of a block (16 KiB) stay in L1 while
+    /// the packed rows stream from L2. A multiple of 16, so blocks split no step.
+    const KC: usize = 1024;
+
+    /// 16 f32 lanes, 64-byte aligned: one step of one packed row, or one saved accumulator.
+    #[repr(C, align(64))]
+    #[derive(Clone, Copy)]
+    pub(crate) struct V16([f32; 16]);
+
+    thread_local! {
+        /// Per thread: the packed rows, then the accumulators saved between K blocks.
+        static PACKED: std::cell::RefCell<Vec<V16>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// Lane sums of 16 vectors in `hsum`'s exact order (each pair of lanes is added as there),
+    /// four vectors per step: lane 4c+p of the result is the sum of `v[4p + c]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn red16(v: &[__m512; 16]) -> __m512 {
+        // lane j (< 8) + lane j+8, two vectors per result: [x: 8 lanes | y: 8 lanes].
+        let mut l1 = [_mm512_setzero_ps(); 8];
+        for (i, o) in l1.iter_mut().enumerate() {
+            let (x, y) = (v[2 * i], v[2 * i + 1]);
+            *o = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(x, y),
+                _mm512_shuffle_f32x4::<0xEE>(x, y),
+            );
+        }
+        // lane j (< 4) + lane j+4: one 128-bit chunk per vector, v[4i..4i+4].
+        let mut l2 = [_mm512_setzero_ps(); 4];
+        for (i, o) in l2.iter_mut().enumerate() {
+            let (x, y) = (l1[2 * i], l1[2 * i + 1]);
+            *o = _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x88>(x, y),
+                _mm512_shuffle_f32x4::<0xDD>(x, y),
+            );
+        }
+        // lanes 0+2 and 1+3 of each chunk: chunk c = [v[8i+c]: 2 lanes, v[8i+4+c]: 2 lanes].
+        let mut l3 = [_mm512_setzero_ps(); 2];
+        for (i, o) in l3.iter_mut().enumerate() {
+            let (x, y) = (l2[2 * i], l2[2 * i + 1]);
+            *o = _mm512_add_ps(
+                _mm512_shuffle_ps::<0x44>(x, y),
+                _mm512_shuffle_ps::<0xEE>(x, y),
+            );
+        }
+        // lane 0 + lane 1: chunk c = [v[c], v[4+c], v[8+c], v[12+c]].
+        _mm512_add_ps(
+            _mm512_shuffle_ps::<0x88>(l3[0], l3[1]),
+            _mm512_shuffle_ps::<0xDD>(l3[0], l3[1]),
+        )
+    }
+
+    /// `acc[r][t] += w_r·a_t` over `len` columns: `w` is a packed group (step-major, PR rows of
+    /// 16 per step), `a` token 0's first column (token t at `a + t·lda`). Steps past `len`
+    /// read zero activations (masked), matching `float_micro`'s tail.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn packed_micro<const T: usize>(
+        acc: &mut [[__m512; T]; PR],
+        w: *const V16,
+        a: *const f32,
+        lda: usize,
+        len: usize,
+    ) {
+        macro_rules! step {
+            ($s:expr, $m:expr) => {{
+                let (s, m): (usize, __mmask16) = ($s, $m);
+                let mut wv = [_mm512_setzero_ps(); PR];
+                for (r, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_load_ps(w.add(s * PR + r).cast());
+                }
+                for t in 0..T {
+                    let av = _mm512_maskz_loadu_ps(m, a.add(t * lda + 16 * s));
+                    for r in 0..PR {
+                        acc[r][t] = _mm512_fmadd_ps(wv[r], av, acc[r][t]);
+                    }
+                }
+            }};
+        }
+        let full = len / 16;
+        for s in 0..full {
+            step!(s, !0);
+        }
+        if !len.is_multiple_of(16) {
+            step!(full, ((1u32 << (len % 16)) - 1) as u16);
+        }
+    }
+
+    /// The tokens `t0..t0 + T` times every packed group, K block by K block.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn packed_tokens<const T: usize>(
+        packed: &[V16],
+        saved: &mut [V16],
+        a: *const f32,
+        n: usize,
+        t0: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    ) {
+        let rows = out[0].len();
         let tokens = out.len();
+        let (groups, steps) = (rows.div_ceil(PR), n.div_ceil(16));
+        let blocks = n.div_ceil(KC);
+        for kb in 0..blocks {
+            let c0 = kb * KC;
+            let len = KC.min(n - c0);
+            // The activations of the next K block (or of the next tokens' first block) are
+            // brought into L1 a slice per row group: a token row is one 4 KiB page at
+            // n = 1024, and the hardware prefetchers stop at page boundaries.
+            let (nt0, nc0) = if kb + 1 < blocks {
+                (t0, c0 + KC)
+            } else {
+                (t0 + T, 0)
+            };
+            let n_next = if nt0 < tokens {
+                (tokens - nt0).min(PT)
+            } else {
+                0
+            };
+            let next_steps = KC.min(n - nc0).div_ceil(16);
+            let next_lines = n_next * next_steps;
+            for g in 0..groups {
+                for i in next_lines * g / groups..next_lines * (g + 1) / groups {
+                    let p = a.add((nt0 + i / next_steps) * n + nc0 + 16 * (i % next_steps));
+                    _mm_prefetch::<_MM_HINT_T0>(p.cast());
+                }
+                let sv = saved.as_mut_ptr().add(g * PR * PT).cast::<__m512>();
+                let mut acc = [[_mm512_setzero_ps(); T]; PR];
+                if kb > 0 {
+                    for (r, ar) in acc.iter_mut().enumerate() {
+                        for (t, v) in ar.iter_mut().enumerate() {
+                            *v = _mm512_load_ps(sv.add(r * PT + t).cast());
+                        }
+                    }
+                }
+                let w = packed.as_ptr().add((g * steps + c0 / 16) * PR);
+                packed_micro::<T>(&mut acc, w, a.add(t0 * n + c0), n, len);
+                if kb + 1 < blocks {
+                    for (r, ar) in acc.iter().enumerate() {
+                        for (t, v) in ar.iter().enumerate() {
+                            _mm512_store_ps(sv.add(r * PT + t).cast(), *v);
+                        }
+                    }
+                    continue;
+                }
+                // v[4r + t] = acc[r][t]: chunk t of the sums is rows 4g.. of token t.
+                let mut v = [_mm512_setzero_ps(); 16];
+                for (r, ar) in acc.iter().enumerate() {
+                    for (t, x) in ar.iter().enumerate() {
+                        v[4 * r + t] = *x;
+                    }
+                }
+                let r0 = g * PR;
+                let nr = PR.min(rows - r0);
+                let mut b = [0.0f32; 4];
+                if let Some(bias) = bias {
+                    b[..nr].copy_from_slice(&bias[r0..r0 + nr]);
+                }
+                let sums =
+                    _mm512_add_ps(red16(&v), _mm512_broadcast_f32x4(_mm_loadu_ps(b.as_ptr())));
+                let mut res = [0.0f32; 16];
+                _mm512_storeu_ps(res.as_mut_ptr(), sums);
+                for t in 0..T {
+                    out[t0 + t][r0..r0 + nr].copy_from_slice(&res[4 * t..4 * t + nr]);
+                }
+            }
+        }
+    }
+
+    /// Every row of `w` times every token, the rows converted to f32 once into `buf`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn packed_gemm<E>(
+        w: &[E],
+        a: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+        wload: &impl Fn(*const E, __mmask16) -> __m512,
+        buf: &mut Vec<V16>,
+    ) {
+        let rows = w.len() / n;
+        let (groups, steps) = (rows.div_ceil(PR), n.div_ceil(16));
+        let need = groups * steps * PR + groups * PR * PT;
+        if buf.len() < need {
+            buf.resize(need, V16([0.0; 16]));
+        }
+        let (packed, saved) = buf[..need].split_at_mut(groups * steps * PR);
+        // Step-major groups: packed[(g·steps + s)·PR + r] = columns 16s.. of row 4g+r as f32,
+        // zero past the row's end and for rows past the last.
+        for g in 0..groups {
+            for s in 0..steps {
+                let rem = n - 16 * s;
+                let m: __mmask16 = if rem >= 16 {
+                    !0
+                } else {
+                    ((1u32 << rem) - 1) as u16
+                };
+                for r in 0..PR {
+                    let row = g * PR + r;
+                    let v = if row < rows {
+                        wload(w.as_ptr().add(row * n + 16 * s), m)
+                    } else {
+                        _mm512_setzero_ps()
+                    };
+                    _mm512_store_ps(packed.as_mut_ptr().add((g * steps + s) * PR + r).cast(), v);
+                }
+            }
+        }
+        let tokens = out.len();
+        let ap = a.as_ptr();
         let mut t0 = 0;
         while t0 < tokens {
-            let m = (tokens - t0).min(NT);
-            let ap = a.as_ptr().add(t0 * n);
-            let mut r = 0;
-            while r < rows {
-                let wp = w.as_ptr().add(r * n);
-                let mut put = |rr: usize, vals: &[f32]| {
-                    let b = bias.map_or(0.0, |b| b[r + rr]);
-                    for (t, v) in vals.iter().enumerate() {
-                        out[t0 + t][r + rr] = v + b;
-                    }
-                };
-                if rows - r >= R {
-                    macro_rules! tile {
-                        ($t:literal) => {{
-                            let v = float_micro::<E, R, $t>(wp, ap, n, &wload);
-                            for (rr, vr) in v.iter().enumerate() {
-                                put(rr, vr);
-                            }
-                        }};
-                    }
-                    match m {
-                        4 => tile!(4),
-                        3 => tile!(3),
-                        2 => tile!(2),
-                        _ => tile!(1),
-                    }
-                    r += R;
-                } else {
-                    macro_rules! tile {
-                        ($t:literal) => {{
-                            let v = float_micro::<E, 1, $t>(wp, ap, n, &wload);
-                            put(0, &v[0]);
-                        }};
-                    }
-                    match m {
-                        4 => tile!(4),
-                        3 => tile!(3),
-                        2 => tile!(2),
-                        _ => tile!(1),
-                    }
-                    r += 1;
-                }
+            let m = (tokens - t0).min(PT);
+            match m {
+                4 => packed_tokens::<4>(packed, saved, ap, n, t0, bias, out),
+                3 => packed_tokens::<3>(packed, saved, ap, n, t0, bias, out),
+                2 => packed_tokens::<2>(packed, saved, ap, n, t0, bias, out),
+                _ => packed_tokens::<1>(packed, saved, ap, n, t0, bias, out),
             }
             t0 += m;
         }
@@ -289,51 +497,13 @@ pub(crate) mod float {
         float_gemm_impl(w, a, n, bias, out, |p, m| _mm512_maskz_loadu_ps(m, p))
     }
 
-    pub(crate) fn f16_gemm(
-        w: &[f16],
-        a: &[f32],
-        n: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
-    ) {
-        gemm_shape(w.len(), a.len(), n, bias, out);
-        // SAFETY: see above.
-        unsafe { f16_gemm_impl(w, a, n, bias, out) }
-    }
-    pub(crate) fn bf16_gemm(
-        w: &[bf16],
-        a: &[f32],
-        n: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
-    ) {
-        gemm_shape(w.len(), a.len(), n, bias, out);
-        // SAFETY: see above.
-        unsafe { bf16_gemm_impl(w, a, n, bias, out) }
-    }
-    pub(crate) fn f32_gemm(
-        w: &[f32],
-        a: &[f32],
-        n: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
-    ) {
-        gemm_shape(w.len(), a.len(), n, bias, out);
-        // SAFETY: see above.
-        unsafe { f32_gemm_impl(w, a, n, bias, out) }
-    }
-
-    pub(crate) fn f16_f32(w: &[f16], a: &[f32]) -> f32 {
-        // SAFETY: see above.
-        unsafe { f16_f32_impl(w, a) }
-    }
-    pub(crate) fn bf16_f32(w: &[bf16], a: &[f32]) -> f32 {
-        // SAFETY: see above.
-        unsafe { bf16_f32_impl(w, a) }
-    }
-    pub(crate) fn f32_f32(w: &[f32], a: &[f32]) -> f32 {
-        // SAFETY: see above.
-        unsafe { f32_f32_impl(w, a) }
+    super::super::entry_points! { "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
+        gemm f16_gemm = f16_gemm_impl(f16, f32);
+        gemm bf16_gemm = bf16_gemm_impl(bf16, f32);
+        gemm f32_gemm = f32_gemm_impl(f32, f32);
+        dot f16_f32 = f16_f32_impl(f16, f32);
+        dot bf16_f32 = bf16_f32_impl(bf16, f32);
+        dot f32_f32 = f32_f32_impl(f32, f32);
     }
 }
 
@@ -831,132 +1001,18 @@ macro_rules! avx512_family {
             /// Tokens per register tile of the quantized kernels.
             const NT: usize = 4;
 
-            /// The K-quant register tile of this build for the shared driver.
-            struct KqTile;
-            impl Micro for KqTile {
-                type W = KPacked;
-                type A = Q8KTile;
-                const MAX_T: usize = NT;
-                #[inline(always)]
-                unsafe fn row<const T: usize>(
-                    w: *const KPacked,
-                    a: *const Q8KTile,
-                    n: usize,
-                ) -> [f32; T] {
-                    // SAFETY: the caller's contract (`Micro::row`) is `kq_micro`'s.
-                    unsafe { kq_micro::<T>(w, a, n) }
-                }
-            }
-
-            /// The Q8_0 register tile of this build for the shared driver.
-            struct Q8_0Tile4;
-            impl Micro for Q8_0Tile4 {
-                type W = Q8_0Packed;
-                type A = Q8_0Tile;
-                const MAX_T: usize = NT;
-                #[inline(always)]
-                unsafe fn row<const T: usize>(
-                    w: *const Q8_0Packed,
-                    a: *const Q8_0Tile,
-                    n: usize,
-                ) -> [f32; T] {
-                    // SAFETY: the caller's contract (`Micro::row`) is `q8_0_micro`'s.
-                    unsafe { q8_0_micro::<T>(w, a, n) }
-                }
-            }
-
-            #[target_feature(enable = $features)]
-            unsafe fn kq_gemm_impl(
-                w: &[KPacked],
-                a: &[Q8KTile],
-                n: usize,
-                bias: Option<&[f32]>,
-                out: &mut [&mut [f32]],
-            ) {
-                tile::gemm::<KqTile>(w, a, n, bias, out)
-            }
-
-            #[target_feature(enable = $features)]
-            unsafe fn q8_0_gemm_impl(
-                w: &[Q8_0Packed],
-                a: &[Q8_0Tile],
-                n: usize,
-                bias: Option<&[f32]>,
-                out: &mut [&mut [f32]],
-            ) {
-                tile::gemm::<Q8_0Tile4>(w, a, n, bias, out)
-            }
-
-            // Safe entry points for the tile kernels. SAFETY (all): reachable only through
-            // `WeightFormat::kernels` for a `cpu::Level` checked for this build's features; `gemm_shape` /
-            // the length checks below establish that every pointer offset the kernels form
-            // (row r < rows, token t < tokens, element i < n) stays inside the slices.
-            pub(crate) fn pack_q4k(row: &[BlockQ4K], out: &mut [KPacked]) {
-                assert_eq!(row.len(), out.len(), "pack_q4k: length");
-                // SAFETY: see above.
-                unsafe { pack_q4k_impl(row, out) }
-            }
-            pub(crate) fn pack_q5k(row: &[BlockQ5K], out: &mut [KPacked]) {
-                assert_eq!(row.len(), out.len(), "pack_q5k: length");
-                // SAFETY: see above.
-                unsafe { pack_q5k_impl(row, out) }
-            }
-            pub(crate) fn pack_q6k(row: &[BlockQ6K], out: &mut [KPacked]) {
-                assert_eq!(row.len(), out.len(), "pack_q6k: length");
-                // SAFETY: see above.
-                unsafe { pack_q6k_impl(row, out) }
-            }
-            pub(crate) fn pack_q8_0(row: &[BlockQ8_0], out: &mut [Q8_0Packed]) {
-                assert_eq!(
-                    crate::act::q8_0_tiles(row.len()),
-                    out.len(),
-                    "pack_q8_0: length"
-                );
-                // SAFETY: see above; gathers are masked to the blocks of `row`.
-                unsafe { pack_q8_0_impl(row, out) }
-            }
-            pub(crate) fn kq_gemm(
-                w: &[KPacked],
-                a: &[Q8KTile],
-                n: usize,
-                bias: Option<&[f32]>,
-                out: &mut [&mut [f32]],
-            ) {
-                gemm_shape(w.len(), a.len(), n, bias, out);
-                // SAFETY: see above.
-                unsafe { kq_gemm_impl(w, a, n, bias, out) }
-            }
-            pub(crate) fn q8_0_gemm(
-                w: &[Q8_0Packed],
-                a: &[Q8_0Tile],
-                n: usize,
-                bias: Option<&[f32]>,
-                out: &mut [&mut [f32]],
-            ) {
-                gemm_shape(w.len(), a.len(), n, bias, out);
-                // SAFETY: see above.
-                unsafe { q8_0_gemm_impl(w, a, n, bias, out) }
-            }
-            // Safe entry points. SAFETY (all): these are only reachable through a
-            // `WeightFormat::kernels` entry for a `cpu::Level` checked to support this
-            // build's features; slice accesses are bounds-checked by `zip`/indexing, and every
-            // raw load reads inside a block or inside `n = min(len)` elements (masked tails).
-            pub(crate) fn q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
-                // SAFETY: see above.
-                unsafe { q4k_q8k_impl(w, a) }
-            }
-            pub(crate) fn q5k_q8k(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
-                // SAFETY: see above.
-                unsafe { q5k_q8k_impl(w, a) }
-            }
-            pub(crate) fn q6k_q8k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
-                // SAFETY: see above.
-                unsafe { q6k_q8k_impl(w, a) }
-            }
-            pub(crate) fn q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
-                let n = w.len().min(a.len());
-                // SAFETY: see above (both slices cut to the common length first).
-                unsafe { q8_0_q8_0_impl(&w[..n], &a[..n]) }
+            // The safe entry points (`dot::entry_points` states why they are sound).
+            crate::dot::entry_points! { $features;
+                tile kq_gemm = kq_gemm_impl: kq_micro(KPacked, Q8KTile) x NT;
+                tile q8_0_gemm = q8_0_gemm_impl: q8_0_micro(Q8_0Packed, Q8_0Tile) x NT;
+                pack pack_q4k = pack_q4k_impl(BlockQ4K => KPacked, crate::dot::same);
+                pack pack_q5k = pack_q5k_impl(BlockQ5K => KPacked, crate::dot::same);
+                pack pack_q6k = pack_q6k_impl(BlockQ6K => KPacked, crate::dot::same);
+                pack pack_q8_0 = pack_q8_0_impl(BlockQ8_0 => Q8_0Packed, crate::act::q8_0_tiles);
+                dot q4k_q8k = q4k_q8k_impl(BlockQ4K, BlockQ8K);
+                dot q5k_q8k = q5k_q8k_impl(BlockQ5K, BlockQ8K);
+                dot q6k_q8k = q6k_q8k_impl(BlockQ6K, BlockQ8K);
+                dot q8_0_q8_0 = q8_0_q8_0_impl(BlockQ8_0, BlockQ8_0);
             }
         }
     };

@@ -64,6 +64,88 @@ impl Q8_0Packed {
     };
 }
 
+/// The safe entry points of one level's kernels, one line each, in a level module:
+///
+/// ```text
+/// entry_points! { "features";
+///     dot  q4k_q8k = q4k_q8k_impl(BlockQ4K, BlockQ8K);   // row dot
+///     gemm f16_gemm = f16_gemm_impl(f16, f32);            // tile gemm on rows as stored
+///     tile kq_gemm = kq_gemm_impl: kq_micro(KPacked, Q8KTile) x 4; // tile::gemm
+///     pack pack_q4k = pack_q4k_impl(BlockQ4K => KPacked, count);
+/// }
+/// ```
+///
+/// `tile` also writes the `#[target_feature(enable = "features")]` function (`kq_gemm_impl`)
+/// that absorbs the shared driver (`tile::gemm`, `#[inline(always)]`) with the level's micro
+/// kernel (one row × up to 4 tokens here) as its `Micro`, inlined; the
+/// other kinds wrap a `#[target_feature]` function the level wrote. `pack` checks that `out`
+/// holds `count(row.len())` units. SAFETY (every wrapper): a level module's functions are only
+/// reachable through `WeightFormat::kernels` for a `cpu::Level`, which exists only after the
+/// CPU was checked for the level's features; `dot` cuts both slices to their common length,
+/// `gemm`/`tile` check the shapes with [`gemm_shape`] and `pack` the lengths, which bounds
+/// every pointer offset the kernels form (rows, tokens, blocks and masked tails inside the
+/// slices).
+macro_rules! entry_points {
+    ($f:literal;) => {};
+    ($f:literal; dot $name:ident = $imp:ident($w:ty, $a:ty); $($rest:tt)*) => {
+        pub(crate) fn $name(w: &[$w], a: &[$a]) -> f32 {
+            let n = w.len().min(a.len());
+            // SAFETY: see `dot::entry_points`.
+            unsafe { $imp(&w[..n], &a[..n]) }
+        }
+        $crate::dot::entry_points!($f; $($rest)*);
+    };
+    ($f:literal; gemm $name:ident = $imp:ident($w:ty, $a:ty); $($rest:tt)*) => {
+        pub(crate) fn $name(
+            w: &[$w],
+            a: &[$a],
+            n: usize,
+            bias: Option<&[f32]>,
+            out: &mut [&mut [f32]],
+        ) {
+            $crate::dot::gemm_shape(w.len(), a.len(), n, bias, out);
+            // SAFETY: see `dot::entry_points`.
+            unsafe { $imp(w, a, n, bias, out) }
+        }
+        $crate::dot::entry_points!($f; $($rest)*);
+    };
+    ($f:literal; tile $name:ident = $imp:ident: $kernel:ident($w:ty, $a:ty) x $max_t:expr;
+        $($rest:tt)*) => {
+        #[target_feature(enable = $f)]
+        unsafe fn $imp(w: &[$w], a: &[$a], n: usize, bias: Option<&[f32]>, out: &mut [&mut [f32]]) {
+            struct Tile;
+            impl $crate::dot::tile::Micro for Tile {
+                type W = $w;
+                type A = $a;
+                const MAX_T: usize = $max_t;
+                #[inline(always)]
+                unsafe fn row<const T: usize>(w: *const $w, a: *const $a, n: usize) -> [f32; T] {
+                    // SAFETY: the caller's contract (`Micro::row`) is the kernel's.
+                    unsafe { $kernel::<T>(w, a, n) }
+                }
+            }
+            // SAFETY: the caller's contract is the driver's.
+            unsafe { $crate::dot::tile::gemm::<Tile>(w, a, n, bias, out) }
+        }
+        $crate::dot::entry_points!($f; gemm $name = $imp($w, $a); $($rest)*);
+    };
+    ($f:literal; pack $name:ident = $imp:ident($b:ty => $p:ty, $count:path); $($rest:tt)*) => {
+        pub(crate) fn $name(row: &[$b], out: &mut [$p]) {
+            assert_eq!($count(row.len()), out.len(), concat!(stringify!($name), ": length"));
+            // SAFETY: see `dot::entry_points`.
+            unsafe { $imp(row, out) }
+        }
+        $crate::dot::entry_points!($f; $($rest)*);
+    };
+}
+pub(crate) use entry_points;
+
+/// `n` packed units for `n` blocks (the K-quant packers' count).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) const fn same(n: usize) -> usize {
+    n
+}
+
 /// Check a [`GemmFn`] call's shape; returns (rows, tokens).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn gemm_shape(

@@ -231,37 +231,15 @@ macro_rules! neon_family {
                 float_dot(n, a, |i| vld1q_f32(w.as_ptr().add(i)), |i| w[i])
             }
 
-            // Safe entry points. SAFETY (all): only reachable through this build's `Kernels`
-            // `WeightFormat::kernels` entry for a `cpu::Level` checked for its features;
-            // block accesses go through `zip`, raw loads stay inside a block or below
-            // `n = min(len)` elements.
-            pub(crate) fn q4k_q8k(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
-                // SAFETY: see above.
-                unsafe { q4k_q8k_impl(w, a) }
-            }
-            pub(crate) fn q5k_q8k(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
-                // SAFETY: see above.
-                unsafe { q5k_q8k_impl(w, a) }
-            }
-            pub(crate) fn q6k_q8k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
-                // SAFETY: see above.
-                unsafe { q6k_q8k_impl(w, a) }
-            }
-            pub(crate) fn q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
-                // SAFETY: see above.
-                unsafe { q8_0_q8_0_impl(w, a) }
-            }
-            pub(crate) fn f16_f32(w: &[f16], a: &[f32]) -> f32 {
-                // SAFETY: see above.
-                unsafe { f16_f32_impl(w, a) }
-            }
-            pub(crate) fn bf16_f32(w: &[bf16], a: &[f32]) -> f32 {
-                // SAFETY: see above.
-                unsafe { bf16_f32_impl(w, a) }
-            }
-            pub(crate) fn f32_f32(w: &[f32], a: &[f32]) -> f32 {
-                // SAFETY: see above.
-                unsafe { f32_f32_impl(w, a) }
+            // The safe entry points (`dot::entry_points` states why they are sound).
+            crate::dot::entry_points! { $features;
+                dot q4k_q8k = q4k_q8k_impl(BlockQ4K, BlockQ8K);
+                dot q5k_q8k = q5k_q8k_impl(BlockQ5K, BlockQ8K);
+                dot q6k_q8k = q6k_q8k_impl(BlockQ6K, BlockQ8K);
+                dot q8_0_q8_0 = q8_0_q8_0_impl(BlockQ8_0, BlockQ8_0);
+                dot f16_f32 = f16_f32_impl(f16, f32);
+                dot bf16_f32 = bf16_f32_impl(bf16, f32);
+                dot f32_f32 = f32_f32_impl(f32, f32);
             }
         }
     };
