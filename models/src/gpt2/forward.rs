@@ -360,7 +360,7 @@ impl Gpt2 {
             // Final LayerNorm and the head, only for the rows asked for.
             let lnf = &self.weights.output_norm;
             // Checked on first use, only when logits are asked for.
-            let head = || self.weights.lm_head().checked_view(self.file());
+            let head = || self.weights.lm_head().checked_view();
             let (x, ln) = (&st.x[..t * c], &mut st.ln[..t * c]);
             // The head is step n_layer for a streamed model (only when it is used).
             let head_step = d.layer;
@@ -371,21 +371,14 @@ impl Gpt2 {
                         let last = &x[(t - 1) * c..];
                         ops::layer_norm(last, &lnf.w, &lnf.b, hp.eps, &mut ln[..c]);
                         self.enter_step(head_step);
-                        matmul(&head()?, &ln[..c], 1, None, o, &mut st.mm);
+                        matmul(head()?, &ln[..c], 1, None, o, &mut st.mm);
                         self.leave_step(head_step);
                     }
                 }
                 Output::AllLogits(o) => {
                     layer_norm_rows_par(x, &lnf.w, &lnf.b, hp.eps, ln);
                     self.enter_step(head_step);
-                    matmul(
-                        &head()?,
-                        ln,
-                        t,
-                        None,
-                        &mut o[start * v..end * v],
-                        &mut st.mm,
-                    );
+                    matmul(head()?, ln, t, None, &mut o[start * v..end * v], &mut st.mm);
                     self.leave_step(head_step);
                 }
                 Output::Hidden(o) => {
@@ -402,7 +395,7 @@ impl Gpt2 {
                     if n > 0 {
                         let o = &mut out[first * v..(first + n) * v];
                         self.enter_step(head_step);
-                        matmul(&head()?, &ln[..n * c], n, None, o, &mut st.mm);
+                        matmul(head()?, &ln[..n * c], n, None, o, &mut st.mm);
                         self.leave_step(head_step);
                     }
                 }
@@ -417,7 +410,6 @@ impl Gpt2 {
     fn forward(&self, st: &mut State, tokens: &[u32]) -> Result<(), RunError> {
         let hp = &self.hparams;
         let d = Dims::of(hp);
-        let file = self.file();
         let w = &self.weights;
         let (t, c, f) = (tokens.len(), d.embd, d.ff);
         let State {
@@ -442,8 +434,8 @@ impl Gpt2 {
         // x = wte[token] + wpe[pos]                                           (T, C)
         for (i, (xr, &tok)) in x.chunks_exact_mut(c).zip(tokens).enumerate() {
             let tmp_row = &mut tmp[..c];
-            embed_row(&w.token_embd, file, tok as usize, xr)?;
-            embed_row(&w.pos_embd, file, pos[i], tmp_row)?;
+            embed_row(&w.token_embd, tok as usize, xr)?;
+            embed_row(&w.pos_embd, pos[i], tmp_row)?;
             ops::add_inplace(xr, tmp_row);
         }
 
@@ -455,7 +447,7 @@ impl Gpt2 {
             layer_norm_rows_par(x, &lw.attn_norm.w, &lw.attn_norm.b, hp.eps, ln);
             // qkv = ln · W_qkvᵀ + b                                             (T, 3C)
             matmul(
-                &lw.attn_qkv.checked_view(file)?,
+                lw.attn_qkv.checked_view()?,
                 ln,
                 t,
                 Some(&lw.attn_qkv_b),
@@ -477,7 +469,7 @@ impl Gpt2 {
             }
             // x += att · W_oᵀ + b                                               (T, C)
             matmul(
-                &lw.attn_out.checked_view(file)?,
+                lw.attn_out.checked_view()?,
                 att,
                 t,
                 Some(&lw.attn_out_b),
@@ -490,7 +482,7 @@ impl Gpt2 {
             // ln = LN2(x)                                                       (T, C)
             layer_norm_rows_par(x, &lw.ffn_norm.w, &lw.ffn_norm.b, hp.eps, ln);
             // up = GELU(ln · W_upᵀ + b)                                         (T, F)
-            let w_up = lw.ffn_up.checked_view(file)?;
+            let w_up = lw.ffn_up.checked_view()?;
             matmul(&w_up, ln, t, Some(&lw.ffn_up_b), up, mm);
             if t > 1 {
                 up.par_chunks_mut(f).for_each(ops::gelu_inplace);
@@ -499,7 +491,7 @@ impl Gpt2 {
             }
             // x += up · W_downᵀ + b                                             (T, C)
             matmul(
-                &lw.ffn_down.checked_view(file)?,
+                lw.ffn_down.checked_view()?,
                 up,
                 t,
                 Some(&lw.ffn_down_b),
@@ -514,17 +506,12 @@ impl Gpt2 {
 }
 
 /// Row `r` of an embedding table, dequantized into `out` (C).
-fn embed_row(
-    m: &super::weights::Matrix,
-    file: &ggpt_gguf::GgufFile,
-    r: usize,
-    out: &mut [f32],
-) -> Result<(), RunError> {
-    let bytes = m.row(file, r).ok_or_else(|| {
+fn embed_row(m: &super::weights::Matrix, r: usize, out: &mut [f32]) -> Result<(), RunError> {
+    let bytes = m.row(r).ok_or_else(|| {
         RunError::BadRequest(format!("row {r} of {} is out of range", m.info.name))
     })?;
-    m.check_row(file, r)?;
-    ggpt_quant::tensor::dequantize(m.ty, bytes, out)
+    m.check_row(r)?;
+    ggpt_quant::tensor::dequantize(m.ty(), bytes, out)
         .map_err(|e| RunError::BadRequest(format!("{}: {e}", m.info.name)))
 }
 

@@ -170,7 +170,7 @@ impl Gpt2 {
         self.weights
             .matrices()
             .into_iter()
-            .try_for_each(|m| m.check(&self.file))
+            .try_for_each(|m| m.check())
     }
 
     /// The file's mapping, shared (to build a [`Residency`](crate::residency::Residency)).
