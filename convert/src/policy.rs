@@ -47,7 +47,7 @@ impl FileType {
         FileType::Q4KM,
     ];
 
-    pub fn code(self) -> u32 {
+    pub const fn code(self) -> u32 {
         self as u32
     }
 
@@ -55,15 +55,12 @@ impl FileType {
         FileType::KNOWN.into_iter().find(|t| t.code() == code)
     }
 
-    /// Upper-case label used in file names (`tiny-gpt2-Q4_K_M.gguf`), as llama.cpp names them.
-    pub fn label(self) -> &'static str {
-        match self {
-            FileType::F16 => "F16",
-            FileType::Q8_0 => "Q8_0",
-            FileType::Q6K => "Q6_K",
-            FileType::Q5KM => "Q5_K_M",
-            FileType::Q5KS => "Q5_K_S",
-            FileType::Q4KM => "Q4_K_M",
+    /// Upper-case label used in file names (`tiny-gpt2-Q4_K_M.gguf`): llama.cpp's name for
+    /// the file type ([`ggpt_gguf::file_type_name`]).
+    pub const fn label(self) -> &'static str {
+        match ggpt_gguf::file_type_name(self.code()) {
+            Some(name) => name,
+            None => panic!("a FileType without a llama.cpp name"),
         }
     }
 
@@ -99,6 +96,15 @@ impl FileType {
         }
     }
 }
+
+// Every file type has a llama.cpp name (evaluated at compile time, so `label` cannot panic).
+const _: () = {
+    let mut i = 0;
+    while i < FileType::KNOWN.len() {
+        FileType::KNOWN[i].label();
+        i += 1;
+    }
+};
 
 /// A type name that is not one of [`FileType::KNOWN`] (nor `all`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
