@@ -309,23 +309,6 @@ impl Weights {
         all
     }
 
-    /// Bytes of 2-D weight data referenced in the map.
-    pub fn matrix_bytes(&self) -> u64 {
-        let l: u64 = self
-            .layers
-            .iter()
-            .map(|l| {
-                l.attn_qkv.info.size
-                    + l.attn_out.info.size
-                    + l.ffn_up.info.size
-                    + l.ffn_down.info.size
-            })
-            .sum();
-        l + self.token_embd.info.size
-            + self.pos_embd.info.size
-            + self.output.as_ref().map_or(0, |m| m.info.size)
-    }
-
     /// Check and collect every tensor (shape and type), once [`check_tensor_set`] has passed.
     pub(crate) fn load(file: &Arc<GgufFile>, hp: &Hparams) -> Result<Weights, LoadError> {
         let ld = Loader {
