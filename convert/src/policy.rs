@@ -345,7 +345,7 @@ mod tests {
 
     #[test]
     fn use_more_bits_matches_reference_layer_sets() {
-        // GPT-2 Medium (24 layers), from reference-facts §C.
+        // GPT-2 Medium (24 layers): the layers llama-quantize gives more bits.
         let medium: Vec<usize> = (0..24).filter(|&i| use_more_bits(i, 24)).collect();
         assert_eq!(medium, [0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23]);
         // n = 6: n/8 = 0, 7n/8 = 5 → layers 2 and 5 (i − 0) % 3 == 2, plus 5 ≥ 5.
