@@ -320,7 +320,6 @@ impl Checkpoint {
             let _ = r;
         }
     }
-
 }
 
 /// Read a sharded checkpoint's index (`weight_map`: tensor name → shard file next to it) and
