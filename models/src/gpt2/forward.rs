@@ -483,7 +483,7 @@ impl Gpt2 {
             layer_norm_rows_par(x, &lw.ffn_norm.w, &lw.ffn_norm.b, hp.eps, ln);
             // up = GELU(ln · W_upᵀ + b)                                         (T, F)
             let w_up = lw.ffn_up.checked_view()?;
-            matmul(&w_up, ln, t, Some(&lw.ffn_up_b), up, mm);
+            matmul(w_up, ln, t, Some(&lw.ffn_up_b), up, mm);
             if t > 1 {
                 up.par_chunks_mut(f).for_each(ops::gelu_inplace);
             } else {
