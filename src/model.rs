@@ -140,37 +140,11 @@ impl Model {
     /// "Q8_0", "Q6_K", "Q4_K_M", …; "unknown" if the key is absent.
     pub fn file_type_name(&self) -> String {
         match self.file().get_u64(ggpt_gguf::gpt2::keys::FILE_TYPE) {
-            Ok(Some(t)) => file_type_name(t),
+            Ok(Some(t)) => u32::try_from(t)
+                .ok()
+                .and_then(ggpt_gguf::file_type_name)
+                .map_or_else(|| format!("ftype {t}"), str::to_string),
             _ => "unknown".to_string(),
         }
-    }
-}
-
-/// llama.cpp's `llama_ftype` values (include/llama.h) for the mixes ggpt reads.
-fn file_type_name(t: u64) -> String {
-    match t {
-        0 => "F32",
-        1 => "F16",
-        7 => "Q8_0",
-        14 => "Q4_K_S",
-        15 => "Q4_K_M",
-        16 => "Q5_K_S",
-        17 => "Q5_K_M",
-        18 => "Q6_K",
-        32 => "BF16",
-        other => return format!("ftype {other}"),
-    }
-    .to_string()
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn file_type_names_follow_llama_cpp() {
-        assert_eq!(super::file_type_name(1), "F16");
-        assert_eq!(super::file_type_name(7), "Q8_0");
-        assert_eq!(super::file_type_name(15), "Q4_K_M");
-        assert_eq!(super::file_type_name(18), "Q6_K");
-        assert_eq!(super::file_type_name(99), "ftype 99");
     }
 }

@@ -251,9 +251,31 @@ pub fn create_dir_all(path: &Path) -> io::Result<()> {
     })
 }
 
+/// Refuse to write `output` when it is one of `inputs`: the same path, or the same file through a
+/// symbolic or hard link. `lost` names what the write would destroy ("the input", "the
+/// checkpoint").
+pub fn refuse_input_as_output<'a>(
+    output: &Path,
+    inputs: impl IntoIterator<Item = &'a Path>,
+    lost: &str,
+) -> Result<(), UnusableOutput> {
+    let Some(input) = inputs.into_iter().find(|i| same_file(output, i)) else {
+        return Ok(());
+    };
+    let what = if input == output {
+        "is also the input".to_string()
+    } else {
+        format!("is the same file as the input {}", input.display())
+    };
+    Err(UnusableOutput::new(
+        output,
+        format!("{what}: the output would overwrite {lost}; choose another path"),
+    ))
+}
+
 /// Whether `a` and `b` name one existing file, through symbolic or hard links (same device and
 /// inode).
-pub fn same_file(a: &Path, b: &Path) -> bool {
+fn same_file(a: &Path, b: &Path) -> bool {
     let (Ok(x), Ok(y)) = (fs::metadata(a), fs::metadata(b)) else {
         return false;
     };
@@ -976,6 +998,23 @@ mod tests {
         ));
         assert!(!same_file(&a, &b));
         assert!(!same_file(&a, &dir.join("missing")));
+        let refuse = |out: &Path| {
+            refuse_input_as_output(out, [b.as_path(), a.as_path()], "the input")
+                .map_err(|e| e.problem)
+        };
+        assert_eq!(
+            refuse(&a),
+            Err(
+                "is also the input: the output would overwrite the input; choose another path"
+                    .into()
+            )
+        );
+        let through_link = refuse(&soft).unwrap_err();
+        assert!(
+            through_link.starts_with(&format!("is the same file as the input {}", a.display())),
+            "{through_link}"
+        );
+        assert_eq!(refuse(&dir.join("new.gguf")), Ok(()));
         fs::remove_dir_all(&dir).unwrap();
     }
 

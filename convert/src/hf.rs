@@ -5,7 +5,6 @@
 //! Every file is untrusted: each field is type-checked and range-checked, and every error names
 //! the file and what is wrong with it.
 
-use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -850,15 +849,6 @@ pub fn expected_tensors(c: &HfConfig) -> Vec<(String, String)> {
         }
     }
     out
-}
-
-/// Token → id map used by tests and tools that need to look tokens up.
-pub fn token_index(v: &HfVocab) -> HashMap<&str, usize> {
-    v.tokens
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.as_str(), i))
-        .collect()
 }
 
 #[cfg(test)]

@@ -28,7 +28,7 @@ use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
-use crate::atomic::{describe, same_file, AtomicFile, UnusableOutput};
+use crate::atomic::{describe, AtomicFile, UnusableOutput};
 use crate::hf::{expected_tensors, map_tensor_name, HfConfig, HfTensor, HfVocab, InputError};
 use crate::policy::{converter_type, tensor_order, Fallback, FileType, Policy};
 use crate::safetensors::{decode_f32, Checkpoint, SrcDtype};
@@ -212,16 +212,11 @@ fn refuse_input_as_output(paths: &[PathBuf], ckpt: &Checkpoint) -> anyhow::Resul
         .chain(SIDE_FILES.iter().map(|f| dir.join(f)))
         .collect();
     for out in paths {
-        if let Some(input) = inputs.iter().find(|i| same_file(out, i)) {
-            return Err(UnusableOutput::new(
-                out,
-                format!(
-                    "is the same file as the input {}: the output would overwrite the checkpoint; choose another path",
-                    input.display()
-                ),
-            )
-            .into());
-        }
+        crate::atomic::refuse_input_as_output(
+            out,
+            inputs.iter().map(PathBuf::as_path),
+            "the checkpoint",
+        )?;
     }
     Ok(())
 }

@@ -47,7 +47,7 @@ impl FileType {
         FileType::Q4KM,
     ];
 
-    pub fn code(self) -> u32 {
+    pub const fn code(self) -> u32 {
         self as u32
     }
 
@@ -55,15 +55,12 @@ impl FileType {
         FileType::KNOWN.into_iter().find(|t| t.code() == code)
     }
 
-    /// Upper-case label used in file names (`tiny-gpt2-Q4_K_M.gguf`), as llama.cpp names them.
-    pub fn label(self) -> &'static str {
-        match self {
-            FileType::F16 => "F16",
-            FileType::Q8_0 => "Q8_0",
-            FileType::Q6K => "Q6_K",
-            FileType::Q5KM => "Q5_K_M",
-            FileType::Q5KS => "Q5_K_S",
-            FileType::Q4KM => "Q4_K_M",
+    /// Upper-case label used in file names (`tiny-gpt2-Q4_K_M.gguf`): llama.cpp's name for
+    /// the file type ([`ggpt_gguf::file_type_name`]).
+    pub const fn label(self) -> &'static str {
+        match ggpt_gguf::file_type_name(self.code()) {
+            Some(name) => name,
+            None => panic!("a FileType without a llama.cpp name"),
         }
     }
 
@@ -99,6 +96,15 @@ impl FileType {
         }
     }
 }
+
+// Every file type has a llama.cpp name (evaluated at compile time, so `label` cannot panic).
+const _: () = {
+    let mut i = 0;
+    while i < FileType::KNOWN.len() {
+        FileType::KNOWN[i].label();
+        i += 1;
+    }
+};
 
 /// A type name that is not one of [`FileType::KNOWN`] (nor `all`).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -339,7 +345,7 @@ mod tests {
 
     #[test]
     fn use_more_bits_matches_reference_layer_sets() {
-        // GPT-2 Medium (24 layers), from reference-facts §C.
+        // GPT-2 Medium (24 layers): the layers llama-quantize gives more bits.
         let medium: Vec<usize> = (0..24).filter(|&i| use_more_bits(i, 24)).collect();
         assert_eq!(medium, [0, 1, 2, 5, 8, 11, 14, 17, 20, 21, 22, 23]);
         // n = 6: n/8 = 0, 7n/8 = 5 → layers 2 and 5 (i − 0) % 3 == 2, plus 5 ≥ 5.

@@ -20,7 +20,7 @@ use std::time::Instant;
 use ggpt_quant::tensor::{dequantize, quantize_into, validate_row_data};
 use ggpt_quant::GgmlType;
 
-use crate::atomic::{same_file, AtomicFile, UnusableOutput};
+use crate::atomic::{refuse_input_as_output, AtomicFile};
 use crate::hf::InputError;
 use crate::pipeline::{
     first_non_finite, scratch, FileSummary, OutputError, Progress, CHUNK_VALUES,
@@ -64,19 +64,7 @@ pub fn requantize(
     let n_layer = gg
         .get_u64(keys::BLOCK_COUNT)?
         .ok_or_else(|| bad("gpt2.block_count is missing".into()))? as usize;
-    if same_file(input, output) {
-        // Also through a symbolic or hard link: the same device and inode.
-        let what = if input == output {
-            "is also the input".to_string()
-        } else {
-            format!("is the same file as the input {}", input.display())
-        };
-        return Err(UnusableOutput::new(
-            output,
-            format!("{what}: the output would overwrite the input; choose another path"),
-        )
-        .into());
-    }
+    refuse_input_as_output(output, [input], "the input")?;
 
     let mut order: Vec<usize> = (0..gg.tensors().len()).collect();
     order.sort_by(|&a, &b| tensor_order(&gg.tensors()[a].name, &gg.tensors()[b].name));

@@ -320,15 +320,6 @@ impl Checkpoint {
             let _ = r;
         }
     }
-
-    /// Number of tensors per shard file (for messages and tests).
-    pub fn tensor_counts(&self) -> HashMap<&Path, usize> {
-        let mut m = HashMap::new();
-        for &s in self.index.values() {
-            *m.entry(self.shards[s].path.as_path()).or_insert(0) += 1;
-        }
-        m
-    }
 }
 
 /// Read a sharded checkpoint's index (`weight_map`: tensor name → shard file next to it) and

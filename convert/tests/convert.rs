@@ -198,7 +198,7 @@ fn expected_order(n_layer: usize) -> Vec<String> {
     v
 }
 
-/// Reference-facts §C for ftype Q4_K_M, tied head, every row a multiple of 256.
+/// llama-quantize's type for `name` in a Q4_K_M file (tied head, every row a multiple of 256).
 fn q4_k_m_type(name: &str, more_bits_layers: &[usize]) -> GgmlType {
     k_mix_type(name, Q4K, Q5K, more_bits_layers)
 }

@@ -15,7 +15,7 @@ mod value;
 mod write;
 
 pub use read::GgufFile;
-pub use types::GgmlType;
+pub use types::{file_type_name, GgmlType};
 pub use value::{Array, Value, ValueType};
 pub use write::GgufWriter;
 

@@ -120,3 +120,45 @@ impl fmt::Display for GgmlType {
         f.write_str(self.name())
     }
 }
+
+/// llama.cpp's file types (`llama_ftype` in include/llama.h): the `general.file_type` codes
+/// of the mixes ggpt writes or reads, with the names llama.cpp gives them.
+const FILE_TYPES: [(u32, &str); 9] = [
+    (0, "F32"),
+    (1, "F16"),
+    (7, "Q8_0"),
+    (14, "Q4_K_S"),
+    (15, "Q4_K_M"),
+    (16, "Q5_K_S"),
+    (17, "Q5_K_M"),
+    (18, "Q6_K"),
+    (32, "BF16"),
+];
+
+/// The name of `general.file_type` code `code` ("F16", "Q4_K_M", …), `None` for a code not in
+/// the table above.
+pub const fn file_type_name(code: u32) -> Option<&'static str> {
+    let mut i = 0;
+    while i < FILE_TYPES.len() {
+        if FILE_TYPES[i].0 == code {
+            return Some(FILE_TYPES[i].1);
+        }
+        i += 1;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn file_type_names_follow_llama_cpp() {
+        use super::file_type_name as name;
+        assert_eq!(name(1), Some("F16"));
+        assert_eq!(name(7), Some("Q8_0"));
+        assert_eq!(name(15), Some("Q4_K_M"));
+        assert_eq!(name(16), Some("Q5_K_S"));
+        assert_eq!(name(18), Some("Q6_K"));
+        assert_eq!(name(2), None);
+        assert_eq!(name(99), None);
+    }
+}

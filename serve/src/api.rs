@@ -497,35 +497,6 @@ async fn detokenize(State(app): State<Arc<App>>, body: Bytes) -> Result<Response
     Ok(Json(json!({"content": text, "model": served.name})).into_response())
 }
 
-/// Sampler settings, presence and frequency penalties, logit bias, seed.
-type Sampling = (SamplerConfig, f32, f32, Vec<(u32, f32)>, Option<u64>);
-
-/// Settings shared by completions and chat.
-fn sampling(f: &Fields, n_vocab: usize) -> Result<Sampling, ApiError> {
-    let temperature = f.f64_in("temperature", 0.0, 2.0)?.unwrap_or(1.0) as f32;
-    let top_p = f.f64_in("top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32;
-    if top_p == 0.0 {
-        return Err(ApiError::invalid("top_p", "'top_p' must be greater than 0"));
-    }
-    let top_k = f.int_in("top_k", 0, n_vocab as i64)?.unwrap_or(0) as usize;
-    let min_p = f.f64_in("min_p", 0.0, 1.0)?.unwrap_or(0.0) as f32;
-    let repeat_penalty = f.f64_in("repeat_penalty", 0.01, 10.0)?.unwrap_or(1.0) as f32;
-    let presence = f.f64_in("presence_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32;
-    let frequency = f.f64_in("frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32;
-    let bias = f.logit_bias(n_vocab)?;
-    let seed = f.seed("seed")?;
-    let cfg = SamplerConfig {
-        temperature,
-        top_k,
-        top_p,
-        min_p,
-        repeat_penalty,
-        repeat_last_n: 64,
-        seed: 0,
-    };
-    Ok((cfg, presence, frequency, bias, seed))
-}
-
 /// What a generation request resolved to.
 struct Gen {
     model: usize,
@@ -570,6 +541,77 @@ fn stream_flags(f: &Fields) -> Result<(bool, bool), ApiError> {
     Ok((stream, include_usage))
 }
 
+impl Gen {
+    /// The fields completions and chat read alike, with OpenAI's meanings and defaults:
+    /// `model` (required), `n`, `stop`, `stream`/`stream_options`, and the sampling settings
+    /// (`temperature`, `top_p`, `top_k`, `min_p`, `repeat_penalty`, the presence and frequency
+    /// penalties, `logit_bias`, `seed`). The endpoint sets the prompts, `max_tokens` and the
+    /// log-probabilities, which the two name differently.
+    fn parse(app: &App, l: &Loaded, f: &Fields) -> Result<Gen, ApiError> {
+        let name = f.required_str("model")?;
+        let model = app.find(l, name)?;
+        let n_vocab = l.models[model].model.tokenizer().n_vocab();
+        let n = f.int_in("n", 1, request::MAX_N as i64)?.unwrap_or(1) as usize;
+        let stops = f.stop()?;
+        let (stream, include_usage) = stream_flags(f)?;
+        let temperature = f.f64_in("temperature", 0.0, 2.0)?.unwrap_or(1.0) as f32;
+        let top_p = f.f64_in("top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32;
+        if top_p == 0.0 {
+            return Err(ApiError::invalid("top_p", "'top_p' must be greater than 0"));
+        }
+        let top_k = f.int_in("top_k", 0, n_vocab as i64)?.unwrap_or(0) as usize;
+        let min_p = f.f64_in("min_p", 0.0, 1.0)?.unwrap_or(0.0) as f32;
+        let repeat_penalty = f.f64_in("repeat_penalty", 0.01, 10.0)?.unwrap_or(1.0) as f32;
+        let presence_penalty = f.f64_in("presence_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32;
+        let frequency_penalty = f.f64_in("frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32;
+        let logit_bias = f.logit_bias(n_vocab)?;
+        let seed = f.seed("seed")?;
+        Ok(Gen {
+            model,
+            name: name.to_string(),
+            prompts: Vec::new(),
+            n,
+            params: Params {
+                sampler: SamplerConfig {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    repeat_penalty,
+                    repeat_last_n: 64,
+                    seed: 0,
+                },
+                presence_penalty,
+                frequency_penalty,
+                logit_bias,
+                logprobs: None,
+                prompt_logprobs: false,
+                max_tokens: 0,
+                stop_at_eos: true,
+            },
+            seed,
+            stops,
+            stream,
+            include_usage,
+        })
+    }
+
+    /// Set the prompts and `max_tokens`, refusing an empty prompt or one that leaves no room
+    /// for `max_tokens` in the context (`param` names the field the prompt came from).
+    fn with_prompts(
+        mut self,
+        prompts: Vec<Vec<u32>>,
+        max_tokens: usize,
+        n_ctx: usize,
+        param: &str,
+    ) -> Result<Gen, ApiError> {
+        check_context(&prompts, max_tokens, n_ctx, param)?;
+        self.prompts = prompts;
+        self.params.max_tokens = max_tokens;
+        Ok(self)
+    }
+}
+
 fn check_context(
     prompts: &[Vec<u32>],
     max_tokens: usize,
@@ -602,10 +644,8 @@ async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Result<Respons
     let l = app.loaded()?;
     let m = parse_object(&body)?;
     let f = Fields::new(&m);
-    let name = f.required_str("model")?;
-    let mi = app.find(l, name)?;
-    let model = &l.models[mi].model;
-    let n_vocab = model.tokenizer().n_vocab();
+    let mut gen = Gen::parse(&app, l, &f)?;
+    let tok = l.models[gen.model].model.tokenizer();
     f.refuse_unless(
         "suffix",
         |v| v.as_str() == Some(""),
@@ -616,47 +656,24 @@ async fn completions(State(app): State<Arc<App>>, body: Bytes) -> Result<Respons
         |v| v.as_u64() == Some(1),
         "is not supported (only best_of = 1): ranking candidates would hide the cost of generating them",
     )?;
-    let prompts = request::prompts("prompt", f.get("prompt"), n_vocab)?;
+    let prompts = request::prompts("prompt", f.get("prompt"), tok.n_vocab())?;
     let max_tokens = f
         .int_in("max_tokens", 0, i64::from(u32::MAX))?
         .unwrap_or(16) as usize;
-    let n = f.int_in("n", 1, request::MAX_N as i64)?.unwrap_or(1) as usize;
     let logprobs = f
         .int_in("logprobs", 0, request::MAX_LOGPROBS as i64)?
         .map(|x| x as usize);
     let echo = f.bool("echo")?.unwrap_or(false);
-    let stops = f.stop()?;
-    let (stream, include_usage) = stream_flags(&f)?;
-    let (sampler, presence, frequency, bias, seed) = sampling(&f, n_vocab)?;
-    let tok = model.tokenizer();
-    let prompts: Vec<Vec<u32>> = prompts
+    gen.params.logprobs = logprobs;
+    gen.params.prompt_logprobs = echo && logprobs.is_some();
+    let prompts = prompts
         .into_iter()
         .map(|p| match p {
             Prompt::Text(s) => tok.encode(&s),
             Prompt::Tokens(t) => t,
         })
         .collect();
-    check_context(&prompts, max_tokens, l.n_ctx, "prompt")?;
-    let gen = Gen {
-        model: mi,
-        name: name.to_string(),
-        prompts,
-        n,
-        params: Params {
-            sampler,
-            presence_penalty: presence,
-            frequency_penalty: frequency,
-            logit_bias: bias,
-            logprobs,
-            prompt_logprobs: echo && logprobs.is_some(),
-            max_tokens,
-            stop_at_eos: true,
-        },
-        seed,
-        stops,
-        stream,
-        include_usage,
-    };
+    let gen = gen.with_prompts(prompts, max_tokens, l.n_ctx, "prompt")?;
     generate(app, gen, Kind::Completion { echo }).await
 }
 
@@ -741,10 +758,7 @@ async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiE
     let l = app.loaded()?;
     let m = parse_object(&body)?;
     let f = Fields::new(&m);
-    let name = f.required_str("model")?;
-    let mi = app.find(l, name)?;
-    let model = &l.models[mi].model;
-    let n_vocab = model.tokenizer().n_vocab();
+    let mut gen = Gen::parse(&app, l, &f)?;
     let text = render_chat(f.get("messages"))?;
     for key in ["tools", "functions", "response_format"] {
         f.refuse_unless(
@@ -753,7 +767,7 @@ async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiE
             "is not supported: GPT-2 has no tool or format training",
         )?;
     }
-    let prompt = model.tokenizer().encode(&text);
+    let prompt = l.models[gen.model].model.tokenizer().encode(&text);
     let max_tokens = match f.int_in("max_completion_tokens", 0, i64::from(u32::MAX))? {
         Some(x) => Some(x),
         None => f.int_in("max_tokens", 0, i64::from(u32::MAX))?,
@@ -762,7 +776,6 @@ async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiE
         Some(x) => x as usize,
         None => l.n_ctx.saturating_sub(prompt.len()).max(1),
     };
-    let n = f.int_in("n", 1, request::MAX_N as i64)?.unwrap_or(1) as usize;
     let want_lp = f.bool("logprobs")?.unwrap_or(false);
     let top = f
         .int_in("top_logprobs", 0, request::MAX_CHAT_LOGPROBS as i64)?
@@ -773,33 +786,11 @@ async fn chat(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiE
             "'top_logprobs' needs 'logprobs': true",
         ));
     }
-    let mut stops = f.stop()?;
-    stops.push("\nUser:".into());
-    stops.push("\nSystem:".into());
-    let (stream, include_usage) = stream_flags(&f)?;
-    let (sampler, presence, frequency, bias, seed) = sampling(&f, n_vocab)?;
-    let prompts = vec![prompt];
-    check_context(&prompts, max_tokens, l.n_ctx, "messages")?;
-    let gen = Gen {
-        model: mi,
-        name: name.to_string(),
-        prompts,
-        n,
-        params: Params {
-            sampler,
-            presence_penalty: presence,
-            frequency_penalty: frequency,
-            logit_bias: bias,
-            logprobs: want_lp.then(|| top.unwrap_or(0)),
-            prompt_logprobs: false,
-            max_tokens,
-            stop_at_eos: true,
-        },
-        seed,
-        stops,
-        stream,
-        include_usage,
-    };
+    gen.params.logprobs = want_lp.then(|| top.unwrap_or(0));
+    // The transcript's next speaker ends the reply.
+    gen.stops.push("\nUser:".into());
+    gen.stops.push("\nSystem:".into());
+    let gen = gen.with_prompts(vec![prompt], max_tokens, l.n_ctx, "messages")?;
     generate(app, gen, Kind::Chat).await
 }
 

@@ -5,7 +5,7 @@ every file with `gguf.GGUFReader` (llama.cpp's reader, an implementation indepen
 and checks:
 - the metadata keys, their GGUF value types and values against config.json / vocab.json /
   merges.txt / tokenizer_config.json;
-- the tensor names, ggml types and shapes against llama.cpp's rules (reference-facts §A3, §C);
+- the tensor names, ggml types and shapes against llama.cpp's rules (`llama_tensor_get_type`);
 - that `gguf.quants.dequantize` of every tensor equals, value for value, what `ggpt dump`
   writes — llama.cpp's dequantizers agreeing with ours on our bytes;
 - that the F16 file holds exactly the fp16 weights of the safetensors source, Conv1D weights

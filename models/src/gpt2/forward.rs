@@ -413,7 +413,6 @@ impl Gpt2 {
     fn forward(&self, st: &mut State, tokens: &[u32]) -> Result<(), RunError> {
         let hp = &self.hparams;
         let d = Dims::of(hp);
-        let file = self.file();
         let w = &self.weights;
         let (t, c, f) = (tokens.len(), d.embd, d.ff);
         let State {
@@ -438,8 +437,8 @@ impl Gpt2 {
         // x = wte[token] + wpe[pos]                                           (T, C)
         for (i, (xr, &tok)) in x.chunks_exact_mut(c).zip(tokens).enumerate() {
             let tmp_row = &mut tmp[..c];
-            embed_row(&w.token_embd, file, tok as usize, xr)?;
-            embed_row(&w.pos_embd, file, pos[i], tmp_row)?;
+            embed_row(&w.token_embd, tok as usize, xr)?;
+            embed_row(&w.pos_embd, pos[i], tmp_row)?;
             ops::add_inplace(xr, tmp_row);
         }
 
@@ -494,17 +493,12 @@ impl Gpt2 {
 }
 
 /// Row `r` of an embedding table, dequantized into `out` (C).
-fn embed_row(
-    m: &super::weights::Matrix,
-    file: &ggpt_gguf::GgufFile,
-    r: usize,
-    out: &mut [f32],
-) -> Result<(), RunError> {
-    let bytes = m.row(file, r).ok_or_else(|| {
+fn embed_row(m: &super::weights::Matrix, r: usize, out: &mut [f32]) -> Result<(), RunError> {
+    let bytes = m.row(r).ok_or_else(|| {
         RunError::BadRequest(format!("row {r} of {} is out of range", m.info.name))
     })?;
-    m.check_row(file, r)?;
-    ggpt_quant::tensor::dequantize(m.ty, bytes, out)
+    m.check_row(r)?;
+    ggpt_quant::tensor::dequantize(m.ty(), bytes, out)
         .map_err(|e| RunError::BadRequest(format!("{}: {e}", m.info.name)))
 }
 

@@ -170,7 +170,7 @@ impl Gpt2 {
         self.weights
             .matrices()
             .into_iter()
-            .try_for_each(|m| m.check(&self.file))
+            .try_for_each(|m| m.check())
     }
 
     /// The file's mapping, shared (to build a [`Residency`](crate::residency::Residency)).
@@ -199,7 +199,7 @@ impl Gpt2 {
         if let Some(r) = &self.residency {
             let base = self.file.data_offset();
             match r.weight(base + m.info.offset, m.info.size) {
-                Ok(Some(bytes)) => return Ok(f(&m.checked_view_in(&self.file, &bytes)?)),
+                Ok(Some(bytes)) => return Ok(f(&m.checked_view_in(&bytes)?)),
                 Ok(None) => {}
                 Err(what) => {
                     return Err(RunError::InvalidWeights {
@@ -210,7 +210,7 @@ impl Gpt2 {
                 }
             }
         }
-        Ok(f(&m.checked_view(&self.file)?))
+        Ok(f(m.checked_view()?))
     }
 
     /// Forward-pass step `step` (block `step`, or the output head at n_layer) is about to run.

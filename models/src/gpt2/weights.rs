@@ -1,9 +1,10 @@
 //! GPT-2's tensors in a GGUF file: names, expected shapes and allowed types (llama.cpp's
 //! `LLM_ARCH_GPT2` table), checked once at load.
 //!
-//! 2-D weights are not copied: a [`Matrix`] records where the tensor lives and is turned
-//! into a borrowed [`QMatrix`] over the mmap at each use. The 1-D norms and biases (a few KiB
-//! per layer) are copied into `Vec<f32>` so the hot loops read plain f32 slices.
+//! 2-D weights are not copied: a [`Matrix`] holds a [`QMatrix`] over the mapped bytes, checked
+//! (type, shape, size, alignment) once at load, and hands it to every matmul as it is. The 1-D
+//! norms and biases (a few KiB per layer) are copied into `Vec<f32>` so the hot loops read plain
+//! f32 slices.
 //!
 //! The fp16 scales of a quantized matrix are checked the first time the matrix is used
 //! ([`Matrix::checked_view`]; an embedding lookup checks just the rows it reads), not at
@@ -11,7 +12,7 @@
 //! the forward pass is about to read it anyway, instead of faulting in the whole file before
 //! the first token. The outcome is kept, so each matrix is checked once per model.
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 
 use ggpt_gguf::{GgufFile, TensorInfo};
 use ggpt_quant::matmul::QMatrix;
@@ -83,30 +84,83 @@ pub fn check_tensor_set(file: &GgufFile, n_layer: u64) -> Result<(), LoadError> 
 const VECTOR_TYPES: &str = "F32, F16, BF16";
 
 /// A 2-D weight in the mapped file: `rows` rows of `cols` values (ne0 = cols, contiguous).
-#[derive(Clone, Debug)]
+/// Only the loader makes one, after [`QMatrix::new`] accepted the tensor's bytes.
+#[derive(Clone)]
 pub struct Matrix {
+    /// The tensor's entry in the file (name, offset, size).
     pub info: TensorInfo,
-    pub ty: GgmlType,
-    pub rows: usize,
-    pub cols: usize,
-    /// Bytes per row in `ty`.
-    pub row_bytes: usize,
+    /// The file whose bytes `m` borrows; holding it keeps them alive.
+    file: Arc<GgufFile>,
+    /// The weight over `file`'s bytes. `'static` only inside this struct: it is handed out
+    /// re-borrowed for the lifetime of `&self` (see [`Matrix::view`]).
+    m: QMatrix<'static>,
     /// The outcome of checking the quantized scales, once the matrix was first used.
     checked: OnceLock<Result<(), RunError>>,
 }
 
+impl std::fmt::Debug for Matrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Matrix")
+            .field("name", &self.info.name)
+            .field("m", &self.m)
+            .finish_non_exhaustive()
+    }
+}
+
 impl Matrix {
-    /// Borrow the weight from `file` (the file it was loaded from) for a matmul, without
-    /// checking its values (see [`Matrix::checked_view`]).
-    pub fn view<'a>(&self, file: &'a GgufFile) -> QMatrix<'a> {
-        QMatrix::new(self.ty, self.rows, self.cols, file.tensor_data(&self.info))
-            .expect("the matrix was checked when the model was loaded")
+    /// Check `info`'s bytes in `file` as a `rows × cols` weight the matmul can use.
+    fn new(
+        file: &Arc<GgufFile>,
+        info: &TensorInfo,
+        rows: usize,
+        cols: usize,
+    ) -> Result<Matrix, ggpt_quant::matmul::MatrixError> {
+        let data: &[u8] = file.tensor_data(info);
+        // SAFETY: `data` lies in `file`'s mapping (or its owned, 64-byte aligned buffer),
+        // which is created once when the file is opened and is neither moved, resized nor
+        // unmapped until the `GgufFile` is dropped. The `Arc` stored beside it keeps the
+        // `GgufFile` alive for as long as this `Matrix` (and every clone) exists, and the
+        // `'static` borrow never leaves the struct un-shortened (`view` ties it to `&self`).
+        let data: &'static [u8] = unsafe { &*std::ptr::from_ref::<[u8]>(data) };
+        let m = QMatrix::new(info.ty, rows, cols, data)?;
+        Ok(Matrix {
+            info: info.clone(),
+            file: Arc::clone(file),
+            m,
+            checked: OnceLock::new(),
+        })
+    }
+
+    /// The weight for a matmul, as checked at load, without checking its values (see
+    /// [`Matrix::checked_view`]).
+    pub fn view(&self) -> &QMatrix<'_> {
+        &self.m
     }
 
     /// [`Matrix::view`] once [`Matrix::check`] has passed.
-    pub fn checked_view<'a>(&self, file: &'a GgufFile) -> Result<QMatrix<'a>, RunError> {
-        self.check(file)?;
-        Ok(self.view(file))
+    pub fn checked_view(&self) -> Result<&QMatrix<'_>, RunError> {
+        self.check()?;
+        Ok(self.view())
+    }
+
+    /// The element type.
+    pub fn ty(&self) -> GgmlType {
+        self.m.ty()
+    }
+
+    /// Rows (output features).
+    pub fn rows(&self) -> usize {
+        self.m.rows()
+    }
+
+    /// Values per row (input features).
+    pub fn cols(&self) -> usize {
+        self.m.cols()
+    }
+
+    /// Bytes per row.
+    pub fn row_bytes(&self) -> usize {
+        self.m.row_bytes()
     }
 
     /// Check the fp16 scales of every block (ggml's row-data validation: a NaN or infinite
@@ -114,43 +168,42 @@ impl Matrix {
     /// called; later calls return the same outcome. The error names the file, the tensor
     /// and the first bad block. Float matrices are not read here: their values are checked
     /// by the caller's check of the outputs (reading them all would read the whole file).
-    pub fn check(&self, file: &GgufFile) -> Result<(), RunError> {
-        self.check_in(file, file.tensor_data(&self.info))
+    pub fn check(&self) -> Result<(), RunError> {
+        self.check_in(self.m.data())
     }
 
-    /// [`Matrix::view`] of the matrix's bytes held elsewhere (`data`: a copy of
-    /// its bytes in `file`, e.g. a streaming buffer), once [`Matrix::check`] passed on them.
-    pub fn checked_view_in<'a>(
-        &self,
-        file: &GgufFile,
-        data: &'a [u8],
-    ) -> Result<QMatrix<'a>, RunError> {
-        self.check_in(file, data)?;
-        QMatrix::new(self.ty, self.rows, self.cols, data).map_err(|e| RunError::InvalidWeights {
-            file: file.path().display().to_string(),
-            tensor: self.info.name.clone(),
-            what: e.to_string(),
+    /// [`Matrix::view`] of the matrix's bytes held elsewhere (`data`: a copy of its bytes,
+    /// e.g. a streaming buffer), once [`Matrix::check`] passed on them.
+    pub fn checked_view_in<'a>(&self, data: &'a [u8]) -> Result<QMatrix<'a>, RunError> {
+        self.check_in(data)?;
+        QMatrix::new(self.ty(), self.rows(), self.cols(), data).map_err(|e| {
+            RunError::InvalidWeights {
+                file: self.file.path().display().to_string(),
+                tensor: self.info.name.clone(),
+                what: e.to_string(),
+            }
         })
     }
 
-    /// [`Matrix::check`] on `data`, the matrix's bytes wherever they are held.
-    fn check_in(&self, file: &GgufFile, data: &[u8]) -> Result<(), RunError> {
-        if self.ty.block_size() == 1 {
+    /// [`Matrix::check`] on `data`, the matrix's bytes wherever they are held (the mapping,
+    /// or a copy that saves faulting the mapping in).
+    fn check_in(&self, data: &[u8]) -> Result<(), RunError> {
+        if self.ty().block_size() == 1 {
             return Ok(());
         }
         self.checked
             .get_or_init(|| {
-                let rows_per_chunk = (CHECK_CHUNK_BYTES / self.row_bytes.max(1)).max(1);
-                let chunk = rows_per_chunk * self.row_bytes;
+                let rows_per_chunk = (CHECK_CHUNK_BYTES / self.row_bytes()).max(1);
+                let chunk = rows_per_chunk * self.row_bytes();
                 let first_bad = data
                     .par_chunks(chunk.max(1))
                     .enumerate()
                     .filter_map(|(i, bytes)| {
-                        validate_row_data(self.ty, bytes).err().map(|e| (i, e))
+                        validate_row_data(self.ty(), bytes).err().map(|e| (i, e))
                     })
                     .min_by_key(|(i, _)| *i);
                 match first_bad {
-                    Some((i, e)) => Err(self.invalid(file, e, i * chunk)),
+                    Some((i, e)) => Err(self.invalid(e, i * chunk)),
                     None => Ok(()),
                 }
             })
@@ -159,23 +212,23 @@ impl Matrix {
 
     /// Check the scales of rows `r` only (an embedding lookup), unless the whole matrix was
     /// already checked.
-    pub fn check_row(&self, file: &GgufFile, r: usize) -> Result<(), RunError> {
-        if self.ty.block_size() == 1 {
+    pub fn check_row(&self, r: usize) -> Result<(), RunError> {
+        if self.ty().block_size() == 1 {
             return Ok(());
         }
         if let Some(done) = self.checked.get() {
             return done.clone();
         }
-        match self.row(file, r) {
-            Some(bytes) => validate_row_data(self.ty, bytes)
-                .map_err(|e| self.invalid(file, e, r * self.row_bytes)),
+        match self.row(r) {
+            Some(bytes) => validate_row_data(self.ty(), bytes)
+                .map_err(|e| self.invalid(e, r * self.row_bytes())),
             None => Ok(()),
         }
     }
 
     /// The error for `e`, found in the bytes starting at `offset` of the tensor: block
     /// indices are made relative to the whole tensor.
-    fn invalid(&self, file: &GgufFile, e: TensorError, offset: usize) -> RunError {
+    fn invalid(&self, e: TensorError, offset: usize) -> RunError {
         let e = match e {
             TensorError::NonFinite {
                 ty,
@@ -186,22 +239,23 @@ impl Matrix {
                 ty,
                 what,
                 field,
-                index: index + offset / self.ty.type_size(),
+                index: index + offset / self.ty().type_size(),
             },
             other => other,
         };
         RunError::InvalidWeights {
-            file: file.path().display().to_string(),
+            file: self.file.path().display().to_string(),
             tensor: self.info.name.clone(),
             what: e.to_string(),
         }
     }
 
     /// The bytes of row `r` (`None` if `r` is out of range).
-    pub fn row<'a>(&self, file: &'a GgufFile, r: usize) -> Option<&'a [u8]> {
-        let start = r.checked_mul(self.row_bytes)?;
-        file.tensor_data(&self.info)
-            .get(start..start.checked_add(self.row_bytes)?)
+    pub fn row(&self, r: usize) -> Option<&[u8]> {
+        let start = r.checked_mul(self.row_bytes())?;
+        self.m
+            .data()
+            .get(start..start.checked_add(self.row_bytes())?)
     }
 }
 
@@ -273,25 +327,8 @@ impl Weights {
         all
     }
 
-    /// Bytes of 2-D weight data referenced in the map.
-    pub fn matrix_bytes(&self) -> u64 {
-        let l: u64 = self
-            .layers
-            .iter()
-            .map(|l| {
-                l.attn_qkv.info.size
-                    + l.attn_out.info.size
-                    + l.ffn_up.info.size
-                    + l.ffn_down.info.size
-            })
-            .sum();
-        l + self.token_embd.info.size
-            + self.pos_embd.info.size
-            + self.output.as_ref().map_or(0, |m| m.info.size)
-    }
-
     /// Check and collect every tensor (shape and type), once [`check_tensor_set`] has passed.
-    pub(crate) fn load(file: &GgufFile, hp: &Hparams) -> Result<Weights, LoadError> {
+    pub(crate) fn load(file: &Arc<GgufFile>, hp: &Hparams) -> Result<Weights, LoadError> {
         let ld = Loader {
             file,
             path: file.path().display().to_string(),
@@ -334,7 +371,7 @@ impl Weights {
 }
 
 struct Loader<'f> {
-    file: &'f GgufFile,
+    file: &'f Arc<GgufFile>,
     path: String,
 }
 
@@ -372,35 +409,14 @@ impl Loader<'_> {
                 supported: ggpt_quant::format::weight_type_list(),
             });
         }
-        let bad = |what: String| LoadError::BadValues {
-            file: self.path.clone(),
-            name: name.to_string(),
-            what,
-        };
-        let row_bytes = info
-            .ty
-            .row_bytes(cols)
-            .ok_or_else(|| bad(format!("row of {cols} is not whole {} blocks", info.ty)))?;
-        // The reader validated size = rows × row bytes within the file; re-check the product
-        // here since everything below slices rows out of it.
-        let data = self.file.tensor_data(info);
-        if Some(data.len() as u64) != row_bytes.checked_mul(rows) {
-            return Err(bad(format!(
-                "holds {} bytes, expected {rows} rows × {row_bytes}",
-                data.len()
-            )));
-        }
-        // The matmul kernels view the bytes as blocks: check alignment and size the way
-        // they will, so a bad file is an error here rather than a panic mid-inference.
-        QMatrix::new(info.ty, rows as usize, cols as usize, data)
-            .map_err(|e| bad(e.to_string()))?;
-        Ok(Matrix {
-            info: info.clone(),
-            ty: info.ty,
-            rows: rows as usize,
-            cols: cols as usize,
-            row_bytes: row_bytes as usize,
-            checked: OnceLock::new(),
+        // The matmul kernels view the bytes as blocks: type, size and alignment are checked
+        // here, once, so a bad file is an error at load rather than a panic mid-inference.
+        Matrix::new(self.file, info, rows as usize, cols as usize).map_err(|e| {
+            LoadError::BadValues {
+                file: self.path.clone(),
+                name: name.to_string(),
+                what: e.to_string(),
+            }
         })
     }
 
