@@ -869,10 +869,7 @@ fn borrowed_string_arrays_equal_the_decoded_values() {
     let mut w = GgufWriter::new();
     w.add_kv("a.first", Value::from(vec!["x", "y z"]));
     w.add_kv("t.u32", Value::U32(7));
-    w.add_kv(
-        "a.tokens",
-        Value::Array(Array::String(tokens.clone())),
-    );
+    w.add_kv("a.tokens", Value::Array(Array::String(tokens.clone())));
     w.add_kv("a.empty", Value::Array(Array::String(vec![])));
     let bytes = write_file(&w, &[]);
     for metadata_first in [false, true] {
@@ -908,7 +905,9 @@ fn borrowed_string_arrays_equal_the_decoded_values() {
         .unwrap();
     let mut bad = bytes.clone();
     bad[at + 2] = 0xff;
-    let err = GgufFile::from_bytes(bad, "bad.gguf").unwrap_err().to_string();
+    let err = GgufFile::from_bytes(bad, "bad.gguf")
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("element 2999") && err.contains("UTF-8"),
         "{err}"

@@ -564,6 +564,30 @@ mod tests {
     }
 
     #[test]
+    fn clear_seq_gives_the_pages_back() {
+        // 1024 positions of one 64-wide f16 head, K and V: 256 KiB per sequence, whole pages.
+        let (n_ctx, hd) = (1024, 64);
+        let mut kv = KvCache::new(KvType::F16, 1, 2, n_ctx, 1, hd).unwrap();
+        for s in 0..2 {
+            for pos in 0..300 {
+                kv.store(0, s, pos, &row(hd, 1.0 + pos as f32), &row(hd, 2.0));
+            }
+            kv.set_len(s, 300);
+        }
+        kv.clear_seq(1);
+        assert_eq!((kv.len(1), kv.capacity(1)), (0, 0));
+        // The dropped pages read back as the kernel's zero pages; sequence 0 keeps its rows.
+        let (k, v) = read(&kv, 0, 1, 0, 300);
+        assert!(k.iter().chain(&v).all(|&x| x == 0.0));
+        let (k, _) = read(&kv, 0, 0, 0, 300);
+        assert_eq!(k[299 * hd], 300.0);
+        // The slot is reused from position 0.
+        kv.store(0, 1, 0, &row(hd, 7.0), &row(hd, 7.0));
+        kv.set_len(1, 1);
+        assert_eq!(read(&kv, 0, 1, 0, 1).0[0], 7.0);
+    }
+
+    #[test]
     fn overflowing_sizes_are_refused() {
         assert!(KvCache::new(KvType::F16, usize::MAX, 2, 1, 1, 1).is_err());
     }

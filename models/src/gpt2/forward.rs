@@ -153,8 +153,8 @@ impl State {
                 "n_seq = {n_seq} is not in 1..={MAX_SEQ}"
             )));
         }
-        let cache =
-            KvCache::new(kv, d.layer, n_seq, n_ctx, d.head, d.head_dim).map_err(RunError::BadRequest)?;
+        let cache = KvCache::new(kv, d.layer, n_seq, n_ctx, d.head, d.head_dim)
+            .map_err(RunError::BadRequest)?;
         Ok(State {
             cache,
             cap: 0,
