@@ -107,8 +107,10 @@ pub fn estimate(s: &MemShape, file_bytes: u64, tensor_bytes: u64, r: &RunShape) 
     let kv_bytes = kv_cache_bytes(s, r.n_ctx, r.n_seq, r.kv_elem);
     let t = r.n_batch.max(r.n_seq);
     let head_dim = s.n_embd / s.n_head.max(1);
-    // x, ln, att_heads, att, tmp (C each), qkv (3C) and the MLP hidden (F), f32.
-    let activations = 4 * t * (8 * s.n_embd + s.n_ff);
+    // f32 rows of x, ln (also the attention output), the head-major attention output (also
+    // the projection outputs), and one buffer for Q|K|V and then the MLP hidden (3C or F,
+    // the wider); each token's position and sequence (8 bytes each).
+    let activations = 4 * t * (3 * s.n_embd + (3 * s.n_embd).max(s.n_ff)) + 16 * t;
     // Q8_K activations of the widest input (F values: 292 bytes per 256).
     let quantized = t * s.n_ff.div_ceil(256) * 292;
     // Per thread: one head's K and V in f32 and two rows of scores (queries go in pairs).

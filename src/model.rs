@@ -71,8 +71,13 @@ impl Model {
     pub fn from_file(file: GgufFile) -> Result<Model> {
         let start = Instant::now();
         let file = Arc::new(file);
-        let gpt2 = Gpt2::from_gguf(Arc::clone(&file))?;
-        let tokenizer = Tokenizer::from_gguf(&file)?;
+        // Independent: the network's header checks and the tokenizer's tables (the larger
+        // part) are built on two cores.
+        let (gpt2, tokenizer) = rayon::join(
+            || Gpt2::from_gguf(Arc::clone(&file)),
+            || Tokenizer::from_gguf(&file),
+        );
+        let (gpt2, tokenizer) = (gpt2?, tokenizer?);
         if tokenizer.n_vocab() as u64 != gpt2.hparams().n_vocab {
             return Err(TokenizerError::Invalid {
                 file: file.path().display().to_string(),

@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
 
 use crate::value::{Array, Value, ValueType};
 use crate::{
@@ -30,6 +31,11 @@ const MIN_TENSOR_INFO: u64 = 8 + 4 + 8 + 4 + 8;
 const MIN_KV: u64 = 8 + 1 + 4 + 1;
 
 /// An opened, fully validated GGUF file.
+///
+/// Top-level arrays of strings (a tokenizer's 50,257 tokens and 50,000 merges) are validated
+/// when the file is opened but not copied: [`GgufFile::get_str_array`] borrows them from the
+/// file's bytes, and they become [`Value`]s only if [`GgufFile::get`] or
+/// [`GgufFile::metadata`] asks for them.
 pub struct GgufFile {
     data: Backing,
     path: PathBuf,
@@ -38,7 +44,9 @@ pub struct GgufFile {
     version: u32,
     alignment: u64,
     data_offset: u64,
-    metadata: Vec<(String, Value)>,
+    kvs: Vec<(String, Slot)>,
+    /// Every KV as a [`Value`], built on the first call that needs the string arrays as values.
+    metadata: OnceLock<Vec<(String, Value)>>,
     key_index: HashMap<String, usize>,
     tensors: Vec<TensorInfo>,
     tensor_index: HashMap<String, usize>,
@@ -49,7 +57,7 @@ impl std::fmt::Debug for GgufFile {
         f.debug_struct("GgufFile")
             .field("path", &self.path)
             .field("version", &self.version)
-            .field("n_kv", &self.metadata.len())
+            .field("n_kv", &self.kvs.len())
             .field("n_tensors", &self.tensors.len())
             .finish_non_exhaustive()
     }
@@ -113,7 +121,8 @@ impl GgufFile {
             version: header.version,
             alignment: header.alignment,
             data_offset: header.data_offset,
-            metadata: header.metadata,
+            kvs: header.kvs,
+            metadata: OnceLock::new(),
             key_index: header.key_index,
             tensors: header.tensors,
             tensor_index: header.tensor_index,
@@ -143,11 +152,53 @@ impl GgufFile {
 
     /// All KV pairs in file order.
     pub fn metadata(&self) -> &[(String, Value)] {
-        &self.metadata
+        self.metadata.get_or_init(|| {
+            self.kvs
+                .iter()
+                .map(|(k, slot)| {
+                    let v = match slot {
+                        Slot::Value(v) => v.clone(),
+                        Slot::Strings(run) => Value::Array(Array::String(
+                            self.strings(run).map(str::to_string).collect(),
+                        )),
+                    };
+                    (k.clone(), v)
+                })
+                .collect()
+        })
+    }
+
+    /// Number of metadata KV pairs.
+    pub fn n_kv(&self) -> usize {
+        self.kvs.len()
     }
 
     pub fn get(&self, key: &str) -> Option<&Value> {
-        self.key_index.get(key).map(|&i| &self.metadata[i].1)
+        let &i = self.key_index.get(key)?;
+        match &self.kvs[i].1 {
+            Slot::Value(v) => Some(v),
+            Slot::Strings(_) => Some(&self.metadata()[i].1),
+        }
+    }
+
+    /// Whether the metadata has `key`.
+    pub fn contains_key(&self, key: &str) -> bool {
+        self.key_index.contains_key(key)
+    }
+
+    /// The element count of the array at `key`; `None` if the key is missing or not an
+    /// array. Does not decode a string array.
+    pub fn array_len(&self, key: &str) -> Option<usize> {
+        let &i = self.key_index.get(key)?;
+        match &self.kvs[i].1 {
+            Slot::Strings(run) => Some(run.count),
+            Slot::Value(v) => v.as_array().map(|a| a.len()),
+        }
+    }
+
+    /// The strings of a run validated at open time, borrowed from the file's bytes.
+    fn strings<'a>(&'a self, run: &StrRun) -> impl ExactSizeIterator<Item = &'a str> + 'a {
+        run_strs(self.data.bytes(), run)
     }
 
     fn type_error(&self, key: &str, expected: &str, found: &Value) -> GgufError {
@@ -206,13 +257,17 @@ impl GgufFile {
         }
     }
 
+    /// An array of strings, borrowed from the file (no string is copied).
     pub fn get_str_array(&self, key: &str) -> Result<Option<Vec<&str>>, GgufError> {
-        match self.get(key) {
-            None => Ok(None),
-            Some(Value::Array(Array::String(v))) => {
+        let Some(&i) = self.key_index.get(key) else {
+            return Ok(None);
+        };
+        match &self.kvs[i].1 {
+            Slot::Strings(run) => Ok(Some(self.strings(run).collect())),
+            Slot::Value(Value::Array(Array::String(v))) => {
                 Ok(Some(v.iter().map(String::as_str).collect()))
             }
-            Some(v) => Err(self.type_error(key, "arr[str]", v)),
+            Slot::Value(v) => Err(self.type_error(key, "arr[str]", v)),
         }
     }
 
@@ -390,11 +445,42 @@ impl AlignedBuf {
 // ---------------------------------------------------------------------------------------------
 // Parsing
 
+/// The strings of `run` in `bytes` (the buffer the run was checked in).
+fn run_strs<'a>(bytes: &'a [u8], run: &StrRun) -> impl ExactSizeIterator<Item = &'a str> + 'a {
+    let mut pos = run.start;
+    (0..run.count).map(move |_| {
+        // The run was walked and checked when the file was opened (every length in
+        // bounds, every string valid UTF-8) and the bytes cannot change since, so these
+        // reads succeed; the fallbacks only keep this free of panics.
+        let mut len = [0u8; 8];
+        len.copy_from_slice(bytes.get(pos..pos + 8).unwrap_or(&[0; 8]));
+        let len = u64::from_le_bytes(len) as usize;
+        let end = (pos + 8).saturating_add(len);
+        let s = bytes.get(pos + 8..end).unwrap_or(&[]);
+        pos = end;
+        std::str::from_utf8(s).unwrap_or_default()
+    })
+}
+
+/// A metadata value as held by an open file.
+enum Slot {
+    Value(Value),
+    /// A top-level array of strings, left in the file's bytes.
+    Strings(StrRun),
+}
+
+/// `count` strings (u64 length, UTF-8 bytes) back to back from byte `start` of the file,
+/// checked when the file was opened.
+struct StrRun {
+    start: usize,
+    count: usize,
+}
+
 struct Header {
     version: u32,
     alignment: u64,
     data_offset: u64,
-    metadata: Vec<(String, Value)>,
+    kvs: Vec<(String, Slot)>,
     key_index: HashMap<String, usize>,
     tensors: Vec<TensorInfo>,
     tensor_index: HashMap<String, usize>,
@@ -470,6 +556,11 @@ impl<'a> Cursor<'a> {
 
     /// A u64 length then that many bytes of UTF-8 (invalid UTF-8 is an error, not replaced).
     fn string(&mut self, what: &str, max_len: u64) -> Result<String, GgufError> {
+        self.str_slice(what, max_len).map(str::to_string)
+    }
+
+    /// [`Cursor::string`], borrowed from the buffer.
+    fn str_slice(&mut self, what: &str, max_len: u64) -> Result<&'a str, GgufError> {
         let at = self.pos;
         let len = self.u64(what)?;
         if len > max_len {
@@ -480,7 +571,7 @@ impl<'a> Cursor<'a> {
         }
         let bytes = self.take(len, what)?;
         match std::str::from_utf8(bytes) {
-            Ok(s) => Ok(s.to_string()),
+            Ok(s) => Ok(s),
             Err(e) => Err(self.malformed(
                 at + 8 + e.valid_up_to(),
                 format!("{what}: string is not valid UTF-8"),
@@ -531,8 +622,8 @@ impl<'a> Cursor<'a> {
             .collect())
     }
 
-    /// Element type, count, elements. `depth` is the nesting level of this array.
-    fn array_value(&mut self, depth: u32) -> Result<Array, GgufError> {
+    /// An array's element type and count, checked against the limits and the bytes left.
+    fn array_header(&mut self, depth: u32) -> Result<(ValueType, u64), GgufError> {
         let at = self.pos;
         if depth >= MAX_ARRAY_DEPTH {
             return Err(self.malformed(
@@ -555,6 +646,39 @@ impl<'a> Cursor<'a> {
         if min_bytes > self.remaining() {
             return Err(self.truncated(&format!("array of {count} {elem}"), min_bytes));
         }
+        Ok((elem, count))
+    }
+
+    /// The strings of an array whose header was read: each checked (length, UTF-8) and
+    /// skipped, none copied.
+    fn str_run(&mut self, count: u64) -> Result<StrRun, GgufError> {
+        let start = self.pos;
+        for i in 0..count {
+            self.str_slice("string array element", MAX_STRING_LEN)
+                .map_err(|e| e.within(&format!("element {i}")))?;
+        }
+        Ok(StrRun {
+            start,
+            count: count as usize,
+        })
+    }
+
+    /// A metadata value: a top-level array of strings stays in the file ([`Slot::Strings`]).
+    fn slot(&mut self, ty: ValueType) -> Result<Slot, GgufError> {
+        if ty == ValueType::Array {
+            let mark = self.pos;
+            let (elem, count) = self.array_header(0)?;
+            if elem == ValueType::String {
+                return self.str_run(count).map(Slot::Strings);
+            }
+            self.pos = mark;
+        }
+        self.value(ty, 0).map(Slot::Value)
+    }
+
+    /// Element type, count, elements. `depth` is the nesting level of this array.
+    fn array_value(&mut self, depth: u32) -> Result<Array, GgufError> {
+        let (elem, count) = self.array_header(depth)?;
         let n = count as usize;
         Ok(match elem {
             ValueType::U8 => Array::U8(self.take(count, "u8 array")?.to_vec()),
@@ -651,7 +775,7 @@ fn parse_header(buf: &[u8], file: &str) -> Result<Header, GgufError> {
         ));
     }
 
-    let mut metadata = Vec::with_capacity(n_kv as usize);
+    let mut kvs = Vec::with_capacity(n_kv as usize);
     let mut key_index = HashMap::with_capacity(n_kv as usize);
     for i in 0..n_kv {
         let at = c.pos;
@@ -666,16 +790,21 @@ fn parse_header(buf: &[u8], file: &str) -> Result<Header, GgufError> {
         }
         let value = c
             .value_type("value type")
-            .and_then(|ty| c.value(ty, 0))
+            .and_then(|ty| c.slot(ty))
             .map_err(|e| e.within(&format!("metadata KV #{i} '{key}'")))?;
-        key_index.insert(key.clone(), metadata.len());
-        metadata.push((key, value));
+        key_index.insert(key.clone(), kvs.len());
+        kvs.push((key, value));
     }
 
     let alignment = match key_index.get(KEY_ALIGNMENT) {
         None => DEFAULT_ALIGNMENT,
         Some(&i) => {
-            let v = &metadata[i].1;
+            let v = match &kvs[i].1 {
+                Slot::Value(v) => v.clone(),
+                Slot::Strings(run) => Value::Array(Array::String(
+                    run_strs(buf, run).map(str::to_string).collect(),
+                )),
+            };
             match v.as_u64() {
                 Some(a) if a.is_power_of_two() => a,
                 _ => {
@@ -721,7 +850,7 @@ fn parse_header(buf: &[u8], file: &str) -> Result<Header, GgufError> {
         version,
         alignment,
         data_offset,
-        metadata,
+        kvs,
         key_index,
         tensors,
         tensor_index,

@@ -849,3 +849,67 @@ fn gguf_rs_reads_our_files_identically() {
         }
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// String arrays borrowed from the file
+
+/// Top-level string arrays are left in the file's bytes at open time: what
+/// `get_str_array` borrows must be exactly what the eager decoding (`metadata`, `get`) gives,
+/// whichever is asked first, and a bad string must still be refused when the file is opened.
+#[test]
+fn borrowed_string_arrays_equal_the_decoded_values() {
+    let tokens: Vec<String> = (0..3000)
+        .map(|i| match i % 4 {
+            0 => format!("Ġt{i}"),
+            1 => String::new(),
+            2 => "é€😀".repeat(i % 7),
+            _ => format!("<|{i}|>"),
+        })
+        .collect();
+    let mut w = GgufWriter::new();
+    w.add_kv("a.first", Value::from(vec!["x", "y z"]));
+    w.add_kv("t.u32", Value::U32(7));
+    w.add_kv("a.tokens", Value::Array(Array::String(tokens.clone())));
+    w.add_kv("a.empty", Value::Array(Array::String(vec![])));
+    let bytes = write_file(&w, &[]);
+    for metadata_first in [false, true] {
+        let f = GgufFile::from_bytes(bytes.clone(), "strings.gguf").unwrap();
+        if metadata_first {
+            assert_eq!(f.metadata(), w.metadata());
+        }
+        let borrowed = f.get_str_array("a.tokens").unwrap().unwrap();
+        assert_eq!(borrowed, tokens);
+        // The borrowed strings point into the file's bytes, not into copies.
+        let range = f.bytes().as_ptr_range();
+        assert!(borrowed
+            .iter()
+            .filter(|s| !s.is_empty())
+            .all(|s| range.contains(&s.as_ptr())));
+        assert_eq!(
+            f.get("a.tokens"),
+            Some(&Value::Array(Array::String(tokens.clone())))
+        );
+        assert_eq!(f.get_str_array("a.first").unwrap().unwrap(), ["x", "y z"]);
+        assert_eq!(f.get_str_array("a.empty").unwrap().unwrap().len(), 0);
+        assert!(f.get_str_array("t.u32").is_err());
+        assert_eq!(f.get_str_array("missing").unwrap(), None);
+        assert_eq!(f.n_kv(), 4);
+        assert_eq!(f.metadata(), w.metadata());
+    }
+
+    // A string that is not UTF-8 inside the array is still found at open, with its index.
+    let needle = b"<|2999|>";
+    let at = bytes
+        .windows(needle.len())
+        .position(|win| win == needle)
+        .unwrap();
+    let mut bad = bytes.clone();
+    bad[at + 2] = 0xff;
+    let err = GgufFile::from_bytes(bad, "bad.gguf")
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("element 2999") && err.contains("UTF-8"),
+        "{err}"
+    );
+}

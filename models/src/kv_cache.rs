@@ -1,21 +1,24 @@
 //! The key/value cache: every layer's K and V rows for the positions already processed, for
 //! one or more independent sequences.
 //!
-//! Layout: one block per (layer, sequence), `[head][row][head_dim]` with room for `cap` rows
-//! per head. One head of one sequence is a contiguous (cap, hd) block whose first `len` rows
-//! are filled, so a decode step reads each head's keys and values as one sequential stream
-//! (which the hardware prefetcher follows; a transposed `[hd][pos]` layout, tried first,
-//! turned each head into 64 short strided reads and made decoding at 576 tokens of context
-//! 5× slower), and copying a prompt to another sequence is one `memcpy` per (layer, head).
+//! Layout: one block per (sequence, layer, K or V), `[head][row][head_dim]` with room for
+//! `n_ctx` rows per head. One head of one sequence is a contiguous (n_ctx, hd) block whose
+//! first `len` rows are filled, so a decode step reads each head's keys and values as one
+//! sequential stream (which the hardware prefetcher follows; a transposed `[hd][pos]` layout,
+//! tried first, turned each head into 64 short strided reads and made decoding at 576 tokens
+//! of context 5× slower), and copying a prompt to another sequence is one `memcpy` per
+//! (layer, head). A sequence's blocks are contiguous, so giving its memory back is one call.
 //!
-//! Memory follows the work: a sequence's blocks start empty and grow as its tokens arrive
-//! ([`KvCache::reserve`], called before each batch with the exact rows it needs, at least
-//! doubling so that decoding one token at a time reallocates only O(log n_ctx) times), up
-//! to the `n_ctx` ceiling. A new block comes from a zeroed allocation that is never
-//! pre-filled — large ones are fresh pages from the kernel — so only the rows actually
-//! copied or stored are touched and counted in the resident set. A 5-token run with the
-//! default 1024-token context holds a few MiB of KV, not the whole context's 96 MiB (GPT-2
-//! Medium, F16). A server slot's memory is given back when its sequence is cleared.
+//! Memory follows the work without ever moving: the whole cache is one anonymous mapping of
+//! address space reserved when the cache is created, whose pages the kernel supplies
+//! (zeroed) only when a row is first stored in them. Nothing is allocated, copied or
+//! zero-filled as the context grows: row p of a head lands in the same place whether the
+//! sequence is 5 or 1000 tokens long, and the resident set follows the positions used, a
+//! page (4 KiB: 32 rows of a 64-wide f16 head) per head at a time. A 5-token run with the
+//! default 1024-token context holds 3 MiB of KV (GPT-2 Medium, F16: 24 layers × K,V × 16
+//! heads × one page), not the whole context's 96 MiB. Transparent huge pages are turned off
+//! for the mapping, which would otherwise make the first row of each block cost 2 MiB. A
+//! server slot's pages are given back to the kernel when its sequence is cleared.
 //!
 //! Elements are F16 by default (llama.cpp's default: half the memory, 96 MiB for GPT-2
 //! Medium at n_ctx 1024) or F32. Values are rounded to f16 when stored, so prefill and
@@ -23,13 +26,12 @@
 
 use half::f16;
 use half::slice::HalfFloatSliceExt;
-use half::vec::HalfBitsVecExt;
 
 use crate::attention::{f16_to_f32, HeadKv};
 
-/// Rows a block is allocated in multiples of (and at least): small enough that a short run
-/// costs little (16 rows of a 64-wide f16 head are 2 KiB), large enough that the first
-/// tokens of a decode do not reallocate every step.
+/// Rows a sequence's capacity is counted in multiples of (and at least): the accounting
+/// unit of [`KvCache::capacity`] and [`KvCache::allocated_bytes`], close to the kernel's
+/// page granularity for common head sizes (16 rows of a 64-wide f16 head are 2 KiB).
 const ROW_QUANTUM: usize = 16;
 
 /// Element type of the KV cache.
@@ -72,29 +74,41 @@ impl std::str::FromStr for KvType {
     }
 }
 
-/// An element type the cache can hold, with a zeroed allocation that does not touch its
-/// pages (`vec![0; n]` of a primitive becomes `calloc`; `vec![f16::ZERO; n]` would write
-/// every element).
-trait Elem: Copy {
-    fn zeroed(n: usize) -> Vec<Self>;
-}
+/// The element types the mapping is viewed as: plain values for which every bit pattern
+/// (including the all-zero pages the kernel supplies) is valid.
+trait Elem: Copy {}
+impl Elem for f32 {}
+impl Elem for f16 {}
 
-impl Elem for f32 {
-    fn zeroed(n: usize) -> Vec<f32> {
-        vec![0.0; n]
+/// The mapping viewed as `T`s.
+fn elems<T: Elem>(map: &memmap2::MmapMut) -> &[T] {
+    // SAFETY: an anonymous mapping is page-aligned (more than any `T` needs) and `len` bytes
+    // long, all initialised (zero until written); f32 and f16 accept every bit pattern. The
+    // slice borrows `map`, so the mapping outlives it.
+    unsafe {
+        std::slice::from_raw_parts(
+            map.as_ptr().cast::<T>(),
+            map.len() / std::mem::size_of::<T>(),
+        )
     }
 }
 
-impl Elem for f16 {
-    fn zeroed(n: usize) -> Vec<f16> {
-        vec![0u16; n].reinterpret_into()
+/// [`elems`], mutable.
+fn elems_mut<T: Elem>(map: &mut memmap2::MmapMut) -> &mut [T] {
+    // SAFETY: as in `elems`; the mutable borrow of `map` makes this the only view.
+    unsafe {
+        std::slice::from_raw_parts_mut(
+            map.as_mut_ptr().cast::<T>(),
+            map.len() / std::mem::size_of::<T>(),
+        )
     }
 }
 
-/// K and V storage: one vector per (layer, sequence) block, index `layer * n_seq + seq`.
-enum Store {
-    F16 { k: Vec<Vec<f16>>, v: Vec<Vec<f16>> },
-    F32 { k: Vec<Vec<f32>>, v: Vec<Vec<f32>> },
+/// The kernel's page size (4 KiB where it cannot be read).
+fn page_size() -> usize {
+    // SAFETY: sysconf only reads a system constant.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    usize::try_from(n).ok().filter(|&p| p > 0).unwrap_or(4096)
 }
 
 /// Per-layer K and V for `n_seq` sequences of up to `n_ctx` positions each.
@@ -105,50 +119,20 @@ pub struct KvCache {
     n_ctx: usize,
     n_head: usize,
     head_dim: usize,
-    store: Store,
-    /// Rows allocated per head in each of a sequence's blocks.
+    /// Every block, `[seq][layer][K, V][head][row][hd]`.
+    map: memmap2::MmapMut,
+    /// Rows counted as allocated per sequence: the positions reserved so far, rounded up to
+    /// [`ROW_QUANTUM`].
     cap: Vec<usize>,
     /// Filled positions per sequence.
     len: Vec<usize>,
 }
 
-/// `old` (n_head blocks of `old_cap` rows) moved into a zeroed allocation of n_head blocks
-/// of `new_cap` rows, copying the first `rows` rows of each head.
-fn regrow<T: Elem>(
-    old: &[T],
-    n_head: usize,
-    hd: usize,
-    old_cap: usize,
-    new_cap: usize,
-    rows: usize,
-) -> Vec<T> {
-    let mut new = T::zeroed(n_head * new_cap * hd);
-    if rows > 0 {
-        for h in 0..n_head {
-            let (from, to) = (h * old_cap * hd, h * new_cap * hd);
-            new[to..to + rows * hd].copy_from_slice(&old[from..from + rows * hd]);
-        }
-    }
-    new
-}
-
-/// Two distinct elements of `v`, the first shared and the second mutable.
-fn pair<T>(v: &mut [T], a: usize, b: usize) -> (&T, &mut T) {
-    debug_assert_ne!(a, b);
-    if a < b {
-        let (lo, hi) = v.split_at_mut(b);
-        (&lo[a], &mut hi[0])
-    } else {
-        let (lo, hi) = v.split_at_mut(a);
-        (&hi[0], &mut lo[b])
-    }
-}
-
 impl KvCache {
-    /// An empty cache that may grow to `n_ctx` positions per sequence; nothing is allocated
-    /// until positions are reserved. Sizes must already be validated by the caller (non-zero,
-    /// and the product small enough to allocate); `None` if the full cache's element count
-    /// overflows.
+    /// An empty cache that may grow to `n_ctx` positions per sequence: address space for
+    /// all of it is reserved, but no memory is used until rows are stored. Sizes must already
+    /// be validated by the caller (non-zero). Fails if the full cache's size overflows or the
+    /// address space cannot be reserved.
     pub fn new(
         ty: KvType,
         n_layer: usize,
@@ -156,32 +140,36 @@ impl KvCache {
         n_ctx: usize,
         n_head: usize,
         head_dim: usize,
-    ) -> Option<KvCache> {
-        n_layer
-            .checked_mul(n_seq)?
-            .checked_mul(n_ctx)?
-            .checked_mul(n_head)?
-            .checked_mul(head_dim)?
-            .checked_mul(2 * ty.size())?;
-        let blocks = n_layer * n_seq;
-        let store = match ty {
-            KvType::F16 => Store::F16 {
-                k: vec![Vec::new(); blocks],
-                v: vec![Vec::new(); blocks],
-            },
-            KvType::F32 => Store::F32 {
-                k: vec![Vec::new(); blocks],
-                v: vec![Vec::new(); blocks],
-            },
-        };
-        Some(KvCache {
+    ) -> Result<KvCache, String> {
+        let bytes = n_layer
+            .checked_mul(n_seq)
+            .and_then(|x| x.checked_mul(n_ctx))
+            .and_then(|x| x.checked_mul(n_head))
+            .and_then(|x| x.checked_mul(head_dim))
+            .and_then(|x| x.checked_mul(2 * ty.size()))
+            .filter(|&b| b <= isize::MAX as usize)
+            .ok_or_else(|| "KV cache size overflows".to_string())?;
+        let map = memmap2::MmapOptions::new()
+            .len(bytes.max(1))
+            .map_anon()
+            .map_err(|e| {
+                format!(
+                    "cannot reserve {:.1} MiB of address space for the KV cache: {e}",
+                    bytes as f64 / (1024.0 * 1024.0)
+                )
+            })?;
+        // Huge pages would make the first row stored in each block resident 2 MiB at once.
+        // Advisory: where the kernel refuses, the cache works the same, only coarser.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::NoHugePage);
+        Ok(KvCache {
             ty,
             n_layer,
             n_seq,
             n_ctx,
             n_head,
             head_dim,
-            store,
+            map,
             cap: vec![0; n_seq],
             len: vec![0; n_seq],
         })
@@ -207,7 +195,8 @@ impl KvCache {
     pub fn is_empty(&self, seq: usize) -> bool {
         self.len[seq] == 0
     }
-    /// Positions allocated for sequence `seq` (≥ its length, ≤ `n_ctx`).
+    /// Positions counted as allocated for sequence `seq` (≥ its length, ≤ `n_ctx`): those
+    /// reserved so far, rounded up to a multiple of 16.
     pub fn capacity(&self, seq: usize) -> usize {
         self.cap[seq]
     }
@@ -220,71 +209,48 @@ impl KvCache {
     pub fn bytes(&self) -> usize {
         self.n_seq * self.n_ctx * self.bytes_per_position()
     }
-    /// Bytes K and V are allocated now (what the rows reserved so far cost).
+    /// Bytes of K and V in use now (the rows reserved so far; the resident set rounds each
+    /// head's rows up to whole pages).
     pub fn allocated_bytes(&self) -> usize {
         self.cap.iter().sum::<usize>() * self.bytes_per_position()
     }
 
-    /// Make room for positions 0..n of `seq` (n ≤ `n_ctx`) in every layer. Growing keeps the
-    /// filled rows and at least doubles the capacity (capped at `n_ctx`), so appending one
-    /// position at a time costs O(log n_ctx) reallocations.
+    /// Count positions 0..n of `seq` (n ≤ `n_ctx`) as in use. Nothing moves: the rows'
+    /// place in the mapping is fixed, and their pages are supplied when first written.
     pub fn reserve(&mut self, seq: usize, n: usize) {
-        let cap = self.cap[seq];
-        if n <= cap {
-            return;
-        }
         debug_assert!(n <= self.n_ctx);
-        let new_cap = n
-            .max(2 * cap)
-            .next_multiple_of(ROW_QUANTUM)
-            .min(self.n_ctx)
-            .max(n);
-        let (nh, hd, rows) = (self.n_head, self.head_dim, self.len[seq]);
-        for layer in 0..self.n_layer {
-            let b = layer * self.n_seq + seq;
-            match &mut self.store {
-                Store::F16 { k, v } => {
-                    k[b] = regrow(&k[b], nh, hd, cap, new_cap, rows);
-                    v[b] = regrow(&v[b], nh, hd, cap, new_cap, rows);
-                }
-                Store::F32 { k, v } => {
-                    k[b] = regrow(&k[b], nh, hd, cap, new_cap, rows);
-                    v[b] = regrow(&v[b], nh, hd, cap, new_cap, rows);
-                }
-            }
+        if n > self.cap[seq] {
+            self.cap[seq] = n.next_multiple_of(ROW_QUANTUM).min(self.n_ctx).max(n);
         }
-        self.cap[seq] = new_cap;
     }
 
-    /// Block index and the start of `head` within it.
-    fn at(&self, layer: usize, seq: usize, head: usize) -> (usize, usize) {
-        (
-            layer * self.n_seq + seq,
-            head * self.cap[seq] * self.head_dim,
-        )
+    /// Element offset of row 0 of `head` of the K (`kv` = 0) or V (1) block of (layer, seq).
+    fn at(&self, layer: usize, seq: usize, kv: usize, head: usize) -> usize {
+        (((seq * self.n_layer + layer) * 2 + kv) * self.n_head + head) * self.n_ctx * self.head_dim
     }
 
     /// Store one token's K and V rows (each C = n_head·hd values, heads concatenated, as the
-    /// QKV projection produces them) at `pos` of `seq` in `layer`, growing the sequence's
-    /// blocks if `pos` is beyond them. Does not change `len`: the caller commits the positions
-    /// with [`KvCache::set_len`] once all layers are done.
+    /// QKV projection produces them) at `pos` of `seq` in `layer`. Does not change `len`:
+    /// the caller commits the positions with [`KvCache::set_len`] once all layers are done.
     pub fn store(&mut self, layer: usize, seq: usize, pos: usize, k_row: &[f32], v_row: &[f32]) {
-        if pos >= self.cap[seq] {
-            self.reserve(seq, pos + 1);
-        }
+        self.reserve(seq, pos + 1);
         let hd = self.head_dim;
         for h in 0..self.n_head {
-            let (b, base) = self.at(layer, seq, h);
-            let at = base + pos * hd;
+            let (ka, va) = (
+                self.at(layer, seq, 0, h) + pos * hd,
+                self.at(layer, seq, 1, h) + pos * hd,
+            );
             let (kh, vh) = (&k_row[h * hd..(h + 1) * hd], &v_row[h * hd..(h + 1) * hd]);
-            match &mut self.store {
-                Store::F16 { k, v } => {
-                    k[b][at..at + hd].convert_from_f32_slice(kh);
-                    v[b][at..at + hd].convert_from_f32_slice(vh);
+            match self.ty {
+                KvType::F16 => {
+                    let e = elems_mut::<f16>(&mut self.map);
+                    e[ka..ka + hd].convert_from_f32_slice(kh);
+                    e[va..va + hd].convert_from_f32_slice(vh);
                 }
-                Store::F32 { k, v } => {
-                    k[b][at..at + hd].copy_from_slice(kh);
-                    v[b][at..at + hd].copy_from_slice(vh);
+                KvType::F32 => {
+                    let e = elems_mut::<f32>(&mut self.map);
+                    e[ka..ka + hd].copy_from_slice(kh);
+                    e[va..va + hd].copy_from_slice(vh);
                 }
             }
         }
@@ -293,17 +259,23 @@ impl KvCache {
     /// Positions 0..n of (layer, seq, head), read in place in the cache's element type (for
     /// a few queries: the kernel widens f16 rows as it goes).
     pub fn head(&self, layer: usize, seq: usize, head: usize, n: usize) -> HeadKv<'_> {
-        let (b, base) = self.at(layer, seq, head);
-        let r = base..base + n * self.head_dim;
-        match &self.store {
-            Store::F32 { k, v } => HeadKv::F32 {
-                k: &k[b][r.clone()],
-                v: &v[b][r],
-            },
-            Store::F16 { k, v } => HeadKv::F16 {
-                k: &k[b][r.clone()],
-                v: &v[b][r],
-            },
+        let m = n * self.head_dim;
+        let (ka, va) = (self.at(layer, seq, 0, head), self.at(layer, seq, 1, head));
+        match self.ty {
+            KvType::F32 => {
+                let e = elems::<f32>(&self.map);
+                HeadKv::F32 {
+                    k: &e[ka..ka + m],
+                    v: &e[va..va + m],
+                }
+            }
+            KvType::F16 => {
+                let e = elems::<f16>(&self.map);
+                HeadKv::F16 {
+                    k: &e[ka..ka + m],
+                    v: &e[va..va + m],
+                }
+            }
         }
     }
 
@@ -318,19 +290,18 @@ impl KvCache {
         n: usize,
         buf: &'a mut Vec<f32>,
     ) -> HeadKv<'a> {
-        let (b, base) = self.at(layer, seq, head);
         let m = n * self.head_dim;
-        match &self.store {
-            Store::F32 { .. } => self.head(layer, seq, head, n),
-            Store::F16 { k, v } => {
+        match self.head(layer, seq, head, n) {
+            HeadKv::F16 { k, v } => {
                 if buf.len() < 2 * m {
                     buf.resize(2 * m, 0.0);
                 }
                 let (kb, vb) = buf[..2 * m].split_at_mut(m);
-                f16_to_f32(&k[b][base..base + m], kb);
-                f16_to_f32(&v[b][base..base + m], vb);
+                f16_to_f32(k, kb);
+                f16_to_f32(v, vb);
                 HeadKv::F32 { k: kb, v: vb }
             }
+            f32_rows => f32_rows,
         }
     }
 
@@ -344,28 +315,15 @@ impl KvCache {
     /// before sampling several continuations), making them all the same length.
     pub fn fork(&mut self, src: usize) {
         let n = self.len[src];
-        let (nh, hd) = (self.n_head, self.head_dim);
-        let m = n * hd;
+        let m = n * self.head_dim;
+        let es = self.ty.size();
         for dst in (0..self.n_seq).filter(|&s| s != src) {
             self.reserve(dst, n);
-            let (cs, cd) = (self.cap[src], self.cap[dst]);
             for layer in 0..self.n_layer {
-                let (bs, bd) = (layer * self.n_seq + src, layer * self.n_seq + dst);
-                for h in 0..nh {
-                    let (f, t) = (h * cs * hd, h * cd * hd);
-                    match &mut self.store {
-                        Store::F16 { k, v } => {
-                            let (ks, kd) = pair(k, bs, bd);
-                            kd[t..t + m].copy_from_slice(&ks[f..f + m]);
-                            let (vs, vd) = pair(v, bs, bd);
-                            vd[t..t + m].copy_from_slice(&vs[f..f + m]);
-                        }
-                        Store::F32 { k, v } => {
-                            let (ks, kd) = pair(k, bs, bd);
-                            kd[t..t + m].copy_from_slice(&ks[f..f + m]);
-                            let (vs, vd) = pair(v, bs, bd);
-                            vd[t..t + m].copy_from_slice(&vs[f..f + m]);
-                        }
+                for kv in 0..2 {
+                    for h in 0..self.n_head {
+                        let (f, t) = (self.at(layer, src, kv, h), self.at(layer, dst, kv, h));
+                        self.map.copy_within(f * es..(f + m) * es, t * es);
                     }
                 }
             }
@@ -388,12 +346,23 @@ impl KvCache {
         }
         self.len[seq] = 0;
         self.cap[seq] = 0;
-        for layer in 0..self.n_layer {
-            let b = layer * self.n_seq + seq;
-            match &mut self.store {
-                Store::F16 { k, v } => (k[b], v[b]) = (Vec::new(), Vec::new()),
-                Store::F32 { k, v } => (k[b], v[b]) = (Vec::new(), Vec::new()),
-            }
+        // The sequence's blocks are one range; its whole pages go back to the kernel (the
+        // partial pages at its ends, shared with the neighbouring sequences, stay).
+        let page = page_size();
+        let per_seq = self.n_ctx * self.bytes_per_position();
+        let start = (seq * per_seq).next_multiple_of(page);
+        let end = ((seq + 1) * per_seq) / page * page;
+        if end > start {
+            // SAFETY: the `&mut self` borrow means no slice of the mapping is alive; the
+            // dropped pages read back as zeros, and every row is stored again before it is
+            // read (positions below `len` only, and `len` is now 0).
+            let _ = unsafe {
+                self.map.unchecked_advise_range(
+                    memmap2::UncheckedAdvice::DontNeed,
+                    start,
+                    end - start,
+                )
+            };
         }
     }
 }
@@ -533,9 +502,15 @@ mod tests {
             kv.reserve(0, 5);
             assert_eq!(kv.capacity(0), ROW_QUANTUM);
             assert_eq!(kv.allocated_bytes(), ROW_QUANTUM * per_pos);
-            // Appending one position at a time doubles, up to n_ctx and never past it; the
-            // rows already stored survive every reallocation, in every layer and head.
+            // Appending one position at a time grows the count by the quantum, up to n_ctx
+            // and never past it; nothing moves: a head's rows stay where they were first
+            // stored, and so do their values, in every layer and head.
             let c = n_head * hd;
+            let first_row = |kv: &KvCache| match kv.head(1, 0, 2, 1) {
+                HeadKv::F16 { k, .. } => k.as_ptr() as usize,
+                HeadKv::F32 { k, .. } => k.as_ptr() as usize,
+            };
+            let addr = first_row(&kv);
             let mut caps = vec![kv.capacity(0)];
             for pos in 0..n_ctx {
                 for layer in 0..n_layer {
@@ -547,7 +522,8 @@ mod tests {
                     caps.push(kv.capacity(0));
                 }
             }
-            assert_eq!(caps, [16, 32, 64, 100]);
+            assert_eq!(caps, [16, 32, 48, 64, 80, 96, 100]);
+            assert_eq!(first_row(&kv), addr);
             for layer in 0..n_layer {
                 for h in 0..n_head {
                     let (k, v) = read(&kv, layer, 0, h, n_ctx);
@@ -588,7 +564,31 @@ mod tests {
     }
 
     #[test]
+    fn clear_seq_gives_the_pages_back() {
+        // 1024 positions of one 64-wide f16 head, K and V: 256 KiB per sequence, whole pages.
+        let (n_ctx, hd) = (1024, 64);
+        let mut kv = KvCache::new(KvType::F16, 1, 2, n_ctx, 1, hd).unwrap();
+        for s in 0..2 {
+            for pos in 0..300 {
+                kv.store(0, s, pos, &row(hd, 1.0 + pos as f32), &row(hd, 2.0));
+            }
+            kv.set_len(s, 300);
+        }
+        kv.clear_seq(1);
+        assert_eq!((kv.len(1), kv.capacity(1)), (0, 0));
+        // The dropped pages read back as the kernel's zero pages; sequence 0 keeps its rows.
+        let (k, v) = read(&kv, 0, 1, 0, 300);
+        assert!(k.iter().chain(&v).all(|&x| x == 0.0));
+        let (k, _) = read(&kv, 0, 0, 0, 300);
+        assert_eq!(k[299 * hd], 300.0);
+        // The slot is reused from position 0.
+        kv.store(0, 1, 0, &row(hd, 7.0), &row(hd, 7.0));
+        kv.set_len(1, 1);
+        assert_eq!(read(&kv, 0, 1, 0, 1).0[0], 7.0);
+    }
+
+    #[test]
     fn overflowing_sizes_are_refused() {
-        assert!(KvCache::new(KvType::F16, usize::MAX, 2, 1, 1, 1).is_none());
+        assert!(KvCache::new(KvType::F16, usize::MAX, 2, 1, 1, 1).is_err());
     }
 }

@@ -21,8 +21,11 @@ use crate::attention;
 use crate::kv_cache::{KvCache, KvType};
 use crate::ops;
 
-/// Most tokens pushed through the layers at once.
-pub const UBATCH: usize = 512;
+/// Most tokens pushed through the layers at once. Each micro-batch reads every weight once,
+/// so fewer, larger ones are faster, but the activations grow with it (GPT-2 Medium: 28 KiB
+/// per token); 256 keeps them at 7 MiB while a 512-token prompt reads the weights twice
+/// instead of once (docs/performance.md).
+pub const UBATCH: usize = 256;
 
 /// Most sequences in one state (sampling this many continuations is already unusual).
 pub const MAX_SEQ: usize = 256;
@@ -121,18 +124,15 @@ pub struct State {
     cap: usize,
     /// Residual stream (T, C).
     x: Vec<f32>,
-    /// LayerNorm output (T, C).
+    /// LayerNorm output (T, C); between the QKV projection and the next LayerNorm, the
+    /// attention output token-major (T, C), the input of the output projection.
     ln: Vec<f32>,
-    /// Fused QKV projection (T, 3C).
-    qkv: Vec<f32>,
-    /// Attention output, head-major (H, T, hd), as the parallel heads write it.
-    att_heads: Vec<f32>,
-    /// Attention output, token-major (T, C), the input of the output projection.
-    att: Vec<f32>,
-    /// MLP hidden (T, F).
-    up: Vec<f32>,
-    /// Projection outputs before the residual add (T, C).
-    tmp: Vec<f32>,
+    /// Fused QKV projection (T, 3C) until attention has read it, then the MLP hidden (T, F):
+    /// (T, max(3C, F)).
+    wide: Vec<f32>,
+    /// Attention output head-major (H, T, hd), as the parallel heads write it, until it is
+    /// turned token-major; then the projection outputs before the residual add (T, C).
+    heads: Vec<f32>,
     /// Position and sequence of each token of the current micro-batch.
     pos: Vec<usize>,
     seq: Vec<usize>,
@@ -154,17 +154,14 @@ impl State {
             )));
         }
         let cache = KvCache::new(kv, d.layer, n_seq, n_ctx, d.head, d.head_dim)
-            .ok_or_else(|| RunError::BadRequest("KV cache size overflows".to_string()))?;
+            .map_err(RunError::BadRequest)?;
         Ok(State {
             cache,
             cap: 0,
             x: Vec::new(),
             ln: Vec::new(),
-            qkv: Vec::new(),
-            att_heads: Vec::new(),
-            att: Vec::new(),
-            up: Vec::new(),
-            tmp: Vec::new(),
+            wide: Vec::new(),
+            heads: Vec::new(),
             pos: Vec::new(),
             seq: Vec::new(),
             next: vec![0; n_seq],
@@ -177,14 +174,11 @@ impl State {
         if t <= self.cap {
             return;
         }
-        let (c, f) = (d.embd, d.ff);
+        let c = d.embd;
         self.x.resize(t * c, 0.0);
         self.ln.resize(t * c, 0.0);
-        self.qkv.resize(t * 3 * c, 0.0);
-        self.att_heads.resize(t * c, 0.0);
-        self.att.resize(t * c, 0.0);
-        self.up.resize(t * f, 0.0);
-        self.tmp.resize(t * c, 0.0);
+        self.wide.resize(t * wide_width(d), 0.0);
+        self.heads.resize(t * c, 0.0);
         self.pos.resize(t, 0);
         self.seq.resize(t, 0);
         self.cap = t;
@@ -213,13 +207,7 @@ impl State {
     /// Bytes of activation scratch currently allocated (excluding the KV cache and the
     /// matmul's own scratch).
     pub fn scratch_bytes(&self) -> usize {
-        4 * (self.x.len()
-            + self.ln.len()
-            + self.qkv.len()
-            + self.att_heads.len()
-            + self.att.len()
-            + self.up.len()
-            + self.tmp.len())
+        4 * (self.x.len() + self.ln.len() + self.wide.len() + self.heads.len())
     }
 }
 
@@ -419,24 +407,22 @@ impl Gpt2 {
             cache,
             x,
             ln,
-            qkv,
-            att_heads,
-            att,
-            up,
-            tmp,
+            wide,
+            heads,
             pos,
             seq,
             mm,
             ..
         } = st;
-        let (x, ln, qkv) = (&mut x[..t * c], &mut ln[..t * c], &mut qkv[..t * 3 * c]);
-        let (att_heads, att) = (&mut att_heads[..t * c], &mut att[..t * c]);
-        let (up, tmp) = (&mut up[..t * f], &mut tmp[..t * c]);
+        // Each buffer holds two activations whose lifetimes within a block do not overlap
+        // (see the fields of `State`).
+        let (x, ln, heads) = (&mut x[..t * c], &mut ln[..t * c], &mut heads[..t * c]);
+        let wide = &mut wide[..t * wide_width(d)];
         let (pos, seq) = (&pos[..t], &seq[..t]);
 
         // x = wte[token] + wpe[pos]                                           (T, C)
         for (i, (xr, &tok)) in x.chunks_exact_mut(c).zip(tokens).enumerate() {
-            let tmp_row = &mut tmp[..c];
+            let tmp_row = &mut heads[..c];
             embed_row(&w.token_embd, tok as usize, xr)?;
             embed_row(&w.pos_embd, pos[i], tmp_row)?;
             ops::add_inplace(xr, tmp_row);
@@ -449,6 +435,7 @@ impl Gpt2 {
             // ln = LN1(x)                                                       (T, C)
             layer_norm_rows_par(x, &lw.attn_norm.w, &lw.attn_norm.b, hp.eps, ln);
             // qkv = ln · W_qkvᵀ + b                                             (T, 3C)
+            let qkv = &mut wide[..t * 3 * c];
             self.with_weight(&lw.attn_qkv, |w| {
                 matmul(w, ln, t, Some(&lw.attn_qkv_b), qkv, mm)
             })?;
@@ -457,24 +444,26 @@ impl Gpt2 {
             for (i, row) in qkv.chunks_exact(3 * c).enumerate() {
                 cache.store(l, seq[i], pos[i], &row[c..2 * c], &row[2 * c..]);
             }
-            attention(cache, d, l, qkv, pos, seq, att_heads);
+            attention(cache, d, l, qkv, pos, seq, heads);
             // (H, T, hd) → (T, C): heads side by side, as the output projection expects.
             let hd = d.head_dim;
-            for (h, head_out) in att_heads.chunks_exact(t * hd).enumerate() {
+            let att = &mut *ln;
+            for (h, head_out) in heads.chunks_exact(t * hd).enumerate() {
                 for (i, r) in head_out.chunks_exact(hd).enumerate() {
                     att[i * c + h * hd..i * c + (h + 1) * hd].copy_from_slice(r);
                 }
             }
             // x += att · W_oᵀ + b                                               (T, C)
             self.with_weight(&lw.attn_out, |w| {
-                matmul(w, att, t, Some(&lw.attn_out_b), tmp, mm)
+                matmul(w, att, t, Some(&lw.attn_out_b), heads, mm)
             })?;
-            ops::add_inplace(x, tmp);
+            ops::add_inplace(x, heads);
 
             // --- MLP ---
             // ln = LN2(x)                                                       (T, C)
             layer_norm_rows_par(x, &lw.ffn_norm.w, &lw.ffn_norm.b, hp.eps, ln);
             // up = GELU(ln · W_upᵀ + b)                                         (T, F)
+            let up = &mut wide[..t * f];
             self.with_weight(&lw.ffn_up, |w| matmul(w, ln, t, Some(&lw.ffn_up_b), up, mm))?;
             if t > 1 {
                 up.par_chunks_mut(f).for_each(ops::gelu_inplace);
@@ -483,13 +472,18 @@ impl Gpt2 {
             }
             // x += up · W_downᵀ + b                                             (T, C)
             self.with_weight(&lw.ffn_down, |w| {
-                matmul(w, up, t, Some(&lw.ffn_down_b), tmp, mm)
+                matmul(w, up, t, Some(&lw.ffn_down_b), heads, mm)
             })?;
-            ops::add_inplace(x, tmp);
+            ops::add_inplace(x, heads);
             self.leave_step(l);
         }
         Ok(())
     }
+}
+
+/// Width of the buffer that holds Q|K|V (3C) and then the MLP hidden (F).
+fn wide_width(d: Dims) -> usize {
+    (3 * d.embd).max(d.ff)
 }
 
 /// Row `r` of an embedding table, dequantized into `out` (C).

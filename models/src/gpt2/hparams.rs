@@ -137,8 +137,8 @@ fn vocab_size(file: &GgufFile, path: &str, c: u64) -> Result<u64, LoadError> {
     }
     let n_vocab = te.dims[1];
     // llama.cpp sizes the vocabulary from the tokenizer; the two must agree.
-    if let Some(tokens) = file.get("tokenizer.ggml.tokens") {
-        let n = tokens.as_array().map(|a| a.len() as u64);
+    if file.contains_key("tokenizer.ggml.tokens") {
+        let n = file.array_len("tokenizer.ggml.tokens").map(|n| n as u64);
         if n != Some(n_vocab) {
             return Err(LoadError::BadHparam {
                 file: path.to_string(),
