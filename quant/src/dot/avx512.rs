@@ -17,7 +17,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 use super::tile::{self, Micro};
-use super::{gemm_shape, KPacked, Q8_0Packed};
+use super::{gemm_shape, KPacked, Q8_0Packed, PF_AHEAD};
 use crate::act::{Q8KTile, Q8_0Tile};
 use crate::kscale::scales_mins_bytes;
 use crate::q4_k::BlockQ4K;
@@ -357,6 +357,17 @@ macro_rules! avx512_family {
                 _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
             }
 
+            /// Prefetch the cache lines of `bytes` bytes starting `PF_AHEAD` bytes after `p`.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn prefetch_ahead(p: *const u8, bytes: usize) {
+                let mut o = 0;
+                while o < bytes {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PF_AHEAD + o).cast());
+                    o += 64;
+                }
+            }
+
             /// Σ over the superblock of scale(group) · Σ_group w·a, as 16 i32 lanes.
             /// `w`: the 256 unsigned values in element order; `a`: the Q8_K bytes;
             /// `s01`/`s23`: group scales laid out for `packs(D0,D1)`/`packs(D2,D3)`.
@@ -539,6 +550,10 @@ macro_rules! avx512_family {
                 let mut acc = _mm512_setzero_ps();
                 let mut acc_min = _mm256_setzero_ps();
                 for (x, y) in w.iter().zip(a) {
+                    prefetch_ahead(
+                        (x as *const BlockQ4K).cast(),
+                        std::mem::size_of::<BlockQ4K>(),
+                    );
                     let (s01, s23, mins) = k4_scales(&x.scales);
                     let isum = superblock(&unpack_q4k(&x.qs), y.qs.as_ptr(), s01, s23);
                     let imin = min_sums(mins, &y.bsums);
@@ -556,6 +571,10 @@ macro_rules! avx512_family {
                 let mut acc = _mm512_setzero_ps();
                 let mut acc_min = _mm256_setzero_ps();
                 for (x, y) in w.iter().zip(a) {
+                    prefetch_ahead(
+                        (x as *const BlockQ5K).cast(),
+                        std::mem::size_of::<BlockQ5K>(),
+                    );
                     let (s01, s23, mins) = k4_scales(&x.scales);
                     let isum = superblock(&unpack_q5k(&x.qs, &x.qh), y.qs.as_ptr(), s01, s23);
                     let imin = min_sums(mins, &y.bsums);
@@ -572,6 +591,10 @@ macro_rules! avx512_family {
             unsafe fn q6k_q8k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
                 let mut acc = _mm512_setzero_ps();
                 for (x, y) in w.iter().zip(a) {
+                    prefetch_ahead(
+                        (x as *const BlockQ6K).cast(),
+                        std::mem::size_of::<BlockQ6K>(),
+                    );
                     let (s01, s23, sc16) = k6_scales(&x.scales);
                     let isum = superblock(&unpack_q6k(&x.ql, &x.qh), y.qs.as_ptr(), s01, s23);
                     let d = y.d * f16_to_f32(x.d);
@@ -603,6 +626,7 @@ macro_rules! avx512_family {
                 let (w8, a8) = (w.chunks_exact(8), a.chunks_exact(8));
                 let (wr, ar) = (w8.remainder(), a8.remainder());
                 for (x, y) in w8.zip(a8) {
+                    prefetch_ahead(x.as_ptr().cast(), 8 * std::mem::size_of::<BlockQ8_0>());
                     let d = _mm512_castps256_ps512(_mm256_mul_ps(scales(x), scales(y)));
                     for p in 0..4 {
                         let s = q8_pair(pair(&x[2 * p..]), pair(&y[2 * p..]));

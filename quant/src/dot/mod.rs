@@ -27,6 +27,13 @@ mod tile;
 pub use crate::cpu::{available_isas, isa, Isa};
 pub use crate::format::{DotFn, GemmFn};
 
+/// How far ahead of the block being multiplied the x86 row-by-row kernels prefetch weights:
+/// about five 1024-column K-quant rows, so the next rows of a matrix-vector product are on
+/// their way while this one is multiplied. A prefetch never faults, so running past the end of
+/// the weights is harmless. docs/performance.md has the measurements behind the distance.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) const PF_AHEAD: usize = 3072;
+
 /// One K-quant superblock of a weight row, unpacked for the prefill kernels (384 bytes): the
 /// 256 values as unsigned bytes in the dword-transposed tile order of
 /// [`crate::act::Q8KTile`], and per 16-value group the scale `ws = d·sc_g` and the min factor
