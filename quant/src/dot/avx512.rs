@@ -17,7 +17,7 @@
 #![allow(clippy::missing_safety_doc)]
 
 use super::tile::{self, Micro};
-use super::{gemm_shape, KPacked, Q8_0Packed, PF_AHEAD};
+use super::{gemm_shape, prefetch_ahead, KPacked, Q8_0Packed};
 use crate::act::{Q8KTile, Q8_0Tile};
 use crate::kscale::scales_mins_bytes;
 use crate::q4_k::BlockQ4K;
@@ -357,17 +357,6 @@ macro_rules! avx512_family {
                 _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
             }
 
-            /// Prefetch the cache lines of `bytes` bytes starting `PF_AHEAD` bytes after `p`.
-            #[target_feature(enable = $features)]
-            #[inline]
-            unsafe fn prefetch_ahead(p: *const u8, bytes: usize) {
-                let mut o = 0;
-                while o < bytes {
-                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PF_AHEAD + o).cast());
-                    o += 64;
-                }
-            }
-
             /// Σ over the superblock of scale(group) · Σ_group w·a, as 16 i32 lanes.
             /// `w`: the 256 unsigned values in element order; `a`: the Q8_K bytes;
             /// `s01`/`s23`: group scales laid out for `packs(D0,D1)`/`packs(D2,D3)`.
@@ -532,6 +521,20 @@ macro_rules! avx512_family {
                 _mm256_madd_epi16(m16, _mm256_loadu_si256(bsums.as_ptr().cast()))
             }
 
+            /// `(y_d·d, y_d·dmin)` of a Q4_K/Q5_K superblock, broadcast to 16 and 8 lanes. `dd`
+            /// points at the block, which starts with the f16 `d` and `dmin` (both converted by
+            /// one `vcvtph2ps`; the products round exactly as the scalar `y_d * d`).
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn k4_dmin(dd: *const u8, y_d: f32) -> (__m512, __m256) {
+                let h = _mm_cvtsi32_si128(std::ptr::read_unaligned(dd.cast::<i32>()));
+                let f = _mm_mul_ps(_mm_cvtph_ps(h), _mm_set1_ps(y_d));
+                (
+                    _mm512_broadcastss_ps(f),
+                    _mm256_broadcastss_ps(_mm_movehdup_ps(f)),
+                )
+            }
+
             /// Q6_K values were taken as 0..63: apply their −32 offset, −32·Σ_g sc_g·Σ_group a,
             /// in integers so the result stays exact (|·| < 2.7e8 < 2³¹).
             #[target_feature(enable = $features)]
@@ -557,11 +560,9 @@ macro_rules! avx512_family {
                     let (s01, s23, mins) = k4_scales(&x.scales);
                     let isum = superblock(&unpack_q4k(&x.qs), y.qs.as_ptr(), s01, s23);
                     let imin = min_sums(mins, &y.bsums);
-                    let d = y.d * f16_to_f32(x.d);
-                    let dmin = y.d * f16_to_f32(x.dmin);
-                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d), acc);
-                    acc_min =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_set1_ps(dmin), acc_min);
+                    let (d, dmin) = k4_dmin((x as *const BlockQ4K).cast(), y.d);
+                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, acc);
+                    acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), dmin, acc_min);
                 }
                 hsum(acc) - hsum256(acc_min)
             }
@@ -578,11 +579,9 @@ macro_rules! avx512_family {
                     let (s01, s23, mins) = k4_scales(&x.scales);
                     let isum = superblock(&unpack_q5k(&x.qs, &x.qh), y.qs.as_ptr(), s01, s23);
                     let imin = min_sums(mins, &y.bsums);
-                    let d = y.d * f16_to_f32(x.d);
-                    let dmin = y.d * f16_to_f32(x.dmin);
-                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d), acc);
-                    acc_min =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_set1_ps(dmin), acc_min);
+                    let (d, dmin) = k4_dmin((x as *const BlockQ5K).cast(), y.d);
+                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, acc);
+                    acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), dmin, acc_min);
                 }
                 hsum(acc) - hsum256(acc_min)
             }
