@@ -597,6 +597,54 @@ fn simd_kquants_equal_scalar_on_random_blocks() {
     }
 }
 
+/// `rows` (a level's many-rows kernel) against `dot` row by row: the same bits for every row.
+fn check_rows<W: WeightFormat<Act = BlockQ8K>>(
+    l: Level,
+    what: &str,
+    r: &mut Rng,
+    rand: fn(&mut Rng) -> W,
+) -> bool {
+    let Some(rows) = W::rows_kernel(l) else {
+        return false;
+    };
+    let dot = W::kernels(l).dot;
+    for &n in &NBLOCKS {
+        for nrows in [1, 2, 3, 7] {
+            let a: Vec<_> = (0..n).map(|_| rand_q8k(r)).collect();
+            let w: Vec<_> = (0..n * nrows).map(|_| rand(r)).collect();
+            let mut out = vec![f32::NAN; nrows];
+            rows(&w, &a, &mut out);
+            for (i, (got, row)) in out.iter().zip(w.chunks_exact(n)).enumerate() {
+                let want = dot(row, &a);
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{what}: row {i} of {nrows}, {n} blocks: rows kernel {got}, dot {want}"
+                );
+            }
+        }
+    }
+    true
+}
+
+/// The many-rows K-quant kernels (decode) give every row exactly the bits of the row dot, so
+/// the matrix-vector path may use either.
+#[test]
+fn rows_kernels_equal_the_row_dot_bit_for_bit() {
+    let mut r = Rng(5);
+    for isa in available_isas() {
+        let l = isa.level().unwrap();
+        let have = [
+            check_rows::<BlockQ4K>(l, &format!("{isa} q4k"), &mut r, rand_q4k),
+            check_rows::<BlockQ5K>(l, &format!("{isa} q5k"), &mut r, rand_q5k),
+            check_rows::<BlockQ6K>(l, &format!("{isa} q6k"), &mut r, rand_q6k),
+        ];
+        // The AVX-512 levels have them for all three formats (so this test is not vacuous there).
+        let want = matches!(isa, Isa::Avx512 | Isa::Avx512Vnni);
+        assert_eq!(have, [want; 3], "{isa}: which formats have a rows kernel");
+    }
+}
+
 #[test]
 fn simd_q8_0_and_float_equal_scalar_on_random_data() {
     let mut r = Rng(2);

@@ -549,6 +549,7 @@ macro_rules! avx512_family {
             }
 
             #[target_feature(enable = $features)]
+            #[inline]
             unsafe fn q4k_q8k_impl(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
                 let mut acc = _mm512_setzero_ps();
                 let mut acc_min = _mm256_setzero_ps();
@@ -568,6 +569,7 @@ macro_rules! avx512_family {
             }
 
             #[target_feature(enable = $features)]
+            #[inline]
             unsafe fn q5k_q8k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
                 let mut acc = _mm512_setzero_ps();
                 let mut acc_min = _mm256_setzero_ps();
@@ -587,6 +589,7 @@ macro_rules! avx512_family {
             }
 
             #[target_feature(enable = $features)]
+            #[inline]
             unsafe fn q6k_q8k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
                 let mut acc = _mm512_setzero_ps();
                 for (x, y) in w.iter().zip(a) {
@@ -604,6 +607,37 @@ macro_rules! avx512_family {
                     );
                 }
                 hsum(acc)
+            }
+
+            /// Consecutive rows of `a.len()` blocks each, every one dotted with `a`:
+            /// `out[r] = dot(w[r·n..(r+1)·n], a)`, bit for bit what `dot` returns for that row.
+            /// One call per run of rows, so the kernel's constants are loaded once and no call
+            /// is made per row.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn rows_with<W>(
+                w: &[W],
+                a: &[BlockQ8K],
+                out: &mut [f32],
+                dot: impl Fn(&[W], &[BlockQ8K]) -> f32,
+            ) {
+                let n = a.len();
+                for (o, row) in out.iter_mut().zip(w.chunks_exact(n)) {
+                    *o = dot(row, a);
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn q4k_rows_impl(w: &[BlockQ4K], a: &[BlockQ8K], out: &mut [f32]) {
+                rows_with(w, a, out, |r, a| q4k_q8k_impl(r, a))
+            }
+            #[target_feature(enable = $features)]
+            unsafe fn q5k_rows_impl(w: &[BlockQ5K], a: &[BlockQ8K], out: &mut [f32]) {
+                rows_with(w, a, out, |r, a| q5k_q8k_impl(r, a))
+            }
+            #[target_feature(enable = $features)]
+            unsafe fn q6k_rows_impl(w: &[BlockQ6K], a: &[BlockQ8K], out: &mut [f32]) {
+                rows_with(w, a, out, |r, a| q6k_q8k_impl(r, a))
             }
 
             /// Q8_0 · Q8_0: eight blocks per step (four 64-byte pairs), so that the sixteen
@@ -975,6 +1009,21 @@ macro_rules! avx512_family {
             pub(crate) fn q6k_q8k(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
                 // SAFETY: see above.
                 unsafe { q6k_q8k_impl(w, a) }
+            }
+            pub(crate) fn q4k_rows(w: &[BlockQ4K], a: &[BlockQ8K], out: &mut [f32]) {
+                super::super::rows_shape(w.len(), a.len(), out.len());
+                // SAFETY: see above (the shape check makes every row a whole slice of `w`).
+                unsafe { q4k_rows_impl(w, a, out) }
+            }
+            pub(crate) fn q5k_rows(w: &[BlockQ5K], a: &[BlockQ8K], out: &mut [f32]) {
+                super::super::rows_shape(w.len(), a.len(), out.len());
+                // SAFETY: see above.
+                unsafe { q5k_rows_impl(w, a, out) }
+            }
+            pub(crate) fn q6k_rows(w: &[BlockQ6K], a: &[BlockQ8K], out: &mut [f32]) {
+                super::super::rows_shape(w.len(), a.len(), out.len());
+                // SAFETY: see above.
+                unsafe { q6k_rows_impl(w, a, out) }
             }
             pub(crate) fn q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
                 let n = w.len().min(a.len());

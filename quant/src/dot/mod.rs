@@ -25,7 +25,7 @@ pub(crate) mod neon;
 mod tile;
 
 pub use crate::cpu::{available_isas, isa, Isa};
-pub use crate::format::{DotFn, GemmFn};
+pub use crate::format::{DotFn, GemmFn, RowsFn};
 
 /// How far ahead of the block being multiplied the x86 row-by-row kernels prefetch weights:
 /// about five 1024-column K-quant rows, so the next rows of a matrix-vector product are on
@@ -106,6 +106,17 @@ pub(crate) fn gemm_shape(
         assert_eq!(b.len(), rows, "gemm: bias length");
     }
     (rows, tokens)
+}
+
+/// Check a [`crate::format::RowsFn`] call's shape: `out.len()` rows of `a` blocks in `w`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn rows_shape(w: usize, a: usize, out: usize) {
+    assert!(a > 0, "rows: empty activation row");
+    assert_eq!(
+        w,
+        a * out,
+        "rows: weight length is not out.len() rows of the activation's"
+    );
 }
 
 // SAFETY: repr(C) arrays of integers and floats without padding (sizes 384 and 576, multiples
