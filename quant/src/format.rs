@@ -258,8 +258,7 @@ pub fn weight_type_list() -> &'static str {
 
 /// The `WeightFormat` of a K-quant (Q4_K, Q5_K, Q6_K): Q8_K activations, `KPacked` tiles, and
 /// per level the row dot `$dot`, its many-rows form `$rows` (AVX-512 levels) and the packer
-/// `$pack` of that level's module (the tile gemm
-/// `kq_gemm` is shared by the three formats).
+/// `$pack` of that level's module (the tile gemm `kq_gemm` is shared by the three formats).
 macro_rules! k_quant_weight_format {
     ($block:ty, $dot:ident, $rows:ident, $pack:ident) => {
         impl $crate::format::WeightFormat for $block {
