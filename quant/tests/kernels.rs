@@ -598,11 +598,12 @@ fn simd_kquants_equal_scalar_on_random_blocks() {
 }
 
 /// `rows` (a level's many-rows kernel) against `dot` row by row: the same bits for every row.
-fn check_rows<W: WeightFormat<Act = BlockQ8K>>(
+fn check_rows<W: WeightFormat>(
     l: Level,
     what: &str,
     r: &mut Rng,
     rand: fn(&mut Rng) -> W,
+    rand_act: fn(&mut Rng) -> W::Act,
 ) -> bool {
     let Some(rows) = W::rows_kernel(l) else {
         return false;
@@ -610,7 +611,7 @@ fn check_rows<W: WeightFormat<Act = BlockQ8K>>(
     let dot = W::kernels(l).dot;
     for &n in &NBLOCKS {
         for nrows in [1, 2, 3, 7] {
-            let a: Vec<_> = (0..n).map(|_| rand_q8k(r)).collect();
+            let a: Vec<_> = (0..n).map(|_| rand_act(r)).collect();
             let w: Vec<_> = (0..n * nrows).map(|_| rand(r)).collect();
             let mut out = vec![f32::NAN; nrows];
             rows(&w, &a, &mut out);
@@ -627,7 +628,7 @@ fn check_rows<W: WeightFormat<Act = BlockQ8K>>(
     true
 }
 
-/// The many-rows K-quant kernels (decode) give every row exactly the bits of the row dot, so
+/// The many-rows kernels (decode: K-quants and Q8_0) give every row exactly the bits of the row dot, so
 /// the matrix-vector path may use either.
 #[test]
 fn rows_kernels_equal_the_row_dot_bit_for_bit() {
@@ -635,13 +636,14 @@ fn rows_kernels_equal_the_row_dot_bit_for_bit() {
     for isa in available_isas() {
         let l = isa.level().unwrap();
         let have = [
-            check_rows::<BlockQ4K>(l, &format!("{isa} q4k"), &mut r, rand_q4k),
-            check_rows::<BlockQ5K>(l, &format!("{isa} q5k"), &mut r, rand_q5k),
-            check_rows::<BlockQ6K>(l, &format!("{isa} q6k"), &mut r, rand_q6k),
+            check_rows::<BlockQ4K>(l, &format!("{isa} q4k"), &mut r, rand_q4k, rand_q8k),
+            check_rows::<BlockQ5K>(l, &format!("{isa} q5k"), &mut r, rand_q5k, rand_q8k),
+            check_rows::<BlockQ6K>(l, &format!("{isa} q6k"), &mut r, rand_q6k, rand_q8k),
+            check_rows::<BlockQ8_0>(l, &format!("{isa} q8_0"), &mut r, rand_q8_0, rand_q8_0),
         ];
-        // The AVX-512 levels have them for all three formats (so this test is not vacuous there).
+        // The AVX-512 levels have them for all four formats (so this test is not vacuous there).
         let want = matches!(isa, Isa::Avx512 | Isa::Avx512Vnni);
-        assert_eq!(have, [want; 3], "{isa}: which formats have a rows kernel");
+        assert_eq!(have, [want; 4], "{isa}: which formats have a rows kernel");
     }
 }
 

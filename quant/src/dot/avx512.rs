@@ -615,11 +615,11 @@ macro_rules! avx512_family {
             /// is made per row.
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn rows_with<W>(
+            unsafe fn rows_with<W, A>(
                 w: &[W],
-                a: &[BlockQ8K],
+                a: &[A],
                 out: &mut [f32],
-                dot: impl Fn(&[W], &[BlockQ8K]) -> f32,
+                dot: impl Fn(&[W], &[A]) -> f32,
             ) {
                 let n = a.len();
                 for (o, row) in out.iter_mut().zip(w.chunks_exact(n)) {
@@ -640,10 +640,16 @@ macro_rules! avx512_family {
                 rows_with(w, a, out, |r, a| q6k_q8k_impl(r, a))
             }
 
+            #[target_feature(enable = $features)]
+            unsafe fn q8_0_rows_impl(w: &[BlockQ8_0], a: &[BlockQ8_0], out: &mut [f32]) {
+                rows_with(w, a, out, |r, a| q8_0_q8_0_impl(r, a))
+            }
+
             /// Q8_0 · Q8_0: eight blocks per step (four 64-byte pairs), so that the sixteen
             /// f16 scales convert in two instructions; `q8_pair` gives exact i32 sums with
             /// lanes 0..8 from the first block of a pair and 8..16 from the second.
             #[target_feature(enable = $features)]
+            #[inline]
             unsafe fn q8_0_q8_0_impl(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
                 let mut acc = _mm512_setzero_ps();
                 let pair = |x: &[BlockQ8_0]| {
@@ -1024,6 +1030,12 @@ macro_rules! avx512_family {
                 super::super::rows_shape(w.len(), a.len(), out.len());
                 // SAFETY: see above.
                 unsafe { q6k_rows_impl(w, a, out) }
+            }
+            pub(crate) fn q8_0_rows(w: &[BlockQ8_0], a: &[BlockQ8_0], out: &mut [f32]) {
+                super::super::rows_shape(w.len(), a.len(), out.len());
+                // SAFETY: see above (every row is exactly `a.len()` blocks, as `q8_0_q8_0`
+                // makes them).
+                unsafe { q8_0_rows_impl(w, a, out) }
             }
             pub(crate) fn q8_0_q8_0(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
                 let n = w.len().min(a.len());
