@@ -28,6 +28,14 @@ use std::cell::RefCell;
 /// One row-by-row dot product: weight row blocks · activation row blocks.
 pub type DotFn<W, A> = fn(&[W], &[A]) -> f32;
 
+/// Consecutive weight rows · one activation row: `out[r] = dot(row r of w, a)` with each row
+/// `a.len()` blocks long, bit for bit what the level's [`DotFn`] gives that row (a level has one
+/// where a call per run of rows saves per-row work).
+///
+/// # Panics
+/// If `w.len() != a.len() * out.len()`.
+pub type RowsFn<W, A> = fn(w: &[W], a: &[A], out: &mut [f32]);
+
 /// A block of rows times a block of tokens: for every row `r` of `w` (`w.len() / n` rows of
 /// `n` elements) and token `t` (`out.len()` tokens, activation rows of `n` elements in `a`),
 /// `out[t][r] = dot(w row r, a row t) (+ bias[r])`.
@@ -64,6 +72,12 @@ pub trait WeightFormat: BlockFormat {
 
     /// Its kernels at `level` (the portable ones where the level has none of its own).
     fn kernels(level: Level) -> Kernels<Self>;
+
+    /// The level's many-rows form of the row dot ([`RowsFn`]), if it has one; the matrix-vector
+    /// path uses it instead of calling [`Kernels::dot`] once per row.
+    fn rows_kernel(_level: Level) -> Option<RowsFn<Self, Self::Act>> {
+        None
+    }
 }
 
 /// One format's kernels at one level.
@@ -243,10 +257,10 @@ pub fn weight_type_list() -> &'static str {
 }
 
 /// The `WeightFormat` of a K-quant (Q4_K, Q5_K, Q6_K): Q8_K activations, `KPacked` tiles, and
-/// per level the row dot `$dot` and the packer `$pack` of that level's module (the tile gemm
-/// `kq_gemm` is shared by the three formats).
+/// per level the row dot `$dot`, its many-rows form `$rows` (AVX-512 levels) and the packer
+/// `$pack` of that level's module (the tile gemm `kq_gemm` is shared by the three formats).
 macro_rules! k_quant_weight_format {
-    ($block:ty, $dot:ident, $pack:ident) => {
+    ($block:ty, $dot:ident, $rows:ident, $pack:ident) => {
         impl $crate::format::WeightFormat for $block {
             type Act = $crate::q8_k::BlockQ8K;
             type Packed = $crate::dot::KPacked;
@@ -289,6 +303,19 @@ macro_rules! k_quant_weight_format {
                     _ => (scalar::$dot, None),
                 };
                 Kernels { dot, tile }
+            }
+            fn rows_kernel(
+                level: $crate::cpu::Level,
+            ) -> Option<$crate::format::RowsFn<Self, $crate::q8_k::BlockQ8K>> {
+                #[allow(unused_imports)]
+                use $crate::dot::*;
+                match level.isa() {
+                    #[cfg(target_arch = "x86_64")]
+                    $crate::cpu::Isa::Avx512 => Some(avx512::plain::$rows),
+                    #[cfg(target_arch = "x86_64")]
+                    $crate::cpu::Isa::Avx512Vnni => Some(avx512::vnni::$rows),
+                    _ => None,
+                }
             }
         }
     };

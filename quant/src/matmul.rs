@@ -10,7 +10,7 @@
 
 use crate::cpu::{self, Level};
 use crate::format::{
-    self, DotFn, Format, GemmFn, PackFn, PackedGemmFn, Packing, Tile, WeightFormat,
+    self, DotFn, Format, GemmFn, PackFn, PackedGemmFn, Packing, RowsFn, Tile, WeightFormat,
 };
 use crate::tensor::cast_blocks;
 use crate::{GgmlType, Plain};
@@ -291,6 +291,11 @@ pub(crate) fn matmul_format<W: WeightFormat>(
         _ => {}
     }
     let act = W::activations(x, cols, &mut scratch.act);
+    if n_tokens == 1 {
+        if let Some(rows_fn) = W::rows_kernel(level) {
+            return matvec_rows(wb, act, rows, bias, y, rows_fn);
+        }
+    }
     run(
         wb,
         act,
@@ -302,6 +307,29 @@ pub(crate) fn matmul_format<W: WeightFormat>(
         &mut scratch.out,
         k.dot,
     )
+}
+
+/// Decode with a many-rows kernel: as `run` for one token (the same chunks of `y`), each chunk
+/// computed by one `rows_fn` call, then the bias added (the same `dot + bias` per row as `run`).
+fn matvec_rows<W: Sync, A: Sync>(
+    w: &[W],
+    act: &[A],
+    rows: usize,
+    bias: Option<&[f32]>,
+    y: &mut [f32],
+    rows_fn: RowsFn<W, A>,
+) {
+    let nb = act.len();
+    let chunk = row_chunk(rows);
+    y.par_chunks_mut(chunk).enumerate().for_each(|(c, yc)| {
+        let r0 = c * chunk;
+        rows_fn(&w[r0 * nb..(r0 + yc.len()) * nb], act, yc);
+        if let Some(b) = bias {
+            for (yr, br) in yc.iter_mut().zip(&b[r0..]) {
+                *yr += br;
+            }
+        }
+    });
 }
 
 /// Quantize each token's activation row (in parallel over tokens when there are several).

@@ -147,4 +147,4 @@ pub(crate) fn quantize_superblock_kx(x: &[f32], p: Qkx2Params) -> ([u8; QK_K], [
     (levels, packed, d, dmin)
 }
 
-crate::format::k_quant_weight_format!(BlockQ4K, q4k_q8k, pack_q4k);
+crate::format::k_quant_weight_format!(BlockQ4K, q4k_q8k, q4k_rows, pack_q4k);

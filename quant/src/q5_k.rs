@@ -81,4 +81,4 @@ unsafe impl BlockFormat for BlockQ5K {
     }
 }
 
-crate::format::k_quant_weight_format!(BlockQ5K, q5k_q8k, pack_q5k);
+crate::format::k_quant_weight_format!(BlockQ5K, q5k_q8k, q5k_rows, pack_q5k);

@@ -134,4 +134,4 @@ fn quantize_block(x: &[f32], b: &mut BlockQ6K) {
     }
 }
 
-crate::format::k_quant_weight_format!(BlockQ6K, q6k_q8k, pack_q6k);
+crate::format::k_quant_weight_format!(BlockQ6K, q6k_q8k, q6k_rows, pack_q6k);

@@ -95,6 +95,15 @@ impl crate::format::WeightFormat for BlockQ8_0 {
     fn quantize_act(x: &[f32], out: &mut [BlockQ8_0]) {
         crate::act::quantize_q8_0(x, out)
     }
+    fn rows_kernel(level: crate::cpu::Level) -> Option<crate::format::RowsFn<Self, BlockQ8_0>> {
+        match level.isa() {
+            #[cfg(target_arch = "x86_64")]
+            crate::cpu::Isa::Avx512 => Some(crate::dot::avx512::plain::q8_0_rows),
+            #[cfg(target_arch = "x86_64")]
+            crate::cpu::Isa::Avx512Vnni => Some(crate::dot::avx512::vnni::q8_0_rows),
+            _ => None,
+        }
+    }
     fn kernels(level: crate::cpu::Level) -> crate::format::Kernels<Self> {
         use crate::cpu::Isa;
         use crate::dot::*;

@@ -597,6 +597,56 @@ fn simd_kquants_equal_scalar_on_random_blocks() {
     }
 }
 
+/// `rows` (a level's many-rows kernel) against `dot` row by row: the same bits for every row.
+fn check_rows<W: WeightFormat>(
+    l: Level,
+    what: &str,
+    r: &mut Rng,
+    rand: fn(&mut Rng) -> W,
+    rand_act: fn(&mut Rng) -> W::Act,
+) -> bool {
+    let Some(rows) = W::rows_kernel(l) else {
+        return false;
+    };
+    let dot = W::kernels(l).dot;
+    for &n in &NBLOCKS {
+        for nrows in [1, 2, 3, 7] {
+            let a: Vec<_> = (0..n).map(|_| rand_act(r)).collect();
+            let w: Vec<_> = (0..n * nrows).map(|_| rand(r)).collect();
+            let mut out = vec![f32::NAN; nrows];
+            rows(&w, &a, &mut out);
+            for (i, (got, row)) in out.iter().zip(w.chunks_exact(n)).enumerate() {
+                let want = dot(row, &a);
+                assert_eq!(
+                    got.to_bits(),
+                    want.to_bits(),
+                    "{what}: row {i} of {nrows}, {n} blocks: rows kernel {got}, dot {want}"
+                );
+            }
+        }
+    }
+    true
+}
+
+/// The many-rows kernels (decode: K-quants and Q8_0) give every row exactly the bits of the row dot, so
+/// the matrix-vector path may use either.
+#[test]
+fn rows_kernels_equal_the_row_dot_bit_for_bit() {
+    let mut r = Rng(5);
+    for isa in available_isas() {
+        let l = isa.level().unwrap();
+        let have = [
+            check_rows::<BlockQ4K>(l, &format!("{isa} q4k"), &mut r, rand_q4k, rand_q8k),
+            check_rows::<BlockQ5K>(l, &format!("{isa} q5k"), &mut r, rand_q5k, rand_q8k),
+            check_rows::<BlockQ6K>(l, &format!("{isa} q6k"), &mut r, rand_q6k, rand_q8k),
+            check_rows::<BlockQ8_0>(l, &format!("{isa} q8_0"), &mut r, rand_q8_0, rand_q8_0),
+        ];
+        // The AVX-512 levels have them for all four formats (so this test is not vacuous there).
+        let want = matches!(isa, Isa::Avx512 | Isa::Avx512Vnni);
+        assert_eq!(have, [want; 4], "{isa}: which formats have a rows kernel");
+    }
+}
+
 #[test]
 fn simd_q8_0_and_float_equal_scalar_on_random_data() {
     let mut r = Rng(2);

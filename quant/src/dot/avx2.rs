@@ -30,6 +30,12 @@ pub(super) unsafe fn f16_to_f32(h: f16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
 }
 
+/// `super::prefetch_ahead` for one weight block.
+#[inline(always)]
+fn prefetch<T>(x: &T) {
+    super::prefetch_ahead((x as *const T).cast(), std::mem::size_of::<T>());
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
 unsafe fn hsum(v: __m256) -> f32 {
@@ -94,6 +100,7 @@ unsafe fn q4k_q8k_impl(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     let z = _mm256_setzero_si256();
     let mut sum = 0.0;
     for (x, y) in w.iter().zip(a) {
+        prefetch(x);
         let (s, m) = k4_dot(x.d, x.dmin, &x.scales, &x.qs, y, |_| (z, z));
         sum += s - m;
     }
@@ -105,6 +112,7 @@ unsafe fn q5k_q8k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
     let sixteen = _mm256_set1_epi8(16);
     let mut sum = 0.0;
     for (x, y) in w.iter().zip(a) {
+        prefetch(x);
         let qh = load(x.qh.as_ptr());
         let bit = |m: i32| {
             let m = _mm256_set1_epi8(m as i8);
@@ -124,6 +132,7 @@ unsafe fn q6k_q8k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     let m30 = _mm256_set1_epi8(0x30);
     let mut acc = _mm256_setzero_ps();
     for (x, y) in w.iter().zip(a) {
+        prefetch(x);
         let mut isum = _mm256_setzero_si256();
         for h in 0..2 {
             let qh = load(x.qh.as_ptr().add(32 * h));
@@ -174,6 +183,7 @@ unsafe fn q6k_q8k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
 unsafe fn q8_0_q8_0_impl(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (x, y) in w.iter().zip(a) {
+        prefetch(x);
         let wide = |p: *const i8, o: usize| _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(o).cast()));
         let p0 = _mm256_madd_epi16(wide(x.qs.as_ptr(), 0), wide(y.qs.as_ptr(), 0));
         let p1 = _mm256_madd_epi16(wide(x.qs.as_ptr(), 16), wide(y.qs.as_ptr(), 16));

@@ -16,7 +16,7 @@
 
 #![allow(clippy::missing_safety_doc)]
 
-use super::{KPacked, Q8_0Packed};
+use super::{prefetch_ahead, KPacked, Q8_0Packed};
 use crate::act::{Q8KTile, Q8_0Tile};
 use crate::kscale::scales_mins_bytes;
 use crate::q4_k::BlockQ4K;
@@ -691,6 +691,20 @@ macro_rules! avx512_family {
                 _mm256_madd_epi16(m16, _mm256_loadu_si256(bsums.as_ptr().cast()))
             }
 
+            /// `(y_d·d, y_d·dmin)` of a Q4_K/Q5_K superblock, broadcast to 16 and 8 lanes. `dd`
+            /// points at the block, which starts with the f16 `d` and `dmin` (both converted by
+            /// one `vcvtph2ps`; the products round exactly as the scalar `y_d * d`).
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn k4_dmin(dd: *const u8, y_d: f32) -> (__m512, __m256) {
+                let h = _mm_cvtsi32_si128(std::ptr::read_unaligned(dd.cast::<i32>()));
+                let f = _mm_mul_ps(_mm_cvtph_ps(h), _mm_set1_ps(y_d));
+                (
+                    _mm512_broadcastss_ps(f),
+                    _mm256_broadcastss_ps(_mm_movehdup_ps(f)),
+                )
+            }
+
             /// Q6_K values were taken as 0..63: apply their −32 offset, −32·Σ_g sc_g·Σ_group a,
             /// in integers so the result stays exact (|·| < 2.7e8 < 2³¹).
             #[target_feature(enable = $features)]
@@ -705,43 +719,54 @@ macro_rules! avx512_family {
             }
 
             #[target_feature(enable = $features)]
+            #[inline]
             unsafe fn q4k_q8k_impl(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
                 let mut acc = _mm512_setzero_ps();
                 let mut acc_min = _mm256_setzero_ps();
                 for (x, y) in w.iter().zip(a) {
+                    prefetch_ahead(
+                        (x as *const BlockQ4K).cast(),
+                        std::mem::size_of::<BlockQ4K>(),
+                    );
                     let (s01, s23, mins) = k4_scales(&x.scales);
                     let isum = superblock(&unpack_q4k(&x.qs), y.qs.as_ptr(), s01, s23);
                     let imin = min_sums(mins, &y.bsums);
-                    let d = y.d * f16_to_f32(x.d);
-                    let dmin = y.d * f16_to_f32(x.dmin);
-                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d), acc);
-                    acc_min =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_set1_ps(dmin), acc_min);
+                    let (d, dmin) = k4_dmin((x as *const BlockQ4K).cast(), y.d);
+                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, acc);
+                    acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), dmin, acc_min);
                 }
                 hsum(acc) - hsum256(acc_min)
             }
 
             #[target_feature(enable = $features)]
+            #[inline]
             unsafe fn q5k_q8k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
                 let mut acc = _mm512_setzero_ps();
                 let mut acc_min = _mm256_setzero_ps();
                 for (x, y) in w.iter().zip(a) {
+                    prefetch_ahead(
+                        (x as *const BlockQ5K).cast(),
+                        std::mem::size_of::<BlockQ5K>(),
+                    );
                     let (s01, s23, mins) = k4_scales(&x.scales);
                     let isum = superblock(&unpack_q5k(&x.qs, &x.qh), y.qs.as_ptr(), s01, s23);
                     let imin = min_sums(mins, &y.bsums);
-                    let d = y.d * f16_to_f32(x.d);
-                    let dmin = y.d * f16_to_f32(x.dmin);
-                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), _mm512_set1_ps(d), acc);
-                    acc_min =
-                        _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_set1_ps(dmin), acc_min);
+                    let (d, dmin) = k4_dmin((x as *const BlockQ5K).cast(), y.d);
+                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, acc);
+                    acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), dmin, acc_min);
                 }
                 hsum(acc) - hsum256(acc_min)
             }
 
             #[target_feature(enable = $features)]
+            #[inline]
             unsafe fn q6k_q8k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
                 let mut acc = _mm512_setzero_ps();
                 for (x, y) in w.iter().zip(a) {
+                    prefetch_ahead(
+                        (x as *const BlockQ6K).cast(),
+                        std::mem::size_of::<BlockQ6K>(),
+                    );
                     let (s01, s23, sc16) = k6_scales(&x.scales);
                     let isum = superblock(&unpack_q6k(&x.ql, &x.qh), y.qs.as_ptr(), s01, s23);
                     let d = y.d * f16_to_f32(x.d);
@@ -754,10 +779,47 @@ macro_rules! avx512_family {
                 hsum(acc)
             }
 
+            /// Consecutive rows of `a.len()` blocks each, every one dotted with `a`:
+            /// `out[r] = dot(w[r·n..(r+1)·n], a)`, bit for bit what `dot` returns for that row.
+            /// One call per run of rows, so the kernel's constants are loaded once and no call
+            /// is made per row.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn rows_with<W, A>(
+                w: &[W],
+                a: &[A],
+                out: &mut [f32],
+                dot: impl Fn(&[W], &[A]) -> f32,
+            ) {
+                let n = a.len();
+                for (o, row) in out.iter_mut().zip(w.chunks_exact(n)) {
+                    *o = dot(row, a);
+                }
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn q4k_rows_impl(w: &[BlockQ4K], a: &[BlockQ8K], out: &mut [f32]) {
+                rows_with(w, a, out, |r, a| q4k_q8k_impl(r, a))
+            }
+            #[target_feature(enable = $features)]
+            unsafe fn q5k_rows_impl(w: &[BlockQ5K], a: &[BlockQ8K], out: &mut [f32]) {
+                rows_with(w, a, out, |r, a| q5k_q8k_impl(r, a))
+            }
+            #[target_feature(enable = $features)]
+            unsafe fn q6k_rows_impl(w: &[BlockQ6K], a: &[BlockQ8K], out: &mut [f32]) {
+                rows_with(w, a, out, |r, a| q6k_q8k_impl(r, a))
+            }
+
+            #[target_feature(enable = $features)]
+            unsafe fn q8_0_rows_impl(w: &[BlockQ8_0], a: &[BlockQ8_0], out: &mut [f32]) {
+                rows_with(w, a, out, |r, a| q8_0_q8_0_impl(r, a))
+            }
+
             /// Q8_0 · Q8_0: eight blocks per step (four 64-byte pairs), so that the sixteen
             /// f16 scales convert in two instructions; `q8_pair` gives exact i32 sums with
             /// lanes 0..8 from the first block of a pair and 8..16 from the second.
             #[target_feature(enable = $features)]
+            #[inline]
             unsafe fn q8_0_q8_0_impl(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
                 let mut acc = _mm512_setzero_ps();
                 let pair = |x: &[BlockQ8_0]| {
@@ -773,6 +835,7 @@ macro_rules! avx512_family {
                 let (w8, a8) = (w.chunks_exact(8), a.chunks_exact(8));
                 let (wr, ar) = (w8.remainder(), a8.remainder());
                 for (x, y) in w8.zip(a8) {
+                    prefetch_ahead(x.as_ptr().cast(), 8 * std::mem::size_of::<BlockQ8_0>());
                     let d = _mm512_castps256_ps512(_mm256_mul_ps(scales(x), scales(y)));
                     for p in 0..4 {
                         let s = q8_pair(pair(&x[2 * p..]), pair(&y[2 * p..]));
@@ -1013,6 +1076,10 @@ macro_rules! avx512_family {
                 dot q5k_q8k = q5k_q8k_impl(BlockQ5K, BlockQ8K);
                 dot q6k_q8k = q6k_q8k_impl(BlockQ6K, BlockQ8K);
                 dot q8_0_q8_0 = q8_0_q8_0_impl(BlockQ8_0, BlockQ8_0);
+                rows q4k_rows = q4k_rows_impl(BlockQ4K, BlockQ8K);
+                rows q5k_rows = q5k_rows_impl(BlockQ5K, BlockQ8K);
+                rows q6k_rows = q6k_rows_impl(BlockQ6K, BlockQ8K);
+                rows q8_0_rows = q8_0_rows_impl(BlockQ8_0, BlockQ8_0);
             }
         }
     };

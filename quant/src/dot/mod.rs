@@ -25,7 +25,29 @@ pub(crate) mod neon;
 mod tile;
 
 pub use crate::cpu::{available_isas, isa, Isa};
-pub use crate::format::{DotFn, GemmFn};
+pub use crate::format::{DotFn, GemmFn, RowsFn};
+
+/// How far ahead of the block being multiplied the x86 row-by-row kernels prefetch weights:
+/// about five 1024-column K-quant rows, so the next rows of a matrix-vector product are on
+/// their way while this one is multiplied. docs/performance.md has the measurements behind it.
+#[cfg(target_arch = "x86_64")]
+const PF_AHEAD: usize = 3072;
+
+/// Prefetch (into L1) the `bytes` bytes at `p + PF_AHEAD`, one prefetch per 64 bytes (called
+/// once per weight block; for a block that is not a whole number of lines some lines are
+/// requested twice, which costs a load slot, not a memory access).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_ahead(p: *const u8, bytes: usize) {
+    use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+    let mut o = 0;
+    while o < bytes {
+        // SAFETY: a prefetch is only a hint: it never faults and has no visible effect, even
+        // past the end of the weights or of the address space (hence `wrapping_add`).
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(PF_AHEAD + o).cast()) };
+        o += 64;
+    }
+}
 
 /// One K-quant superblock of a weight row, unpacked for the prefill kernels (384 bytes): the
 /// 256 values as unsigned bytes in the dword-transposed tile order of
@@ -82,7 +104,8 @@ impl Q8_0Packed {
 /// holds `count(row.len())` units. SAFETY (every wrapper): a level module's functions are only
 /// reachable through `WeightFormat::kernels` for a `cpu::Level`, which exists only after the
 /// CPU was checked for the level's features; `dot` cuts both slices to their common length,
-/// `gemm`/`tile` check the shapes with [`gemm_shape`] and `pack` the lengths, which bounds
+/// `gemm`/`tile` check the shapes with [`gemm_shape`], `rows` with [`rows_shape`], and `pack`
+/// the lengths, which bounds
 /// every pointer offset the kernels form (rows, tokens, blocks and masked tails inside the
 /// slices).
 macro_rules! entry_points {
@@ -92,6 +115,15 @@ macro_rules! entry_points {
             let n = w.len().min(a.len());
             // SAFETY: see `dot::entry_points`.
             unsafe { $imp(&w[..n], &a[..n]) }
+        }
+        $crate::dot::entry_points!($f; $($rest)*);
+    };
+    ($f:literal; rows $name:ident = $imp:ident($w:ty, $a:ty); $($rest:tt)*) => {
+        pub(crate) fn $name(w: &[$w], a: &[$a], out: &mut [f32]) {
+            $crate::dot::rows_shape(w.len(), a.len(), out.len());
+            // SAFETY: see `dot::entry_points` (the shape check makes every row a whole
+            // `a.len()`-block slice of `w`).
+            unsafe { $imp(w, a, out) }
         }
         $crate::dot::entry_points!($f; $($rest)*);
     };
@@ -166,6 +198,17 @@ pub(crate) fn gemm_shape(
         assert_eq!(b.len(), rows, "gemm: bias length");
     }
     (rows, tokens)
+}
+
+/// Check a [`crate::format::RowsFn`] call's shape: `out.len()` rows of `a` blocks in `w`.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) fn rows_shape(w: usize, a: usize, out: usize) {
+    assert!(a > 0, "rows: empty activation row");
+    assert_eq!(
+        w,
+        a * out,
+        "rows: weight length is not out.len() rows of the activation's"
+    );
 }
 
 // SAFETY: repr(C) arrays of integers and floats without padding (sizes 384 and 576, multiples
