@@ -17,9 +17,10 @@ fn fixtures() -> PathBuf {
     common::repo().join("tests/fixtures/torch-bin")
 }
 
-/// The case's checkpoint + config with the shared tokenizer files, in a scratch directory.
-fn model_dir(case: &str) -> PathBuf {
-    let d = common::scratch(&format!("torch-{case}"));
+/// The case's checkpoint + config with the shared tokenizer files, in a scratch directory of
+/// `test`'s own (tests run in parallel in one process, and `scratch` empties its directory).
+fn model_dir(test: &str, case: &str) -> PathBuf {
+    let d = common::scratch(&format!("torch-{test}-{case}"));
     let hf = d.join(case);
     fs::create_dir_all(&hf).unwrap();
     for e in fs::read_dir(fixtures().join(case)).unwrap() {
@@ -86,7 +87,7 @@ fn converted_fixtures_reproduce_transformers_logits() {
             .map(|v| v.as_u64().unwrap() as usize)
             .collect();
 
-        let hf = model_dir(case);
+        let hf = model_dir("logits", case);
         let path = convert(&hf, FileType::F16);
         let model = Model::load(&path).unwrap();
         assert_eq!(
@@ -124,7 +125,7 @@ fn converted_fixtures_reproduce_transformers_logits() {
 
 #[test]
 fn dry_run_prints_the_exact_sizes_and_writes_nothing() {
-    let hf = model_dir("zip-untied-bf16");
+    let hf = model_dir("dry-run", "zip-untied-bf16");
     let out = hf.join("out");
     fs::create_dir_all(&out).unwrap();
     let o = common::run_ggpt::<&std::ffi::OsStr>(&[
