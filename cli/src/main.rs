@@ -100,16 +100,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 /// file (GGUF, safetensors, config, tokenizer, model shape, NaN/inf weights, a prompt or text
 /// file), 4 = the output could not be written, 130 = interrupted (SIGINT/SIGTERM). An
 /// unusable output path anywhere in the chain gives 2; otherwise the outermost typed error
-/// in the chain decides (inside a `ggpt::Error`, the error it wraps).
+/// in the chain decides (inside a `ggpt::Error` or a `ConvertError`, the error it wraps).
 fn exit_code(err: &anyhow::Error) -> i32 {
     // An output path that names a directory, a socket, the input, … is a bad command line,
     // however deeply the writer wrapped it.
-    if err.chain().any(ggpt_convert::atomic::UnusableOutput::is_in) {
+    if err
+        .chain()
+        .map(ggpt_convert::ConvertError::unwrap_ref)
+        .any(ggpt_convert::atomic::UnusableOutput::is_in)
+    {
         return EXIT_USAGE;
     }
     for cause in err.chain() {
         // `ggpt::Error` wraps the error of the layer that found the problem: sort by that.
-        let cause = ggpt::Error::unwrap_ref(cause);
+        let cause = ggpt_convert::ConvertError::unwrap_ref(ggpt::Error::unwrap_ref(cause));
         if cause.is::<ggpt_convert::pipeline::OutputError>() {
             return EXIT_OUTPUT;
         }

@@ -3,6 +3,7 @@
 //! how each GPT-2 tensor is stored.
 
 pub mod atomic;
+pub mod error;
 pub mod hf;
 pub mod pipeline;
 pub mod policy;
@@ -10,3 +11,5 @@ pub mod requantize;
 pub mod safetensors;
 pub mod synth;
 pub mod torch;
+
+pub use error::ConvertError;

@@ -21,7 +21,6 @@ use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::bail;
 use ggpt_quant::tensor::{quantize_into, validate_row_data};
 use ggpt_quant::GgmlType;
 use half::f16;
@@ -29,6 +28,7 @@ use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
 
 use crate::atomic::{describe, AtomicFile, UnusableOutput};
+use crate::error::ConvertError;
 use crate::hf::{expected_tensors, map_tensor_name, HfConfig, HfTensor, HfVocab, InputError};
 use crate::policy::{converter_type, tensor_order, Fallback, FileType, Policy};
 use crate::safetensors::{decode_f32, Checkpoint, SrcDtype};
@@ -142,9 +142,9 @@ impl Planned {
 }
 
 /// Resolve where each output goes.
-pub fn output_paths(opts: &ConvertOptions, name: &str) -> anyhow::Result<Vec<PathBuf>> {
+pub fn output_paths(opts: &ConvertOptions, name: &str) -> Result<Vec<PathBuf>, ConvertError> {
     if opts.types.is_empty() {
-        bail!("no output type given");
+        return Err(ConvertError::Request("no output type given".into()));
     }
     let out = opts.output.clone().unwrap_or_else(|| opts.hf_dir.clone());
     let is_file = !out.is_dir()
@@ -195,7 +195,7 @@ pub fn output_paths(opts: &ConvertOptions, name: &str) -> anyhow::Result<Vec<Pat
 /// Refuse an output path that is one of the files the conversion reads (a checkpoint shard, the
 /// config or a tokenizer file), also through a symbolic or hard link: writing it would destroy
 /// the user's checkpoint.
-fn refuse_input_as_output(paths: &[PathBuf], ckpt: &Checkpoint) -> anyhow::Result<()> {
+fn refuse_input_as_output(paths: &[PathBuf], ckpt: &Checkpoint) -> Result<(), ConvertError> {
     const SIDE_FILES: [&str; 6] = [
         "config.json",
         "vocab.json",
@@ -415,7 +415,7 @@ fn layout(
     name: &str,
     ftype: FileType,
     planned: &[Planned],
-) -> anyhow::Result<Layout> {
+) -> Result<Layout, ConvertError> {
     let mut writer = GgufWriter::new();
     for (k, v) in gguf_metadata(config, vocab, name, ftype) {
         writer.add_kv(&k, v);
@@ -449,7 +449,7 @@ pub struct Prediction {
 }
 
 /// Predict the file each of `types` would give, exactly, without converting.
-pub fn predict(hf_dir: &Path, types: &[FileType]) -> anyhow::Result<Vec<Prediction>> {
+pub fn predict(hf_dir: &Path, types: &[FileType]) -> Result<Vec<Prediction>, ConvertError> {
     if !hf_dir.is_dir() {
         return Err(InputError::new(hf_dir, "not a directory").into());
     }
@@ -506,7 +506,7 @@ pub struct DryRun {
 
 /// Everything `convert_hf(opts)` would do up to the first byte written: read and check the
 /// config, tokenizer and checkpoint headers, plan every tensor's type and every file's size.
-pub fn dry_run(opts: &ConvertOptions) -> anyhow::Result<Vec<DryRun>> {
+pub fn dry_run(opts: &ConvertOptions) -> Result<Vec<DryRun>, ConvertError> {
     let dir = &opts.hf_dir;
     if !dir.is_dir() {
         return Err(InputError::new(dir, "not a directory").into());
@@ -545,7 +545,10 @@ pub fn dry_run(opts: &ConvertOptions) -> anyhow::Result<Vec<DryRun>> {
 }
 
 /// Convert `opts.hf_dir` to every type in `opts.types` in one pass.
-pub fn convert_hf(opts: &ConvertOptions, progress: &dyn Progress) -> anyhow::Result<ConvertReport> {
+pub fn convert_hf(
+    opts: &ConvertOptions,
+    progress: &dyn Progress,
+) -> Result<ConvertReport, ConvertError> {
     let start = Instant::now();
     let dir = &opts.hf_dir;
     if !dir.is_dir() {
@@ -595,9 +598,12 @@ pub fn convert_hf(opts: &ConvertOptions, progress: &dyn Progress) -> anyhow::Res
     let mut tmp: Vec<f32> = Vec::new();
     for (ti, p) in planned.iter().enumerate() {
         progress.tensor(ti, planned.len(), &p.gguf_name);
-        let src = ckpt
-            .get(&p.source)
-            .ok_or_else(|| anyhow::anyhow!("internal: tensor {} vanished", p.source))?;
+        let src = ckpt.get(&p.source).ok_or_else(|| {
+            InputError::new(
+                dir,
+                format!("tensor {} is no longer in the checkpoint", p.source),
+            )
+        })?;
         let (rows, cols) = (p.rows(), p.cols());
         if p.transpose {
             let whole = scratch(&mut whole, src.n_elements());
@@ -645,18 +651,20 @@ pub fn convert_hf(opts: &ConvertOptions, progress: &dyn Progress) -> anyhow::Res
             outs.par_iter_mut()
                 .zip(bytes.par_iter_mut())
                 .enumerate()
-                .try_for_each(|(fi, (o, buf))| -> anyhow::Result<()> {
+                .try_for_each(|(fi, (o, buf))| -> Result<(), ConvertError> {
                     let t0 = Instant::now();
                     let ty = o.types[ti];
                     let row_bytes = ty.row_bytes(cols as u64).unwrap_or(0) as usize;
                     let buf = scratch(buf, (r1 - r0) * row_bytes);
                     let input: &[f32] = if ty == GgmlType::F32 { x } else { rounded };
-                    quantize_into(ty, input, cols, buf)
-                        .map_err(|e| anyhow::anyhow!("tensor {}: {e}", p.gguf_name))?;
+                    let encode = |what: String| ConvertError::Encode {
+                        tensor: p.gguf_name.clone(),
+                        what,
+                    };
+                    quantize_into(ty, input, cols, buf).map_err(|e| encode(e.to_string()))?;
                     if ty != GgmlType::F32 && ty != GgmlType::F16 {
-                        validate_row_data(ty, buf).map_err(|e| {
-                            anyhow::anyhow!("tensor {}: quantized data invalid: {e}", p.gguf_name)
-                        })?;
+                        validate_row_data(ty, buf)
+                            .map_err(|e| encode(format!("quantized data invalid: {e}")))?;
                     }
                     write_out(o, buf)?;
                     o.seconds += t0.elapsed().as_secs_f64();

@@ -21,6 +21,7 @@ use ggpt_quant::tensor::{dequantize, quantize_into, validate_row_data};
 use ggpt_quant::GgmlType;
 
 use crate::atomic::{refuse_input_as_output, AtomicFile};
+use crate::error::ConvertError;
 use crate::hf::InputError;
 use crate::pipeline::{
     first_non_finite, scratch, FileSummary, OutputError, Progress, CHUNK_VALUES,
@@ -42,7 +43,7 @@ pub fn requantize(
     output: &Path,
     ftype: FileType,
     progress: &dyn Progress,
-) -> anyhow::Result<FileSummary> {
+) -> Result<FileSummary, ConvertError> {
     let gg = GgufFile::open(input)?;
     let bad = |msg: String| InputError::new(input, msg);
     match gg.get_str(keys::ARCHITECTURE)? {
@@ -168,7 +169,7 @@ pub fn requantize(
         let new = types[k];
         let cols = t.cols() as usize;
         let in_bytes = (r1 - r0) * t.row_bytes() as usize;
-        let encode = || -> anyhow::Result<bool> {
+        let encode = || -> Result<bool, ConvertError> {
             if new == t.ty {
                 return Ok(false);
             }
@@ -188,10 +189,14 @@ pub fn requantize(
                 &mut q,
                 (r1 - r0) * new.row_bytes(cols as u64).unwrap_or(0) as usize,
             );
-            quantize_into(new, x, cols, q)
-                .map_err(|e| anyhow::anyhow!("tensor {}: {e}", t.name))?;
-            validate_row_data(new, q)
-                .map_err(|e| anyhow::anyhow!("tensor {}: quantized data invalid: {e}", t.name))?;
+            quantize_into(new, x, cols, q).map_err(|e| ConvertError::Encode {
+                tensor: t.name.clone(),
+                what: e.to_string(),
+            })?;
+            validate_row_data(new, q).map_err(|e| ConvertError::Encode {
+                tensor: t.name.clone(),
+                what: format!("quantized data invalid: {e}"),
+            })?;
             Ok(true)
         };
         let prefetch = || match chunks.get(j + 1) {

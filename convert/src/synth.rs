@@ -16,11 +16,12 @@ use std::fs;
 use std::io::Write;
 use std::path::Path;
 
-use anyhow::{bail, Context};
 use half::{bf16, f16};
 use rayon::prelude::*;
 
 use crate::atomic::AtomicFile;
+use crate::error::ConvertError;
+use crate::hf::InputError;
 use crate::pipeline::OutputError;
 use crate::safetensors::SrcDtype;
 
@@ -255,24 +256,26 @@ fn encode(dtype: SrcDtype, x: &[f32], out: &mut Vec<u8>) {
 
 /// Write `config.json`, `model.safetensors`, and copies of `vocab.json` + `merges.txt` from
 /// `vocab_from` into `out_dir` (created if missing). Returns the safetensors file size.
-pub fn synth(o: &SynthOptions, out_dir: &Path, vocab_from: &Path) -> anyhow::Result<u64> {
+pub fn synth(o: &SynthOptions, out_dir: &Path, vocab_from: &Path) -> Result<u64, ConvertError> {
     let s = o.shape;
     if s.n_layer == 0 || s.n_embd == 0 || s.n_head == 0 || s.n_ctx == 0 || s.vocab_size == 0 {
-        bail!("synth: every dimension must be positive: {s:?}");
+        return Err(ConvertError::Request(format!(
+            "synth: every dimension must be positive: {s:?}"
+        )));
     }
     if !s.n_embd.is_multiple_of(s.n_head) {
-        bail!(
+        return Err(ConvertError::Request(format!(
             "synth: n_embd {} is not a multiple of n_head {}",
-            s.n_embd,
-            s.n_head
-        );
+            s.n_embd, s.n_head
+        )));
     }
     for f in ["vocab.json", "merges.txt"] {
         if !vocab_from.join(f).is_file() {
-            bail!(
-                "{}: missing (synth copies the GPT-2 tokenizer from there)",
-                vocab_from.join(f).display()
-            );
+            return Err(InputError::new(
+                vocab_from.join(f),
+                "missing (synth copies the GPT-2 tokenizer from there)",
+            )
+            .into());
         }
     }
     crate::atomic::create_dir_all(out_dir)
@@ -300,11 +303,11 @@ pub fn synth(o: &SynthOptions, out_dir: &Path, vocab_from: &Path) -> anyhow::Res
     }
     write_atomic(
         &out_dir.join("config.json"),
-        serde_json::to_string_pretty(&config)?.as_bytes(),
+        format!("{config:#}").as_bytes(),
     )?;
     for f in ["vocab.json", "merges.txt"] {
         let bytes = fs::read(vocab_from.join(f))
-            .with_context(|| format!("{}: cannot read", vocab_from.join(f).display()))?;
+            .map_err(|e| InputError::new(vocab_from.join(f), format!("cannot read: {e}")))?;
         write_atomic(&out_dir.join(f), &bytes)?;
     }
 

@@ -10,12 +10,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use ggpt_convert::hf::InputError;
-use ggpt_convert::pipeline::{convert_hf, ConvertOptions, NoProgress, OutputError};
+use ggpt_convert::pipeline::{convert_hf, ConvertOptions, NoProgress};
 use ggpt_convert::policy::FileType;
 use ggpt_convert::requantize::requantize;
 use ggpt_convert::safetensors::SrcDtype;
 use ggpt_convert::synth::{synth, SynthOptions, SynthShape};
+use ggpt_convert::ConvertError;
 use ggpt_gguf::{Array, GgufFile, GgufWriter, Value};
 use ggpt_quant::tensor::{dequantize, validate_row_data};
 use ggpt_quant::GgmlType::{self, *};
@@ -74,7 +74,7 @@ fn copy_tiny(skip: &[&str]) -> TempDir {
     d
 }
 
-fn convert(dir: &Path, types: &[FileType], out: &Path) -> anyhow::Result<Vec<PathBuf>> {
+fn convert(dir: &Path, types: &[FileType], out: &Path) -> Result<Vec<PathBuf>, ConvertError> {
     let opts = ConvertOptions {
         hf_dir: dir.to_path_buf(),
         types: types.to_vec(),
@@ -549,7 +549,7 @@ fn requantize_with_duplicate_output_head_and_quantized_inputs() {
         msg.contains("already quantized") && msg.contains("dup-Q4_K_M.gguf"),
         "{msg}"
     );
-    assert!(e.downcast_ref::<InputError>().is_some());
+    assert!(matches!(e, ConvertError::Input(_)), "{e:?}");
     assert!(!out.path().join("x.gguf").exists());
     // ... and copied when it stays the same.
     let same = out.path().join("same.gguf");
@@ -565,7 +565,7 @@ fn requantize_with_duplicate_output_head_and_quantized_inputs() {
 }
 
 /// Convert and return the error message, checking that nothing but the listed files remain.
-fn convert_err(dir: &Path, out: &TempDir) -> (anyhow::Error, String) {
+fn convert_err(dir: &Path, out: &TempDir) -> (ConvertError, String) {
     let before = out.files();
     let e = convert(dir, &FileType::ALL, out.path()).unwrap_err();
     assert_eq!(
@@ -596,7 +596,7 @@ fn bad_inputs_give_clear_errors_and_leave_no_output() {
         msg.contains("model-00002-of-00002.safetensors") && msg.contains("invalid safetensors"),
         "{msg}"
     );
-    assert!(e.downcast_ref::<InputError>().is_some());
+    assert!(matches!(e, ConvertError::Input(_)), "{e:?}");
 
     // Header offsets beyond the data.
     let d = copy_tiny(&[]);
@@ -699,7 +699,7 @@ fn bad_inputs_give_clear_errors_and_leave_no_output() {
         msg.contains("not-a-dir/out.gguf") && msg.contains("cannot create"),
         "{msg}"
     );
-    assert!(e.downcast_ref::<OutputError>().is_some());
+    assert!(matches!(e, ConvertError::Output(_)), "{e:?}");
     let e = convert(&tiny(), &FileType::ALL, &out.path().join("nowhere")).unwrap_err();
     assert!(format!("{e:#}").contains("nowhere"));
     assert_eq!(out.files(), ["not-a-dir"]);
@@ -785,7 +785,7 @@ fn unsupported_dtype_and_unexpected_tensors_are_named() {
             && msg.contains("I64"),
         "{msg}"
     );
-    assert!(e.downcast_ref::<InputError>().is_some());
+    assert!(matches!(e, ConvertError::Input(_)), "{e:?}");
 
     // A tensor that is not part of GPT-2.
     let bad = TempDir::new("extra");

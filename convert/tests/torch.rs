@@ -10,12 +10,12 @@ use std::fs;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use ggpt_convert::hf::InputError;
 use ggpt_convert::pipeline::{convert_hf, predict, ConvertOptions, NoProgress};
 use ggpt_convert::policy::FileType;
 use ggpt_convert::safetensors::Checkpoint;
 use ggpt_convert::torch::pickle::{self, PickleError, MAX_DEPTH};
 use ggpt_convert::torch::{self as torch, TorchErrorKind};
+use ggpt_convert::ConvertError;
 use safetensors::SafeTensors;
 
 fn root() -> PathBuf {
@@ -87,7 +87,7 @@ fn model_dir(case: &str, twin: Option<&str>) -> TempDir {
     d
 }
 
-fn convert(dir: &Path, out: &Path) -> anyhow::Result<Vec<Vec<u8>>> {
+fn convert(dir: &Path, out: &Path) -> Result<Vec<Vec<u8>>, ConvertError> {
     let opts = ConvertOptions {
         hf_dir: dir.to_path_buf(),
         types: FileType::ALL.to_vec(),
@@ -500,7 +500,7 @@ fn forbidden_globals_are_refused_and_never_run() {
                 msg.contains("pytorch_model.bin") && msg.contains(&format!("{m}.{n}")),
                 "{msg}"
             );
-            assert!(err.downcast_ref::<InputError>().is_some());
+            assert!(matches!(err, ConvertError::Input(_)), "{err:?}");
             assert!(
                 out.files().is_empty(),
                 "output left behind: {:?}",

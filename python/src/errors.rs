@@ -56,6 +56,7 @@ pub fn to_py(e: anyhow::Error) -> PyErr {
     for cause in e.chain() {
         // `ggpt::Error` wraps the error of the layer that found the problem: sort by that.
         let cause = ggpt::Error::unwrap_ref(cause);
+        let cause = ggpt::convert::ConvertError::unwrap_ref(cause);
         if let Some(RustGgufError::Io { error, .. }) = cause.downcast_ref::<RustGgufError>() {
             if error.kind() == std::io::ErrorKind::NotFound {
                 return PyFileNotFoundError::new_err(msg);
