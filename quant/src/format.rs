@@ -270,12 +270,12 @@ macro_rules! k_quant_weight_format {
             fn kernels(level: $crate::cpu::Level) -> $crate::format::Kernels<Self> {
                 use $crate::cpu::Isa;
                 use $crate::dot::*;
-                use $crate::format::{DotFn, Kernels, Tile};
+                use $crate::format::{DotFn, Kernels};
                 let (dot, tile): (DotFn<Self, $crate::q8_k::BlockQ8K>, _) = match level.isa() {
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 => (
                         avx2::$dot,
-                        Some(Tile::Packed {
+                        Some($crate::format::Tile::Packed {
                             pack: avx2_tile::$pack,
                             gemm: avx2_tile::kq_gemm,
                         }),
@@ -283,7 +283,7 @@ macro_rules! k_quant_weight_format {
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx512 => (
                         avx512::plain::$dot,
-                        Some(Tile::Packed {
+                        Some($crate::format::Tile::Packed {
                             pack: avx512::plain::$pack,
                             gemm: avx512::plain::kq_gemm,
                         }),
@@ -291,7 +291,7 @@ macro_rules! k_quant_weight_format {
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx512Vnni => (
                         avx512::vnni::$dot,
-                        Some(Tile::Packed {
+                        Some($crate::format::Tile::Packed {
                             pack: avx512::vnni::$pack,
                             gemm: avx512::vnni::kq_gemm,
                         }),

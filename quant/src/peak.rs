@@ -4,7 +4,7 @@
 //! are converted to f32 and multiplied with FMAs). `ggpt bench` runs it on every thread of the
 //! pool to relate prefill GFLOP/s to what the cores can do in the same run.
 
-use crate::cpu::{Isa, Level};
+use crate::cpu::Level;
 
 /// Independent accumulators: enough to cover FMA latency (4 cycles) × 2 issue ports.
 const ACC: usize = 16;
@@ -15,13 +15,13 @@ const ACC: usize = 16;
 pub fn fma_burst(level: Level, iters: usize) -> (u64, f32) {
     match level.isa() {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx512 | Isa::Avx512Vnni => {
+        crate::cpu::Isa::Avx512 | crate::cpu::Isa::Avx512Vnni => {
             // SAFETY: `level` is a checked `Level`, so the CPU has AVX-512F.
             let v = unsafe { x86::burst512(iters) };
             ((iters * ACC * 16 * 2) as u64, v)
         }
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 => {
+        crate::cpu::Isa::Avx2 => {
             // SAFETY: `level` is a checked `Level`, so the CPU has AVX2 and FMA.
             let v = unsafe { x86::burst256(iters) };
             ((iters * ACC * 8 * 2) as u64, v)
