@@ -414,7 +414,16 @@ pub struct AtomicFile {
     out: Option<BufWriter<File>>,
     sink: Sink,
     dest: PathBuf,
+    /// Bytes handed to the writer so far, and how many of them were already sent to the disk
+    /// (see [`AtomicFile::write_back`]).
+    written: u64,
+    sent: u64,
 }
+
+/// A temporary sends its data to the disk every this many bytes, so that `commit`'s fsync
+/// finds little left to write (the kernel would otherwise hold a whole conversion's outputs
+/// as dirty pages until the end).
+const WRITE_BACK: u64 = 32 << 20;
 
 impl AtomicFile {
     /// Open `dest` for writing, after looking at what stands there: a regular file (or
@@ -431,6 +440,8 @@ impl AtomicFile {
                     out: Some(BufWriter::with_capacity(BUFFER, f)),
                     sink: Sink::Stream,
                     dest: dest.to_path_buf(),
+                    written: 0,
+                    sent: 0,
                 })
             }
             Target::Replace { path, keep } => Self::create_temp(dest, &path, keep.as_ref()),
@@ -475,6 +486,8 @@ impl AtomicFile {
                             target: target.to_path_buf(),
                         },
                         dest: dest.to_path_buf(),
+                        written: 0,
+                        sent: 0,
                     };
                     if let (Some(old), Some(out)) = (keep, &file.out) {
                         // On failure `file` is dropped, which removes the temporary.
@@ -532,6 +545,42 @@ impl AtomicFile {
         Ok(())
     }
 
+    /// Once [`WRITE_BACK`] more bytes reached the temporary file, start writing them to the
+    /// disk without waiting (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`; elsewhere
+    /// nothing): the disk then writes while the caller computes, instead of all at once in
+    /// `commit`. Best effort: a file system that refuses it just leaves the work to `commit`.
+    fn write_back(&mut self, n: usize) {
+        self.written += n as u64;
+        if !matches!(self.sink, Sink::Replace { .. }) || self.written - self.sent < WRITE_BACK {
+            return;
+        }
+        let Some(out) = &self.out else { return };
+        // Bytes still in the BufWriter are not in the file yet.
+        let in_file = self.written - out.buffer().len() as u64;
+        if in_file <= self.sent {
+            return;
+        }
+        #[cfg(target_os = "linux")]
+        {
+            use std::os::fd::AsRawFd;
+            let (start, len) = (
+                self.sent as libc::off64_t,
+                (in_file - self.sent) as libc::off64_t,
+            );
+            // SAFETY: plain FFI on a descriptor this `File` owns and keeps open; the call reads
+            // no memory of ours and only schedules writeback of the given byte range.
+            unsafe {
+                libc::sync_file_range(
+                    out.get_ref().as_raw_fd(),
+                    start,
+                    len,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                );
+            }
+        }
+        self.sent = in_file;
+    }
+
     fn forget(&mut self) {
         if let Sink::Replace { tmp, .. } = &mut self.sink {
             if let Some(set) = live().as_mut() {
@@ -562,11 +611,15 @@ fn sync_dir(dest: &Path) {
 
 impl Write for AtomicFile {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.writer()?.write(buf)
+        let n = self.writer()?.write(buf)?;
+        self.write_back(n);
+        Ok(n)
     }
 
     fn write_all(&mut self, buf: &[u8]) -> io::Result<()> {
-        self.writer()?.write_all(buf)
+        self.writer()?.write_all(buf)?;
+        self.write_back(buf.len());
+        Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
