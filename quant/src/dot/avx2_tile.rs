@@ -372,6 +372,12 @@ unsafe fn float_micro<E: FloatWeight, const R: usize, const T: usize>(
     let mut acc = [[_mm256_setzero_ps(); R]; T];
     let mut i = 0;
     while i + 8 <= n {
+        // The same columns two tiles ahead (rows 2R.. from here: the tile after next of a
+        // matrix-vector product) are requested into L2 now; a prefetch never faults, past
+        // the matrix's end included. docs/kernels.md has the measurements.
+        for r in 0..R {
+            _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add((2 * R + r) * n + i).cast());
+        }
         // A loop, not `array::from_fn`: a closure may be left un-inlined, outside this
         // function's target features (it happened to the AVX-512 float kernel).
         let mut wv = [_mm256_setzero_ps(); R];

@@ -153,6 +153,13 @@ pub(crate) mod float {
         macro_rules! step {
             ($i:expr, $m:expr) => {{
                 let (i, m): (usize, __mmask16) = ($i, $m);
+                // The same columns two tiles ahead (rows 2R.. from here: the tile after next
+                // of a matrix-vector product) are requested into L2 now, so they arrive while
+                // these are multiplied; a prefetch never faults, past the matrix's end
+                // included. docs/kernels.md has the measurements.
+                for r in 0..R {
+                    _mm_prefetch::<_MM_HINT_T1>(w.wrapping_add((2 * R + r) * n + i).cast());
+                }
                 let mut wv = [_mm512_setzero_ps(); R];
                 for (r, v) in wv.iter_mut().enumerate() {
                     *v = wload(w.add(r * n + i), m);
