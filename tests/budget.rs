@@ -93,34 +93,15 @@ impl Drop for Cgroup {
 
 /// `ggpt run` of `model`, inside `cg` if given: (exit ok, stdout, stderr).
 fn run_in(cg: Option<&Cgroup>, model: &Path) -> (bool, String, String) {
-    let mut cmd = match cg {
+    match cg {
         // The shell joins the group, then becomes ggpt: only ggpt's memory is limited.
         Some(g) => {
-            let mut c = Command::new("sh");
-            c.arg("-c")
-                .arg(r#"echo $$ > "$0/cgroup.procs" && exec "$@""#)
-                .arg(&g.0)
-                .arg(ggpt());
-            c
+            let dir = g.0.to_str().expect("the cgroup path is UTF-8");
+            let join = r#"echo $$ > "$0/cgroup.procs" && exec "$@""#;
+            run_through(&["sh", "-c", join, dir], model, &[])
         }
-        None => Command::new(ggpt()),
-    };
-    cmd.arg("run")
-        .arg("-m")
-        .arg(model)
-        .args(RUN)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd.spawn().expect("spawn");
-    let (out_t, err_t) = common::drain(&mut child);
-    let (status, timed_out) = wait_timeout(&mut child, Duration::from_secs(120));
-    assert!(
-        !timed_out,
-        "ggpt run under the limit did not finish in 120 s"
-    );
-    let ok = status.is_some_and(|s| s.success());
-    (ok, out_t.join().unwrap(), err_t.join().unwrap())
+        None => run_through(&[], model, &[]),
+    }
 }
 
 #[test]
