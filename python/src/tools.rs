@@ -118,6 +118,7 @@ pub fn convert<'py>(
                 show: progress,
             },
         )
+        .map_err(anyhow::Error::from)
     })?;
     report.files.iter().map(|f| summary_dict(py, f)).collect()
 }
@@ -135,7 +136,9 @@ pub fn quantize<'py>(
     require_exists(&src)?;
     let ftype = guard(|| match FileType::parse(r#type.trim()) {
         Some(t) => Ok(t),
-        None => bad_arg!("unknown type {type:?}; expected f16, q8_0, q6_k or q4_k_m"),
+        None => {
+            bad_arg!("unknown type {type:?}; expected f16, q8_0, q6_k, q5_k_m, q5_k_s or q4_k_m")
+        }
     })?;
     let summary = blocking::run(py, None, |cancel| {
         requantize(
@@ -147,6 +150,7 @@ pub fn quantize<'py>(
                 show: progress,
             },
         )
+        .map_err(anyhow::Error::from)
     })?;
     summary_dict(py, &summary)
 }
