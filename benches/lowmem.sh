@@ -14,7 +14,7 @@
 # streamed MB per token and the disk roofline (dd bandwidth / streamed bytes).
 #
 # Environment: BEFORE (default /tmp/ggpt-main0), AFTER (default target/release/ggpt),
-# LLAMA_DIR (default /work/llama.cpp/build/bin; llama-bench -p 0 -n 64 -r 1 --repack 0),
+# LLAMA_DIR (default /work/llama.cpp/build/bin; llama-bench -p 0 -n 64 -r 1, with --repack 0 where it has it),
 # N (64), THREADS (2), TIMEOUT (seconds per run, 300; a run cut off prints rc 124). Needs root (drop_caches, cgroups) and a cgroup v1 memory controller.
 set -u
 BEFORE=${BEFORE:-/tmp/ggpt-main0}
@@ -35,6 +35,13 @@ if [ "$#" -eq 0 ]; then
 fi
 
 drop_caches() { sync; echo 3 > /proc/sys/vm/drop_caches; }
+
+# Builds that repack weights at load (newer than early 2025) are asked not to, so that both
+# programs read the file as it is; older llama-bench builds do not know the flag.
+REPACK=()
+if LD_LIBRARY_PATH="$LLAMA_DIR" "$LLAMA_DIR/llama-bench" --help 2>&1 | grep -q -- --repack; then
+    REPACK=(--repack 0)
+fi
 
 # run_limited LIMIT_MIB OUT CMD...: CMD inside a fresh group; prints "peak_mib oom_kills rc".
 run_limited() {
@@ -98,7 +105,7 @@ for case in "$@"; do
             llama)
                 r=$(LD_LIBRARY_PATH="$LLAMA_DIR" run_limited "$limit" "$tmp" \
                     "$LLAMA_DIR/llama-bench" -m "$file" -t "$THREADS" -p 0 -n "$N" -r 1 \
-                    --repack 0 -o csv)
+                    "${REPACK[@]}" -o csv)
                 tps=$(llama_tps "$tmp")
                 note="llama-bench"
                 ;;
