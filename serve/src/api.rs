@@ -16,7 +16,6 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use ggpt::model::Model;
-use ggpt::sampler::SamplerConfig;
 use ggpt::tokenizer::TextStream;
 use serde_json::{json, Map, Value};
 use subtle::ConstantTimeEq;
@@ -554,14 +553,8 @@ impl Gen {
         let n = f.int_in("n", 1, request::MAX_N as i64)?.unwrap_or(1) as usize;
         let stops = f.stop()?;
         let (stream, include_usage) = stream_flags(f)?;
-        let temperature = f.f64_in("temperature", 0.0, 2.0)?.unwrap_or(1.0) as f32;
-        let top_p = f.f64_in("top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32;
-        if top_p == 0.0 {
-            return Err(ApiError::invalid("top_p", "'top_p' must be greater than 0"));
-        }
-        let top_k = f.int_in("top_k", 0, n_vocab as i64)?.unwrap_or(0) as usize;
-        let min_p = f.f64_in("min_p", 0.0, 1.0)?.unwrap_or(0.0) as f32;
-        let repeat_penalty = f.f64_in("repeat_penalty", 0.01, 10.0)?.unwrap_or(1.0) as f32;
+        let mut sampler = f.sampler(n_vocab, 1.0)?;
+        sampler.repeat_penalty = f.f64_in("repeat_penalty", 0.01, 10.0)?.unwrap_or(1.0) as f32;
         let presence_penalty = f.f64_in("presence_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32;
         let frequency_penalty = f.f64_in("frequency_penalty", -2.0, 2.0)?.unwrap_or(0.0) as f32;
         let logit_bias = f.logit_bias(n_vocab)?;
@@ -572,15 +565,7 @@ impl Gen {
             prompts: Vec::new(),
             n,
             params: Params {
-                sampler: SamplerConfig {
-                    temperature,
-                    top_k,
-                    top_p,
-                    min_p,
-                    repeat_penalty,
-                    repeat_last_n: 64,
-                    seed: 0,
-                },
+                sampler,
                 presence_penalty,
                 frequency_penalty,
                 logit_bias,

@@ -177,22 +177,11 @@ async fn diff(State(app): State<Arc<App>>, body: Bytes) -> Result<Response, ApiE
         _ => return Err(ApiError::invalid("prompt", "'prompt' must be one prompt")),
     };
     let n_predict = f.int_in("max_tokens", 0, MAX_DIFF_TOKENS)?.unwrap_or(32) as usize;
-    let temperature = f.f64_in("temperature", 0.0, 2.0)?.unwrap_or(0.0) as f32;
-    let top_p = f.f64_in("top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32;
-    if top_p == 0.0 {
-        return Err(ApiError::invalid("top_p", "'top_p' must be greater than 0"));
-    }
-    let top_k = f.int_in("top_k", 0, n_vocab as i64)?.unwrap_or(0) as usize;
-    let min_p = f.f64_in("min_p", 0.0, 1.0)?.unwrap_or(0.0) as f32;
+    let sampler = f.sampler(n_vocab, 0.0)?;
     let seed = f.seed("seed")?;
-    let sampler = (temperature > 0.0).then(|| SamplerConfig {
-        temperature,
-        top_k,
-        top_p,
-        min_p,
-        repeat_penalty: 1.0,
-        repeat_last_n: 64,
+    let sampler = (sampler.temperature > 0.0).then(|| SamplerConfig {
         seed: seed.unwrap_or(0),
+        ..sampler
     });
     let models: Vec<(String, Arc<ggpt::model::Model>)> = picked
         .iter()

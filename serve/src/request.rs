@@ -5,6 +5,8 @@
 
 use serde_json::{Map, Value};
 
+use ggpt::sampler::SamplerConfig;
+
 use crate::error::ApiError;
 
 /// Most strings in `stop` (OpenAI's limit).
@@ -203,6 +205,35 @@ impl<'a> Fields<'a> {
             ));
         }
         Ok(stops)
+    }
+
+    /// The sampler's truncation settings, read the same way by every endpoint that samples:
+    /// `temperature` in [0, 2] (default `default_temperature`), `top_p` in (0, 1] (default 1),
+    /// `top_k` in [0, n_vocab] (0 = off), `min_p` in [0, 1] (default 0). The repeat penalty
+    /// is off and the seed 0; an endpoint that reads those sets them.
+    pub fn sampler(
+        &self,
+        n_vocab: usize,
+        default_temperature: f32,
+    ) -> Result<SamplerConfig, ApiError> {
+        let temperature = self
+            .f64_in("temperature", 0.0, 2.0)?
+            .map_or(default_temperature, |t| t as f32);
+        let top_p = self.f64_in("top_p", 0.0, 1.0)?.unwrap_or(1.0) as f32;
+        if top_p == 0.0 {
+            return Err(ApiError::invalid("top_p", "'top_p' must be greater than 0"));
+        }
+        let top_k = self.int_in("top_k", 0, n_vocab as i64)?.unwrap_or(0) as usize;
+        let min_p = self.f64_in("min_p", 0.0, 1.0)?.unwrap_or(0.0) as f32;
+        Ok(SamplerConfig {
+            temperature,
+            top_k,
+            top_p,
+            min_p,
+            repeat_penalty: 1.0,
+            repeat_last_n: 64,
+            seed: 0,
+        })
     }
 
     /// `logit_bias`: an object from token id (as a string) to a bias in [-100, 100].
