@@ -543,42 +543,6 @@ macro_rules! avx512_family {
                 hsum(acc)
             }
 
-            /// Consecutive rows of `a.len()` blocks each, every one dotted with `a`:
-            /// `out[r] = dot(w[r·n..(r+1)·n], a)`, bit for bit what `dot` returns for that row.
-            /// One call per run of rows, so the kernel's constants are loaded once and no call
-            /// is made per row.
-            #[target_feature(enable = $features)]
-            #[inline]
-            unsafe fn rows_with<W, A>(
-                w: &[W],
-                a: &[A],
-                out: &mut [f32],
-                dot: impl Fn(&[W], &[A]) -> f32,
-            ) {
-                let n = a.len();
-                for (o, row) in out.iter_mut().zip(w.chunks_exact(n)) {
-                    *o = dot(row, a);
-                }
-            }
-
-            #[target_feature(enable = $features)]
-            unsafe fn q4k_rows_impl(w: &[BlockQ4K], a: &[BlockQ8K], out: &mut [f32]) {
-                rows_with(w, a, out, |r, a| q4k_q8k_impl(r, a))
-            }
-            #[target_feature(enable = $features)]
-            unsafe fn q5k_rows_impl(w: &[BlockQ5K], a: &[BlockQ8K], out: &mut [f32]) {
-                rows_with(w, a, out, |r, a| q5k_q8k_impl(r, a))
-            }
-            #[target_feature(enable = $features)]
-            unsafe fn q6k_rows_impl(w: &[BlockQ6K], a: &[BlockQ8K], out: &mut [f32]) {
-                rows_with(w, a, out, |r, a| q6k_q8k_impl(r, a))
-            }
-
-            #[target_feature(enable = $features)]
-            unsafe fn q8_0_rows_impl(w: &[BlockQ8_0], a: &[BlockQ8_0], out: &mut [f32]) {
-                rows_with(w, a, out, |r, a| q8_0_q8_0_impl(r, a))
-            }
-
             /// Q8_0 · Q8_0: eight blocks per step (four 64-byte pairs), so that the sixteen
             /// f16 scales convert in two instructions; `q8_pair` gives exact i32 sums with
             /// lanes 0..8 from the first block of a pair and 8..16 from the second.
@@ -840,10 +804,10 @@ macro_rules! avx512_family {
                 dot q5k_q8k = q5k_q8k_impl(BlockQ5K, BlockQ8K);
                 dot q6k_q8k = q6k_q8k_impl(BlockQ6K, BlockQ8K);
                 dot q8_0_q8_0 = q8_0_q8_0_impl(BlockQ8_0, BlockQ8_0);
-                rows q4k_rows = q4k_rows_impl(BlockQ4K, BlockQ8K);
-                rows q5k_rows = q5k_rows_impl(BlockQ5K, BlockQ8K);
-                rows q6k_rows = q6k_rows_impl(BlockQ6K, BlockQ8K);
-                rows q8_0_rows = q8_0_rows_impl(BlockQ8_0, BlockQ8_0);
+                rows q4k_rows = q4k_q8k_impl(BlockQ4K, BlockQ8K);
+                rows q5k_rows = q5k_q8k_impl(BlockQ5K, BlockQ8K);
+                rows q6k_rows = q6k_q8k_impl(BlockQ6K, BlockQ8K);
+                rows q8_0_rows = q8_0_q8_0_impl(BlockQ8_0, BlockQ8_0);
             }
         }
     };

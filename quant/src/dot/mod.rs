@@ -94,13 +94,15 @@ impl Q8_0Packed {
 ///     gemm f16_gemm = f16_gemm_impl(f16, f32);            // tile gemm on rows as stored
 ///     tile kq_gemm = kq_gemm_impl: kq_micro(KPacked, Q8KTile) x 4; // tile::gemm
 ///     pack pack_q4k = pack_q4k_impl(BlockQ4K => KPacked, count);
+///     rows q4k_rows = q4k_q8k_impl(BlockQ4K, BlockQ8K);  // many rows · one token (decode)
 /// }
 /// ```
 ///
 /// `tile` also writes the `#[target_feature(enable = "features")]` function (`kq_gemm_impl`)
 /// that absorbs the shared driver (`tile::gemm`, `#[inline(always)]`) with the level's micro
-/// kernel (one row × up to 4 tokens here) as its `Micro`, inlined; the
-/// other kinds wrap a `#[target_feature]` function the level wrote. `pack` checks that `out`
+/// kernel (one row × up to 4 tokens here) as its `Micro`, inlined; `rows` writes one that loops
+/// the named row dot over consecutive rows (inlined into it); the other kinds wrap a
+/// `#[target_feature]` function the level wrote. `pack` checks that `out`
 /// holds `count(row.len())` units. SAFETY (every wrapper): a level module's functions are only
 /// reachable through `WeightFormat::kernels` for a `cpu::Level`, which exists only after the
 /// CPU was checked for the level's features; `dot` cuts both slices to their common length,
@@ -118,12 +120,21 @@ macro_rules! entry_points {
         }
         $crate::dot::entry_points!($f; $($rest)*);
     };
-    ($f:literal; rows $name:ident = $imp:ident($w:ty, $a:ty); $($rest:tt)*) => {
+    ($f:literal; rows $name:ident = $dot:ident($w:ty, $a:ty); $($rest:tt)*) => {
         pub(crate) fn $name(w: &[$w], a: &[$a], out: &mut [f32]) {
+            /// Every row dotted with `a` in one `#[target_feature]` call, so the row dot is
+            /// inlined and its constants are loaded once per run of rows, not per row.
+            #[target_feature(enable = $f)]
+            unsafe fn rows(w: &[$w], a: &[$a], out: &mut [f32]) {
+                for (o, row) in out.iter_mut().zip(w.chunks_exact(a.len())) {
+                    // SAFETY: the caller's contract (`rows` below) is the row dot's.
+                    *o = unsafe { $dot(row, a) };
+                }
+            }
             $crate::dot::rows_shape(w.len(), a.len(), out.len());
             // SAFETY: see `dot::entry_points` (the shape check makes every row a whole
             // `a.len()`-block slice of `w`).
-            unsafe { $imp(w, a, out) }
+            unsafe { rows(w, a, out) }
         }
         $crate::dot::entry_points!($f; $($rest)*);
     };
