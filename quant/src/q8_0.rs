@@ -37,10 +37,16 @@ unsafe impl BlockFormat for BlockQ8_0 {
             // differ in the last bit and so flip a rounding.
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             b.d = f32_to_f16(d);
-            for (q, &v) in b.qs.iter_mut().zip(x) {
-                // C converts the rounded float to int8_t; going through i32 wraps like gcc
-                // does instead of saturating (only reachable with NaN/inf input).
-                *q = (v * id).round() as i32 as i8;
+            if x.iter().all(|v| v.is_finite()) {
+                for (q, &v) in b.qs.iter_mut().zip(x) {
+                    *q = round_away_small(v * id) as i8;
+                }
+            } else {
+                for (q, &v) in b.qs.iter_mut().zip(x) {
+                    // C converts the rounded float to int8_t; going through i32 wraps like
+                    // gcc does instead of saturating (only reachable with NaN/inf input).
+                    *q = (v * id).round() as i32 as i8;
+                }
             }
         }
     }
@@ -58,6 +64,17 @@ unsafe impl BlockFormat for BlockQ8_0 {
             }
         }
     }
+}
+
+/// C's `roundf` (ties away from zero) for finite `y` with |y| < 2³¹, as `i32`: truncate, then
+/// step away from zero when the dropped fraction is at least one half. `y − trunc(y)` is exact,
+/// so this is `roundf` bit for bit, and unlike `f32::round` (a libm call on baseline x86-64)
+/// the loop around it vectorises. Q8_0's `x·(1/d)` stays within ±127·(1 + 2⁻²²).
+#[inline(always)]
+fn round_away_small(y: f32) -> i32 {
+    let t = y as i32;
+    let frac = y - t as f32;
+    t + i32::from(frac >= 0.5) - i32::from(frac <= -0.5)
 }
 
 /// Quantize activations to Q8_0 the way ggml's CPU backend does on x86 (`quantize_row_q8_0`,
@@ -151,6 +168,34 @@ mod tests {
         BlockQ8_0 {
             d: f16::ZERO,
             qs: [0; 32],
+        }
+    }
+
+    #[test]
+    fn round_away_small_is_roundf() {
+        let mut vals = vec![
+            0.0f32, -0.0, 0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 126.5, -126.5, 127.0,
+        ];
+        vals.extend([
+            0.49999997f32,
+            -0.49999997,
+            0.50000006,
+            1.4999999,
+            -1.4999999,
+        ]);
+        // Every f32 in ±128 at a stride, plus the neighbours of each half-integer.
+        let mut bits = 0u32;
+        while bits < 0x4300_0000 {
+            let v = f32::from_bits(bits);
+            vals.extend([v, -v]);
+            bits += 997;
+        }
+        for k in -256i32..=256 {
+            let h = k as f32 * 0.5;
+            vals.extend([h, h.next_up(), h.next_down()]);
+        }
+        for v in vals {
+            assert_eq!(round_away_small(v), v.round() as i32, "{v:e}");
         }
     }
 
