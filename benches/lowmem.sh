@@ -10,8 +10,9 @@
 # each program in turn: page cache dropped, a fresh child of /sys/fs/cgroup/memory with
 # memory.limit_in_bytes set, the program started inside it (a shell writes its pid to
 # cgroup.procs, then execs), -n 64 greedy tokens on 2 threads. Printed per run: decode t/s,
-# the group's peak usage, OOM kills, exit status. For the streaming ggpt run also the
-# streamed MB per token and the disk roofline (dd bandwidth / streamed bytes).
+# the group's peak usage, OOM kills, exit status, the device's reads per evaluated token
+# (/proc/diskstats, so the host must be quiet). For the streaming ggpt run also the streamed
+# MB per token and the disk roofline (dd bandwidth / streamed bytes).
 #
 # Environment: BEFORE (default /tmp/ggpt-main0), AFTER (default target/release/ggpt),
 # LLAMA_DIR (default /work/llama.cpp/build/bin; llama-bench -p 0 -n 64 -r 1, with --repack 0 where it has it),
@@ -51,21 +52,33 @@ run_limited() {
     mkdir "$cg" || return 1
     echo $((limit * 1024 * 1024)) > "$cg/memory.limit_in_bytes"
     drop_caches
+    local r0 r1
+    r0=$(sectors_read)
     sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg" timeout "$TIMEOUT" "$@" > "$out" 2>&1
     local rc=$?
+    r1=$(sectors_read)
     local peak oom
     peak=$(( $(cat "$cg/memory.max_usage_in_bytes") / 1048576 ))
     oom=$(awk '$1 == "oom_kill" {print $2}' "$cg/memory.oom_control")
     rmdir "$cg"
-    echo "$peak ${oom:-?} $rc"
+    # Device reads per evaluated token: N generated plus one pass over the prompt (ggpt) or
+    # llama-bench's one-token warm-up; the whole machine's reads, so run it on a quiet host.
+    local mb_tok
+    mb_tok=$(awk -v a="$r0" -v b="$r1" -v n="$N" 'BEGIN {printf "%.0f", (b - a) * 512 / 1e6 / (n + 1)}')
+    echo "$peak ${oom:-?} $rc $mb_tok"
+}
+
+# Sectors read so far from $DEV, the block device holding the file under test.
+sectors_read() {
+    awk -v d="$DEV" '$3 == d {print $6}' /proc/diskstats
 }
 
 ggpt_tps() { sed -n 's/.* eval time = .*, *\([0-9.]*\) tokens per second)/\1/p' "$1" | tail -1; }
 llama_tps() { awk -F'","' '/^"/ {v=$(NF-1)} END {print v+0}' "$1"; }
 
 printf '# load: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
-printf '| file | limit MiB | program | decode t/s | peak MiB | OOM kills | rc | note |\n'
-printf '|---|---:|---|---:|---:|---:|---:|---|\n'
+printf '| file | limit MiB | program | decode t/s | peak MiB | OOM kills | rc | disk MB/token | note |\n'
+printf '|---|---:|---|---:|---:|---:|---:|---:|---|\n'
 for case in "$@"; do
     file=${case%%:*}
     limits=${case#*:}
@@ -73,15 +86,16 @@ for case in "$@"; do
     private=$(mktemp -d)
     cp "$file" "$private/" || exit 1
     file="$private/$name.gguf"
+    DEV=$(basename "$(df --output=source "$file" | tail -1)")
     drop_caches
     bw=$(dd if="$file" of=/dev/null bs=8M iflag=direct 2>&1 | awk '/copied/ {print $(NF-1), $NF}')
-    printf '| %s | - | disk (dd O_DIRECT, cold) | - | - | - | - | %s |\n' "$name" "$bw"
+    printf '| %s | - | disk (dd O_DIRECT, cold) | - | - | - | - | - | %s |\n' "$name" "$bw"
     bw_mbs=$(echo "$bw" | awk '{v=$1; if ($2 ~ /^GB/) v*=1000; print v}')
     tmp=$(mktemp)
     # Unconstrained reference (default context).
     drop_caches
     "$AFTER" run -m "$file" -p "$PROMPT" -n "$N" --temp 0 -t "$THREADS" --ignore-eos > "$tmp" 2>&1
-    printf '| %s | none | ggpt after | %s | - | - | %s | |\n' "$name" "$(ggpt_tps "$tmp")" "$?"
+    printf '| %s | none | ggpt after | %s | - | - | %s | - | |\n' "$name" "$(ggpt_tps "$tmp")" "$?"
     for limit in ${limits//,/ }; do
         for prog in before after llama; do
             case $prog in
@@ -110,9 +124,9 @@ for case in "$@"; do
                 note="llama-bench"
                 ;;
             esac
-            read -r peak oom rc <<< "$r"
-            printf '| %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$limit" "$prog" \
-                "${tps:-fail}" "$peak" "$oom" "$rc" "$note"
+            read -r peak oom rc disk <<< "$r"
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$limit" "$prog" \
+                "${tps:-fail}" "$peak" "$oom" "$rc" "$disk" "$note"
         done
     done
     rm -f "$tmp"
