@@ -37,7 +37,9 @@ unsafe impl BlockFormat for BlockQ8_0 {
             // differ in the last bit and so flip a rounding.
             let id = if d != 0.0 { 1.0 / d } else { 0.0 };
             b.d = f32_to_f16(d);
-            if x.iter().all(|v| v.is_finite()) {
+            // With finite values and a finite 1/d (a block below ~4e-37 overflows it) every
+            // product is within ±127·(1 + 2⁻²²), where `round_away_small` is `roundf`.
+            if id.is_finite() && x.iter().all(|v| v.is_finite()) {
                 for (q, &v) in b.qs.iter_mut().zip(x) {
                     *q = round_away_small(v * id) as i8;
                 }
@@ -168,6 +170,63 @@ mod tests {
         BlockQ8_0 {
             d: f16::ZERO,
             qs: [0; 32],
+        }
+    }
+
+    /// `from_float` with `f32::round` on every value (the libm `roundf` path), for comparison.
+    fn from_float_roundf(x: &[f32; 32]) -> BlockQ8_0 {
+        let amax = x
+            .iter()
+            .fold(0.0f32, |m, v| if m > v.abs() { m } else { v.abs() });
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        BlockQ8_0 {
+            d: f32_to_f16(d),
+            qs: x.map(|v| (v * id).round() as i32 as i8),
+        }
+    }
+
+    #[test]
+    fn from_float_equals_roundf_everywhere() {
+        // Ordinary blocks, exact ties, values so small that 1/d overflows to inf (the products
+        // are then ±inf or NaN), and non-finite inputs.
+        let mut blocks: Vec<[f32; 32]> = Vec::new();
+        let mut seed = 0x2545_F491_4F6C_DD1Du64;
+        for scale in [1.0f32, 1e-3, 1e-30, 1e-37, 3e-39, 1e-40, 1e-45] {
+            blocks.push(std::array::from_fn(|_| {
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0) * scale
+            }));
+        }
+        blocks.push(std::array::from_fn(|i| {
+            if i == 0 {
+                127.0
+            } else {
+                i as f32 - 15.5
+            }
+        }));
+        blocks.push(std::array::from_fn(|i| {
+            if i == 3 {
+                f32::NAN
+            } else {
+                i as f32
+            }
+        }));
+        blocks.push(std::array::from_fn(|i| {
+            if i == 7 {
+                f32::INFINITY
+            } else {
+                0.25
+            }
+        }));
+        for x in &blocks {
+            let mut got = [zero()];
+            BlockQ8_0::from_float(x, &mut got);
+            let want = from_float_roundf(x);
+            assert_eq!(got[0].d.to_bits(), want.d.to_bits(), "{x:?}");
+            assert_eq!(got[0].qs, want.qs, "{x:?}");
         }
     }
 
