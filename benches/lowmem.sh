@@ -63,12 +63,15 @@ run_limited() {
     rmdir "$cg"
     # Device reads per evaluated token: N generated plus one pass over the prompt (ggpt) or
     # llama-bench's one-token warm-up; the whole machine's reads, so run it on a quiet host.
-    local mb_tok
-    mb_tok=$(awk -v a="$r0" -v b="$r1" -v n="$N" 'BEGIN {printf "%.0f", (b - a) * 512 / 1e6 / (n + 1)}')
+    local mb_tok="?"
+    if [ -n "$r0" ] && [ -n "$r1" ]; then
+        mb_tok=$(awk -v a="$r0" -v b="$r1" -v n="$N" 'BEGIN {printf "%.0f", (b - a) * 512 / 1e6 / (n + 1)}')
+    fi
     echo "$peak ${oom:-?} $rc $mb_tok"
 }
 
-# Sectors read so far from $DEV, the block device holding the file under test.
+# Sectors read so far from $DEV, the block device holding the file under test (nothing when
+# /proc/diskstats does not list it, e.g. a file on overlay or tmpfs: the column then shows "?").
 sectors_read() {
     awk -v d="$DEV" '$3 == d {print $6}' /proc/diskstats
 }
