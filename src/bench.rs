@@ -1,7 +1,10 @@
-//! Speed measurement in llama-bench's terms: `ppN` = one batch of N prompt tokens from an empty
-//! cache (logits for the last token only), `tgN` = N tokens decoded one at a time from an empty
-//! cache. Each test runs once to warm up, then `reps` timed times; t/s is reported as mean ± sd.
+//! Speed measurement in llama-bench's terms: `ppN` = one batch of N prompt tokens (logits for
+//! the last token only), `tgN` = N tokens decoded one at a time. Both start from an empty cache,
+//! or, with a depth D (llama-bench's `-d`, shown as `tgN @ dD`), from a cache already holding D
+//! tokens, filled before the clock starts. Each test runs once to warm up, then `reps` timed
+//! times; t/s is reported as mean ± sd.
 
+use crate::model::KvType;
 use crate::model::Model;
 use crate::session::Session;
 use crate::Result;
@@ -45,13 +48,39 @@ fn tokens(n: usize, n_vocab: u32) -> Vec<u32> {
         .collect()
 }
 
-/// Time a prompt of `n` tokens processed as one batch.
-pub fn prefill(model: &Model, n: usize, reps: usize) -> Result<TestResult> {
+/// The name llama-bench gives a test: `pp512`, or `pp512 @ d256` after a depth of 256 tokens.
+fn test_name(kind: &str, n: usize, depth: usize) -> String {
+    if depth == 0 {
+        format!("{kind}{n}")
+    } else {
+        format!("{kind}{n} @ d{depth}")
+    }
+}
+
+/// A session of `depth + n` positions, and the `depth` tokens that fill it before each timed
+/// repetition.
+fn session_with_depth(model: &Model, n: usize, depth: usize) -> Result<(Session<'_>, Vec<u32>)> {
+    let session = Session::new(model, depth + n, 1)?;
+    Ok((session, tokens(depth, model.hparams().n_vocab as u32)))
+}
+
+/// Empty the session and, untimed, prefill the depth tokens (as llama-bench does before each
+/// repetition of a test with `-d`).
+fn refill(session: &mut Session<'_>, fill: &[u32]) -> Result<()> {
+    session.reset();
+    if !fill.is_empty() {
+        session.prefill(fill)?;
+    }
+    Ok(())
+}
+
+/// Time a prompt of `n` tokens processed as one batch, after `depth` tokens already in the cache.
+pub fn prefill(model: &Model, n: usize, reps: usize, depth: usize) -> Result<TestResult> {
     let toks = tokens(n, model.hparams().n_vocab as u32);
-    let mut session = Session::new(model, n, 1)?;
+    let (mut session, fill) = session_with_depth(model, n, depth)?;
     let mut samples = Vec::with_capacity(reps);
     for rep in 0..=reps {
-        session.reset();
+        refill(&mut session, &fill)?;
         let t = Instant::now();
         session.prefill(&toks)?;
         let secs = t.elapsed().as_secs_f64();
@@ -60,18 +89,18 @@ pub fn prefill(model: &Model, n: usize, reps: usize) -> Result<TestResult> {
         }
     }
     Ok(TestResult {
-        test: format!("pp{n}"),
+        test: test_name("pp", n, depth),
         samples,
     })
 }
 
-/// Time `n` tokens decoded one by one from an empty cache.
-pub fn decode(model: &Model, n: usize, reps: usize) -> Result<TestResult> {
+/// Time `n` tokens decoded one by one, after `depth` tokens already in the cache.
+pub fn decode(model: &Model, n: usize, reps: usize, depth: usize) -> Result<TestResult> {
     let toks = tokens(n, model.hparams().n_vocab as u32);
-    let mut session = Session::new(model, n, 1)?;
+    let (mut session, fill) = session_with_depth(model, n, depth)?;
     let mut samples = Vec::with_capacity(reps);
     for rep in 0..=reps {
-        session.reset();
+        refill(&mut session, &fill)?;
         let t = Instant::now();
         for &tok in &toks {
             session.decode(tok)?;
@@ -82,7 +111,7 @@ pub fn decode(model: &Model, n: usize, reps: usize) -> Result<TestResult> {
         }
     }
     Ok(TestResult {
-        test: format!("tg{n}"),
+        test: test_name("tg", n, depth),
         samples,
     })
 }
@@ -90,8 +119,7 @@ pub fn decode(model: &Model, n: usize, reps: usize) -> Result<TestResult> {
 /// Bytes of weights one decoded token reads: every tensor except the position embedding and,
 /// when the model has its own output matrix, the token embedding (each contributes one row
 /// per token). With a tied head the token embedding *is* the output matrix and is read whole.
-/// KV-cache reads (a few MB per token at short contexts) are left out, as in the roofline of
-/// docs/performance.md.
+/// The KV cache's reads come on top ([`kv_bytes_per_token`]).
 pub fn bytes_per_token(model: &Model) -> u64 {
     let tensors = model.file().tensors();
     let has_output = tensors.iter().any(|t| t.name == "output.weight");
@@ -101,6 +129,15 @@ pub fn bytes_per_token(model: &Model) -> u64 {
         .filter(|t| !(has_output && t.name == "token_embd.weight"))
         .map(|t| t.size)
         .sum()
+}
+
+/// Bytes of F16 KV cache one token of a `tgN @ dD` test reads, averaged over its N tokens:
+/// token i (from 0) attends over D + i + 1 positions, each holding a K and a V row of n_embd
+/// values in every layer, so the mean context is D + (N + 1)/2.
+pub fn kv_bytes_per_token(model: &Model, n: usize, depth: usize) -> f64 {
+    let hp = model.hparams();
+    let row = (hp.n_layer * 2 * hp.n_embd) as f64 * KvType::F16.size() as f64;
+    row * (depth as f64 + (n as f64 + 1.0) / 2.0)
 }
 
 /// Read bandwidth of this machine in bytes per second, measured the way decoding uses memory:
@@ -142,11 +179,12 @@ pub fn read_bandwidth(reps: usize) -> f64 {
     best
 }
 
-/// Floating-point operations of one `ppN` test (`n` prompt tokens, logits for the last one):
-/// 2 per multiply-add of every layer matrix for every token, of the output matrix for one
-/// token, and of causal attention (`QKᵀ` and `AV`: n(n+1)/2 · n_embd multiply-adds each per
+/// Floating-point operations of one `ppN @ dD` test (`n` prompt tokens after `depth` cached
+/// ones, logits for the last one): 2 per multiply-add of every layer matrix for every token, of
+/// the output matrix for one token, and of causal attention (`QKᵀ` and `AV`: prompt token i
+/// attends over D + i + 1 positions, so (n·D + n(n+1)/2) · n_embd multiply-adds each per
 /// layer). Norms, GELU and softmax (well under 1 %) are left out.
-pub fn prefill_flops(model: &Model, n: usize) -> f64 {
+pub fn prefill_flops(model: &Model, n: usize, depth: usize) -> f64 {
     let hp = model.hparams();
     let tensors = model.file().tensors();
     let layer_params: u64 = tensors
@@ -156,7 +194,8 @@ pub fn prefill_flops(model: &Model, n: usize) -> f64 {
         .sum();
     let head = hp.n_vocab * hp.n_embd;
     let n = n as f64;
-    let attn = hp.n_layer as f64 * 2.0 * n * (n + 1.0) / 2.0 * hp.n_embd as f64;
+    let positions = n * depth as f64 + n * (n + 1.0) / 2.0;
+    let attn = hp.n_layer as f64 * 2.0 * positions * hp.n_embd as f64;
     2.0 * (n * layer_params as f64 + head as f64) + 2.0 * attn
 }
 

@@ -92,8 +92,8 @@ pub fn measure_format(
         threads: m.threads as u64,
     };
     let est = estimate(&shape, model.file().file_len(), tensor_bytes, &run);
-    let pp = crate::bench::prefill(model, m.bench_prompt.min(m.mem_ctx), 2)?;
-    let tg = crate::bench::decode(model, m.bench_gen.min(m.mem_ctx), 2)?;
+    let pp = crate::bench::prefill(model, m.bench_prompt.min(m.mem_ctx), 2, 0)?;
+    let tg = crate::bench::decode(model, m.bench_gen.min(m.mem_ctx), 2, 0)?;
     let report = evaluate(model, base, tokens, m.method, progress)?;
     let s = &report.summary;
     let (ppl_f16, vs) = match &s.vs_base {

@@ -529,6 +529,33 @@ fn matmul_sweep_covers_every_layer_matrix() {
         let want = 2.0 * n as f64 * (hp.n_layer * per_layer) as f64;
         assert_eq!(flops, want, "{ty:?}");
         assert!(secs.is_finite() && secs > 0.0, "{ty:?}: {secs}");
-        assert!(ggpt::bench::prefill_flops(&model, n) > flops);
+        assert!(ggpt::bench::prefill_flops(&model, n, 0) > flops);
     }
+}
+
+#[test]
+fn bench_depth_fills_the_cache_before_timing() {
+    let model = load(FileType::Q4KM);
+    let hp = model.hparams().clone();
+    // tgN @ dD: named as llama-bench names it, one timed sample per repetition.
+    let r = ggpt::bench::decode(&model, 3, 2, 5).expect("decode at depth");
+    assert_eq!(r.test, "tg3 @ d5");
+    assert_eq!(r.samples.len(), 2);
+    assert!(r.samples.iter().all(|s| s.is_finite() && *s > 0.0), "{r:?}");
+    let r = ggpt::bench::prefill(&model, 4, 1, 7).expect("prefill at depth");
+    assert_eq!(r.test, "pp4 @ d7");
+    assert_eq!(ggpt::bench::decode(&model, 2, 1, 0).unwrap().test, "tg2");
+    // Depth and test together must fit the context.
+    let n_ctx = hp.n_ctx as usize;
+    assert!(ggpt::bench::decode(&model, 2, 1, n_ctx).is_err());
+    // KV bytes per decoded token, by hand: F16 K and V rows of n_embd in every layer, over a
+    // mean context of D + (N + 1)/2 positions (tokens 1..=N after D cached ones).
+    let row = 2.0 * 2.0 * (hp.n_layer * hp.n_embd) as f64;
+    assert_eq!(ggpt::bench::kv_bytes_per_token(&model, 4, 10), row * 12.5);
+    assert_eq!(ggpt::bench::kv_bytes_per_token(&model, 1, 0), row);
+    // Attention FLOPs at depth: prompt token i attends over D + i + 1 positions.
+    let (n, d) = (6, 9);
+    let extra = ggpt::bench::prefill_flops(&model, n, d) - ggpt::bench::prefill_flops(&model, n, 0);
+    let want = 2.0 * 2.0 * (hp.n_layer * hp.n_embd) as f64 * (n * d) as f64;
+    assert!((extra - want).abs() <= 1e-9 * want, "{extra} vs {want}");
 }

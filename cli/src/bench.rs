@@ -4,8 +4,8 @@
 use super::common::{bail_flag, init_threads, Stdout};
 use anyhow::Result;
 use ggpt::bench::{
-    bytes_per_token, decode, fma_peak, matmul_sweep, prefill, prefill_flops, read_bandwidth,
-    TestResult,
+    bytes_per_token, decode, fma_peak, kv_bytes_per_token, matmul_sweep, prefill, prefill_flops,
+    read_bandwidth, TestResult,
 };
 use ggpt::model::Model;
 use std::path::PathBuf;
@@ -30,6 +30,10 @@ pub struct Args {
     /// Tokens for the decode test (0 = skip).
     #[arg(short = 'n', long, default_value_t = 128)]
     pub n_gen: usize,
+    /// Tokens already in the KV cache when each test starts (llama-bench's `-d`): filled,
+    /// untimed, before every repetition; the tests are then named `pp512 @ d512`, `tg128 @ d512`.
+    #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
+    pub n_depth: usize,
     /// Timed repetitions per test (after one warm-up).
     #[arg(short = 'r', long, default_value_t = 3)]
     pub reps: usize,
@@ -52,11 +56,15 @@ pub struct Row {
     pub params: u64,
     /// Weight bytes one decoded token reads (for the roofline of `tg` rows).
     pub bytes_per_token: u64,
+    /// KV-cache bytes one token of a `tg` row reads, on average over the test (0 for `pp`).
+    pub kv_bytes_per_token: f64,
     /// Floating-point operations per token of a `pp` row (0 for `tg` rows).
     pub flops_per_token: f64,
     /// For a `pp` row: GFLOP/s of its matmuls alone (`ggpt::bench::matmul_sweep`).
     pub matmul_gflops: Option<f64>,
     pub threads: usize,
+    /// Tokens in the cache before the test (`-d`).
+    pub n_depth: usize,
     pub result: TestResult,
 }
 
@@ -98,16 +106,17 @@ pub fn run(args: Args) -> Result<()> {
     for file in &files {
         let mut model = Model::load(file)?;
         let n_ctx = model.hparams().n_ctx as usize;
-        if args.n_prompt > n_ctx || args.n_gen > n_ctx {
+        let d = args.n_depth;
+        if args.n_prompt.saturating_add(d) > n_ctx || args.n_gen.saturating_add(d) > n_ctx {
             bail_flag!(
-                "-p {} / -n {} exceed the context of {}: {n_ctx} tokens",
+                "-d {d} plus -p {} / -n {} exceed the context of {}: {n_ctx} tokens",
                 args.n_prompt,
                 args.n_gen,
                 file.display()
             );
         }
         if args.mem_budget.is_some() {
-            let n = args.n_prompt.max(args.n_gen).clamp(1, n_ctx);
+            let n = (d + args.n_prompt.max(args.n_gen)).clamp(1, n_ctx);
             let fit = super::mem::fit_budget(
                 &mut model,
                 args.mem_budget,
@@ -134,18 +143,19 @@ pub fn run(args: Args) -> Result<()> {
         let mut results = Vec::new();
         let mut matmul_gflops = None;
         if args.n_prompt > 0 {
-            results.push(prefill(&model, args.n_prompt, args.reps)?);
+            results.push(prefill(&model, args.n_prompt, args.reps, d)?);
             let (flops, secs) = matmul_sweep(&model, args.n_prompt, args.reps)?;
             matmul_gflops = Some(flops / secs / 1e9);
         }
         if args.n_gen > 0 {
-            results.push(decode(&model, args.n_gen, args.reps)?);
+            results.push(decode(&model, args.n_gen, args.reps, d)?);
         }
         let size: u64 = model.file().tensors().iter().map(|t| t.size).sum();
         let params: u64 = model.file().tensors().iter().map(|t| t.n_elements()).sum();
         let ftype = model.file_type_name();
         let bytes_per_token = bytes_per_token(&model);
-        let flops_per_token = prefill_flops(&model, args.n_prompt) / args.n_prompt.max(1) as f64;
+        let flops_per_token = prefill_flops(&model, args.n_prompt, d) / args.n_prompt.max(1) as f64;
+        let kv_bytes = kv_bytes_per_token(&model, args.n_gen, d);
         for r in results {
             let is_pp = r.test.starts_with("pp");
             let row = Row {
@@ -154,9 +164,11 @@ pub fn run(args: Args) -> Result<()> {
                 size,
                 params,
                 bytes_per_token,
+                kv_bytes_per_token: if is_pp { 0.0 } else { kv_bytes },
                 flops_per_token: if is_pp { flops_per_token } else { 0.0 },
                 matmul_gflops: if is_pp { matmul_gflops } else { None },
                 threads,
+                n_depth: d,
                 result: r,
             };
             out.write(&format_row(&row, args.json))?;
@@ -223,13 +235,15 @@ pub fn run(args: Args) -> Result<()> {
         let bw = before.max(after);
         if args.json {
             for r in &decode_rows {
-                let (ts, bpt) = (r.result.mean(), r.bytes_per_token as f64);
+                let ts = r.result.mean();
+                let bpt = r.bytes_per_token as f64 + r.kv_bytes_per_token;
                 let doc = serde_json::json!({
                     "model": r.file.display().to_string(),
                     "type": r.ftype,
                     "test": r.result.test,
                     "avg_ts": ts,
                     "bytes_per_token": r.bytes_per_token,
+                    "kv_bytes_per_token": r.kv_bytes_per_token,
                     "read_bandwidth_before": before,
                     "read_bandwidth_after": after,
                     "roofline_ts": bw / bpt,
@@ -243,15 +257,18 @@ pub fn run(args: Args) -> Result<()> {
                 before / 1e9,
                 after / 1e9
             ))?;
-            out.write("| model | weight bytes per token | roofline t/s | tg t/s | of roofline |\n|---|---:|---:|---:|---:|\n")?;
+            out.write("| model | test | weight bytes per token | KV bytes per token | roofline t/s | tg t/s | of roofline |\n|---|---|---:|---:|---:|---:|---:|\n")?;
             for r in &decode_rows {
-                let (ts, bpt) = (r.result.mean(), r.bytes_per_token as f64);
+                let ts = r.result.mean();
+                let bpt = r.bytes_per_token as f64 + r.kv_bytes_per_token;
                 let roof = bw / bpt;
                 out.write(&format!(
-                    "| {} {} | {:.1} MB | {:.1} | {:.2} | {:.0} % |\n",
+                    "| {} {} | {} | {:.1} MB | {:.1} MB | {:.1} | {:.2} | {:.0} % |\n",
                     r.name(),
                     r.ftype,
-                    bpt / 1e6,
+                    r.result.test,
+                    r.bytes_per_token as f64 / 1e6,
+                    r.kv_bytes_per_token / 1e6,
                     roof,
                     ts,
                     100.0 * ts / roof
@@ -270,6 +287,7 @@ fn format_row(r: &Row, json: bool) -> String {
             "model_size": r.size,
             "model_n_params": r.params,
             "n_threads": r.threads,
+            "n_depth": r.n_depth,
             "test": r.result.test,
             "samples_ts": r.result.samples,
             "avg_ts": r.result.mean(),
