@@ -559,3 +559,67 @@ fn bench_depth_fills_the_cache_before_timing() {
     let want = 2.0 * 2.0 * (hp.n_layer * hp.n_embd) as f64 * (n * d) as f64;
     assert!((extra - want).abs() <= 1e-9 * want, "{extra} vs {want}");
 }
+
+#[test]
+fn norms_and_biases_are_read_in_place_when_stored_as_f32() {
+    let f32_model = load(FileType::F16);
+    let w = f32_model.gpt2().weights();
+    let vectors = |w: &ggpt_models::gpt2::Weights| {
+        let mut v = vec![w.output_norm.w.clone(), w.output_norm.b.clone()];
+        for l in &w.layers {
+            v.extend([
+                l.attn_norm.w.clone(),
+                l.attn_norm.b.clone(),
+                l.attn_qkv_b.clone(),
+                l.attn_out_b.clone(),
+                l.ffn_norm.w.clone(),
+                l.ffn_norm.b.clone(),
+                l.ffn_up_b.clone(),
+                l.ffn_down_b.clone(),
+            ]);
+        }
+        v
+    };
+    let mapped = vectors(w);
+    assert!(mapped.iter().all(|v| v.is_mapped()), "{mapped:?}");
+
+    // The same file with every 1-D tensor stored as F16: widened into owned buffers, equal
+    // to the F32 values rounded to F16.
+    let mut p = f16_parts();
+    for t in p.tensors.iter_mut().filter(|t| t.1.len() == 1) {
+        assert_eq!(t.2, GgmlType::F32, "{}", t.0);
+        let h: Vec<u8> =
+            t.3.chunks_exact(4)
+                .flat_map(|b| {
+                    let x = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                    half::f16::from_f32(x).to_le_bytes()
+                })
+                .collect();
+        t.2 = GgmlType::F16;
+        t.3 = h;
+    }
+    let f16_model = Model::from_file(build(&p, "f16-norms.gguf")).expect("load F16 norms");
+    let owned = vectors(f16_model.gpt2().weights());
+    assert!(owned.iter().all(|v| !v.is_mapped()), "{owned:?}");
+    for (a, b) in mapped.iter().zip(&owned) {
+        assert_eq!(a.len(), b.len());
+        for (x, y) in a.iter().zip(b.iter()) {
+            assert_eq!(half::f16::from_f32(*x).to_f32(), *y);
+        }
+    }
+
+    // A NaN in a mapped bias is refused at load, naming the tensor.
+    let mut p = f16_parts();
+    let b = p
+        .tensors
+        .iter_mut()
+        .find(|t| t.0 == "blk.1.ffn_up.bias")
+        .unwrap();
+    b.3[8..12].copy_from_slice(&f32::NAN.to_le_bytes());
+    let e = load_error(&p, "nan-bias.gguf");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("blk.1.ffn_up.bias") && msg.contains("element 2"),
+        "{msg}"
+    );
+}

@@ -74,9 +74,11 @@ struct Special {
 
 /// GPT-2's tokenizer. Cheap to share between threads (`&Tokenizer` is `Sync`).
 pub struct Tokenizer {
-    /// All tokens' bytes back to back; token `i` is `bytes[offsets[i]..offsets[i + 1]]`.
+    /// All tokens' bytes back to back; token `i` is `bytes[offsets[i]..offsets[i + 1]]`
+    /// (32-bit: the vocabulary's strings fit 4 GiB, see [`Vocab::new`], and decoding never
+    /// makes a token longer than its string).
     bytes: Vec<u8>,
-    offsets: Vec<usize>,
+    offsets: Vec<u32>,
     /// Vocabulary string (as stored, e.g. `Ġthe`) → id; the first id wins for duplicates.
     token_to_id: Vocab,
     /// Token id of each single byte, where every BPE starts.
@@ -138,7 +140,7 @@ impl Tokenizer {
         };
         let mut bytes = Vec::with_capacity(token_to_id.heap_bytes() / 4);
         let mut offsets = Vec::with_capacity(tokens.len() + 1);
-        offsets.push(0usize);
+        offsets.push(0u32);
         let mut specials = Vec::new();
         let n_tokens = tokens.len();
         debug_assert_eq!(token_to_id.len(), n_tokens);
@@ -176,7 +178,10 @@ impl Tokenizer {
             if verbatim || !byte_alphabet::decode_token_into(token, &mut bytes) {
                 bytes.extend_from_slice(token.as_bytes());
             }
-            offsets.push(bytes.len());
+            let Ok(end) = u32::try_from(bytes.len()) else {
+                bail!("the vocabulary's decoded bytes exceed 4 GiB");
+            };
+            offsets.push(end);
         }
 
         let mut byte_ids = [0u32; 256];
@@ -329,8 +334,8 @@ impl Tokenizer {
     /// The bytes token `id` stands for, or `None` if it is out of range.
     pub fn token_bytes(&self, id: u32) -> Option<&[u8]> {
         let i = id as usize;
-        let start = *self.offsets.get(i)?;
-        let end = *self.offsets.get(i + 1)?;
+        let start = *self.offsets.get(i)? as usize;
+        let end = *self.offsets.get(i + 1)? as usize;
         self.bytes.get(start..end)
     }
 

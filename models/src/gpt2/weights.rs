@@ -1,10 +1,11 @@
 //! GPT-2's tensors in a GGUF file: names, expected shapes and allowed types (llama.cpp's
 //! `LLM_ARCH_GPT2` table), checked once at load.
 //!
-//! 2-D weights are not copied: a [`Matrix`] holds a [`QMatrix`] over the mapped bytes, checked
+//! Weights are not copied: a [`Matrix`] holds a [`QMatrix`] over the mapped bytes, checked
 //! (type, shape, size, alignment) once at load, and hands it to every matmul as it is. The 1-D
-//! norms and biases (a few KiB per layer) are copied into `Vec<f32>` so the hot loops read plain
-//! f32 slices.
+//! norms and biases are [`Vector`]s: plain f32 slices of the mapping when the file stores them
+//! as F32 (llama.cpp's converters do), widened once into an owned buffer when it stores F16 or
+//! BF16. Their values are all checked for NaN and infinity at load (1.3 MiB for GPT-2 Medium).
 //!
 //! The fp16 scales of a quantized matrix are checked the first time the matrix is used
 //! ([`Matrix::checked_view`]; an embedding lookup checks just the rows it reads), not at
@@ -259,11 +260,59 @@ impl Matrix {
     }
 }
 
+/// A 1-D f32 tensor (a norm or a bias), read as `&[f32]` through `Deref`. Only the loader
+/// makes one, after checking every value is finite.
+#[derive(Clone)]
+pub struct Vector {
+    /// The file whose bytes a mapped vector borrows; holding it keeps them alive.
+    _file: Arc<GgufFile>,
+    values: VectorValues,
+}
+
+#[derive(Clone)]
+enum VectorValues {
+    /// The tensor's bytes in the file, F32 and aligned. `'static` only inside the struct: it
+    /// is handed out re-borrowed for the lifetime of `&self` (see `Deref`).
+    Mapped(&'static [f32]),
+    /// Widened from F16 or BF16 (or an F32 tensor at an unaligned offset).
+    Owned(Vec<f32>),
+}
+
+impl std::ops::Deref for Vector {
+    type Target = [f32];
+    fn deref(&self) -> &[f32] {
+        match &self.values {
+            VectorValues::Mapped(v) => v,
+            VectorValues::Owned(v) => v,
+        }
+    }
+}
+
+impl std::fmt::Debug for Vector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let how = match self.values {
+            VectorValues::Mapped(_) => "mapped",
+            VectorValues::Owned(_) => "owned",
+        };
+        f.debug_struct("Vector")
+            .field("len", &self.len())
+            .field("values", &how)
+            .finish()
+    }
+}
+
+impl Vector {
+    /// Whether the values are read in place from the mapped file.
+    pub fn is_mapped(&self) -> bool {
+        matches!(self.values, VectorValues::Mapped(_))
+    }
+}
+
 /// LayerNorm parameters (C each).
 #[derive(Clone, Debug)]
 pub struct Norm {
-    pub w: Vec<f32>,
-    pub b: Vec<f32>,
+    pub w: Vector,
+    pub b: Vector,
 }
 
 /// One transformer block. Shapes in llm.c letters (C channels, F = n_ff), weights as
@@ -275,21 +324,21 @@ pub struct Layer {
     /// (3C, C): rows 0..C produce Q, C..2C K, 2C..3C V.
     pub attn_qkv: Matrix,
     /// (3C)
-    pub attn_qkv_b: Vec<f32>,
+    pub attn_qkv_b: Vector,
     /// (C, C)
     pub attn_out: Matrix,
     /// (C)
-    pub attn_out_b: Vec<f32>,
+    pub attn_out_b: Vector,
     /// ln_2
     pub ffn_norm: Norm,
     /// (F, C)
     pub ffn_up: Matrix,
     /// (F)
-    pub ffn_up_b: Vec<f32>,
+    pub ffn_up_b: Vector,
     /// (C, F)
     pub ffn_down: Matrix,
     /// (C)
-    pub ffn_down_b: Vec<f32>,
+    pub ffn_down_b: Vector,
 }
 
 /// Every GPT-2 tensor.
@@ -420,9 +469,10 @@ impl Loader<'_> {
         })
     }
 
-    /// A 1-D tensor of `n` values, copied out as f32. Non-finite values are refused: they
-    /// would turn every activation downstream into NaN.
-    fn vector(&self, name: &str, n: u64) -> Result<Vec<f32>, LoadError> {
+    /// A 1-D tensor of `n` values as f32, borrowed from the file when it is F32 (see
+    /// [`Vector`]). Non-finite values are refused: they would turn every activation downstream
+    /// into NaN.
+    fn vector(&self, name: &str, n: u64) -> Result<Vector, LoadError> {
         let info = self.shaped(name, &[n])?;
         if !matches!(info.ty, GgmlType::F32 | GgmlType::F16 | GgmlType::BF16) {
             return Err(LoadError::UnsupportedType {
@@ -437,13 +487,37 @@ impl Loader<'_> {
             name: name.to_string(),
             what,
         };
-        let mut out = vec![0.0f32; n as usize];
-        ggpt_quant::tensor::dequantize(info.ty, self.file.tensor_data(info), &mut out)
-            .map_err(|e| bad(e.to_string()))?;
-        if let Some(i) = out.iter().position(|v| !v.is_finite()) {
-            return Err(bad(format!("element {i} is {}", out[i])));
+        let bytes = self.file.tensor_data(info);
+        let mapped = match info.ty {
+            GgmlType::F32 => ggpt_quant::tensor::cast_blocks::<f32>(bytes),
+            _ => None,
+        };
+        let values = match mapped {
+            Some(v) => {
+                // SAFETY: `v` lies in the file's mapping (or its owned, aligned buffer), which
+                // is neither moved, resized nor unmapped until the `GgufFile` is dropped; the
+                // `Arc` stored beside it in the `Vector` keeps the file alive as long as the
+                // vector (and every clone) exists, and `Deref` ties the borrow to `&self`.
+                VectorValues::Mapped(unsafe { &*std::ptr::from_ref::<[f32]>(v) })
+            }
+            None => {
+                let mut out = vec![0.0f32; n as usize];
+                ggpt_quant::tensor::dequantize(info.ty, bytes, &mut out)
+                    .map_err(|e| bad(e.to_string()))?;
+                VectorValues::Owned(out)
+            }
+        };
+        let v = Vector {
+            _file: Arc::clone(self.file),
+            values,
+        };
+        if v.len() != n as usize {
+            return Err(bad(format!("{} values, expected {n}", v.len())));
         }
-        Ok(out)
+        if let Some(i) = v.iter().position(|x| !x.is_finite()) {
+            return Err(bad(format!("element {i} is {}", v[i])));
+        }
+        Ok(v)
     }
 
     fn norm(&self, prefix: &str, c: u64) -> Result<Norm, LoadError> {
