@@ -69,6 +69,12 @@ pub struct Row {
 }
 
 impl Row {
+    /// Bytes one token of a `tg` row reads: the weights and, on average, the KV cache. The
+    /// decode roofline divides the read bandwidth by this.
+    fn read_bytes_per_token(&self) -> f64 {
+        self.bytes_per_token as f64 + self.kv_bytes_per_token
+    }
+
     /// The file's name, as the tables show it.
     fn name(&self) -> String {
         self.file
@@ -236,7 +242,7 @@ pub fn run(args: Args) -> Result<()> {
         if args.json {
             for r in &decode_rows {
                 let ts = r.result.mean();
-                let bpt = r.bytes_per_token as f64 + r.kv_bytes_per_token;
+                let bpt = r.read_bytes_per_token();
                 let doc = serde_json::json!({
                     "model": r.file.display().to_string(),
                     "type": r.ftype,
@@ -260,7 +266,7 @@ pub fn run(args: Args) -> Result<()> {
             out.write("| model | test | weight bytes per token | KV bytes per token | roofline t/s | tg t/s | of roofline |\n|---|---|---:|---:|---:|---:|---:|\n")?;
             for r in &decode_rows {
                 let ts = r.result.mean();
-                let bpt = r.bytes_per_token as f64 + r.kv_bytes_per_token;
+                let bpt = r.read_bytes_per_token();
                 let roof = bw / bpt;
                 out.write(&format!(
                     "| {} {} | {} | {:.1} MB | {:.1} MB | {:.1} | {:.2} | {:.0} % |\n",

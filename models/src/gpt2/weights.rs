@@ -264,8 +264,6 @@ impl Matrix {
 /// makes one, after checking every value is finite.
 #[derive(Clone)]
 pub struct Vector {
-    /// The file whose bytes a mapped vector borrows; holding it keeps them alive.
-    _file: Arc<GgufFile>,
     values: VectorValues,
 }
 
@@ -273,7 +271,11 @@ pub struct Vector {
 enum VectorValues {
     /// The tensor's bytes in the file, F32 and aligned. `'static` only inside the struct: it
     /// is handed out re-borrowed for the lifetime of `&self` (see `Deref`).
-    Mapped(&'static [f32]),
+    Mapped {
+        /// The file whose bytes `values` borrows; holding it keeps them alive.
+        _file: Arc<GgufFile>,
+        values: &'static [f32],
+    },
     /// Widened from F16 or BF16 (or an F32 tensor at an unaligned offset).
     Owned(Vec<f32>),
 }
@@ -282,7 +284,7 @@ impl std::ops::Deref for Vector {
     type Target = [f32];
     fn deref(&self) -> &[f32] {
         match &self.values {
-            VectorValues::Mapped(v) => v,
+            VectorValues::Mapped { values, .. } => values,
             VectorValues::Owned(v) => v,
         }
     }
@@ -291,7 +293,7 @@ impl std::ops::Deref for Vector {
 impl std::fmt::Debug for Vector {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let how = match self.values {
-            VectorValues::Mapped(_) => "mapped",
+            VectorValues::Mapped { .. } => "mapped",
             VectorValues::Owned(_) => "owned",
         };
         f.debug_struct("Vector")
@@ -304,7 +306,7 @@ impl std::fmt::Debug for Vector {
 impl Vector {
     /// Whether the values are read in place from the mapped file.
     pub fn is_mapped(&self) -> bool {
-        matches!(self.values, VectorValues::Mapped(_))
+        matches!(self.values, VectorValues::Mapped { .. })
     }
 }
 
@@ -496,9 +498,12 @@ impl Loader<'_> {
             Some(v) => {
                 // SAFETY: `v` lies in the file's mapping (or its owned, aligned buffer), which
                 // is neither moved, resized nor unmapped until the `GgufFile` is dropped; the
-                // `Arc` stored beside it in the `Vector` keeps the file alive as long as the
-                // vector (and every clone) exists, and `Deref` ties the borrow to `&self`.
-                VectorValues::Mapped(unsafe { &*std::ptr::from_ref::<[f32]>(v) })
+                // `Arc` stored beside it keeps the file alive as long as the vector (and every
+                // clone) exists, and `Deref` ties the borrow to `&self`.
+                VectorValues::Mapped {
+                    _file: Arc::clone(self.file),
+                    values: unsafe { &*std::ptr::from_ref::<[f32]>(v) },
+                }
             }
             None => {
                 let mut out = vec![0.0f32; n as usize];
@@ -507,10 +512,7 @@ impl Loader<'_> {
                 VectorValues::Owned(out)
             }
         };
-        let v = Vector {
-            _file: Arc::clone(self.file),
-            values,
-        };
+        let v = Vector { values };
         if v.len() != n as usize {
             return Err(bad(format!("{} values, expected {n}", v.len())));
         }
