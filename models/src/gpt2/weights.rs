@@ -5,7 +5,7 @@
 //! (type, shape, size, alignment) once at load, and hands it to every matmul as it is. The 1-D
 //! norms and biases are [`Vector`]s: plain f32 slices of the mapping when the file stores them
 //! as F32 (llama.cpp's converters do), widened once into an owned buffer when it stores F16 or
-//! BF16. Their values are all checked for NaN and infinity at load (1.3 MiB for GPT-2 Medium).
+//! BF16. Their values are all checked for NaN and infinity at load (1.2 MiB for GPT-2 Medium).
 //!
 //! The fp16 scales of a quantized matrix are checked the first time the matrix is used
 //! ([`Matrix::checked_view`]; an embedding lookup checks just the rows it reads), not at
