@@ -377,7 +377,9 @@ mod avx2 {
         use crate::ops::exp_consts::*;
         let set = _mm256_set1_ps;
         let (mul, add) = (_mm256_mul_ps, _mm256_add_ps);
-        let x = _mm256_min_ps(_mm256_max_ps(x, set(X_MIN)), set(X_MAX));
+        // Operand order matters: `max_ps`/`min_ps` return the second operand when one is NaN,
+        // so a NaN score stays NaN (as `f32::clamp` keeps it) instead of becoming e^X_MIN.
+        let x = _mm256_min_ps(set(X_MAX), _mm256_max_ps(set(X_MIN), x));
         let t = add(mul(x, set(LOG2E)), set(SHIFTER));
         let n = _mm256_sub_epi32(
             _mm256_castps_si256(t),
@@ -742,6 +744,30 @@ mod tests {
                     a[i],
                     b[i]
                 );
+            }
+        }
+    }
+
+    /// A NaN score (a NaN key or query: bad weights upstream) makes the whole row NaN on
+    /// every path, so it reaches the logits, where the session reports it.
+    #[test]
+    fn a_non_finite_score_makes_the_whole_softmax_row_nan() {
+        for n in [3, 9, 64, 200] {
+            for (at, bad) in [(0, f32::NAN), (n - 1, f32::NAN), (n / 2, f32::INFINITY)] {
+                let mut x: Vec<f32> = values(n, 7).iter().map(|v| v * 10.0).collect();
+                x[at] = bad;
+                let mut rows = vec![x.clone()];
+                softmax_impl::<true>(&mut rows[0]);
+                #[cfg(target_arch = "x86_64")]
+                if has_avx2() {
+                    let mut b = x.clone();
+                    avx2::softmax_checked(&mut b);
+                    rows.push(b);
+                }
+                for (path, r) in rows.iter().enumerate() {
+                    let finite = r.iter().filter(|v| v.is_finite()).count();
+                    assert_eq!(finite, 0, "n {n}, {bad} at {at}, path {path}: {r:?}");
+                }
             }
         }
     }

@@ -12,6 +12,11 @@
 //!   differ on some values; `tests/fixtures/quant/q8_0.act_quant.bin` (made by ggml's CPU
 //!   path) pins this choice (see quant/tests/kernels.rs).
 //!
+//! A block holding NaN or infinity gets a NaN scale (and zero values), so every product that
+//! uses it is NaN: a non-finite activation must reach the logits, where the session reports
+//! it, instead of being rounded into a plausible number (ggml's quantizers skip NaN when they
+//! look for the largest magnitude). Finite blocks are quantized exactly as ggml does.
+//!
 //! The loops are written in fixed-width chunks so that the compiler vectorises them with the
 //! baseline instruction set; activation quantization is a small fraction of a matmul.
 
@@ -28,6 +33,13 @@ pub fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
     for (xb, y) in x.chunks_exact(256).zip(out.iter_mut()) {
         quantize_block_q8k(xb.try_into().expect("chunk of 256"), y);
     }
+}
+
+/// Whether every value of `x` is finite (no early exit, so the scan vectorises).
+#[inline(always)]
+pub(crate) fn all_finite(x: &[f32]) -> bool {
+    // A bitwise OR of independent tests (a float sum would be one serial chain).
+    !x.iter().fold(false, |bad, v| bad | !v.is_finite())
 }
 
 /// Round to nearest, ties to even, for |v| < 2²²: ggml's `nearest_int`. Adding 1.5·2²³ leaves
@@ -49,9 +61,11 @@ fn quantize_block_q8k(x: &[f32; 256], y: &mut BlockQ8K) {
         }
     }
     let amax = lanes.iter().fold(0.0f32, |a, &b| a.max(b));
-    if amax == 0.0 || amax.is_nan() {
-        // ggml leaves `bsums` untouched here; zero is the value every consumer expects.
-        y.d = 0.0;
+    let finite = all_finite(x);
+    if amax == 0.0 || !finite {
+        // ggml leaves `bsums` untouched for a zero block; zero is the value every consumer
+        // expects. A non-finite block gets a NaN scale (see the module comment).
+        y.d = if finite { 0.0 } else { f32::NAN };
         y.qs = [0; 256];
         y.bsums = [0; 16];
         return;
@@ -80,6 +94,11 @@ pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     assert_eq!(x.len(), out.len() * 32, "quantize_q8_0: length mismatch");
     for (xb, y) in x.chunks_exact(32).zip(out.iter_mut()) {
         let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        if !all_finite(xb) {
+            y.d = f16::NAN;
+            y.qs = [0; 32];
+            continue;
+        }
         let d = amax / 127.0;
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
         y.d = f16::from_f32(d);

@@ -295,8 +295,9 @@ pub fn dequantize(ty: GgmlType, bytes: &[u8], out: &mut [f32]) -> Result<(), Ten
 }
 
 /// Byte offsets of the fp16 scale fields in one block of `ty` (ggml's
-/// `ggml_validate_row_data` checks exactly these), for the quantized types.
-fn fp16_scale_offsets(ty: GgmlType) -> &'static [(usize, &'static str)] {
+/// `ggml_validate_row_data` checks exactly these) with their names, for the quantized types;
+/// empty for the float types and Q8_K (whose scale is f32).
+pub fn fp16_scale_fields(ty: GgmlType) -> &'static [(usize, &'static str)] {
     use GgmlType::*;
     match ty {
         Q4_0 | Q5_0 | Q8_0 => &[(0, "d")],
@@ -392,7 +393,7 @@ pub fn validate_row_data(ty: GgmlType, bytes: &[u8]) -> Result<(), TensorError> 
             }
         }
         _ => {
-            let fields = fp16_scale_offsets(ty);
+            let fields = fp16_scale_fields(ty);
             for (i, blk) in bytes.chunks_exact(size).enumerate() {
                 for &(off, name) in fields {
                     if let Some(what) = f16_problem(u16::from_le_bytes([blk[off], blk[off + 1]])) {
@@ -515,7 +516,7 @@ mod tests {
             let mut q = quantize(ty, &src, 1024).unwrap();
             assert_eq!(validate_row_data(ty, &q), Ok(()));
             // Poison the second block's first scale field.
-            let off = ty.type_size() + fp16_scale_offsets(ty).first().map_or(0, |f| f.0);
+            let off = ty.type_size() + fp16_scale_fields(ty).first().map_or(0, |f| f.0);
             q[off..off + 2].copy_from_slice(&0x7c01u16.to_le_bytes());
             let e = validate_row_data(ty, &q).unwrap_err().to_string();
             assert!(e.contains("NaN") && e.contains(" 1"), "{ty}: {e}");
