@@ -3,17 +3,16 @@
 //! Loading maps the file and checks its header (metadata, every tensor's shape and type, the
 //! 1-D norms and biases, the tokenizer tables) without reading the 2-D weights, so
 //! [`Model::load_ms`] is a few milliseconds and nothing of the weights is resident before the
-//! first token. The fp16 scales of each quantized weight are checked the first time a forward
-//! pass uses it (in parallel, once per model; [`Model::check_weights`] checks them all at
-//! once), and a bad one is a [`RunError::InvalidWeights`] naming the file, the tensor and the
-//! block, the same message a check at load would give.
+//! first token.
 //!
-//! Why only the quantized scales: a NaN or infinite scale turns every activation it touches
-//! into NaN, and checking scales reads a few bytes per 32 or 256 weights — about 2 % of a
-//! short `ggpt run` on GPT-2 Medium Q4_K_M. Checking every F16 value reads the whole file,
-//! 13–19 % of such a run, so non-finite F16/F32 weights are caught instead by the session's
-//! check of every logit it returns ([`NonFiniteWeights`]), and `ggpt inspect` checks all
-//! values (docs/errors.md has the measurements).
+//! Weight values are not checked before a forward pass reads them. A NaN or infinite value —
+//! an fp16 scale of a quantized block, or an F16/F32 weight — makes every output it touches
+//! non-finite, so the session checks every logit (and hidden state) it returns; when one is
+//! not finite it checks the quantized scales ([`Model::check_weights`]) and returns
+//! [`RunError::InvalidWeights`] naming the file, the tensor and the block, or, when the scales
+//! are fine, [`NonFiniteWeights`] (a bad float weight; `ggpt inspect` checks every value).
+//! Checking scales before use would read each quantized matrix twice on the first token, and
+//! checking every F16 value would read the whole file (docs/errors.md has the measurements).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -56,8 +55,8 @@ pub struct Model {
 
 impl Model {
     /// Map and validate a GGUF file: GPT-2 architecture, hyper-parameters, every tensor's
-    /// presence, shape and type, and the tokenizer tables. Quantized scales are checked on
-    /// first use (see the module comment).
+    /// presence, shape and type, and the tokenizer tables. Weight values are checked through
+    /// the outputs (see the module comment).
     pub fn load(path: &Path) -> Result<Model> {
         let start = Instant::now();
         let file = GgufFile::open(path)?;
@@ -116,10 +115,10 @@ impl Model {
         &self.gpt2
     }
 
-    /// Check the fp16 scales of every quantized weight now (ggml's row-data validation)
-    /// instead of on first use, for callers that want a bad file refused before they start:
-    /// the error names the file, the tensor and the block. Float weights are left to the
-    /// session's logit check (see the module comment).
+    /// Check the fp16 scales of every quantized weight now (ggml's row-data validation), for
+    /// callers that want a bad file refused before they start: the error names the file, the
+    /// tensor and the block. Float weights are left to the session's logit check (see the
+    /// module comment).
     pub fn check_weights(&self) -> Result<(), RunError> {
         self.gpt2.check_weights()
     }

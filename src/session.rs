@@ -132,15 +132,17 @@ impl<'m> Session<'m> {
     }
 
     /// With finite weights every output is finite (an f32 overflow would need values near
-    /// 3e38), so a NaN or infinity means the file's weights hold one: a bad F16/F32 value or
-    /// a scale that loading did not check. Refusing here keeps NaN out of the sampler, which
-    /// would otherwise turn it into plausible-looking garbage. The sequence has advanced by
-    /// then; the error is meant to end the run.
+    /// 3e38), so a NaN or infinity means the file's weights hold one: a bad quantized scale
+    /// (named by [`Model::check_weights`], which runs only now, on this error path) or a bad
+    /// F16/F32 value. Refusing here keeps NaN out of the sampler, which would otherwise turn it
+    /// into plausible-looking garbage. The sequence has advanced by then; the error is meant
+    /// to end the run.
     fn check_finite(&self, values: &[f32], what: &str) -> Result<()> {
         // No early exit, so the scan vectorises: microseconds for a row of 50k logits.
         if !values.iter().fold(false, |bad, x| bad | !x.is_finite()) {
             return Ok(());
         }
+        self.model.check_weights()?;
         let n_bad = values.iter().filter(|x| !x.is_finite()).count();
         let file = self.model.file().path().display().to_string();
         Err(NonFiniteWeights {

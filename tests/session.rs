@@ -623,3 +623,70 @@ fn norms_and_biases_are_read_in_place_when_stored_as_f32() {
         "{msg}"
     );
 }
+
+/// Weight values are not checked before a matmul reads them: a bad quantized scale shows up
+/// as non-finite logits, and the session then names the tensor, the scale field and the
+/// block; a bad F16 weight is reported as non-finite weights. A clean copy of each file
+/// runs, so the error comes from the poisoned value and not from the rebuilt file.
+#[test]
+fn a_bad_weight_value_is_reported_after_the_forward_pass_that_met_it() {
+    // Long enough for the 8-lane softmax.
+    let prompt = tokens(40, 11);
+    let q4 = parts(&GgufFile::open(&model_path(FileType::Q4KM)).unwrap());
+    let clean = Model::from_file(build(&q4, "clean-q4.gguf")).expect("load clean Q4_K_M");
+    Session::new(&clean, 64, 1)
+        .unwrap()
+        .prefill(&prompt)
+        .expect("the clean copy runs");
+
+    // A row of the MLP's output, and a row of the keys (row n_embd of the fused QKV): a NaN
+    // key must reach the logits through the attention's softmax.
+    let n_embd = clean.hparams().n_embd as usize;
+    for (target, row, bad) in [
+        ("blk.1.ffn_down.weight", 1, half::f16::INFINITY),
+        ("blk.0.attn_qkv.weight", n_embd, half::f16::NAN),
+    ] {
+        let mut p = parts(&GgufFile::open(&model_path(FileType::Q4KM)).unwrap());
+        let t = p.tensors.iter_mut().find(|t| t.0 == target).unwrap();
+        let (off, field) = *ggpt_quant::tensor::fp16_scale_fields(t.2)
+            .last()
+            .expect("a quantized type");
+        let block = row * (t.1[0] as usize / t.2.block_size()) + 1;
+        let at = block * t.2.type_size() + off;
+        t.3[at..at + 2].copy_from_slice(&bad.to_le_bytes());
+        // Loading reads no weight data, so the file loads.
+        let model = Model::from_file(build(&p, "bad-scale.gguf")).expect("load");
+        let mut s = Session::new(&model, 64, 1).unwrap();
+        let e = s
+            .prefill(&prompt)
+            .expect_err("a non-finite scale is refused");
+        match run_error(&e) {
+            RunError::InvalidWeights { tensor, what, .. } => {
+                assert_eq!(tensor, target);
+                let kind = if bad.is_nan() { "NaN" } else { "inf" };
+                assert!(
+                    what.contains(&format!("{kind} in {field} of block {block}")),
+                    "{what}"
+                );
+            }
+            other => panic!("{target}: not InvalidWeights: {other}"),
+        }
+    }
+
+    let mut p = f16_parts();
+    let t = p
+        .tensors
+        .iter_mut()
+        .find(|t| t.0 == "blk.0.attn_qkv.weight")
+        .unwrap();
+    t.3[40..42].copy_from_slice(&half::f16::NAN.to_le_bytes());
+    let model = Model::from_file(build(&p, "nan-f16.gguf")).expect("load");
+    let e = Session::new(&model, 64, 1)
+        .unwrap()
+        .prefill(&prompt)
+        .expect_err("a NaN weight is refused");
+    assert!(
+        matches!(e, ggpt::Error::NonFiniteWeights(_)),
+        "not NonFiniteWeights: {e:#}"
+    );
+}

@@ -347,7 +347,6 @@ impl Gpt2 {
 
             // Final LayerNorm and the head, only for the rows asked for.
             let lnf = &self.weights.output_norm;
-            // Checked on first use, only when logits are asked for.
             let head = self.weights.lm_head();
             let (x, ln) = (&st.x[..t * c], &mut st.ln[..t * c]);
             // The head is step n_layer for a streamed model (only when it is used).

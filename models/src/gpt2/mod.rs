@@ -164,8 +164,10 @@ impl Gpt2 {
         &self.weights
     }
 
-    /// Check every quantized weight's scales now ([`weights::Matrix::check`]), rather than
-    /// each on its first use: the first bad one in file order is the error.
+    /// Check every quantized weight's scales ([`weights::Matrix::check`]): the first bad one
+    /// in file order is the error. The forward pass does not check them (see
+    /// [`weights`]); call this up front to refuse such a file before running it, or after a
+    /// forward pass produced non-finite outputs, to name the block.
     pub fn check_weights(&self) -> Result<(), RunError> {
         self.weights
             .matrices()
@@ -190,7 +192,9 @@ impl Gpt2 {
     }
 
     /// Run `f` on the weight `m` for a matmul: its bytes from the residency (a resident copy
-    /// or a streaming buffer, held while `f` runs) or from the mapping; checked either way.
+    /// or a streaming buffer, held while `f` runs) or from the mapping. The values are not
+    /// checked here: a non-finite scale makes every output it touches non-finite, which the
+    /// caller's check of the outputs catches ([`Gpt2::check_weights`] then names the block).
     fn with_weight<R>(
         &self,
         m: &weights::Matrix,
@@ -199,7 +203,7 @@ impl Gpt2 {
         if let Some(r) = &self.residency {
             let base = self.file.data_offset();
             match r.weight(base + m.info.offset, m.info.size) {
-                Ok(Some(bytes)) => return Ok(f(&m.checked_view_in(&bytes)?)),
+                Ok(Some(bytes)) => return Ok(f(&m.view_in(&bytes)?)),
                 Ok(None) => {}
                 Err(what) => {
                     return Err(RunError::InvalidWeights {
@@ -210,7 +214,7 @@ impl Gpt2 {
                 }
             }
         }
-        Ok(f(m.checked_view()?))
+        Ok(f(m.view()))
     }
 
     /// Forward-pass step `step` (block `step`, or the output head at n_layer) is about to run.

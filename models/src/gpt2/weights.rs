@@ -7,11 +7,13 @@
 //! as F32 (llama.cpp's converters do), widened once into an owned buffer when it stores F16 or
 //! BF16. Their values are all checked for NaN and infinity at load (1.2 MiB for GPT-2 Medium).
 //!
-//! The fp16 scales of a quantized matrix are checked the first time the matrix is used
-//! ([`Matrix::checked_view`]; an embedding lookup checks just the rows it reads), not at
-//! load: loading then reads no weight data at all, and the check reads each matrix while
-//! the forward pass is about to read it anyway, instead of faulting in the whole file before
-//! the first token. The outcome is kept, so each matrix is checked once per model.
+//! The fp16 scales of a quantized matrix are not checked before a matmul reads them: a NaN or
+//! infinite scale makes every output it contributes to non-finite (NaN and infinity survive
+//! every multiply and add of the kernels, and an infinite scale times a zero sum is NaN), so
+//! the caller's check of the outputs catches it, and [`Matrix::check`] then names the tensor
+//! and the block. A check before use would read every matrix twice on the first token (the
+//! check, then the matmul: 9 % of a one-token `ggpt run`'s wall time on GPT-2 Medium Q4_K_M).
+//! An embedding lookup checks the rows it reads ([`Matrix::check_row`]).
 
 use std::sync::{Arc, OnceLock};
 
@@ -95,7 +97,7 @@ pub struct Matrix {
     /// The weight over `file`'s bytes. `'static` only inside this struct: it is handed out
     /// re-borrowed for the lifetime of `&self` (see [`Matrix::view`]).
     m: QMatrix<'static>,
-    /// The outcome of checking the quantized scales, once the matrix was first used.
+    /// The outcome of checking the quantized scales, once [`Matrix::check`] was called.
     checked: OnceLock<Result<(), RunError>>,
 }
 
@@ -132,16 +134,10 @@ impl Matrix {
         })
     }
 
-    /// The weight for a matmul, as checked at load, without checking its values (see
-    /// [`Matrix::checked_view`]).
+    /// The weight for a matmul, as checked at load (type, shape, size, alignment), without
+    /// checking its values (see the module comment).
     pub fn view(&self) -> &QMatrix<'_> {
         &self.m
-    }
-
-    /// [`Matrix::view`] once [`Matrix::check`] has passed.
-    pub fn checked_view(&self) -> Result<&QMatrix<'_>, RunError> {
-        self.check()?;
-        Ok(self.view())
     }
 
     /// The element type.
@@ -164,36 +160,18 @@ impl Matrix {
         self.m.row_bytes()
     }
 
-    /// Check the fp16 scales of every block (ggml's row-data validation: a NaN or infinite
-    /// scale turns every activation it touches into NaN), in parallel, the first time it is
-    /// called; later calls return the same outcome. The error names the file, the tensor
-    /// and the first bad block. Float matrices are not read here: their values are checked
-    /// by the caller's check of the outputs (reading them all would read the whole file).
+    /// Check the fp16 scales of every block (ggml's row-data validation), in parallel, the
+    /// first time it is called; later calls return the same outcome. The error names the
+    /// file, the tensor and the first bad block. Float matrices are not read here: their
+    /// values are checked by the caller's check of the outputs (reading them all would read
+    /// the whole file).
     pub fn check(&self) -> Result<(), RunError> {
-        self.check_in(self.m.data())
-    }
-
-    /// [`Matrix::view`] of the matrix's bytes held elsewhere (`data`: a copy of its bytes,
-    /// e.g. a streaming buffer), once [`Matrix::check`] passed on them.
-    pub fn checked_view_in<'a>(&self, data: &'a [u8]) -> Result<QMatrix<'a>, RunError> {
-        self.check_in(data)?;
-        QMatrix::new(self.ty(), self.rows(), self.cols(), data).map_err(|e| {
-            RunError::InvalidWeights {
-                file: self.file.path().display().to_string(),
-                tensor: self.info.name.clone(),
-                what: e.to_string(),
-            }
-        })
-    }
-
-    /// [`Matrix::check`] on `data`, the matrix's bytes wherever they are held (the mapping,
-    /// or a copy that saves faulting the mapping in).
-    fn check_in(&self, data: &[u8]) -> Result<(), RunError> {
         if self.ty().block_size() == 1 {
             return Ok(());
         }
         self.checked
             .get_or_init(|| {
+                let data = self.m.data();
                 let rows_per_chunk = (CHECK_CHUNK_BYTES / self.row_bytes()).max(1);
                 let chunk = rows_per_chunk * self.row_bytes();
                 let first_bad = data
@@ -209,6 +187,18 @@ impl Matrix {
                 }
             })
             .clone()
+    }
+
+    /// [`Matrix::view`] of the matrix's bytes held elsewhere (`data`: a copy of its bytes,
+    /// e.g. a streaming buffer), its length and alignment checked.
+    pub fn view_in<'a>(&self, data: &'a [u8]) -> Result<QMatrix<'a>, RunError> {
+        QMatrix::new(self.ty(), self.rows(), self.cols(), data).map_err(|e| {
+            RunError::InvalidWeights {
+                file: self.file.path().display().to_string(),
+                tensor: self.info.name.clone(),
+                what: e.to_string(),
+            }
+        })
     }
 
     /// Check the scales of rows `r` only (an embedding lookup), unless the whole matrix was
