@@ -913,3 +913,69 @@ fn borrowed_string_arrays_equal_the_decoded_values() {
         "{err}"
     );
 }
+
+/// String arrays (a tokenizer's tokens and merges, borrowed from the file): the strings read
+/// back are the ones written whatever the mix of lengths (empty, short, 128 bytes and more)
+/// and characters (1- to 4-byte UTF-8), and a string that is not UTF-8 is named by its index
+/// wherever it sits and whatever the defect.
+#[test]
+fn string_arrays_of_every_length_read_back_and_bad_ones_are_named() {
+    let long_ascii = "x".repeat(200);
+    let long_multi = "é🦀".repeat(40); // 240 bytes, 4-byte characters included
+    let exactly_128 = "a".repeat(127) + "b";
+    let strings: Vec<String> = [
+        long_multi.as_str(),
+        "",
+        "a",
+        "Ġthe",
+        "é",
+        "🦀",
+        "",
+        long_ascii.as_str(),
+        long_multi.as_str(),
+        "ok",
+        exactly_128.as_str(),
+        &"c".repeat(127),
+        "ü",
+        "",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let array = |items: &[Vec<u8>]| {
+        let mut b = B::header(3, 0, 1);
+        b.str("tokenizer.ggml.tokens")
+            .u32(9)
+            .u32(8)
+            .u64(items.len() as u64);
+        for s in items {
+            b.bytes_str(s);
+        }
+        b.done()
+    };
+    let bytes: Vec<Vec<u8>> = strings.iter().map(|s| s.as_bytes().to_vec()).collect();
+    let f = GgufFile::from_bytes(array(&bytes), "strings.gguf").expect("valid strings");
+    let got = f
+        .get_str_array("tokenizer.ggml.tokens")
+        .unwrap()
+        .expect("present");
+    assert_eq!(got, strings.iter().map(String::as_str).collect::<Vec<_>>());
+
+    // A bad byte in each string in turn: a lone continuation byte at the start, a truncated
+    // 2-byte sequence at the end (the next prefix byte is ASCII), an invalid lead byte.
+    for i in 0..bytes.len() {
+        for bad in [&b"\x80"[..], b"\xc3", b"\xff"] {
+            let mut items = bytes.clone();
+            if bad == b"\x80" {
+                items[i].splice(0..0, bad.iter().copied());
+            } else {
+                items[i].extend_from_slice(bad);
+            }
+            let m = reject(array(&items), "bad-string.gguf");
+            assert!(
+                m.contains("UTF-8") && m.contains(&format!("element {i}")),
+                "string {i}, {bad:?}: {m}"
+            );
+        }
+    }
+}
