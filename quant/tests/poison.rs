@@ -12,32 +12,8 @@ use ggpt_quant::matmul::{matmul_at, QMatrix, Scratch};
 use ggpt_quant::tensor::{self, fp16_scale_fields};
 use ggpt_quant::GgmlType;
 
-/// Deterministic values in [-1, 1).
-fn values(n: usize, seed: u64) -> Vec<f32> {
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..n)
-        .map(|_| {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
-        })
-        .collect()
-}
-
-/// `bytes` in a 4-byte-aligned buffer (what an mmapped GGUF tensor guarantees).
-fn aligned(bytes: &[u8]) -> Vec<u32> {
-    let mut v = vec![0u32; bytes.len().div_ceil(4)];
-    for (i, b) in bytes.iter().enumerate() {
-        v[i / 4] |= (*b as u32) << (8 * (i % 4));
-    }
-    v
-}
-
-fn as_bytes(v: &[u32], len: usize) -> &[u8] {
-    // SAFETY: u32 has no padding; the view covers `len ≤ 4·v.len()` initialised bytes.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast::<u8>(), len) }
-}
+mod common;
+use common::{aligned, as_bytes, values};
 
 /// (byte offset in the row, bytes, label) of each way to poison one block of `ty` with `bad`.
 fn poisons(ty: GgmlType, block: usize, bad: f32) -> Vec<(usize, Vec<u8>, String)> {
