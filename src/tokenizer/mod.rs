@@ -233,9 +233,14 @@ impl Tokenizer {
                     // Parts first: an unknown part is the more useful message than the
                     // unknown result.
                     let (left_id, right_id) = (lookup(left)?, lookup(right)?);
+                    // GPT-2's vocabulary lists the 256 byte tokens, then each merge's result
+                    // in rank order: try that id before hashing.
+                    let id = token_to_id
+                        .get_hinted(&joined, u32::try_from(256 + rank).unwrap_or(u32::MAX))
+                        .map_or_else(|| lookup(&joined), Ok)?;
                     let merged = Merge {
                         rank: rank as u32,
-                        id: lookup(&joined)?,
+                        id,
                     };
                     out.push((left_id, right_id, merged));
                 }

@@ -18,6 +18,8 @@ pub struct Vocab {
     /// id + 1 of the token hashed to each slot, or EMPTY; the length is a power of two at
     /// least twice the token count, so probe runs stay short.
     slots: Vec<u32>,
+    /// No string is listed twice (so a string equal to token i's has id i).
+    unique: bool,
     /// 64 − log2(slots.len()): a hash's top bits pick its first slot.
     shift: u32,
 }
@@ -46,6 +48,7 @@ impl Vocab {
             ends,
             slots: vec![EMPTY; n_slots],
             shift: 64 - n_slots.trailing_zeros(),
+            unique: true,
         };
         let mask = n_slots - 1;
         for id in 0..v.ends.len() {
@@ -57,7 +60,10 @@ impl Vocab {
                         v.slots[i] = id as u32 + 1;
                         break;
                     }
-                    other if v.bytes(other as usize - 1) == s => break,
+                    other if v.bytes(other as usize - 1) == s => {
+                        v.unique = false;
+                        break;
+                    }
                     _ => i = (i + 1) & mask,
                 }
             }
@@ -94,6 +100,20 @@ impl Vocab {
         }
     }
 
+    /// [`Vocab::get`], trying `hint` first: one comparison with a string read in order
+    /// instead of a hash probe, for callers that can usually guess the id (the result of GPT-2's
+    /// merge of rank r is token 256 + r). The same answer as `get` whatever the hint.
+    pub fn get_hinted(&self, s: &str, hint: u32) -> Option<u32> {
+        let hit = self.unique
+            && (hint as usize) < self.len()
+            && self.bytes(hint as usize) == s.as_bytes();
+        if hit {
+            Some(hint)
+        } else {
+            self.get(s)
+        }
+    }
+
     /// Heap bytes held.
     pub fn heap_bytes(&self) -> usize {
         self.text.capacity() + 4 * (self.ends.capacity() + self.slots.capacity())
@@ -121,5 +141,20 @@ mod tests {
         assert_eq!(v.get("t5000"), None);
         assert_eq!(v.get("t1 "), None);
         assert!(Vocab::new([].into_iter()).unwrap().get("a").is_none());
+        // A hint is only a shortcut: right, wrong, out of range, or pointing at a duplicate's
+        // later id, the answer is `get`'s.
+        for (s, hint) in [
+            ("t3", 3),
+            ("t3", 4),
+            ("t3", 99_999),
+            ("x", 5002),
+            ("t17", 5001),
+        ] {
+            assert_eq!(v.get_hinted(s, hint), v.get(s), "{s} hint {hint}");
+        }
+        assert_eq!(v.get_hinted("nope", 0), None);
+        let unique = Vocab::new(tokens.iter().map(String::as_str)).unwrap();
+        assert_eq!(unique.get_hinted("t42", 42), Some(42));
+        assert_eq!(unique.get_hinted("t42", 41), Some(42));
     }
 }
