@@ -35,11 +35,14 @@ pub fn quantize_q8k(x: &[f32], out: &mut [BlockQ8K]) {
     }
 }
 
-/// Whether every value of `x` is finite (no early exit, so the scan vectorises).
+/// The largest magnitude in `x` (NaN skipped, as ggml's scan skips it) and whether every
+/// value is finite, in one pass.
 #[inline(always)]
-pub(crate) fn all_finite(x: &[f32]) -> bool {
-    // A bitwise OR of independent tests (a float sum would be one serial chain).
-    !x.iter().fold(false, |bad, v| bad | !v.is_finite())
+pub(crate) fn amax_and_finite(x: &[f32]) -> (f32, bool) {
+    let (amax, bad) = x.iter().fold((0.0f32, false), |(a, bad), v| {
+        (a.max(v.abs()), bad | !v.is_finite())
+    });
+    (amax, !bad)
 }
 
 /// Round to nearest, ties to even, for |v| < 2²²: ggml's `nearest_int`. Adding 1.5·2²³ leaves
@@ -54,14 +57,17 @@ fn nearest_int(v: f32) -> i32 {
 fn quantize_block_q8k(x: &[f32; 256], y: &mut BlockQ8K) {
     // Largest magnitude first (vectorisable), then the first element reaching it, which is
     // the one ggml's strict `>` scan keeps.
+    // The same pass notes any NaN or infinity (a bitwise OR, which vectorises too).
     let mut lanes = [0.0f32; 16];
+    let mut bad = [false; 16];
     for c in x.chunks_exact(16) {
-        for (m, v) in lanes.iter_mut().zip(c) {
+        for ((m, b), v) in lanes.iter_mut().zip(&mut bad).zip(c) {
             *m = m.max(v.abs());
+            *b |= !v.is_finite();
         }
     }
     let amax = lanes.iter().fold(0.0f32, |a, &b| a.max(b));
-    let finite = all_finite(x);
+    let finite = !bad.iter().any(|&b| b);
     if amax == 0.0 || !finite {
         // ggml leaves `bsums` untouched for a zero block; zero is the value every consumer
         // expects. A non-finite block gets a NaN scale (see the module comment).
@@ -93,8 +99,8 @@ fn quantize_block_q8k(x: &[f32; 256], y: &mut BlockQ8K) {
 pub fn quantize_q8_0(x: &[f32], out: &mut [BlockQ8_0]) {
     assert_eq!(x.len(), out.len() * 32, "quantize_q8_0: length mismatch");
     for (xb, y) in x.chunks_exact(32).zip(out.iter_mut()) {
-        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        if !all_finite(xb) {
+        let (amax, finite) = amax_and_finite(xb);
+        if !finite {
             y.d = f16::NAN;
             y.qs = [0; 32];
             continue;

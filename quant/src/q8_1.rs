@@ -84,8 +84,8 @@ unsafe impl BlockFormat for BlockQ8_1 {
 pub fn quantize_q8_1(x: &[f32], out: &mut [BlockQ8_1]) {
     assert_eq!(x.len(), out.len() * QK8_1, "quantize_q8_1: length mismatch");
     for (xb, y) in x.chunks_exact(QK8_1).zip(out.iter_mut()) {
-        let amax = xb.iter().fold(0.0f32, |a, v| a.max(v.abs()));
-        if !crate::act::all_finite(xb) {
+        let (amax, finite) = crate::act::amax_and_finite(xb);
+        if !finite {
             // A NaN scale and sum carry the bad value into every product (crate::act).
             y.d = f32_to_f16(f32::NAN);
             y.s = y.d;

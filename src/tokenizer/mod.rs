@@ -220,8 +220,8 @@ impl Tokenizer {
                             "merge {rank} ({line:?}) is not of the form \"left right\""
                         ))
                     })?;
-                    let lookup = |s: &str| {
-                        token_to_id.get(s).ok_or_else(|| {
+                    let found = |id: Option<u32>, s: &str| {
+                        id.ok_or_else(|| {
                             TokenizerError::Tables(format!(
                                 "merge {rank} ({line:?}): {s:?} is not in the vocabulary"
                             ))
@@ -232,12 +232,12 @@ impl Tokenizer {
                     joined.push_str(right);
                     // Parts first: an unknown part is the more useful message than the
                     // unknown result.
-                    let (left_id, right_id) = (lookup(left)?, lookup(right)?);
+                    let left_id = found(token_to_id.get(left), left)?;
+                    let right_id = found(token_to_id.get(right), right)?;
                     // GPT-2's vocabulary lists the 256 byte tokens, then each merge's result
                     // in rank order: try that id before hashing.
-                    let id = token_to_id
-                        .get_hinted(&joined, u32::try_from(256 + rank).unwrap_or(u32::MAX))
-                        .map_or_else(|| lookup(&joined), Ok)?;
+                    let hint = u32::try_from(256 + rank).unwrap_or(u32::MAX);
+                    let id = found(token_to_id.get_hinted(&joined, hint), &joined)?;
                     let merged = Merge {
                         rank: rank as u32,
                         id,
