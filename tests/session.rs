@@ -306,6 +306,7 @@ fn hidden_states_are_the_input_of_the_output_projection() {
 // --- Loading malformed files ---------------------------------------------------------------
 
 /// A GGUF file's contents, to edit and write back.
+#[derive(Clone)]
 struct Parts {
     kvs: Vec<(String, Value)>,
     tensors: Vec<(String, Vec<u64>, GgmlType, Vec<u8>)>,
@@ -646,7 +647,7 @@ fn a_bad_weight_value_is_reported_after_the_forward_pass_that_met_it() {
         ("blk.1.ffn_down.weight", 1, half::f16::INFINITY),
         ("blk.0.attn_qkv.weight", n_embd, half::f16::NAN),
     ] {
-        let mut p = parts(&GgufFile::open(&model_path(FileType::Q4KM)).unwrap());
+        let mut p = q4.clone();
         let t = p.tensors.iter_mut().find(|t| t.0 == target).unwrap();
         let (off, field) = *ggpt_quant::tensor::fp16_scale_fields(t.2)
             .last()
