@@ -86,7 +86,8 @@ pub fn measure_format(
     let params: u64 = tensors.iter().map(|t| t.n_elements()).sum();
     let run = RunShape {
         n_ctx: m.mem_ctx as u64,
-        n_batch: ggpt_models::gpt2::forward::UBATCH.min(m.mem_ctx) as u64,
+        // The whole context as one prompt, as `ggpt mem` and `ggpt run` pass it.
+        n_batch: m.mem_ctx as u64,
         n_seq: 1,
         kv_elem: 2,
         threads: m.threads as u64,

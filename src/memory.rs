@@ -70,8 +70,8 @@ pub struct Estimate {
     pub tensor_bytes: u64,
     /// K and V for every layer at `n_ctx` positions and `n_seq` sequences.
     pub kv_bytes: u64,
-    /// Activation buffers for one micro-batch, the matmul's quantized activations, and the
-    /// per-thread attention rows.
+    /// Activation buffers and the matmul's quantized activations of the micro-batch that
+    /// peaks beside the KV cache, and the per-thread attention rows.
     pub scratch_bytes: u64,
     /// The logits buffer (`n_seq` rows of `n_vocab` f32).
     pub logits_bytes: u64,
@@ -89,7 +89,8 @@ pub struct Estimate {
 #[derive(Clone, Copy, Debug)]
 pub struct RunShape {
     pub n_ctx: u64,
-    /// Tokens per forward pass (the prompt's micro-batch).
+    /// Prompt tokens per call into the model; the session runs each call in the micro-batches
+    /// of [`ggpt_models::gpt2::forward::micro_batches`] (one pass for up to `UBATCH` tokens).
     pub n_batch: u64,
     pub n_seq: u64,
     /// Bytes per KV element (2 for F16, 4 for F32).
@@ -102,20 +103,36 @@ pub struct RunShape {
 /// with `ggpt mem --measure` on the tiny and GPT-2-Medium-shaped models (docs/memory.md).
 pub const RUNTIME_BYTES: u64 = 14 * 1024 * 1024;
 
+/// Activations of one micro-batch of `t` tokens: f32 rows of x, ln (also the attention
+/// output), the head-major attention output (also the projection outputs), and one buffer for
+/// Q|K|V and then the MLP hidden (3C or F, the wider); each token's position and sequence
+/// (8 bytes each); the Q8_K activations of the widest input (F values: 292 bytes per 256).
+fn micro_batch_bytes(s: &MemShape, t: u64) -> u64 {
+    4 * t * (3 * s.n_embd + (3 * s.n_embd).max(s.n_ff)) + 16 * t + t * s.n_ff.div_ceil(256) * 292
+}
+
 /// Predict memory from the model's shapes and file sizes.
 pub fn estimate(s: &MemShape, file_bytes: u64, tensor_bytes: u64, r: &RunShape) -> Estimate {
     let kv_bytes = kv_cache_bytes(s, r.n_ctx, r.n_seq, r.kv_elem);
-    let t = r.n_batch.max(r.n_seq);
     let head_dim = s.n_embd / s.n_head.max(1);
-    // f32 rows of x, ln (also the attention output), the head-major attention output (also
-    // the projection outputs), and one buffer for Q|K|V and then the MLP hidden (3C or F,
-    // the wider); each token's position and sequence (8 bytes each).
-    let activations = 4 * t * (3 * s.n_embd + (3 * s.n_embd).max(s.n_ff)) + 16 * t;
-    // Q8_K activations of the widest input (F values: 292 bytes per 256).
-    let quantized = t * s.n_ff.div_ceil(256) * 292;
+    // The session's activations follow its current micro-batch, so what matters is the
+    // largest of them beside the KV cache at each point: a prefill's passes, each beside the
+    // cache filled so far (the short last pass beside the nearly full one), and a batched
+    // decode step of n_seq tokens beside the full cache.
+    let kv_per_pos = kv_cache_bytes(s, 1, 1, r.kv_elem);
+    let mut activations = micro_batch_bytes(s, r.n_seq);
+    let mut end = 0;
+    while end < r.n_ctx {
+        let call = r.n_batch.max(1).min(r.n_ctx - end);
+        for u in ggpt_models::gpt2::forward::micro_batches(call as usize) {
+            end += u as u64;
+            let to_come = kv_per_pos * (r.n_ctx - end);
+            activations = activations.max(micro_batch_bytes(s, u as u64).saturating_sub(to_come));
+        }
+    }
     // Per thread: one head's K and V in f32 and two rows of scores (queries go in pairs).
     let attention = r.threads * 4 * (2 * r.n_ctx * head_dim + 2 * (r.n_ctx + 4 * head_dim));
-    let scratch_bytes = activations + quantized + attention;
+    let scratch_bytes = activations + attention;
     let logits_bytes = logits_bytes(s, r.n_seq);
     let ram_total = file_bytes + kv_bytes + scratch_bytes + logits_bytes + RUNTIME_BYTES;
     let ubatch = r.n_ctx.min(512);
@@ -211,6 +228,32 @@ mod tests {
             512 * (1024 * 6 + 4096) * 4 + 16 * 512 * 1024 * 4 + 201_028
         );
         assert!(gpu_compute_bytes(&s, 512, 512, 1) < a);
+    }
+
+    #[test]
+    fn gpt2_medium_scratch_by_hand() {
+        let s = MemShape::GPT2_MEDIUM;
+        let run = |n_batch| RunShape {
+            n_ctx: 1024,
+            n_batch,
+            n_seq: 1,
+            kv_elem: 2,
+            threads: 2,
+        };
+        // Per token: f32 rows of 3·1024 + max(3·1024, 4096) values, 16 bytes of position and
+        // sequence, 16 Q8_K blocks of 292 bytes.
+        let per_token = 4 * (3 * 1024 + 4096) + 16 + 16 * 292;
+        assert_eq!(per_token, 33_360);
+        // Per thread: K and V of one head in f32 (2 × 1024 × 64) and two rows of scores.
+        let attention = 2 * 4 * (2 * 1024 * 64 + 2 * (1024 + 4 * 64));
+        // One call of 1024 tokens: passes of 240, 240, 240, 240 and 64. The last one runs
+        // beside the full cache; the one before it beside all but 64 positions (98 304 bytes
+        // of F16 K and V each), 240 × 33 360 − 64 × 98 304 = 1 714 944 < 64 × 33 360.
+        let one_call = estimate(&s, 0, 0, &run(1024));
+        assert_eq!(one_call.scratch_bytes, 64 * 33_360 + attention);
+        // Calls of 256 tokens are one pass each, and the last one ends beside the full cache.
+        let calls = estimate(&s, 0, 0, &run(256));
+        assert_eq!(calls.scratch_bytes, 256 * 33_360 + attention);
     }
 
     #[test]

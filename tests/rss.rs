@@ -23,9 +23,10 @@ const PROMPT_TOKENS: usize = 5;
 
 fn main() {
     let args: Vec<String> = std::env::args().collect();
-    if args.get(1).map(String::as_str) == Some("child") {
-        child(Path::new(&args[2]), args[3].parse().expect("n_seq"));
-        return;
+    match args.get(1).map(String::as_str) {
+        Some("child") => return child(Path::new(&args[2]), args[3].parse().expect("n_seq")),
+        Some("child-long") => return child_long(Path::new(&args[2])),
+        _ => {}
     }
     // `cargo test` passes harness flags (`--nocapture`, a filter); a filter that does not
     // match this test's name skips it, like the standard harness.
@@ -95,6 +96,121 @@ fn main() {
         );
     }
     println!("test rss_follows_the_tokens_run ... ok");
+    activations_follow_the_micro_batch(&model);
+}
+
+/// A micro-batch shorter than the last gives the activation pages of the longer one back, and
+/// a prompt that fills the whole context peaks at the weights + its KV cache + 16 MiB (the
+/// short last micro-batch runs beside the nearly full cache).
+fn activations_follow_the_micro_batch(model: &Path) {
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args(["child-long", model.to_str().unwrap()])
+        .output()
+        .expect("run the measuring child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("measured"))
+        .unwrap_or_else(|| panic!("no measurement in {stdout:?}"));
+    let num = |key: &str| -> u64 {
+        let i = line.find(&format!(" {key}=")).expect(key) + key.len() + 2;
+        line[i..].split(' ').next().unwrap().parse().expect(key)
+    };
+    let (after_prompt, after_token, acts) = (num("anon_prompt"), num("anon_token"), num("acts"));
+    let (hwm, file, kv) = (num("hwm"), num("file"), num("kv"));
+    let mib = |b: u64| b as f64 / MIB as f64;
+    println!(
+        "anonymous memory after a {LONG_PROMPT}-token prompt {:.2} MiB, after the next token \
+         {:.2} MiB ({:.2} MiB of activations in the prompt's micro-batch); full context: \
+         peak {:.1} MiB = file {:.1} + KV {:.1} + {:.1}",
+        mib(after_prompt),
+        mib(after_token),
+        mib(acts),
+        mib(hwm),
+        mib(file),
+        mib(kv),
+        mib(hwm.saturating_sub(file + kv))
+    );
+    // The token's step adds no KV page (the prompt ends inside one) and its own activations
+    // are a few KiB, so at least 3/4 of the prompt's activations must be gone.
+    assert!(
+        after_prompt.saturating_sub(after_token) >= acts / 4 * 3,
+        "the anonymous memory fell by {:.2} MiB after a one-token step, expected most of the \
+         prompt's {:.2} MiB of activations back",
+        mib(after_prompt.saturating_sub(after_token)),
+        mib(acts)
+    );
+    assert!(
+        hwm <= file + kv + OVERHEAD,
+        "peak RSS {:.1} MiB of a full-context run is above the weights + KV + 16 MiB ({:.1} MiB)",
+        mib(hwm),
+        mib(file + kv + OVERHEAD)
+    );
+    println!("test activations_follow_the_micro_batch ... ok");
+}
+
+/// Tokens of the first prompt of `child_long`: one micro-batch, ending inside a KV page (a
+/// 32-wide f16 head row is 64 bytes, 64 rows to a page), so that the next token's step
+/// allocates no KV.
+const LONG_PROMPT: usize = 250;
+
+/// A `LONG_PROMPT`-token prompt, one token, then the rest of the context as one prompt and a
+/// few tokens; prints the anonymous memory after the first prompt and after the token, the
+/// first prompt's activation bytes, and the peak against the file and the full KV cache.
+fn child_long(path: &Path) {
+    let model = Model::load(path).expect("load");
+    let hp = model.hparams().clone();
+    let n_ctx = hp.n_ctx as usize;
+    let n_vocab = hp.n_vocab;
+    let ids = |from: usize, n: usize| -> Vec<u32> {
+        (from..from + n)
+            .map(|i| (i as u64 * 7919 % n_vocab) as u32)
+            .collect()
+    };
+    let anon = || {
+        let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+        status_field(&status, "RssAnon:")
+    };
+    let mut session = Session::new(&model, n_ctx, 1).expect("session");
+    session.prefill(&ids(0, LONG_PROMPT)).expect("prefill");
+    let acts = session.scratch_bytes() as u64;
+    let after_prompt = anon();
+    session.decode(1).expect("decode");
+    let after_token = anon();
+    let rest = n_ctx - LONG_PROMPT - 1 - 8;
+    session
+        .prefill(&ids(LONG_PROMPT + 1, rest))
+        .expect("prefill the rest");
+    for i in 0..8 {
+        session.decode(i).expect("decode");
+    }
+    assert_eq!(session.n_past(), n_ctx);
+    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
+    println!(
+        "measured anon_prompt={after_prompt} anon_token={after_token} acts={acts} hwm={} \
+         file={} kv={} ",
+        status_field(&status, "VmHWM:"),
+        model.file().file_len(),
+        session.kv_bytes()
+    );
+}
+
+/// A `/proc/self/status` field in bytes.
+fn status_field(status: &str, name: &str) -> u64 {
+    let l = status.lines().find(|l| l.starts_with(name)).expect(name);
+    let kb: u64 = l[name.len()..]
+        .trim()
+        .trim_end_matches("kB")
+        .trim()
+        .parse()
+        .expect(name);
+    kb * 1024
 }
 
 /// Load, run the prompt and one generated token in each of `n_seq` sequences at the model's
@@ -123,16 +239,7 @@ fn child(path: &Path, n_seq: usize) {
     let activations = 4 * PROMPT_TOKENS as u64 * (8 * c + f);
     let logits = 4 * v * n_seq as u64;
     let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let field = |name: &str| -> u64 {
-        let l = status.lines().find(|l| l.starts_with(name)).expect(name);
-        let kb: u64 = l[name.len()..]
-            .trim()
-            .trim_end_matches("kB")
-            .trim()
-            .parse()
-            .expect(name);
-        kb * 1024
-    };
+    let field = |name: &str| status_field(&status, name);
     println!(
         "measured rss={} hwm={} file={} need={} kv_ceiling={} ",
         field("VmRSS:"),

@@ -23,7 +23,8 @@ pub struct Args {
     /// Context length (default: the model's).
     #[arg(short = 'c', long)]
     pub ctx: Option<usize>,
-    /// Tokens per forward pass during the prompt (default: ggpt's micro-batch, capped by ctx).
+    /// Prompt tokens per call into the model (default: the whole prompt in one call, as `ggpt
+    /// run` passes it); each call runs in ggpt's micro-batches (256 tokens, a short last one).
     #[arg(short = 'b', long)]
     pub batch: Option<usize>,
     /// Parallel sequences (as `run --num-return-sequences`, or the slots of
@@ -81,10 +82,7 @@ pub fn run(args: Args) -> Result<()> {
     if n_ctx == 0 || n_ctx as u64 > hp.n_ctx {
         bail_flag!("--ctx {n_ctx} is outside 1..={}", hp.n_ctx);
     }
-    let n_batch = args
-        .batch
-        .unwrap_or(ggpt_models::gpt2::forward::UBATCH)
-        .clamp(1, n_ctx);
+    let n_batch = args.batch.unwrap_or(n_ctx).clamp(1, n_ctx);
     let shape = MemShape::of(model.hparams());
     let tensor_bytes: u64 = model.file().tensors().iter().map(|t| t.size).sum();
     let run = RunShape {
@@ -478,7 +476,8 @@ fn mem_available() -> Option<u64> {
     kib.checked_mul(1024)
 }
 
-/// Prefill (almost) the whole context in micro-batches, decode a few tokens, read /proc.
+/// Prefill (almost) the whole context in calls of `n_batch` tokens, decode a few tokens, read
+/// /proc.
 fn measure(
     model: &Model,
     n_ctx: usize,
@@ -487,7 +486,7 @@ fn measure(
     kv: KvType,
 ) -> Result<serde_json::Value> {
     let n_vocab = model.hparams().n_vocab as u32;
-    // Decode the last few positions one at a time; prefill the rest in micro-batches.
+    // Decode the last few positions one at a time; prefill the rest.
     let n_decode = (n_ctx / 8).clamp(1, 16).min(n_ctx);
     let n_prompt = n_ctx - n_decode;
     // Arbitrary in-vocabulary ids; u64 so that i × 7919 cannot overflow at any context size.
@@ -595,7 +594,7 @@ fn predict_checkpoint(args: &Args, kv_elem: u64, threads: u64) -> Result<()> {
             n_ctx,
             n_batch: args
                 .batch
-                .unwrap_or(ggpt_models::gpt2::forward::UBATCH)
+                .unwrap_or(n_ctx as usize)
                 .clamp(1, n_ctx as usize) as u64,
             n_seq: args.seqs as u64,
             kv_elem,

@@ -27,6 +27,7 @@
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 
+use crate::anon::AnonMap;
 use crate::attention::{f16_to_f32, HeadKv};
 
 /// Rows a sequence's capacity is counted in multiples of (and at least): the accounting
@@ -74,43 +75,6 @@ impl std::str::FromStr for KvType {
     }
 }
 
-/// The element types the mapping is viewed as: plain values for which every bit pattern
-/// (including the all-zero pages the kernel supplies) is valid.
-trait Elem: Copy {}
-impl Elem for f32 {}
-impl Elem for f16 {}
-
-/// The mapping viewed as `T`s.
-fn elems<T: Elem>(map: &memmap2::MmapMut) -> &[T] {
-    // SAFETY: an anonymous mapping is page-aligned (more than any `T` needs) and `len` bytes
-    // long, all initialised (zero until written); f32 and f16 accept every bit pattern. The
-    // slice borrows `map`, so the mapping outlives it.
-    unsafe {
-        std::slice::from_raw_parts(
-            map.as_ptr().cast::<T>(),
-            map.len() / std::mem::size_of::<T>(),
-        )
-    }
-}
-
-/// [`elems`], mutable.
-fn elems_mut<T: Elem>(map: &mut memmap2::MmapMut) -> &mut [T] {
-    // SAFETY: as in `elems`; the mutable borrow of `map` makes this the only view.
-    unsafe {
-        std::slice::from_raw_parts_mut(
-            map.as_mut_ptr().cast::<T>(),
-            map.len() / std::mem::size_of::<T>(),
-        )
-    }
-}
-
-/// The kernel's page size (4 KiB where it cannot be read).
-fn page_size() -> usize {
-    // SAFETY: sysconf only reads a system constant.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    usize::try_from(n).ok().filter(|&p| p > 0).unwrap_or(4096)
-}
-
 /// Per-layer K and V for `n_seq` sequences of up to `n_ctx` positions each.
 pub struct KvCache {
     ty: KvType,
@@ -120,7 +84,7 @@ pub struct KvCache {
     n_head: usize,
     head_dim: usize,
     /// Every block, `[seq][layer][K, V][head][row][hd]`.
-    map: memmap2::MmapMut,
+    map: AnonMap,
     /// Rows counted as allocated per sequence: the positions reserved so far, rounded up to
     /// [`ROW_QUANTUM`].
     cap: Vec<usize>,
@@ -149,19 +113,7 @@ impl KvCache {
             .and_then(|x| x.checked_mul(2 * ty.size()))
             .filter(|&b| b <= isize::MAX as usize)
             .ok_or_else(|| "KV cache size overflows".to_string())?;
-        let map = memmap2::MmapOptions::new()
-            .len(bytes.max(1))
-            .map_anon()
-            .map_err(|e| {
-                format!(
-                    "cannot reserve {:.1} MiB of address space for the KV cache: {e}",
-                    bytes as f64 / (1024.0 * 1024.0)
-                )
-            })?;
-        // Huge pages would make the first row stored in each block resident 2 MiB at once.
-        // Advisory: where the kernel refuses, the cache works the same, only coarser.
-        #[cfg(target_os = "linux")]
-        let _ = map.advise(memmap2::Advice::NoHugePage);
+        let map = AnonMap::new(bytes, "KV cache")?;
         Ok(KvCache {
             ty,
             n_layer,
@@ -243,12 +195,12 @@ impl KvCache {
             let (kh, vh) = (&k_row[h * hd..(h + 1) * hd], &v_row[h * hd..(h + 1) * hd]);
             match self.ty {
                 KvType::F16 => {
-                    let e = elems_mut::<f16>(&mut self.map);
+                    let e = self.map.elems_mut::<f16>();
                     e[ka..ka + hd].convert_from_f32_slice(kh);
                     e[va..va + hd].convert_from_f32_slice(vh);
                 }
                 KvType::F32 => {
-                    let e = elems_mut::<f32>(&mut self.map);
+                    let e = self.map.elems_mut::<f32>();
                     e[ka..ka + hd].copy_from_slice(kh);
                     e[va..va + hd].copy_from_slice(vh);
                 }
@@ -263,14 +215,14 @@ impl KvCache {
         let (ka, va) = (self.at(layer, seq, 0, head), self.at(layer, seq, 1, head));
         match self.ty {
             KvType::F32 => {
-                let e = elems::<f32>(&self.map);
+                let e = self.map.elems::<f32>();
                 HeadKv::F32 {
                     k: &e[ka..ka + m],
                     v: &e[va..va + m],
                 }
             }
             KvType::F16 => {
-                let e = elems::<f16>(&self.map);
+                let e = self.map.elems::<f16>();
                 HeadKv::F16 {
                     k: &e[ka..ka + m],
                     v: &e[va..va + m],
@@ -348,22 +300,8 @@ impl KvCache {
         self.cap[seq] = 0;
         // The sequence's blocks are one range; its whole pages go back to the kernel (the
         // partial pages at its ends, shared with the neighbouring sequences, stay).
-        let page = page_size();
         let per_seq = self.n_ctx * self.bytes_per_position();
-        let start = (seq * per_seq).next_multiple_of(page);
-        let end = ((seq + 1) * per_seq) / page * page;
-        if end > start {
-            // SAFETY: the `&mut self` borrow means no slice of the mapping is alive; the
-            // dropped pages read back as zeros, and every row is stored again before it is
-            // read (positions below `len` only, and `len` is now 0).
-            let _ = unsafe {
-                self.map.unchecked_advise_range(
-                    memmap2::UncheckedAdvice::DontNeed,
-                    start,
-                    end - start,
-                )
-            };
-        }
+        self.map.release(seq * per_seq, (seq + 1) * per_seq);
     }
 }
 

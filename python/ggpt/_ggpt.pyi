@@ -131,7 +131,8 @@ class Model:
         """Predicted memory, term by term, as ``ggpt mem --json``: ``file_bytes``,
         ``tensor_bytes``, ``kv_bytes``, ``scratch_bytes``, ``logits_bytes``, ``runtime_bytes``,
         ``ram_total_bytes``, ``gpu_compute_bytes``, ``vram_total_bytes`` (full GPU offload),
-        and the run's ``format``, ``n_ctx``, ``n_batch``, ``n_seq``, ``kv_type``."""
+        and the run's ``format``, ``n_ctx``, ``n_batch``, ``n_seq``, ``kv_type``. ``n_batch``
+        is the prompt tokens per call into the model (default: the whole context at once)."""
     @property
     def format(self) -> str:
         """The quantization mix as llama.cpp names it: "F16", "Q8_0", "Q6_K", "Q4_K_M", ..."""

@@ -451,7 +451,8 @@ impl Model {
             if n_batch == Some(0) {
                 bad_arg!("n_batch=0: must be at least 1");
             }
-            let n_batch = n_batch.unwrap_or(ggpt_models_ubatch()).clamp(1, n_ctx);
+            // As `ggpt mem`: the whole context as one prompt unless the caller chunks it.
+            let n_batch = n_batch.unwrap_or(n_ctx).clamp(1, n_ctx);
             let shape = MemShape {
                 n_layer: hp.n_layer,
                 n_embd: hp.n_embd,
@@ -588,10 +589,6 @@ impl Model {
             self.n_threads
         )
     }
-}
-
-fn ggpt_models_ubatch() -> usize {
-    ggpt_models::gpt2::forward::UBATCH
 }
 
 fn tensor_bytes(model: &RustModel) -> u64 {

@@ -17,6 +17,7 @@ use ggpt_quant::matmul::{matmul, Scratch};
 use rayon::prelude::*;
 
 use super::{Gpt2, Hparams, RunError};
+use crate::anon::AnonMap;
 use crate::attention;
 use crate::kv_cache::{KvCache, KvType};
 use crate::ops;
@@ -26,6 +27,60 @@ use crate::ops;
 /// per token); 256 keeps them at 7 MiB while a 512-token prompt reads the weights twice
 /// instead of once (docs/performance.md).
 pub const UBATCH: usize = 256;
+
+/// Tokens in the last micro-batch of a batch that needs more than one. The last pass runs
+/// beside a nearly full KV cache, and its activations are what the session's peak memory
+/// adds to the cache, so it is kept short (2.1 MiB of activations for GPT-2 Medium instead
+/// of 8.3 at [`UBATCH`]); the rest of the batch is spread evenly over as few passes as fit.
+/// This costs one pass more than cutting at UBATCH for most long prompts (docs/memory.md).
+pub const TAIL: usize = 64;
+
+/// The micro-batch sizes, in order, that a batch of `t_all` tokens is run in: one pass when it
+/// fits in [`UBATCH`]; otherwise a last pass of [`TAIL`] tokens after the rest, split into
+/// the fewest passes of at most UBATCH tokens, of near-equal size.
+pub fn micro_batches(t_all: usize) -> MicroBatches {
+    if t_all <= UBATCH {
+        MicroBatches {
+            rest: t_all,
+            parts: usize::from(t_all > 0),
+            tail: 0,
+        }
+    } else {
+        let rest = t_all - TAIL;
+        MicroBatches {
+            rest,
+            parts: rest.div_ceil(UBATCH),
+            tail: TAIL,
+        }
+    }
+}
+
+/// Iterator of [`micro_batches`].
+#[derive(Clone, Debug)]
+pub struct MicroBatches {
+    /// Tokens before the tail not yet handed out.
+    rest: usize,
+    /// Passes left for them.
+    parts: usize,
+    /// Tokens of the last pass (0: no separate last pass).
+    tail: usize,
+}
+
+impl Iterator for MicroBatches {
+    type Item = usize;
+    fn next(&mut self) -> Option<usize> {
+        if self.parts > 0 {
+            let u = self.rest.div_ceil(self.parts);
+            self.rest -= u;
+            self.parts -= 1;
+            Some(u)
+        } else if self.tail > 0 {
+            Some(std::mem::take(&mut self.tail))
+        } else {
+            None
+        }
+    }
+}
 
 /// Most sequences in one state (sampling this many continuations is already unusual).
 pub const MAX_SEQ: usize = 256;
@@ -120,25 +175,97 @@ thread_local! {
 /// A forward pass's mutable state: the KV cache and activation buffers. One per session.
 pub struct State {
     cache: KvCache,
-    /// Tokens the activation buffers currently hold; grown to the largest micro-batch seen.
-    cap: usize,
-    /// Residual stream (T, C).
-    x: Vec<f32>,
-    /// LayerNorm output (T, C); between the QKV projection and the next LayerNorm, the
-    /// attention output token-major (T, C), the input of the output projection.
-    ln: Vec<f32>,
-    /// Fused QKV projection (T, 3C) until attention has read it, then the MLP hidden (T, F):
-    /// (T, max(3C, F)).
-    wide: Vec<f32>,
-    /// Attention output head-major (H, T, hd), as the parallel heads write it, until it is
-    /// turned token-major; then the projection outputs before the residual add (T, C).
-    heads: Vec<f32>,
+    /// Activations of the current micro-batch (x, ln, wide, heads below).
+    acts: Activations,
     /// Position and sequence of each token of the current micro-batch.
     pos: Vec<usize>,
     seq: Vec<usize>,
     /// Next free position per sequence while a batch is being placed.
     next: Vec<usize>,
     mm: Scratch,
+}
+
+/// The activation buffers of one micro-batch, each with room for [`UBATCH`] tokens, as four
+/// page-aligned regions of one anonymous mapping: pages become resident when a micro-batch
+/// first writes them and are given back when a shorter one follows, so the memory held is
+/// that of the micro-batch being run, not of the largest one seen.
+///
+/// Each region holds two activations whose lifetimes within a block do not overlap:
+/// - x: the residual stream (T, C);
+/// - ln: the LayerNorm output (T, C); between the QKV projection and the next LayerNorm,
+///   the attention output token-major (T, C), the input of the output projection;
+/// - heads: the attention output head-major (H, T, hd), as the parallel heads write it,
+///   until it is turned token-major; then the projection outputs before the residual add (T, C);
+/// - wide: the fused QKV projection (T, 3C) until attention has read it, then the MLP hidden
+///   (T, F): (T, max(3C, F)).
+struct Activations {
+    map: AnonMap,
+    /// f32 values per token of x, ln, heads, wide.
+    widths: [usize; 4],
+    /// f32 offset of each region (page-aligned).
+    starts: [usize; 4],
+    /// Tokens whose pages may be resident (those of the largest micro-batch since the last
+    /// shrink).
+    used: usize,
+}
+
+impl Activations {
+    fn new(d: Dims) -> Result<Activations, RunError> {
+        let c = d.embd;
+        let widths = [c, c, c, wide_width(d)];
+        let page_f32 = (crate::anon::page_size() / 4).max(1);
+        let mut starts = [0; 4];
+        let mut end = 0usize;
+        for (s, &w) in starts.iter_mut().zip(&widths) {
+            *s = end;
+            end = w
+                .checked_mul(UBATCH)
+                .and_then(|n| n.checked_add(end))
+                .map(|e| e.next_multiple_of(page_f32))
+                .filter(|&e| e <= isize::MAX as usize / 4)
+                .ok_or_else(|| RunError::BadRequest("activation buffers overflow".into()))?;
+        }
+        let map = AnonMap::new(4 * end, "activations").map_err(RunError::BadRequest)?;
+        Ok(Activations {
+            map,
+            widths,
+            starts,
+            used: 0,
+        })
+    }
+
+    /// Size the buffers for a micro-batch of `t` ≤ [`UBATCH`] tokens: the pages of tokens
+    /// beyond `t` go back to the kernel; those up to `t` are supplied as they are written.
+    fn fit(&mut self, t: usize) {
+        debug_assert!(t <= UBATCH);
+        if t < self.used {
+            for (&s, &w) in self.starts.iter().zip(&self.widths) {
+                self.map.release(4 * (s + t * w), 4 * (s + self.used * w));
+            }
+        }
+        self.used = t;
+    }
+
+    /// (x, ln, heads, wide) for `t` tokens, each `t` × its width.
+    fn split(&mut self, t: usize) -> [&mut [f32]; 4] {
+        let [w0, w1, w2, w3] = self.widths;
+        let [s0, s1, s2, s3] = self.starts;
+        let all = self.map.elems_mut::<f32>();
+        let (a, rest) = all[s0..].split_at_mut(s1 - s0);
+        let (b, rest) = rest.split_at_mut(s2 - s1);
+        let (h, wide) = rest.split_at_mut(s3 - s2);
+        [
+            &mut a[..t * w0],
+            &mut b[..t * w1],
+            &mut h[..t * w2],
+            &mut wide[..t * w3],
+        ]
+    }
+
+    /// Bytes of the regions' tokens in use.
+    fn bytes(&self) -> usize {
+        4 * self.used * self.widths.iter().sum::<usize>()
+    }
 }
 
 impl State {
@@ -157,11 +284,7 @@ impl State {
             .map_err(RunError::BadRequest)?;
         Ok(State {
             cache,
-            cap: 0,
-            x: Vec::new(),
-            ln: Vec::new(),
-            wide: Vec::new(),
-            heads: Vec::new(),
+            acts: Activations::new(d)?,
             pos: Vec::new(),
             seq: Vec::new(),
             next: vec![0; n_seq],
@@ -169,19 +292,18 @@ impl State {
         })
     }
 
-    /// Grow the activation buffers to hold `t` tokens (no-op once they are large enough).
-    fn reserve(&mut self, d: Dims, t: usize) {
-        if t <= self.cap {
-            return;
+    /// Buffers for a micro-batch of `t` tokens. A shorter one than the last gives the
+    /// difference back (activations and the matmuls' quantized inputs), so what stays
+    /// resident beside the KV cache is what the current micro-batch needs.
+    fn fit(&mut self, t: usize) {
+        if t < self.acts.used {
+            self.mm = Scratch::default();
         }
-        let c = d.embd;
-        self.x.resize(t * c, 0.0);
-        self.ln.resize(t * c, 0.0);
-        self.wide.resize(t * wide_width(d), 0.0);
-        self.heads.resize(t * c, 0.0);
-        self.pos.resize(t, 0);
-        self.seq.resize(t, 0);
-        self.cap = t;
+        self.acts.fit(t);
+        if self.pos.len() < t {
+            self.pos.resize(t, 0);
+            self.seq.resize(t, 0);
+        }
     }
 
     /// The KV cache.
@@ -207,7 +329,7 @@ impl State {
     /// Bytes of activation scratch currently allocated (excluding the KV cache and the
     /// matmul's own scratch).
     pub fn scratch_bytes(&self) -> usize {
-        4 * (self.x.len() + self.ln.len() + self.wide.len() + self.heads.len())
+        self.acts.bytes()
     }
 }
 
@@ -330,10 +452,9 @@ impl Gpt2 {
             st.next[s] = st.cache.len(s);
         }
         let mut start = 0;
-        while start < t_all {
-            let end = (start + UBATCH).min(t_all);
-            let t = end - start;
-            st.reserve(d, t);
+        for t in micro_batches(t_all) {
+            let end = start + t;
+            st.fit(t);
             for i in 0..t {
                 let s = seqs.get(start + i);
                 st.seq[i] = s;
@@ -348,7 +469,8 @@ impl Gpt2 {
             // Final LayerNorm and the head, only for the rows asked for.
             let lnf = &self.weights.output_norm;
             let head = self.weights.lm_head();
-            let (x, ln) = (&st.x[..t * c], &mut st.ln[..t * c]);
+            let [x, ln, _, _] = st.acts.split(t);
+            let x = &*x;
             // The head is step n_layer for a streamed model (only when it is used).
             let head_step = d.layer;
             match &mut out {
@@ -404,19 +526,15 @@ impl Gpt2 {
         let (t, c, f) = (tokens.len(), d.embd, d.ff);
         let State {
             cache,
-            x,
-            ln,
-            wide,
-            heads,
+            acts,
             pos,
             seq,
             mm,
             ..
         } = st;
         // Each buffer holds two activations whose lifetimes within a block do not overlap
-        // (see the fields of `State`).
-        let (x, ln, heads) = (&mut x[..t * c], &mut ln[..t * c], &mut heads[..t * c]);
-        let wide = &mut wide[..t * wide_width(d)];
+        // (see `Activations`).
+        let [x, ln, heads, wide] = acts.split(t);
         let (pos, seq) = (&pos[..t], &seq[..t]);
 
         // x = wte[token] + wpe[pos]                                           (T, C)
@@ -575,5 +693,44 @@ fn attention(
         out.par_chunks_exact_mut(t * hd)
             .enumerate()
             .for_each(|(h, o)| head(h, o));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn micro_batches_by_hand() {
+        let v = |n| micro_batches(n).collect::<Vec<_>>();
+        assert_eq!(v(0), Vec::<usize>::new());
+        assert_eq!(v(1), [1]);
+        assert_eq!(v(UBATCH), [UBATCH]);
+        // Past one micro-batch the last pass is TAIL tokens and the rest is spread evenly.
+        assert_eq!(v(UBATCH + 1), [UBATCH + 1 - TAIL, TAIL]);
+        assert_eq!(v(300), [236, 64]);
+        assert_eq!(v(512), [224, 224, 64]);
+        assert_eq!(v(1008), [236, 236, 236, 236, 64]);
+        assert_eq!(v(1024), [240, 240, 240, 240, 64]);
+        assert_eq!(v(1025), [241, 240, 240, 240, 64]);
+        assert_eq!(v(1090), [206, 205, 205, 205, 205, 64]);
+    }
+
+    #[test]
+    fn micro_batches_cover_the_batch_in_the_fewest_passes() {
+        for n in 0..3000 {
+            let v: Vec<usize> = micro_batches(n).collect();
+            assert_eq!(v.iter().sum::<usize>(), n, "{n}: {v:?}");
+            assert!(v.iter().all(|&u| (1..=UBATCH).contains(&u)), "{n}: {v:?}");
+            if n > UBATCH {
+                let (last, rest) = v.split_last().unwrap();
+                assert_eq!(*last, TAIL, "{n}: {v:?}");
+                assert_eq!(rest.len(), (n - TAIL).div_ceil(UBATCH), "{n}: {v:?}");
+                let (lo, hi) = (rest.iter().min().unwrap(), rest.iter().max().unwrap());
+                assert!(hi - lo <= 1, "{n}: {v:?}");
+            } else {
+                assert_eq!(v.len(), usize::from(n > 0), "{n}: {v:?}");
+            }
+        }
     }
 }
