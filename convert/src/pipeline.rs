@@ -78,7 +78,8 @@ pub struct FileSummary {
     pub tensor_bytes: u64,
     pub n_params: u64,
     /// Time spent encoding and writing this file's tensors (the shared reading and decoding of
-    /// the source is reported in the total of [`ConvertReport`]).
+    /// the source is reported in the total of [`ConvertReport`]; a tensor whose encoding an
+    /// earlier file of the same run shares counts only its writing here).
     pub seconds: f64,
     /// Tensors whose type differs from what llama.cpp would write: name, type written, why
     /// (see [`Fallback`]).
@@ -644,18 +645,29 @@ pub fn convert_hf(
             }
             // Every output encodes this chunk at once (each quantizer is itself parallel over
             // rows): the cheap F16/Q8_0 encodings fill the gaps of the K-quant searches.
+            // Outputs that store the tensor in the same type share one encoding (the Q6_K
+            // tensors of a Q4_K_M file are the Q6_K file's bytes): the first of them encodes,
+            // the others then write its bytes.
             if bytes.len() < outs.len() {
                 bytes.resize_with(outs.len(), Vec::new);
             }
+            let owner = |fi: usize| {
+                (0..fi)
+                    .find(|&fj| outs[fj].types[ti] == outs[fi].types[ti])
+                    .unwrap_or(fi)
+            };
+            let owners: Vec<usize> = (0..outs.len()).map(owner).collect();
+            let chunk_bytes =
+                |ty: GgmlType| (r1 - r0) * ty.row_bytes(cols as u64).unwrap_or(0) as usize;
             let (x, rounded): (&[f32], &[f32]) = (x, rounded);
             outs.par_iter_mut()
                 .zip(bytes.par_iter_mut())
                 .enumerate()
+                .filter(|(fi, _)| owners[*fi] == *fi)
                 .try_for_each(|(fi, (o, buf))| -> Result<(), ConvertError> {
                     let t0 = Instant::now();
                     let ty = o.types[ti];
-                    let row_bytes = ty.row_bytes(cols as u64).unwrap_or(0) as usize;
-                    let buf = scratch(buf, (r1 - r0) * row_bytes);
+                    let buf = scratch(buf, chunk_bytes(ty));
                     let input: &[f32] = if ty == GgmlType::F32 { x } else { rounded };
                     let encode = |what: String| ConvertError::Encode {
                         tensor: p.gguf_name.clone(),
@@ -671,6 +683,14 @@ pub fn convert_hf(
                     progress.wrote(fi, buf.len() as u64);
                     Ok(())
                 })?;
+            for (fi, &from) in owners.iter().enumerate().filter(|&(fi, &from)| from != fi) {
+                let t0 = Instant::now();
+                let o = &mut outs[fi];
+                let buf = &bytes[from][..chunk_bytes(o.types[ti])];
+                write_out(o, buf)?;
+                o.seconds += t0.elapsed().as_secs_f64();
+                progress.wrote(fi, buf.len() as u64);
+            }
             r0 = r1;
         }
         for (fi, o) in outs.iter_mut().enumerate() {
