@@ -279,6 +279,82 @@ struct Qkx2Search<'a> {
     base: usize,
 }
 
+/// What a search's prologue computes for one sub-block: the range and sums with the first
+/// guess's scale and error (its levels go to `l`), or ggml's early return `(scale, the_min)`.
+type Qkx2Prologue = Result<(Qkx2Start, f32, f32), (f32, f32)>;
+
+/// The prologues of a super-block's eight sub-blocks side by side, lane j being sub-block j:
+/// per lane the operations of [`qkx2_start`] and [`qkx2_first_guess`] in their order, so
+/// each lane's results are bit-identical to the scalar ones. Each scalar prologue is two
+/// chains of 32 dependent additions; eight of them in the lanes of one vector overlap.
+// Element and lane loops index several arrays in lockstep; iterators would hide that.
+#[allow(clippy::needless_range_loop)]
+#[inline(always)]
+fn qkx2_prologues(
+    x: &[f32; 256],
+    w: &[f32; 256],
+    nmax: i32,
+    l: &mut [u8; 256],
+) -> [Qkx2Prologue; 8] {
+    // xt[i][j] = x[32 j + i]: element i of every sub-block in one row.
+    let mut xt = [[0.0f32; 8]; QKX2_N];
+    let mut wt = [[0.0f32; 8]; QKX2_N];
+    for j in 0..8 {
+        for i in 0..QKX2_N {
+            xt[i][j] = x[32 * j + i];
+            wt[i][j] = w[32 * j + i];
+        }
+    }
+    let (mut min, mut max, mut sum_w) = (xt[0], xt[0], wt[0]);
+    let mut sum_x = [0.0f32; 8];
+    for j in 0..8 {
+        sum_x[j] = sum_w[j] * xt[0][j];
+    }
+    for i in 1..QKX2_N {
+        for j in 0..8 {
+            let v = xt[i][j];
+            min[j] = if v < min[j] { v } else { min[j] };
+            max[j] = if v > max[j] { v } else { max[j] };
+            sum_w[j] += wt[i][j];
+            sum_x[j] += wt[i][j] * v;
+        }
+    }
+    let (mut iscale, mut scale) = ([0.0f32; 8], [0.0f32; 8]);
+    for j in 0..8 {
+        min[j] = if min[j] > 0.0 { 0.0 } else { min[j] };
+        // Lanes of a constant sub-block divide by zero here; their results are not used.
+        iscale[j] = nmax as f32 / (max[j] - min[j]);
+        scale[j] = 1.0 / iscale[j];
+    }
+    let mut best_mad = [0.0f32; 8];
+    let mut lt = [[0u8; 8]; QKX2_N];
+    for i in 0..QKX2_N {
+        for j in 0..8 {
+            let q = qkx2_level(iscale[j], xt[i][j], min[j], nmax);
+            lt[i][j] = q as u8;
+            let diff = scale[j] * q as f32 + min[j] - xt[i][j];
+            best_mad[j] += wt[i][j] * (diff * diff);
+        }
+    }
+    std::array::from_fn(|j| {
+        let lj = &mut l[32 * j..32 * j + 32];
+        if max[j] == min[j] {
+            lj.fill(0);
+            return Err((0.0, -min[j]));
+        }
+        for i in 0..QKX2_N {
+            lj[i] = lt[i][j];
+        }
+        let st = Qkx2Start {
+            min: min[j],
+            max: max[j],
+            sum_w: sum_w[j],
+            sum_x: sum_x[j],
+        };
+        Ok((st, scale[j], best_mad[j]))
+    })
+}
+
 impl<'a> Qkx2Search<'a> {
     /// The scalar prologue: range, sums and the first guess (which sets `l`).
     fn new(
@@ -287,9 +363,22 @@ impl<'a> Qkx2Search<'a> {
         p: Qkx2Params,
         l: &mut [u8; QKX2_N],
     ) -> Self {
-        match qkx2_start(x, w, l) {
-            Ok(st) => {
-                let (scale, best_mad) = qkx2_first_guess(x, w, l, p.nmax as i32, st.min, st.max);
+        let pro = qkx2_start(x, w, l).map(|st| {
+            let (scale, best_mad) = qkx2_first_guess(x, w, l, p.nmax as i32, st.min, st.max);
+            (st, scale, best_mad)
+        });
+        Self::from_prologue(x, w, p, pro)
+    }
+
+    /// A search whose prologue is already done.
+    fn from_prologue(
+        x: &'a [f32; QKX2_N],
+        w: &'a [f32; QKX2_N],
+        p: Qkx2Params,
+        pro: Qkx2Prologue,
+    ) -> Self {
+        match pro {
+            Ok((st, scale, best_mad)) => {
                 Qkx2Search {
                     x,
                     w,
@@ -377,6 +466,7 @@ fn qkx2_superblock(
 ) -> [(f32, f32); 8] {
     let mut out = [(0.0, 0.0); 8];
     let mut g2 = [Qkx2Group::new(), Qkx2Group::new()];
+    let mut pro = qkx2_prologues(x, w, p.nmax as i32, l).into_iter();
     for pair in 0..4 {
         let (la, lb) = l[64 * pair..64 * pair + 64].split_at_mut(32);
         let la: &mut [u8; QKX2_N] = la.try_into().expect("32 levels");
@@ -390,8 +480,8 @@ fn qkx2_superblock(
             sub(w, 2 * pair),
             sub(w, 2 * pair + 1),
         );
-        let mut a = Qkx2Search::new(&xa, &wa, p, la);
-        let mut b = Qkx2Search::new(&xb, &wb, p, lb);
+        let mut a = Qkx2Search::from_prologue(&xa, &wa, p, pro.next().expect("8 prologues"));
+        let mut b = Qkx2Search::from_prologue(&xb, &wb, p, pro.next().expect("8 prologues"));
         loop {
             match (a.job(), b.job()) {
                 (Some(ja), Some(jb)) => {
