@@ -24,16 +24,18 @@ pub struct Args {
     /// With --synthetic: where the generated checkpoint and GGUF files are kept (reused).
     #[arg(long, default_value = "out/synth")]
     pub synth_dir: PathBuf,
-    /// Prompt length for the prefill test (0 = skip).
-    #[arg(short = 'p', long, default_value_t = 512)]
-    pub n_prompt: usize,
-    /// Tokens for the decode test (0 = skip).
-    #[arg(short = 'n', long, default_value_t = 128)]
-    pub n_gen: usize,
+    /// Prompt lengths for the prefill tests (0 = skip); as in llama-bench, a comma list or the
+    /// flag repeated runs one test per value.
+    #[arg(short = 'p', long, value_delimiter = ',', num_args = 1.., default_values_t = [512])]
+    pub n_prompt: Vec<usize>,
+    /// Tokens for the decode tests (0 = skip); a list runs one test per value.
+    #[arg(short = 'n', long, value_delimiter = ',', num_args = 1.., default_values_t = [128])]
+    pub n_gen: Vec<usize>,
     /// Tokens already in the KV cache when each test starts (llama-bench's `-d`): filled,
     /// untimed, before every repetition; the tests are then named `pp512 @ d512`, `tg128 @ d512`.
-    #[arg(short = 'd', long = "n-depth", default_value_t = 0)]
-    pub n_depth: usize,
+    /// A list runs every test at every depth.
+    #[arg(short = 'd', long = "n-depth", value_delimiter = ',', num_args = 1.., default_values_t = [0])]
+    pub n_depth: Vec<usize>,
     /// Timed repetitions per test (after one warm-up).
     #[arg(short = 'r', long, default_value_t = 3)]
     pub reps: usize,
@@ -96,11 +98,19 @@ pub fn run(args: Args) -> Result<()> {
     if files.is_empty() {
         bail_flag!("nothing to bench: give -m FILE (repeatable) or --synthetic gpt2-medium");
     }
+    // Tests in llama-bench's order: per depth, the prefill tests, then the decode tests.
+    let prompts: Vec<usize> = args.n_prompt.iter().copied().filter(|&p| p > 0).collect();
+    let gens: Vec<usize> = args.n_gen.iter().copied().filter(|&n| n > 0).collect();
+    let (max_p, max_n) = (
+        prompts.iter().copied().max().unwrap_or(0),
+        gens.iter().copied().max().unwrap_or(0),
+    );
+    let max_d = args.n_depth.iter().copied().max().unwrap_or(0);
     // Decode is memory-bound: measure what memory delivers to this many threads, before and
     // after the runs (the machine may be shared), and relate each decode result to it.
-    let bw_before = (args.n_gen > 0).then(|| read_bandwidth(5));
+    let bw_before = (!gens.is_empty()).then(|| read_bandwidth(5));
     // Prefill is compute-bound: measure the f32 FMA peak of this many threads likewise.
-    let peak_before = (args.n_prompt > 0).then(|| fma_peak(5));
+    let peak_before = (!prompts.is_empty()).then(|| fma_peak(5));
     let mut out = Stdout::new();
     if !args.json {
         out.write(
@@ -112,26 +122,15 @@ pub fn run(args: Args) -> Result<()> {
     for file in &files {
         let mut model = Model::load(file)?;
         let n_ctx = model.hparams().n_ctx as usize;
-        let d = args.n_depth;
-        if args.n_prompt.saturating_add(d) > n_ctx || args.n_gen.saturating_add(d) > n_ctx {
+        if max_p.max(max_n).saturating_add(max_d) > n_ctx {
             bail_flag!(
-                "-d {d} plus -p {} / -n {} exceed the context of {}: {n_ctx} tokens",
-                args.n_prompt,
-                args.n_gen,
+                "-d {max_d} plus -p {max_p} / -n {max_n} exceed the context of {}: {n_ctx} tokens",
                 file.display()
             );
         }
         if args.mem_budget.is_some() {
-            let n = (d + args.n_prompt.max(args.n_gen)).clamp(1, n_ctx);
-            let fit = super::mem::fit_budget(
-                &mut model,
-                args.mem_budget,
-                n,
-                args.n_prompt,
-                n,
-                1,
-                threads,
-            )?;
+            let n = (max_d + max_p.max(max_n)).clamp(1, n_ctx);
+            let fit = super::mem::fit_budget(&mut model, args.mem_budget, n, max_p, n, 1, threads)?;
             if let Some(line) = fit {
                 super::common::note!("{}: {line}", file.display());
             }
@@ -146,42 +145,45 @@ pub fn run(args: Args) -> Result<()> {
                 );
             }
         }
-        let mut results = Vec::new();
-        let mut matmul_gflops = None;
-        if args.n_prompt > 0 {
-            results.push(prefill(&model, args.n_prompt, args.reps, d)?);
-            let (flops, secs) = matmul_sweep(&model, args.n_prompt, args.reps)?;
-            matmul_gflops = Some(flops / secs / 1e9);
-        }
-        if args.n_gen > 0 {
-            results.push(decode(&model, args.n_gen, args.reps, d)?);
-        }
         let size: u64 = model.file().tensors().iter().map(|t| t.size).sum();
         let params: u64 = model.file().tensors().iter().map(|t| t.n_elements()).sum();
         let ftype = model.file_type_name();
         let bytes_per_token = bytes_per_token(&model);
-        let flops_per_token = prefill_flops(&model, args.n_prompt, d) / args.n_prompt.max(1) as f64;
-        let kv_bytes = kv_bytes_per_token(&model, args.n_gen, d);
-        for r in results {
-            let is_pp = r.test.starts_with("pp");
-            let row = Row {
-                file: file.to_path_buf(),
-                ftype: ftype.clone(),
-                size,
-                params,
-                bytes_per_token,
-                kv_bytes_per_token: if is_pp { 0.0 } else { kv_bytes },
-                flops_per_token: if is_pp { flops_per_token } else { 0.0 },
-                matmul_gflops: if is_pp { matmul_gflops } else { None },
-                threads,
-                n_depth: d,
-                result: r,
-            };
-            out.write(&format_row(&row, args.json))?;
-            if row.result.test.starts_with("tg") {
-                decode_rows.push(row);
-            } else {
-                prefill_rows.push(row);
+        let row = |result: TestResult| Row {
+            file: file.to_path_buf(),
+            ftype: ftype.clone(),
+            size,
+            params,
+            bytes_per_token,
+            kv_bytes_per_token: 0.0,
+            flops_per_token: 0.0,
+            matmul_gflops: None,
+            threads,
+            n_depth: 0,
+            result,
+        };
+        for &d in &args.n_depth {
+            for &p in &prompts {
+                let result = prefill(&model, p, args.reps, d)?;
+                let (flops, secs) = matmul_sweep(&model, p, args.reps)?;
+                let r = Row {
+                    flops_per_token: prefill_flops(&model, p, d) / p as f64,
+                    matmul_gflops: Some(flops / secs / 1e9),
+                    n_depth: d,
+                    ..row(result)
+                };
+                out.write(&format_row(&r, args.json))?;
+                prefill_rows.push(r);
+            }
+            for &n in &gens {
+                let result = decode(&model, n, args.reps, d)?;
+                let r = Row {
+                    kv_bytes_per_token: kv_bytes_per_token(&model, n, d),
+                    n_depth: d,
+                    ..row(result)
+                };
+                out.write(&format_row(&r, args.json))?;
+                decode_rows.push(r);
             }
         }
     }
@@ -208,8 +210,8 @@ pub fn run(args: Args) -> Result<()> {
             }
         } else {
             out.write(&format!(
-                "\nmatmuls alone: every layer matrix times the same {} tokens, one batch per matrix, best of {} sweeps\n",
-                args.n_prompt, args.reps
+                "\nmatmuls alone: every layer matrix times the row's prompt tokens, one batch per matrix, best of {} sweeps\n",
+                args.reps
             ))?;
             out.write(&format!(
                 "f32 FMA peak ({threads} threads, {}, best of 5): {:.1} GFLOP/s before, {:.1} GFLOP/s after\n",
@@ -217,14 +219,15 @@ pub fn run(args: Args) -> Result<()> {
                 before / 1e9,
                 after / 1e9
             ))?;
-            out.write("| model | GFLOP per token | pp t/s | GFLOP/s | of f32 FMA peak | matmuls alone GFLOP/s | of f32 FMA peak |\n|---|---:|---:|---:|---:|---:|---:|\n")?;
+            out.write("| model | test | GFLOP per token | pp t/s | GFLOP/s | of f32 FMA peak | matmuls alone GFLOP/s | of f32 FMA peak |\n|---|---|---:|---:|---:|---:|---:|---:|\n")?;
             for r in &prefill_rows {
                 let gflops = r.result.mean() * r.flops_per_token / 1e9;
                 let mm = r.matmul_gflops.unwrap_or(0.0);
                 out.write(&format!(
-                    "| {} {} | {:.3} | {:.2} | {:.1} | {:.0} % | {:.1} | {:.0} % |\n",
+                    "| {} {} | {} | {:.3} | {:.2} | {:.1} | {:.0} % | {:.1} | {:.0} % |\n",
                     r.name(),
                     r.ftype,
+                    r.result.test,
                     r.flops_per_token / 1e9,
                     r.result.mean(),
                     gflops,

@@ -1,0 +1,67 @@
+//! `ggpt bench` takes llama-bench's lists: `-p`, `-n` and `-d` accept comma lists (or the flag
+//! repeated), and every prefill and decode test runs at every depth, in llama-bench's order.
+
+mod common;
+
+use common::{run_ggpt, tiny_model};
+
+#[test]
+fn lists_of_prompt_generation_and_depth_run_every_test() {
+    let m = tiny_model("Q8_0");
+    let o = run_ggpt(&[
+        "bench",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "16,32",
+        "-n",
+        "4",
+        "-n",
+        "8",
+        "-d",
+        "0,8",
+        "-r",
+        "1",
+        "-t",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(o.status.and_then(|s| s.code()), Some(0), "{o:?}");
+    // One JSON line per test (those with samples), then the FMA-peak and roofline lines.
+    let tests: Vec<(String, u64, f64)> = o
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+        .filter(|v| v.get("samples_ts").is_some())
+        .map(|v| {
+            (
+                v["test"].as_str().unwrap().to_string(),
+                v["n_depth"].as_u64().unwrap(),
+                v["avg_ts"].as_f64().unwrap(),
+            )
+        })
+        .collect();
+    let names: Vec<(&str, u64)> = tests.iter().map(|(t, d, _)| (t.as_str(), *d)).collect();
+    assert_eq!(
+        names,
+        [
+            ("pp16", 0),
+            ("pp32", 0),
+            ("tg4", 0),
+            ("tg8", 0),
+            ("pp16 @ d8", 8),
+            ("pp32 @ d8", 8),
+            ("tg4 @ d8", 8),
+            ("tg8 @ d8", 8),
+        ]
+    );
+    assert!(
+        tests.iter().all(|t| t.2.is_finite() && t.2 > 0.0),
+        "{tests:?}"
+    );
+    // The per-row summaries name each test too: four prefill rows with their FLOPs, four
+    // decode rows with their roofline.
+    let summary = |key: &str| o.stdout.lines().filter(|l| l.contains(key)).count();
+    assert_eq!(summary("\"flops_per_token\""), 4, "{}", o.stdout);
+    assert_eq!(summary("\"roofline_ts\""), 4, "{}", o.stdout);
+}
