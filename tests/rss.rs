@@ -41,25 +41,8 @@ fn main() {
     }
     let model = tiny_q4km();
     for n_seq in [1, 8] {
-        let out = Command::new(std::env::current_exe().expect("test binary"))
-            .args(["child", model.to_str().unwrap(), &n_seq.to_string()])
-            .output()
-            .expect("run the measuring child");
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        assert!(
-            out.status.success(),
-            "child failed: {}\n{stdout}{}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let line = stdout
-            .lines()
-            .find(|l| l.starts_with("measured"))
-            .unwrap_or_else(|| panic!("no measurement in {stdout:?}"));
-        let num = |key: &str| -> u64 {
-            let i = line.find(&format!(" {key}=")).expect(key) + key.len() + 2;
-            line[i..].split(' ').next().unwrap().parse().expect(key)
-        };
+        let line = measure(&["child", model.to_str().unwrap(), &n_seq.to_string()]);
+        let num = |key: &str| field(&line, key);
         let (rss, hwm, file, need, ceiling) = (
             num("rss"),
             num("hwm"),
@@ -103,25 +86,8 @@ fn main() {
 /// a prompt that fills the whole context peaks at the weights + its KV cache + 16 MiB (the
 /// short last micro-batch runs beside the nearly full cache).
 fn activations_follow_the_micro_batch(model: &Path) {
-    let out = Command::new(std::env::current_exe().expect("test binary"))
-        .args(["child-long", model.to_str().unwrap()])
-        .output()
-        .expect("run the measuring child");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "child failed: {}\n{stdout}{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let line = stdout
-        .lines()
-        .find(|l| l.starts_with("measured"))
-        .unwrap_or_else(|| panic!("no measurement in {stdout:?}"));
-    let num = |key: &str| -> u64 {
-        let i = line.find(&format!(" {key}=")).expect(key) + key.len() + 2;
-        line[i..].split(' ').next().unwrap().parse().expect(key)
-    };
+    let line = measure(&["child-long", model.to_str().unwrap()]);
+    let num = |key: &str| field(&line, key);
     let (after_prompt, after_token, acts) = (num("anon_prompt"), num("anon_token"), num("acts"));
     let (hwm, file, kv) = (num("hwm"), num("file"), num("kv"));
     let mib = |b: u64| b as f64 / MIB as f64;
@@ -199,6 +165,32 @@ fn child_long(path: &Path) {
         model.file().file_len(),
         session.kv_bytes()
     );
+}
+
+/// Run this test binary with `args` (a child mode) and return its `measured …` line.
+fn measure(args: &[&str]) -> String {
+    let out = Command::new(std::env::current_exe().expect("test binary"))
+        .args(args)
+        .output()
+        .expect("run the measuring child");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "child failed: {}\n{stdout}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+        .lines()
+        .find(|l| l.starts_with("measured"))
+        .unwrap_or_else(|| panic!("no measurement in {stdout:?}"))
+        .to_string()
+}
+
+/// The number after ` key=` in a `measured …` line.
+fn field(line: &str, key: &str) -> u64 {
+    let i = line.find(&format!(" {key}=")).expect(key) + key.len() + 2;
+    line[i..].split(' ').next().unwrap().parse().expect(key)
 }
 
 /// A `/proc/self/status` field in bytes.

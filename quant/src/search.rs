@@ -378,18 +378,16 @@ impl<'a> Qkx2Search<'a> {
         pro: Qkx2Prologue,
     ) -> Self {
         match pro {
-            Ok((st, scale, best_mad)) => {
-                Qkx2Search {
-                    x,
-                    w,
-                    p,
-                    min: st.min,
-                    st: Some(st),
-                    scale,
-                    best_mad,
-                    base: 0,
-                }
-            }
+            Ok((st, scale, best_mad)) => Qkx2Search {
+                x,
+                w,
+                p,
+                min: st.min,
+                st: Some(st),
+                scale,
+                best_mad,
+                base: 0,
+            },
             Err((scale, the_min)) => Qkx2Search {
                 x,
                 w,
