@@ -149,7 +149,7 @@ pub fn run(args: Args) -> Result<()> {
         let params: u64 = model.file().tensors().iter().map(|t| t.n_elements()).sum();
         let ftype = model.file_type_name();
         let bytes_per_token = bytes_per_token(&model);
-        let row = |result: TestResult| Row {
+        let row = |result: TestResult, n_depth: usize| Row {
             file: file.to_path_buf(),
             ftype: ftype.clone(),
             size,
@@ -159,7 +159,7 @@ pub fn run(args: Args) -> Result<()> {
             flops_per_token: 0.0,
             matmul_gflops: None,
             threads,
-            n_depth: 0,
+            n_depth,
             result,
         };
         for &d in &args.n_depth {
@@ -169,8 +169,7 @@ pub fn run(args: Args) -> Result<()> {
                 let r = Row {
                     flops_per_token: prefill_flops(&model, p, d) / p as f64,
                     matmul_gflops: Some(flops / secs / 1e9),
-                    n_depth: d,
-                    ..row(result)
+                    ..row(result, d)
                 };
                 out.write(&format_row(&r, args.json))?;
                 prefill_rows.push(r);
@@ -179,8 +178,7 @@ pub fn run(args: Args) -> Result<()> {
                 let result = decode(&model, n, args.reps, d)?;
                 let r = Row {
                     kv_bytes_per_token: kv_bytes_per_token(&model, n, d),
-                    n_depth: d,
-                    ..row(result)
+                    ..row(result, d)
                 };
                 out.write(&format_row(&r, args.json))?;
                 decode_rows.push(r);

@@ -204,8 +204,7 @@ struct Activations {
     widths: [usize; 4],
     /// f32 offset of each region (page-aligned).
     starts: [usize; 4],
-    /// Tokens whose pages may be resident (those of the largest micro-batch since the last
-    /// shrink).
+    /// Tokens of the current micro-batch: no page of a region beyond them is resident.
     used: usize,
 }
 
