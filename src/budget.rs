@@ -243,6 +243,10 @@ pub struct Unit {
 pub struct Layout {
     pub n_layer: usize,
     pub units: Vec<Unit>,
+    /// Bytes of the norms and biases the forward pass reads in place from the mapping. A plan
+    /// that streams has them copied out of it ([`Gpt2::set_residency`]), so they count
+    /// beside the weights it keeps.
+    pub copied_when_streaming: u64,
 }
 
 impl Layout {
@@ -266,6 +270,7 @@ impl Layout {
         Layout {
             n_layer: w.layers.len(),
             units,
+            copied_when_streaming: w.mapped_vector_bytes(),
         }
     }
 
@@ -406,7 +411,9 @@ pub fn plan(layout: &Layout, needs: Needs, budget: u64) -> Result<Plan, BudgetEr
     let total = layout.total();
     let layer = layout.largest_layer();
     let full_budget = fixed + total;
-    let min_budget = fixed + layer;
+    // Streaming also holds the copied norms and biases.
+    let fixed_streaming = fixed + layout.copied_when_streaming;
+    let min_budget = fixed_streaming + layer;
     let all: Vec<usize> = (0..layout.units.len()).collect();
     let mut p = Plan {
         budget,
@@ -429,11 +436,11 @@ pub fn plan(layout: &Layout, needs: Needs, budget: u64) -> Result<Plan, BudgetEr
             budget,
             need: min_budget,
             kv_scratch: needs.kv + needs.scratch,
-            runtime: needs.runtime,
+            runtime: needs.runtime + layout.copied_when_streaming,
             layer,
         });
     }
-    let free = budget - fixed;
+    let free = budget - fixed_streaming;
     p.window = free.min(2 * layer);
     let room = free - p.window;
     let mut keep = vec![false; layout.units.len()];
@@ -679,7 +686,11 @@ mod tests {
             bytes: head,
             step: n_layer,
         });
-        Layout { n_layer, units }
+        Layout {
+            n_layer,
+            units,
+            copied_when_streaming: 0,
+        }
     }
 
     #[test]
@@ -762,5 +773,17 @@ mod tests {
             other => panic!("{other}"),
         }
         assert!(e.to_string().contains("give at least 42.00 MiB"), "{e}");
+
+        // Norms and biases read from the mapping are copied when streaming: 1 MiB more for
+        // the minimum and 1 MiB less room, but not for the in-memory plan.
+        let l = Layout {
+            copied_when_streaming: MIB,
+            ..l
+        };
+        assert!(plan(&l, needs, 42 * MIB).is_err());
+        let p = plan(&l, needs, 200 * MIB).unwrap();
+        assert_eq!((p.min_budget, p.full_budget), (43 * MIB, 358 * MIB));
+        assert_eq!((p.window, p.resident_bytes), (24 * MIB, 145 * MIB));
+        assert!(plan(&l, needs, 358 * MIB).unwrap().in_memory());
     }
 }

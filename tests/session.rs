@@ -565,22 +565,7 @@ fn bench_depth_fills_the_cache_before_timing() {
 fn norms_and_biases_are_read_in_place_when_stored_as_f32() {
     let f32_model = load(FileType::F16);
     let w = f32_model.gpt2().weights();
-    let vectors = |w: &ggpt_models::gpt2::Weights| {
-        let mut v = vec![w.output_norm.w.clone(), w.output_norm.b.clone()];
-        for l in &w.layers {
-            v.extend([
-                l.attn_norm.w.clone(),
-                l.attn_norm.b.clone(),
-                l.attn_qkv_b.clone(),
-                l.attn_out_b.clone(),
-                l.ffn_norm.w.clone(),
-                l.ffn_norm.b.clone(),
-                l.ffn_up_b.clone(),
-                l.ffn_down_b.clone(),
-            ]);
-        }
-        v
-    };
+    let vectors = |w: &ggpt_models::gpt2::Weights| w.vectors().cloned().collect::<Vec<_>>();
     let mapped = vectors(w);
     assert!(mapped.iter().all(|v| v.is_mapped()), "{mapped:?}");
 

@@ -181,8 +181,14 @@ impl Gpt2 {
     }
 
     /// Run with part of the weights pinned and the rest streamed (`None`: leave every page
-    /// to the kernel).
+    /// to the kernel). A residency first copies the norms and biases out of the mapping
+    /// ([`Weights::own_vectors`]): the forward pass reads them outside the residency, and
+    /// their pages would otherwise be reclaimed and read again (with the read-around) on
+    /// every token.
     pub fn set_residency(&mut self, r: Option<crate::residency::Residency>) {
+        if r.is_some() {
+            self.weights.own_vectors();
+        }
         self.residency = r;
     }
 

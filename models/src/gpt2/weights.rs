@@ -299,6 +299,15 @@ impl Vector {
     pub fn is_mapped(&self) -> bool {
         matches!(self.values, VectorValues::Mapped { .. })
     }
+
+    /// Copy mapped values into memory of their own; returns the bytes copied (0 when owned).
+    fn own(&mut self) -> u64 {
+        if let VectorValues::Mapped { values, .. } = self.values {
+            self.values = VectorValues::Owned(values.to_vec());
+            return std::mem::size_of_val(values) as u64;
+        }
+        0
+    }
 }
 
 /// LayerNorm parameters (C each).
@@ -334,6 +343,38 @@ pub struct Layer {
     pub ffn_down_b: Vector,
 }
 
+impl Layer {
+    /// The block's norms and biases, in the order the block uses them.
+    pub fn vectors(&self) -> [&Vector; 8] {
+        let (a, f) = (&self.attn_norm, &self.ffn_norm);
+        [
+            &a.w,
+            &a.b,
+            &self.attn_qkv_b,
+            &self.attn_out_b,
+            &f.w,
+            &f.b,
+            &self.ffn_up_b,
+            &self.ffn_down_b,
+        ]
+    }
+
+    /// [`Layer::vectors`], mutable.
+    fn vectors_mut(&mut self) -> [&mut Vector; 8] {
+        let (a, f) = (&mut self.attn_norm, &mut self.ffn_norm);
+        [
+            &mut a.w,
+            &mut a.b,
+            &mut self.attn_qkv_b,
+            &mut self.attn_out_b,
+            &mut f.w,
+            &mut f.b,
+            &mut self.ffn_up_b,
+            &mut self.ffn_down_b,
+        ]
+    }
+}
+
 /// Every GPT-2 tensor.
 #[derive(Clone, Debug)]
 pub struct Weights {
@@ -352,6 +393,39 @@ impl Weights {
     /// The matrix that turns final hidden states into logits.
     pub fn lm_head(&self) -> &Matrix {
         self.output.as_ref().unwrap_or(&self.token_embd)
+    }
+
+    /// Every norm and bias, in forward-pass order.
+    pub fn vectors(&self) -> impl Iterator<Item = &Vector> {
+        let out = &self.output_norm;
+        self.layers
+            .iter()
+            .flat_map(Layer::vectors)
+            .chain([&out.w, &out.b])
+    }
+
+    /// Copy the norms and biases that are read in place from the mapping into memory of their
+    /// own; returns the bytes copied. A model whose weights are streamed needs this: its
+    /// mapped pages are reclaimed between tokens, and a fault on one of these small tensors
+    /// reads the kernel's whole read-around window (8 MiB on a disk with that read-ahead)
+    /// into the page cache, every token.
+    pub fn own_vectors(&mut self) -> u64 {
+        let out = &mut self.output_norm;
+        self.layers
+            .iter_mut()
+            .flat_map(Layer::vectors_mut)
+            .chain([&mut out.w, &mut out.b])
+            .map(Vector::own)
+            .sum()
+    }
+
+    /// Bytes of the norms and biases read in place from the mapping (what
+    /// [`Weights::own_vectors`] copies).
+    pub fn mapped_vector_bytes(&self) -> u64 {
+        self.vectors()
+            .filter(|v| v.is_mapped())
+            .map(|v| std::mem::size_of_val::<[f32]>(v) as u64)
+            .sum()
     }
 
     /// Every 2-D weight, in file order.
