@@ -65,3 +65,50 @@ fn lists_of_prompt_generation_and_depth_run_every_test() {
     assert_eq!(summary("\"flops_per_token\""), 4, "{}", o.stdout);
     assert_eq!(summary("\"roofline_ts\""), 4, "{}", o.stdout);
 }
+
+#[test]
+fn a_list_of_thread_counts_runs_every_test_with_each() {
+    let m = tiny_model("Q8_0");
+    let o = run_ggpt(&[
+        "bench",
+        "-m",
+        m.to_str().unwrap(),
+        "-p",
+        "16",
+        "-n",
+        "4",
+        "-t",
+        "1,2",
+        "-r",
+        "1",
+        "--json",
+    ]);
+    assert_eq!(o.status.and_then(|s| s.code()), Some(0), "{o:?}");
+    let docs: Vec<serde_json::Value> = o
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    let rows: Vec<(String, u64)> = docs
+        .iter()
+        .filter(|v| v.get("samples_ts").is_some())
+        .map(|v| {
+            (
+                v["test"].as_str().unwrap().to_string(),
+                v["n_threads"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let rows: Vec<(&str, u64)> = rows.iter().map(|(t, n)| (t.as_str(), *n)).collect();
+    assert_eq!(rows, [("pp16", 1), ("tg4", 1), ("pp16", 2), ("tg4", 2)]);
+    // Each summary row is related to the peak and the bandwidth measured with its own thread
+    // count.
+    let threads_of = |key: &str| -> Vec<u64> {
+        docs.iter()
+            .filter(|v| v.get(key).is_some())
+            .map(|v| v["n_threads"].as_u64().unwrap())
+            .collect()
+    };
+    assert_eq!(threads_of("flops_per_token"), [1, 2], "{}", o.stdout);
+    assert_eq!(threads_of("roofline_ts"), [1, 2], "{}", o.stdout);
+}

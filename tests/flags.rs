@@ -226,6 +226,7 @@ fn hostile_command_lines() {
         case(2, "-p 5000", &["bench", "-m", &m, "-p", "5000", "-n", "0"]),
         case(2, "-p 5000", &["bench", "-m", &m, "-p", "16,5000", "-n", "0"]),
         case(2, "invalid digit", &["bench", "-m", &m, "-p", "16,x"]),
+        case(2, "--threads 0", &["bench", "-m", &m, "-t", "2,0"]),
         case(2, "-d 5000", &["bench", "-m", &m, "-d", "5000", "-p", "0", "-n", "2"]),
         case(2, "-d 18446744073709551615", &["bench", "-m", &m, "-d", "18446744073709551615", "-p", "0"]),
         case(2, "nothing to bench", &["bench"]),

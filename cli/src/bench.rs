@@ -1,7 +1,7 @@
 //! `ggpt bench`: llama-bench-style speed table for one or more GGUF files, or for
 //! GPT-2-Medium-shaped random models that ggpt builds itself (`--synthetic`).
 
-use super::common::{bail_flag, init_threads, Stdout};
+use super::common::{bail_flag, Stdout};
 use anyhow::Result;
 use ggpt::bench::{
     bytes_per_token, decode, fma_peak, kv_bytes_per_token, matmul_sweep, prefill, prefill_flops,
@@ -39,8 +39,10 @@ pub struct Args {
     /// Timed repetitions per test (after one warm-up).
     #[arg(short = 'r', long, default_value_t = 3)]
     pub reps: usize,
-    #[arg(short = 't', long)]
-    pub threads: Option<usize>,
+    /// Threads (default: one per core); a list runs every test with each count, as
+    /// llama-bench's `-t` does.
+    #[arg(short = 't', long, value_delimiter = ',', num_args = 1..)]
+    pub threads: Vec<usize>,
     /// Print JSON lines instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -87,7 +89,17 @@ impl Row {
 }
 
 pub fn run(args: Args) -> Result<()> {
-    let threads = init_threads(args.threads)?;
+    // One rayon pool per thread count; the kernels split their work by the current pool's
+    // size, so a test run inside a pool uses that many threads.
+    let mut pools = Vec::new();
+    for t in thread_counts(&args.threads)? {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(t)
+            .build()
+            .map_err(|e| anyhow::anyhow!("a pool of {t} threads: {e}"))?;
+        pools.push((t, pool));
+    }
+    let max_threads = pools.iter().map(|p| p.0).max().unwrap_or(1);
     if args.reps == 0 || args.reps > 1000 {
         bail_flag!("-r {} is outside 1..=1000", args.reps);
     }
@@ -106,11 +118,17 @@ pub fn run(args: Args) -> Result<()> {
         gens.iter().copied().max().unwrap_or(0),
     );
     let max_d = args.n_depth.iter().copied().max().unwrap_or(0);
-    // Decode is memory-bound: measure what memory delivers to this many threads, before and
+    // Decode is memory-bound: measure what memory delivers to each thread count, before and
     // after the runs (the machine may be shared), and relate each decode result to it.
-    let bw_before = (!gens.is_empty()).then(|| read_bandwidth(5));
-    // Prefill is compute-bound: measure the f32 FMA peak of this many threads likewise.
-    let peak_before = (!prompts.is_empty()).then(|| fma_peak(5));
+    // Prefill is compute-bound: measure the f32 FMA peak of each thread count likewise.
+    let measure = |f: fn(usize) -> f64| -> Vec<f64> {
+        pools
+            .iter()
+            .map(|(_, pool)| pool.install(|| f(5)))
+            .collect()
+    };
+    let bw_before = (!gens.is_empty()).then(|| measure(read_bandwidth));
+    let peak_before = (!prompts.is_empty()).then(|| measure(fma_peak));
     let mut out = Stdout::new();
     if !args.json {
         out.write(
@@ -130,7 +148,8 @@ pub fn run(args: Args) -> Result<()> {
         }
         if args.mem_budget.is_some() {
             let n = (max_d + max_p.max(max_n)).clamp(1, n_ctx);
-            let fit = super::mem::fit_budget(&mut model, args.mem_budget, n, max_p, n, 1, threads)?;
+            let fit =
+                super::mem::fit_budget(&mut model, args.mem_budget, n, max_p, n, 1, max_threads)?;
             if let Some(line) = fit {
                 super::common::note!("{}: {line}", file.display());
             }
@@ -149,7 +168,7 @@ pub fn run(args: Args) -> Result<()> {
         let params: u64 = model.file().tensors().iter().map(|t| t.n_elements()).sum();
         let ftype = model.file_type_name();
         let bytes_per_token = bytes_per_token(&model);
-        let row = |result: TestResult, n_depth: usize| Row {
+        let row = |result: TestResult, threads: usize, n_depth: usize| Row {
             file: file.to_path_buf(),
             ftype: ftype.clone(),
             size,
@@ -162,47 +181,55 @@ pub fn run(args: Args) -> Result<()> {
             n_depth,
             result,
         };
-        for &d in &args.n_depth {
-            for &p in &prompts {
-                let result = prefill(&model, p, args.reps, d)?;
-                let (flops, secs) = matmul_sweep(&model, p, args.reps)?;
-                let r = Row {
-                    flops_per_token: prefill_flops(&model, p, d) / p as f64,
-                    matmul_gflops: Some(flops / secs / 1e9),
-                    ..row(result, d)
-                };
-                out.write(&format_row(&r, args.json))?;
-                prefill_rows.push(r);
-            }
-            for &n in &gens {
-                let result = decode(&model, n, args.reps, d)?;
-                let r = Row {
-                    kv_bytes_per_token: kv_bytes_per_token(&model, n, d),
-                    ..row(result, d)
-                };
-                out.write(&format_row(&r, args.json))?;
-                decode_rows.push(r);
+        // llama-bench's order: per thread count, per depth, the prefill then the decode tests.
+        for (ti, (t, pool)) in pools.iter().enumerate() {
+            for &d in &args.n_depth {
+                for &p in &prompts {
+                    let (result, (flops, secs)) = pool.install(|| {
+                        anyhow::Ok((
+                            prefill(&model, p, args.reps, d)?,
+                            matmul_sweep(&model, p, args.reps)?,
+                        ))
+                    })?;
+                    let r = Row {
+                        flops_per_token: prefill_flops(&model, p, d) / p as f64,
+                        matmul_gflops: Some(flops / secs / 1e9),
+                        ..row(result, *t, d)
+                    };
+                    out.write(&format_row(&r, args.json))?;
+                    prefill_rows.push((ti, r));
+                }
+                for &n in &gens {
+                    let result = pool.install(|| decode(&model, n, args.reps, d))?;
+                    let r = Row {
+                        kv_bytes_per_token: kv_bytes_per_token(&model, n, d),
+                        ..row(result, *t, d)
+                    };
+                    out.write(&format_row(&r, args.json))?;
+                    decode_rows.push((ti, r));
+                }
             }
         }
     }
     if let Some(before) = peak_before {
-        let after = fma_peak(5);
-        let peak = before.max(after);
+        let after = measure(fma_peak);
+        let peak = |ti: usize| before[ti].max(after[ti]);
         if args.json {
-            for r in &prefill_rows {
+            for (ti, r) in &prefill_rows {
                 let gflops = r.result.mean() * r.flops_per_token / 1e9;
                 let doc = serde_json::json!({
                     "model": r.file.display().to_string(),
                     "type": r.ftype,
+                    "n_threads": r.threads,
                     "test": r.result.test,
                     "avg_ts": r.result.mean(),
                     "flops_per_token": r.flops_per_token,
                     "gflops": gflops,
-                    "fma_peak_gflops_before": before / 1e9,
-                    "fma_peak_gflops_after": after / 1e9,
-                    "peak_fraction": gflops * 1e9 / peak,
+                    "fma_peak_gflops_before": before[*ti] / 1e9,
+                    "fma_peak_gflops_after": after[*ti] / 1e9,
+                    "peak_fraction": gflops * 1e9 / peak(*ti),
                     "matmul_gflops": r.matmul_gflops,
-                    "matmul_peak_fraction": r.matmul_gflops.map(|g| g * 1e9 / peak),
+                    "matmul_peak_fraction": r.matmul_gflops.map(|g| g * 1e9 / peak(*ti)),
                 });
                 out.write(&format!("{doc}\n"))?;
             }
@@ -211,68 +238,76 @@ pub fn run(args: Args) -> Result<()> {
                 "\nmatmuls alone: every layer matrix times the row's prompt tokens, one batch per matrix, best of {} sweeps\n",
                 args.reps
             ))?;
-            out.write(&format!(
-                "f32 FMA peak ({threads} threads, {}, best of 5): {:.1} GFLOP/s before, {:.1} GFLOP/s after\n",
-                ggpt_quant::cpu::isa(),
-                before / 1e9,
-                after / 1e9
-            ))?;
-            out.write("| model | test | GFLOP per token | pp t/s | GFLOP/s | of f32 FMA peak | matmuls alone GFLOP/s | of f32 FMA peak |\n|---|---|---:|---:|---:|---:|---:|---:|\n")?;
-            for r in &prefill_rows {
+            for (ti, (t, _)) in pools.iter().enumerate() {
+                out.write(&format!(
+                    "f32 FMA peak ({t} threads, {}, best of 5): {:.1} GFLOP/s before, {:.1} GFLOP/s after\n",
+                    ggpt_quant::cpu::isa(),
+                    before[ti] / 1e9,
+                    after[ti] / 1e9
+                ))?;
+            }
+            out.write("| model | threads | test | GFLOP per token | pp t/s | GFLOP/s | of f32 FMA peak | matmuls alone GFLOP/s | of f32 FMA peak |\n|---|---:|---|---:|---:|---:|---:|---:|---:|\n")?;
+            for (ti, r) in &prefill_rows {
                 let gflops = r.result.mean() * r.flops_per_token / 1e9;
                 let mm = r.matmul_gflops.unwrap_or(0.0);
                 out.write(&format!(
-                    "| {} {} | {} | {:.3} | {:.2} | {:.1} | {:.0} % | {:.1} | {:.0} % |\n",
+                    "| {} {} | {} | {} | {:.3} | {:.2} | {:.1} | {:.0} % | {:.1} | {:.0} % |\n",
                     r.name(),
                     r.ftype,
+                    r.threads,
                     r.result.test,
                     r.flops_per_token / 1e9,
                     r.result.mean(),
                     gflops,
-                    100.0 * gflops * 1e9 / peak,
+                    100.0 * gflops * 1e9 / peak(*ti),
                     mm,
-                    100.0 * mm * 1e9 / peak
+                    100.0 * mm * 1e9 / peak(*ti)
                 ))?;
             }
         }
     }
     if let Some(before) = bw_before {
-        let after = read_bandwidth(5);
+        let after = measure(read_bandwidth);
         // The better of the two measurements: the fraction is then a lower bound.
-        let bw = before.max(after);
+        let bw = |ti: usize| before[ti].max(after[ti]);
         if args.json {
-            for r in &decode_rows {
+            for (ti, r) in &decode_rows {
                 let ts = r.result.mean();
                 let bpt = r.read_bytes_per_token();
                 let doc = serde_json::json!({
                     "model": r.file.display().to_string(),
                     "type": r.ftype,
+                    "n_threads": r.threads,
                     "test": r.result.test,
                     "avg_ts": ts,
                     "bytes_per_token": r.bytes_per_token,
                     "kv_bytes_per_token": r.kv_bytes_per_token,
-                    "read_bandwidth_before": before,
-                    "read_bandwidth_after": after,
-                    "roofline_ts": bw / bpt,
-                    "roofline_fraction": ts * bpt / bw,
+                    "read_bandwidth_before": before[*ti],
+                    "read_bandwidth_after": after[*ti],
+                    "roofline_ts": bw(*ti) / bpt,
+                    "roofline_fraction": ts * bpt / bw(*ti),
                 });
                 out.write(&format!("{doc}\n"))?;
             }
         } else {
-            out.write(&format!(
-                "\nmemory read bandwidth ({threads} threads, best of 5): {:.1} GB/s before, {:.1} GB/s after\n",
-                before / 1e9,
-                after / 1e9
-            ))?;
-            out.write("| model | test | weight bytes per token | KV bytes per token | roofline t/s | tg t/s | of roofline |\n|---|---|---:|---:|---:|---:|---:|\n")?;
-            for r in &decode_rows {
+            out.write("\n")?;
+            for (ti, (t, _)) in pools.iter().enumerate() {
+                out.write(&format!(
+                    "memory read bandwidth ({t} threads, best of 5): {:.1} GB/s before, {:.1} GB/s after\n",
+                    before[ti] / 1e9,
+                    after[ti] / 1e9
+                ))?;
+            }
+            out.write("| model | threads | test | weight bytes per token | KV bytes per token | roofline t/s | tg t/s | of roofline |\n|---|---:|---|---:|---:|---:|---:|---:|\n")?;
+            for (ti, r) in &decode_rows {
                 let ts = r.result.mean();
                 let bpt = r.read_bytes_per_token();
-                let roof = bw / bpt;
+                let roof = bw(*ti) / bpt;
                 out.write(&format!(
-                    "| {} {} | {} | {:.1} MB | {:.1} MB | {:.1} | {:.2} | {:.0} % |\n",
+                    "| {} {} | {} | {} | {:.1} MB | {:.1} MB | {:.1} | {:.2} | {:.0} % |\n",
                     r.name(),
                     r.ftype,
+                    r.threads,
                     r.result.test,
                     r.bytes_per_token as f64 / 1e6,
                     r.kv_bytes_per_token / 1e6,
@@ -284,6 +319,19 @@ pub fn run(args: Args) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// The thread counts of `-t` (none given: one per core), each checked.
+fn thread_counts(given: &[usize]) -> Result<Vec<usize>> {
+    if given.is_empty() {
+        return Ok(vec![
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        ]);
+    }
+    given
+        .iter()
+        .map(|&t| super::common::check_threads(t))
+        .collect()
 }
 
 fn format_row(r: &Row, json: bool) -> String {

@@ -60,14 +60,21 @@ macro_rules! note {
 }
 pub(crate) use note;
 
+/// A thread count given with `--threads`: 1 to [`MAX_THREADS`].
+pub fn check_threads(t: usize) -> Result<usize> {
+    match t {
+        0 => bail_flag!("--threads 0: must be at least 1"),
+        t if t > MAX_THREADS => {
+            bail_flag!("--threads {t} is more than the maximum of {MAX_THREADS}")
+        }
+        t => Ok(t),
+    }
+}
+
 /// Size rayon's global pool (once per process). `None` = one thread per core.
 pub fn init_threads(threads: Option<usize>) -> Result<usize> {
     let n = match threads {
-        Some(0) => bail_flag!("--threads 0: must be at least 1"),
-        Some(t) if t > MAX_THREADS => {
-            bail_flag!("--threads {t} is more than the maximum of {MAX_THREADS}")
-        }
-        Some(t) => t,
+        Some(t) => check_threads(t)?,
         None => std::thread::available_parallelism().map_or(1, |n| n.get()),
     };
     // A second call (e.g. from tests) keeps the first pool; that is fine.
