@@ -1,37 +1,30 @@
-//! `ggpt bench` takes llama-bench's lists: `-p`, `-n` and `-d` accept comma lists (or the flag
-//! repeated), and every prefill and decode test runs at every depth, in llama-bench's order.
+//! `ggpt bench` takes llama-bench's lists: `-p`, `-n`, `-d` and `-t` accept comma lists (or the
+//! flag repeated), and every prefill and decode test runs at every depth and thread count, in
+//! llama-bench's order.
 
 mod common;
 
 use common::{run_ggpt, tiny_model};
 
+/// `ggpt bench --json -r 1` of the bundled Q8_0 model with `args`: every line it printed, parsed.
+fn bench_json(args: &[&str]) -> Vec<serde_json::Value> {
+    let m = tiny_model("Q8_0");
+    let mut all = vec!["bench", "-m", m.to_str().unwrap(), "-r", "1", "--json"];
+    all.extend(args);
+    let o = run_ggpt(&all);
+    assert_eq!(o.status.and_then(|s| s.code()), Some(0), "{o:?}");
+    o.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect()
+}
+
 #[test]
 fn lists_of_prompt_generation_and_depth_run_every_test() {
-    let m = tiny_model("Q8_0");
-    let o = run_ggpt(&[
-        "bench",
-        "-m",
-        m.to_str().unwrap(),
-        "-p",
-        "16,32",
-        "-n",
-        "4",
-        "-n",
-        "8",
-        "-d",
-        "0,8",
-        "-r",
-        "1",
-        "-t",
-        "1",
-        "--json",
-    ]);
-    assert_eq!(o.status.and_then(|s| s.code()), Some(0), "{o:?}");
+    let docs = bench_json(&["-p", "16,32", "-n", "4", "-n", "8", "-d", "0,8", "-t", "1"]);
     // One JSON line per test (those with samples), then the FMA-peak and roofline lines.
-    let tests: Vec<(String, u64, f64)> = o
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+    let tests: Vec<(String, u64, f64)> = docs
+        .iter()
         .filter(|v| v.get("samples_ts").is_some())
         .map(|v| {
             (
@@ -61,34 +54,14 @@ fn lists_of_prompt_generation_and_depth_run_every_test() {
     );
     // The per-row summaries name each test too: four prefill rows with their FLOPs, four
     // decode rows with their roofline.
-    let summary = |key: &str| o.stdout.lines().filter(|l| l.contains(key)).count();
-    assert_eq!(summary("\"flops_per_token\""), 4, "{}", o.stdout);
-    assert_eq!(summary("\"roofline_ts\""), 4, "{}", o.stdout);
+    let summary = |key: &str| docs.iter().filter(|v| v.get(key).is_some()).count();
+    assert_eq!(summary("flops_per_token"), 4, "{docs:?}");
+    assert_eq!(summary("roofline_ts"), 4, "{docs:?}");
 }
 
 #[test]
 fn a_list_of_thread_counts_runs_every_test_with_each() {
-    let m = tiny_model("Q8_0");
-    let o = run_ggpt(&[
-        "bench",
-        "-m",
-        m.to_str().unwrap(),
-        "-p",
-        "16",
-        "-n",
-        "4",
-        "-t",
-        "1,2",
-        "-r",
-        "1",
-        "--json",
-    ]);
-    assert_eq!(o.status.and_then(|s| s.code()), Some(0), "{o:?}");
-    let docs: Vec<serde_json::Value> = o
-        .stdout
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("a JSON line"))
-        .collect();
+    let docs = bench_json(&["-p", "16", "-n", "4", "-t", "1,2"]);
     let rows: Vec<(String, u64)> = docs
         .iter()
         .filter(|v| v.get("samples_ts").is_some())
@@ -109,6 +82,6 @@ fn a_list_of_thread_counts_runs_every_test_with_each() {
             .map(|v| v["n_threads"].as_u64().unwrap())
             .collect()
     };
-    assert_eq!(threads_of("flops_per_token"), [1, 2], "{}", o.stdout);
-    assert_eq!(threads_of("roofline_ts"), [1, 2], "{}", o.stdout);
+    assert_eq!(threads_of("flops_per_token"), [1, 2], "{docs:?}");
+    assert_eq!(threads_of("roofline_ts"), [1, 2], "{docs:?}");
 }
