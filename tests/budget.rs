@@ -266,14 +266,14 @@ fn a_streaming_plan_copies_the_norms_and_biases_out_of_the_mapping() {
     use ggpt::budget::{apply, plan, Layout, Needs};
     let mut model = ggpt::model::Model::load(&tiny_model("Q8_0")).expect("load");
     let mapped = model.gpt2().weights().mapped_vector_bytes();
-    let layer_vectors: u64 = model
+    let all_vectors: u64 = model
         .gpt2()
         .weights()
         .vectors()
         .map(|v| 4 * v.len() as u64)
         .sum();
     // The bundled files store every norm and bias as F32: all are read in place.
-    assert_eq!(mapped, layer_vectors);
+    assert_eq!(mapped, all_vectors);
     let layout = Layout::of(model.gpt2());
     assert_eq!(layout.copied_when_streaming, mapped);
     let needs = Needs {

@@ -324,13 +324,11 @@ pub fn run(args: Args) -> Result<()> {
 /// The thread counts of `-t` (none given: one per core), each checked.
 fn thread_counts(given: &[usize]) -> Result<Vec<usize>> {
     if given.is_empty() {
-        return Ok(vec![
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        ]);
+        return Ok(vec![super::common::thread_count(None)?]);
     }
     given
         .iter()
-        .map(|&t| super::common::check_threads(t))
+        .map(|&t| super::common::thread_count(Some(t)))
         .collect()
 }
 

@@ -60,23 +60,21 @@ macro_rules! note {
 }
 pub(crate) use note;
 
-/// A thread count given with `--threads`: 1 to [`MAX_THREADS`].
-pub fn check_threads(t: usize) -> Result<usize> {
-    match t {
-        0 => bail_flag!("--threads 0: must be at least 1"),
-        t if t > MAX_THREADS => {
+/// The thread count of `--threads` (1 to [`MAX_THREADS`]), or one per core when not given.
+pub fn thread_count(threads: Option<usize>) -> Result<usize> {
+    match threads {
+        Some(0) => bail_flag!("--threads 0: must be at least 1"),
+        Some(t) if t > MAX_THREADS => {
             bail_flag!("--threads {t} is more than the maximum of {MAX_THREADS}")
         }
-        t => Ok(t),
+        Some(t) => Ok(t),
+        None => Ok(std::thread::available_parallelism().map_or(1, |n| n.get())),
     }
 }
 
 /// Size rayon's global pool (once per process). `None` = one thread per core.
 pub fn init_threads(threads: Option<usize>) -> Result<usize> {
-    let n = match threads {
-        Some(t) => check_threads(t)?,
-        None => std::thread::available_parallelism().map_or(1, |n| n.get()),
-    };
+    let n = thread_count(threads)?;
     // A second call (e.g. from tests) keeps the first pool; that is fine.
     let _ = rayon::ThreadPoolBuilder::new()
         .num_threads(n)

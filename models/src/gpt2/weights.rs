@@ -300,13 +300,11 @@ impl Vector {
         matches!(self.values, VectorValues::Mapped { .. })
     }
 
-    /// Copy mapped values into memory of their own; returns the bytes copied (0 when owned).
-    fn own(&mut self) -> u64 {
+    /// Copy mapped values into memory of their own (owned ones stay as they are).
+    fn own(&mut self) {
         if let VectorValues::Mapped { values, .. } = self.values {
             self.values = VectorValues::Owned(values.to_vec());
-            return std::mem::size_of_val(values) as u64;
         }
-        0
     }
 }
 
@@ -405,18 +403,17 @@ impl Weights {
     }
 
     /// Copy the norms and biases that are read in place from the mapping into memory of their
-    /// own; returns the bytes copied. A model whose weights are streamed needs this: its
+    /// own ([`Weights::mapped_vector_bytes`] of them). A model whose weights are streamed needs this: its
     /// mapped pages are reclaimed between tokens, and a fault on one of these small tensors
     /// reads the kernel's whole read-around window (8 MiB on a disk with that read-ahead)
     /// into the page cache, every token.
-    pub fn own_vectors(&mut self) -> u64 {
+    pub fn own_vectors(&mut self) {
         let out = &mut self.output_norm;
         self.layers
             .iter_mut()
             .flat_map(Layer::vectors_mut)
             .chain([&mut out.w, &mut out.b])
-            .map(Vector::own)
-            .sum()
+            .for_each(Vector::own);
     }
 
     /// Bytes of the norms and biases read in place from the mapping (what
