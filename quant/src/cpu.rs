@@ -99,6 +99,12 @@ impl Isa {
     pub const fn has_avx2(self) -> bool {
         matches!(self, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni)
     }
+
+    /// Whether code written for AVX-512 F/BW/VL/DQ (with AVX2 + FMA + F16C) may run at this
+    /// level.
+    pub const fn has_avx512(self) -> bool {
+        matches!(self, Isa::Avx512 | Isa::Avx512Vnni)
+    }
 }
 
 impl fmt::Display for Isa {

@@ -4,7 +4,7 @@ use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::kscale::{get_scale_min_k4, set_scale_min_k4};
 use crate::q8_k::QK_K;
 use crate::search::Qkx2Params;
-use crate::search::{make_qkx2_quants_superblock, nearest_int};
+use crate::search::{make_qkx2_quants_superblock, make_qkx2_quants_superblocks, nearest_int};
 use crate::search::{QKX2_N, QKX2_Q4K};
 use crate::{BlockFormat, GgmlType};
 use half::f16;
@@ -32,8 +32,8 @@ unsafe impl BlockFormat for BlockQ4K {
             out.len() * QK_K,
             "Q4_K::from_float: length mismatch"
         );
-        for (b, x) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
-            let (levels, scales, d, dmin) = quantize_superblock_kx(x, QKX2_Q4K);
+        quantize_kx(x, QKX2_Q4K, |i, (levels, scales, d, dmin)| {
+            let b = &mut out[i];
             b.d = d;
             b.dmin = dmin;
             b.scales = scales;
@@ -43,7 +43,7 @@ unsafe impl BlockFormat for BlockQ4K {
                     *byte = levels[64 * c + l] | (levels[64 * c + 32 + l] << 4);
                 }
             }
-        }
+        });
     }
     /// `dequantize_row_q4_K`: y = (d·sc)·q − dmin·m per 32-value sub-block.
     fn to_float(blocks: &[Self], out: &mut [f32]) {
@@ -74,16 +74,42 @@ unsafe impl BlockFormat for BlockQ4K {
     }
 }
 
-/// The part of `quantize_row_q4_K_ref` / `quantize_row_q5_K_ref` that the two share: fit each
-/// 32-value sub-block with [`make_qkx2_quants_superblock`], quantize the 8 scales and 8 mins to 6 bits
-/// against the super-block's largest ones, then re-quantize the values with the stored
-/// (rounded) scales. Returns the levels (0..=nmax, one per value), the packed scales, and the
-/// fp16 `d` and `dmin`.
-pub(crate) fn quantize_superblock_kx(x: &[f32], p: Qkx2Params) -> ([u8; QK_K], [u8; 12], f16, f16) {
-    debug_assert_eq!(x.len(), QK_K);
-    let xs: &[f32; QK_K] = x.try_into().expect("256-value super-block");
-    // Weight each value by its sub-block's RMS plus its own magnitude: large values matter
-    // more, but small ones are not ignored.
+/// A quantized Q4_K/Q5_K super-block before packing: the levels (0..=nmax, one per value),
+/// the packed 6-bit scales and mins, and the fp16 `d` and `dmin`.
+pub(crate) type KxBlock = ([u8; QK_K], [u8; 12], f16, f16);
+
+/// The part of `quantize_row_q4_K_ref` / `quantize_row_q5_K_ref` that the two share, for
+/// every super-block of `x` in order: `put(i, block)` receives super-block `i`. The scale
+/// searches run two super-blocks at a time ([`make_qkx2_quants_superblocks`]).
+pub(crate) fn quantize_kx(x: &[f32], p: Qkx2Params, mut put: impl FnMut(usize, KxBlock)) {
+    let mut chunks = x.chunks_exact(QK_K).enumerate();
+    loop {
+        match (chunks.next(), chunks.next()) {
+            (Some((i, a)), Some((_, b))) => {
+                let a: &[f32; QK_K] = a.try_into().expect("256-value super-block");
+                let b: &[f32; QK_K] = b.try_into().expect("256-value super-block");
+                let (wa, wb) = (kx_weights(a), kx_weights(b));
+                let (mut la, mut lb) = ([0u8; QK_K], [0u8; QK_K]);
+                let [fa, fb] =
+                    make_qkx2_quants_superblocks([a, b], [&wa, &wb], p, [&mut la, &mut lb]);
+                put(i, kx_finish(a, p, fa, la));
+                put(i + 1, kx_finish(b, p, fb, lb));
+            }
+            (Some((i, a)), None) => {
+                let a: &[f32; QK_K] = a.try_into().expect("256-value super-block");
+                let wa = kx_weights(a);
+                let mut la = [0u8; QK_K];
+                let fa = make_qkx2_quants_superblock(a, &wa, p, &mut la);
+                put(i, kx_finish(a, p, fa, la));
+            }
+            _ => return,
+        }
+    }
+}
+
+/// Weight each value by its sub-block's RMS plus its own magnitude: large values matter
+/// more, but small ones are not ignored.
+fn kx_weights(xs: &[f32; QK_K]) -> [f32; QK_K] {
     let mut w = [0.0f32; QK_K];
     for (ws, xs) in w.chunks_exact_mut(QKX2_N).zip(xs.chunks_exact(QKX2_N)) {
         let mut sum_x2 = 0.0f32;
@@ -95,8 +121,17 @@ pub(crate) fn quantize_superblock_kx(x: &[f32], p: Qkx2Params) -> ([u8; QK_K], [
             *wi = av_x + v.abs();
         }
     }
-    let mut levels = [0u8; QK_K];
-    let fits = make_qkx2_quants_superblock(xs, &w, p, &mut levels);
+    w
+}
+
+/// After the search: quantize the 8 scales and 8 mins to 6 bits against the super-block's
+/// largest ones, then re-quantize the values with the stored (rounded) scales.
+fn kx_finish(
+    x: &[f32; QK_K],
+    p: Qkx2Params,
+    fits: [(f32, f32); QK_K / QKX2_N],
+    mut levels: [u8; QK_K],
+) -> KxBlock {
     let mut scales = [0.0f32; QK_K / QKX2_N];
     let mut mins = [0.0f32; QK_K / QKX2_N];
     // As the min is subtracted, the scales are never negative.

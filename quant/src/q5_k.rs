@@ -2,7 +2,7 @@
 
 use crate::f16::f16_to_f32;
 use crate::kscale::get_scale_min_k4;
-use crate::q4_k::quantize_superblock_kx;
+use crate::q4_k::quantize_kx;
 use crate::q8_k::QK_K;
 use crate::search::QKX2_Q5K;
 use crate::{BlockFormat, GgmlType};
@@ -31,8 +31,8 @@ unsafe impl BlockFormat for BlockQ5K {
             out.len() * QK_K,
             "Q5_K::from_float: length mismatch"
         );
-        for (b, x) in out.iter_mut().zip(x.chunks_exact(QK_K)) {
-            let (levels, scales, d, dmin) = quantize_superblock_kx(x, QKX2_Q5K);
+        quantize_kx(x, QKX2_Q5K, |i, (levels, scales, d, dmin)| {
+            let b = &mut out[i];
             b.d = d;
             b.dmin = dmin;
             b.scales = scales;
@@ -47,7 +47,7 @@ unsafe impl BlockFormat for BlockQ5K {
                     *byte = (l1 & 0xF) | ((l2 & 0xF) << 4);
                 }
             }
-        }
+        });
     }
     /// `dequantize_row_q5_K`: y = (d·sc)·(q + 16·bit) − dmin·m.
     fn to_float(blocks: &[Self], out: &mut [f32]) {

@@ -2,7 +2,7 @@
 
 use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::q8_k::QK_K;
-use crate::search::{make_qx_quants, nearest_int, QX_N};
+use crate::search::{make_qx_quants_superblock, nearest_int, QX_N};
 use crate::{BlockFormat, GgmlType};
 use half::f16;
 
@@ -70,18 +70,11 @@ fn quantize_block(x: &[f32], b: &mut BlockQ6K) {
     debug_assert_eq!(x.len(), QK_K);
     // Levels 0..=63 (value + 32).
     let mut levels = [0u8; QK_K];
-    let mut scales = [0.0f32; QK_K / QX_N];
+    let xs: &[f32; QK_K] = x.try_into().expect("256-value super-block");
+    let scales = make_qx_quants_superblock(xs, 32, &mut levels);
     let mut max_scale = 0.0f32;
     let mut max_abs_scale = 0.0f32;
-    for ib in 0..QK_K / QX_N {
-        let xs: &[f32; QX_N] = x[QX_N * ib..QX_N * (ib + 1)]
-            .try_into()
-            .expect("16-value sub-block");
-        let l: &mut [u8; QX_N] = (&mut levels[QX_N * ib..QX_N * (ib + 1)])
-            .try_into()
-            .expect("16-value sub-block");
-        let scale = make_qx_quants(xs, 32, l);
-        scales[ib] = scale;
+    for &scale in &scales {
         if scale.abs() > max_abs_scale {
             max_abs_scale = scale.abs();
             max_scale = scale;

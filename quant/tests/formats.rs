@@ -157,6 +157,31 @@ fn block_from_float_byte_exact() {
     check::<f16>("f16", &w);
 }
 
+/// Q4_K/Q5_K search two super-blocks at a time: calls over an odd number of super-blocks
+/// (pairs plus a single one) and over one at a time give ggml's bytes too.
+#[test]
+fn k_quants_byte_exact_in_pairs_and_alone() {
+    fn check<B: BlockFormat>(name: &str, w: &[f32]) {
+        let want = read(&format!("{name}.quant.bin"));
+        let bytes = std::mem::size_of::<B>();
+        for n in [1usize, 3, 5] {
+            for start in 0..4 {
+                let x = &w[start * B::BLOCK..(start + n) * B::BLOCK];
+                let mut blocks = vec![zero_block::<B>(); n];
+                B::from_float(x, &mut blocks);
+                assert!(
+                    blocks_as_bytes(&blocks) == &want[start * bytes..(start + n) * bytes],
+                    "{name}: {n} super-blocks from {start} differ"
+                );
+            }
+        }
+    }
+    let w = read_f32("weights.f32");
+    check::<BlockQ4K>("q4_k", &w);
+    check::<BlockQ5K>("q5_k", &w);
+    check::<BlockQ6K>("q6_k", &w);
+}
+
 /// An all-zero block, built from zero bytes through `cast_blocks` (no `unsafe` in tests).
 fn zero_block<B: BlockFormat>() -> B {
     let bytes = vec![0u8; std::mem::size_of::<B>() + 8];
