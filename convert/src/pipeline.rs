@@ -620,14 +620,15 @@ pub fn convert_hf(
         while r0 < rows {
             let r1 = (r0 + rows_per_chunk).min(rows);
             let n = (r1 - r0) * cols;
-            let x = scratch(&mut x, n);
-            if p.transpose {
-                x.copy_from_slice(&whole[r0 * cols..r1 * cols]);
+            let x: &[f32] = if p.transpose {
+                &whole[r0 * cols..r1 * cols]
             } else {
+                let x = scratch(&mut x, n);
                 let es = p.dtype.size();
                 decode_par(p.dtype, &src.data[r0 * cols * es..r1 * cols * es], x);
                 ckpt.release_range(&p.source, r0 * cols * es, r1 * cols * es);
-            }
+                x
+            };
             check_finite(x, p, r0 * cols, src.file)?;
             let rounded = scratch(&mut rounded, if needs_f16 { n } else { 0 });
             if needs_f16 {
@@ -659,7 +660,7 @@ pub fn convert_hf(
             let owners: Vec<usize> = (0..outs.len()).map(owner).collect();
             let chunk_bytes =
                 |ty: GgmlType| (r1 - r0) * ty.row_bytes(cols as u64).unwrap_or(0) as usize;
-            let (x, rounded): (&[f32], &[f32]) = (x, rounded);
+            let rounded: &[f32] = rounded;
             outs.par_iter_mut()
                 .zip(bytes.par_iter_mut())
                 .enumerate()

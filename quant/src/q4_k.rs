@@ -4,7 +4,7 @@ use crate::f16::{f16_to_f32, f32_to_f16};
 use crate::kscale::{get_scale_min_k4, set_scale_min_k4};
 use crate::q8_k::QK_K;
 use crate::search::Qkx2Params;
-use crate::search::{make_qkx2_quants_superblock, make_qkx2_quants_superblocks, nearest_int};
+use crate::search::{make_qkx2_quants_superblocks, nearest_int, KX_GROUP};
 use crate::search::{QKX2_N, QKX2_Q4K};
 use crate::{BlockFormat, GgmlType};
 use half::f16;
@@ -80,29 +80,24 @@ pub(crate) type KxBlock = ([u8; QK_K], [u8; 12], f16, f16);
 
 /// The part of `quantize_row_q4_K_ref` / `quantize_row_q5_K_ref` that the two share, for
 /// every super-block of `x` in order: `put(i, block)` receives super-block `i`. The scale
-/// searches run two super-blocks at a time ([`make_qkx2_quants_superblocks`]).
+/// searches run [`KX_GROUP`] super-blocks at a time ([`make_qkx2_quants_superblocks`]); a
+/// short last group is padded with all-zero super-blocks whose results are dropped.
 pub(crate) fn quantize_kx(x: &[f32], p: Qkx2Params, mut put: impl FnMut(usize, KxBlock)) {
-    let mut chunks = x.chunks_exact(QK_K).enumerate();
-    loop {
-        match (chunks.next(), chunks.next()) {
-            (Some((i, a)), Some((_, b))) => {
-                let a: &[f32; QK_K] = a.try_into().expect("256-value super-block");
-                let b: &[f32; QK_K] = b.try_into().expect("256-value super-block");
-                let (wa, wb) = (kx_weights(a), kx_weights(b));
-                let (mut la, mut lb) = ([0u8; QK_K], [0u8; QK_K]);
-                let [fa, fb] =
-                    make_qkx2_quants_superblocks([a, b], [&wa, &wb], p, [&mut la, &mut lb]);
-                put(i, kx_finish(a, p, fa, la));
-                put(i + 1, kx_finish(b, p, fb, lb));
-            }
-            (Some((i, a)), None) => {
-                let a: &[f32; QK_K] = a.try_into().expect("256-value super-block");
-                let wa = kx_weights(a);
-                let mut la = [0u8; QK_K];
-                let fa = make_qkx2_quants_superblock(a, &wa, p, &mut la);
-                put(i, kx_finish(a, p, fa, la));
-            }
-            _ => return,
+    const ZERO: [f32; QK_K] = [0.0; QK_K];
+    for (g, xs) in x.chunks(KX_GROUP * QK_K).enumerate() {
+        let n = xs.len() / QK_K;
+        let blocks: [&[f32; QK_K]; KX_GROUP] = std::array::from_fn(|s| {
+            xs.get(s * QK_K..(s + 1) * QK_K)
+                .map_or(&ZERO, |b| b.try_into().expect("256-value super-block"))
+        });
+        let weights: [[f32; QK_K]; KX_GROUP] = std::array::from_fn(|s| kx_weights(blocks[s]));
+        let mut levels = [[0u8; QK_K]; KX_GROUP];
+        let fits = make_qkx2_quants_superblocks(blocks, weights.each_ref(), p, levels.each_mut());
+        for s in 0..n {
+            put(
+                g * KX_GROUP + s,
+                kx_finish(blocks[s], p, fits[s], levels[s]),
+            );
         }
     }
 }
