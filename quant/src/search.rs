@@ -57,7 +57,7 @@ pub const QKX2_Q5K: Qkx2Params = Qkx2Params {
 /// Sub-block length for Q4_K/Q5_K.
 pub const QKX2_N: usize = 32;
 
-/// Running state shared by the scalar and lane-parallel `make_qkx2_quants`.
+/// The scalar `make_qkx2_quants`'s range and weighted sums, from its prologue.
 struct Qkx2Start {
     min: f32,
     max: f32,
@@ -193,8 +193,8 @@ const KX_SUBS: usize = 8;
 /// ([`qkx2_start`], [`qkx2_first_guess`], then every candidate in order, accepting one only
 /// where it beats that lane's best error), so the results are bit-identical to it. A lane
 /// whose sub-block is constant takes ggml's early return. Written as plain lane loops that the
-/// compiler turns into one vector operation each (8 lanes: one AVX2 vector; 16: one AVX-512
-/// vector).
+/// compiler turns into vector operations (16 lanes: one AVX-512 vector or two AVX2 ones; see
+/// [`KX_GROUP`]).
 // Element and lane loops index several arrays in lockstep; iterators would hide that.
 #[allow(clippy::needless_range_loop)]
 #[inline(always)]
