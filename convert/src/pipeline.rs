@@ -26,6 +26,7 @@ use ggpt_quant::GgmlType;
 use half::f16;
 use half::slice::HalfFloatSliceExt;
 use rayon::prelude::*;
+use wide::f32x4;
 
 use crate::atomic::{describe, AtomicFile, UnusableOutput};
 use crate::error::ConvertError;
@@ -819,7 +820,31 @@ pub(crate) fn transpose(src: &[f32], src_rows: usize, src_cols: usize, dst: &mut
             let c0 = band * T;
             let c1 = (c0 + T).min(src_cols);
             for r0 in (0..src_rows).step_by(T) {
-                for r in r0..(r0 + T).min(src_rows) {
+                let r1 = (r0 + T).min(src_rows);
+                let mut r = r0;
+                // 4 × 4 squares transposed in registers (SSE / NEON through `wide`), then the
+                // ragged edges value by value.
+                while r + 4 <= r1 {
+                    let mut c = c0;
+                    while c + 4 <= c1 {
+                        let rows: [f32x4; 4] = std::array::from_fn(|k| {
+                            let at = (r + k) * src_cols + c;
+                            f32x4::new(src[at..at + 4].try_into().expect("4 values"))
+                        });
+                        for (j, col) in f32x4::transpose(rows).iter().enumerate() {
+                            let at = (c - c0 + j) * src_rows + r;
+                            d[at..at + 4].copy_from_slice(col.as_array());
+                        }
+                        c += 4;
+                    }
+                    for c in c..c1 {
+                        for k in r..r + 4 {
+                            d[(c - c0) * src_rows + k] = src[k * src_cols + c];
+                        }
+                    }
+                    r += 4;
+                }
+                for r in r..r1 {
                     for c in c0..c1 {
                         d[(c - c0) * src_rows + r] = src[r * src_cols + c];
                     }
