@@ -593,86 +593,43 @@ mod x86 {
     };
     use crate::cpu::Level;
 
-    /// Features of [`crate::cpu::Isa::Avx512`].
-    macro_rules! avx512 {
-        ($($item:item)*) => {$(
-            #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-            $item
+    /// One wrapper per level: `$name(level, args…)` checks that `level` includes `$features`
+    /// and runs `$search(args…)` compiled with them.
+    macro_rules! at_level {
+        ($(fn $name:ident($($arg:ident: $ty:ty),*) -> $ret:ty = $search:expr, $features:literal, $has:ident;)*) => {$(
+            pub(super) fn $name(level: Level, $($arg: $ty),*) -> $ret {
+                #[target_feature(enable = $features)]
+                fn go($($arg: $ty),*) -> $ret {
+                    $search($($arg),*)
+                }
+                assert!(level.isa().$has());
+                // SAFETY: a `Level` is supported by this CPU, and the check above says this one
+                // includes `go`'s features.
+                unsafe { go($($arg),*) }
+            }
         )*};
     }
 
-    pub(super) fn qkx2_superblocks_avx2(
-        level: Level,
-        x: [&[f32; 256]; KX_GROUP],
-        w: [&[f32; 256]; KX_GROUP],
-        p: Qkx2Params,
-        l: [&mut [u8; 256]; KX_GROUP],
-    ) -> [[(f32, f32); KX_SUBS]; KX_GROUP] {
-        #[target_feature(enable = "avx2,fma,f16c")]
-        fn go(
+    at_level! {
+        fn qkx2_superblocks_avx2(
             x: [&[f32; 256]; KX_GROUP],
             w: [&[f32; 256]; KX_GROUP],
             p: Qkx2Params,
-            l: [&mut [u8; 256]; KX_GROUP],
-        ) -> [[(f32, f32); KX_SUBS]; KX_GROUP] {
-            qkx2_superblocks::<KX_GROUP, KX_LANES>(x, w, p, l)
-        }
-        assert!(level.isa().has_avx2());
-        // SAFETY: a `Level` is supported by this CPU, and this one includes AVX2 + FMA + F16C.
-        unsafe { go(x, w, p, l) }
-    }
-
-    pub(super) fn qkx2_superblocks_avx512(
-        level: Level,
-        x: [&[f32; 256]; KX_GROUP],
-        w: [&[f32; 256]; KX_GROUP],
-        p: Qkx2Params,
-        l: [&mut [u8; 256]; KX_GROUP],
-    ) -> [[(f32, f32); KX_SUBS]; KX_GROUP] {
-        avx512! {
-            fn go(
-                x: [&[f32; 256]; KX_GROUP],
-                w: [&[f32; 256]; KX_GROUP],
-                p: Qkx2Params,
-                l: [&mut [u8; 256]; KX_GROUP],
-            ) -> [[(f32, f32); KX_SUBS]; KX_GROUP] {
-                qkx2_superblocks::<KX_GROUP, KX_LANES>(x, w, p, l)
-            }
-        }
-        assert!(level.isa().has_avx512());
-        // SAFETY: a `Level` is supported by this CPU, and this one includes `go`'s features.
-        unsafe { go(x, w, p, l) }
-    }
-
-    pub(super) fn qx_superblock_avx2(
-        level: Level,
-        x: &[f32; 256],
-        nmax: i32,
-        l: &mut [u8; 256],
-    ) -> [f32; QX_SUBS] {
-        #[target_feature(enable = "avx2,fma,f16c")]
-        fn go(x: &[f32; 256], nmax: i32, l: &mut [u8; 256]) -> [f32; QX_SUBS] {
-            qx_superblock(x, nmax, l)
-        }
-        assert!(level.isa().has_avx2());
-        // SAFETY: a `Level` is supported by this CPU, and this one includes AVX2 + FMA + F16C.
-        unsafe { go(x, nmax, l) }
-    }
-
-    pub(super) fn qx_superblock_avx512(
-        level: Level,
-        x: &[f32; 256],
-        nmax: i32,
-        l: &mut [u8; 256],
-    ) -> [f32; QX_SUBS] {
-        avx512! {
-            fn go(x: &[f32; 256], nmax: i32, l: &mut [u8; 256]) -> [f32; QX_SUBS] {
-                qx_superblock(x, nmax, l)
-            }
-        }
-        assert!(level.isa().has_avx512());
-        // SAFETY: a `Level` is supported by this CPU, and this one includes `go`'s features.
-        unsafe { go(x, nmax, l) }
+            l: [&mut [u8; 256]; KX_GROUP]
+        ) -> [[(f32, f32); KX_SUBS]; KX_GROUP] =
+            qkx2_superblocks::<KX_GROUP, KX_LANES>, "avx2,fma,f16c", has_avx2;
+        fn qkx2_superblocks_avx512(
+            x: [&[f32; 256]; KX_GROUP],
+            w: [&[f32; 256]; KX_GROUP],
+            p: Qkx2Params,
+            l: [&mut [u8; 256]; KX_GROUP]
+        ) -> [[(f32, f32); KX_SUBS]; KX_GROUP] =
+            qkx2_superblocks::<KX_GROUP, KX_LANES>,
+            "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c", has_avx512;
+        fn qx_superblock_avx2(x: &[f32; 256], nmax: i32, l: &mut [u8; 256]) -> [f32; QX_SUBS] =
+            qx_superblock, "avx2,fma,f16c", has_avx2;
+        fn qx_superblock_avx512(x: &[f32; 256], nmax: i32, l: &mut [u8; 256]) -> [f32; QX_SUBS] =
+            qx_superblock, "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c", has_avx512;
     }
 }
 
