@@ -311,7 +311,7 @@ fn qkx2_lanes<const L: usize>(
     })
 }
 
-/// `xt[i][j] = x[32 j + i]` for sub-blocks `j` of `x`, which fill lanes `lane0..`.
+/// `xt[i][j] = x[N j + i]` for the `N`-value sub-blocks `j` of `x`, which fill lanes `lane0..`.
 #[inline(always)]
 fn transpose_in<const L: usize, const N: usize>(x: &[f32], lane0: usize, xt: &mut [[f32; L]; N]) {
     for (j, sub) in x.chunks_exact(N).enumerate() {
@@ -331,21 +331,21 @@ fn transpose_out<const L: usize, const N: usize>(lt: &[[u8; L]; N], lane0: usize
     }
 }
 
-/// `make_qkx2_quants` for the sub-blocks of `S` super-blocks at once (`L` = 8·`S` lanes).
+/// `make_qkx2_quants` for the sub-blocks of [`KX_GROUP`] super-blocks at once, one lane each.
 #[inline(always)]
-fn qkx2_superblocks<const S: usize, const L: usize>(
-    x: [&[f32; 256]; S],
-    w: [&[f32; 256]; S],
+fn qkx2_superblocks(
+    x: [&[f32; 256]; KX_GROUP],
+    w: [&[f32; 256]; KX_GROUP],
     p: Qkx2Params,
-    l: [&mut [u8; 256]; S],
-) -> [[(f32, f32); KX_SUBS]; S] {
-    let mut xt = [[0.0f32; L]; QKX2_N];
-    let mut wt = [[0.0f32; L]; QKX2_N];
-    for s in 0..S {
+    l: [&mut [u8; 256]; KX_GROUP],
+) -> [[(f32, f32); KX_SUBS]; KX_GROUP] {
+    let mut xt = [[0.0f32; KX_LANES]; QKX2_N];
+    let mut wt = [[0.0f32; KX_LANES]; QKX2_N];
+    for s in 0..KX_GROUP {
         transpose_in(x[s], KX_SUBS * s, &mut xt);
         transpose_in(w[s], KX_SUBS * s, &mut wt);
     }
-    let mut lt = [[0u8; L]; QKX2_N];
+    let mut lt = [[0u8; KX_LANES]; QKX2_N];
     let fits = qkx2_lanes(&xt, &wt, p, &mut lt);
     for (s, l) in l.into_iter().enumerate() {
         transpose_out(&lt, KX_SUBS * s, l);
@@ -391,7 +391,7 @@ fn qkx2_superblocks_at(
         }
     }
     let _ = level;
-    qkx2_superblocks::<KX_GROUP, KX_LANES>(x, w, p, l)
+    qkx2_superblocks(x, w, p, l)
 }
 
 /// Sub-block length for Q6_K.
@@ -448,11 +448,17 @@ fn qx_signed_max(x: &[f32; QX_N]) -> Option<f32> {
     }
 }
 
+/// Quantize `iscale*x` to −nmax..nmax (a level before the `+ nmax` offset).
+#[inline(always)]
+fn qx_level(iscale: f32, x: f32, nmax: i32) -> i32 {
+    nearest_int(iscale * x).clamp(-nmax, nmax - 1)
+}
+
 #[inline(always)]
 fn qx_sums(x: &[f32; QX_N], iscale: f32, nmax: i32) -> (f32, f32) {
     let (mut sumlx, mut suml2) = (0.0f32, 0.0f32);
     for &xi in x {
-        let q = nearest_int(iscale * xi).clamp(-nmax, nmax - 1) as f32;
+        let q = qx_level(iscale, xi, nmax) as f32;
         let w = xi * xi;
         sumlx += w * xi * q;
         suml2 += w * q * q;
@@ -463,7 +469,7 @@ fn qx_sums(x: &[f32; QX_N], iscale: f32, nmax: i32) -> (f32, f32) {
 #[inline(always)]
 fn qx_levels(x: &[f32; QX_N], iscale: f32, nmax: i32, l: &mut [u8; QX_N]) {
     for (o, &xi) in l.iter_mut().zip(x) {
-        *o = (nmax + nearest_int(iscale * xi).clamp(-nmax, nmax - 1)) as u8;
+        *o = (nmax + qx_level(iscale, xi, nmax)) as u8;
     }
 }
 
@@ -498,7 +504,7 @@ fn qx_lanes<const L: usize>(
         for i in 0..QX_N {
             for j in 0..L {
                 let xi = xt[i][j];
-                let q = nearest_int(iscale[j] * xi).clamp(-nmax, nmax - 1) as f32;
+                let q = qx_level(iscale[j], xi, nmax) as f32;
                 let w = xi * xi;
                 sumlx[j] += w * xi * q;
                 suml2[j] += w * q * q;
@@ -543,7 +549,7 @@ fn qx_lanes<const L: usize>(
     }
     for i in 0..QX_N {
         for j in 0..L {
-            let q = nmax + nearest_int(best_iscale[j] * xt[i][j]).clamp(-nmax, nmax - 1);
+            let q = nmax + qx_level(best_iscale[j], xt[i][j], nmax);
             lt[i][j] = if zero[j] { 0 } else { q as u8 };
         }
     }
@@ -588,9 +594,7 @@ fn qx_superblock_at(level: Level, x: &[f32; 256], nmax: i32, l: &mut [u8; 256]) 
 /// an FMA, whose single rounding would change the results.
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{
-        qkx2_superblocks, qx_superblock, Qkx2Params, KX_GROUP, KX_LANES, KX_SUBS, QX_SUBS,
-    };
+    use super::{qkx2_superblocks, qx_superblock, Qkx2Params, KX_GROUP, KX_SUBS, QX_SUBS};
     use crate::cpu::Level;
 
     /// One wrapper per level: `$name(level, args…)` checks that `level` includes `$features`
@@ -617,14 +621,14 @@ mod x86 {
             p: Qkx2Params,
             l: [&mut [u8; 256]; KX_GROUP]
         ) -> [[(f32, f32); KX_SUBS]; KX_GROUP] =
-            qkx2_superblocks::<KX_GROUP, KX_LANES>, "avx2,fma,f16c", has_avx2;
+            qkx2_superblocks, "avx2,fma,f16c", has_avx2;
         fn qkx2_superblocks_avx512(
             x: [&[f32; 256]; KX_GROUP],
             w: [&[f32; 256]; KX_GROUP],
             p: Qkx2Params,
             l: [&mut [u8; 256]; KX_GROUP]
         ) -> [[(f32, f32); KX_SUBS]; KX_GROUP] =
-            qkx2_superblocks::<KX_GROUP, KX_LANES>,
+            qkx2_superblocks,
             "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c", has_avx512;
         fn qx_superblock_avx2(x: &[f32; 256], nmax: i32, l: &mut [u8; 256]) -> [f32; QX_SUBS] =
             qx_superblock, "avx2,fma,f16c", has_avx2;
