@@ -228,13 +228,16 @@ fn layer_matrices(model: &Model) -> Result<Vec<ggpt_quant::matmul::QMatrix<'_>>>
 /// as one batch each, through [`ggpt_quant::matmul::matmul`] with the pool's threads. Returns the
 /// floating-point operations of one sweep (2 per multiply-add) and the best sweep time in
 /// seconds over `reps` timed sweeps after one warm-up. Activations are deterministic values in
-/// (−1, 1); the speed of the kernels does not depend on them.
+/// (−1, 1), starting on a cache line like the model's; the speed of the kernels does not depend
+/// on the values.
 pub fn matmul_sweep(model: &Model, n: usize, reps: usize) -> Result<(f64, f64)> {
     let mats = layer_matrices(model)?;
     let max_cols = mats.iter().map(|m| m.cols()).max().unwrap_or(0);
     let max_rows = mats.iter().map(|m| m.rows()).max().unwrap_or(0);
     let mut s = 0x2545_F491_4F6C_DD1Du64;
-    let x: Vec<f32> = (0..n * max_cols)
+    // 16 spare values so the activations can start on a cache line, as the model's (page-
+    // aligned) ones do; unaligned ones would be copied by the float matmuls first.
+    let store: Vec<f32> = (0..n * max_cols + 16)
         .map(|_| {
             s ^= s << 13;
             s ^= s >> 7;
@@ -242,6 +245,8 @@ pub fn matmul_sweep(model: &Model, n: usize, reps: usize) -> Result<(f64, f64)> 
             (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
         })
         .collect();
+    let skip = store.as_ptr().align_offset(64).min(16);
+    let x = &store[skip..skip + n * max_cols];
     let mut y = vec![0.0f32; n * max_rows];
     let mut scratch = ggpt_quant::matmul::Scratch::default();
     let flops: f64 = mats

@@ -58,8 +58,20 @@ macro_rules! float_format {
             fn quantize_act(x: &[f32], out: &mut [f32]) {
                 out.copy_from_slice(x);
             }
-            fn activations<'a>(x: &'a [f32], _: usize, _: &'a mut Vec<matmul::Line>) -> &'a [f32] {
-                x
+            /// `x` itself when it starts on a cache line, else a copy that does: the tile
+            /// kernels load 64 bytes at a time, and a load that straddles two lines costs two
+            /// (docs/kernels.md). The model's activations are page-aligned and never copied.
+            fn activations<'a>(
+                x: &'a [f32],
+                _: usize,
+                buf: &'a mut Vec<matmul::Line>,
+            ) -> &'a [f32] {
+                if (x.as_ptr() as usize).is_multiple_of(64) {
+                    return x;
+                }
+                let copy = matmul::typed_buf::<f32>(buf, x.len());
+                copy.copy_from_slice(x);
+                copy
             }
             fn kernels(level: Level) -> Kernels<Self> {
                 #[cfg(target_arch = "aarch64")]

@@ -1613,3 +1613,65 @@ fn tile_packing_matches_the_documented_layout() {
         }
     }
 }
+
+/// Float matmuls copy activations that do not start on a cache line into aligned scratch
+/// (`WeightFormat::activations`); the result must not depend on where the caller's `x` sits.
+#[test]
+fn float_matmul_bits_do_not_depend_on_activation_alignment() {
+    let (rows, cols, tokens) = (21, 1040, 6);
+    let w32: Vec<f32> = (0..rows * cols)
+        .map(|i| ((i * 7919 % 2003) as f32 - 1001.0) / 997.0)
+        .collect();
+    // 16 spare floats, so every offset within a cache line is available.
+    let store: Vec<f32> = (0..tokens * cols + 16)
+        .map(|i| ((i * 104_729 % 4001) as f32 - 2000.0) / 1999.0)
+        .collect();
+    let bias: Vec<f32> = (0..rows).map(|r| r as f32 * 0.25 - 2.0).collect();
+    for ty in [GgmlType::F32, GgmlType::F16, GgmlType::BF16] {
+        let bytes = ggpt_quant::tensor::quantize(ty, &w32, cols).expect("float weights");
+        let mut buf = Vec::new();
+        let range = aligned(&mut buf, &bytes);
+        let m = QMatrix::new(ty, rows, cols, &buf[range]).expect("valid matrix");
+        for isa in available_isas() {
+            let level = isa.level().expect("available");
+            let mut s = Scratch::default();
+            let run = |off: usize, s: &mut Scratch| {
+                // The same values at every offset: copy them to `off` floats into a buffer.
+                let mut at = vec![0.0f32; tokens * cols + 16];
+                at[off..off + tokens * cols].copy_from_slice(&store[..tokens * cols]);
+                let mut y = vec![0.0f32; tokens * rows];
+                matmul_at(
+                    level,
+                    &m,
+                    &at[off..off + tokens * cols],
+                    tokens,
+                    Some(&bias),
+                    &mut y,
+                    s,
+                );
+                (y, (at[off..].as_ptr() as usize) % 64)
+            };
+            let mut seen = std::collections::BTreeMap::new();
+            for off in 0..16 {
+                let (y, misalign) = run(off, &mut s);
+                seen.entry(misalign).or_insert(y);
+            }
+            assert!(
+                seen.len() >= 4,
+                "offsets 0..16 cover several alignments: {:?}",
+                seen.keys()
+            );
+            let first = seen.values().next().expect("one alignment").clone();
+            for (misalign, y) in &seen {
+                let diff = y
+                    .iter()
+                    .zip(&first)
+                    .position(|(a, b)| a.to_bits() != b.to_bits());
+                assert_eq!(
+                    diff, None,
+                    "{ty} {isa}: x {misalign} bytes past a cache line differs"
+                );
+            }
+        }
+    }
+}
