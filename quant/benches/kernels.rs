@@ -31,6 +31,13 @@ const TYPES: [GgmlType; 6] = [
     GgmlType::Q4K,
 ];
 
+/// `n` values of `store` starting on a cache line, as the model's activations do (the float
+/// matmuls would copy unaligned ones first).
+fn on_a_line(store: &[f32], n: usize) -> &[f32] {
+    let skip = store.as_ptr().align_offset(64).min(16);
+    &store[skip..skip + n]
+}
+
 fn gpt2_like(n: usize, seed: u64) -> Vec<f32> {
     let mut s = seed | 1;
     let mut u = move || {
@@ -119,7 +126,8 @@ fn matvec(c: &mut Criterion) {
     g.sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    let x = gpt2_like(4096, 7);
+    let store = gpt2_like(4096 + 16, 7);
+    let x = on_a_line(&store, 4096);
     let mut y = vec![0.0; 4096];
     for ty in TYPES {
         let ws = layer_weights(ty, LAYERS);
@@ -131,7 +139,7 @@ fn matvec(c: &mut Criterion) {
                 let mut s = Scratch::default();
                 let id = BenchmarkId::new(format!("{isa}/{n}t"), ty.name());
                 g.bench_function(id, |b| {
-                    pool.install(|| b.iter(|| run_layers(k, ty, &ws, &x, &mut y, 1, &mut s)))
+                    pool.install(|| b.iter(|| run_layers(k, ty, &ws, x, &mut y, 1, &mut s)))
                 });
             }
         }
@@ -144,7 +152,8 @@ fn matmat(c: &mut Criterion) {
     g.sample_size(10)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    let x = gpt2_like(512 * 4096, 9);
+    let store = gpt2_like(512 * 4096 + 16, 9);
+    let x = on_a_line(&store, 512 * 4096);
     let mut y = vec![0.0; 512 * 4096];
     let macs_per_token: usize = SHAPES.iter().map(|(r, c)| r * c).sum();
     for ty in TYPES {
@@ -163,7 +172,7 @@ fn matmat(c: &mut Criterion) {
                     let mut s = Scratch::default();
                     let id = BenchmarkId::new(format!("{name}/{n}t/{}", ty.name()), t);
                     g.bench_function(id, |b| {
-                        pool.install(|| b.iter(|| run_layers(k, ty, &ws, &x, &mut y, t, &mut s)))
+                        pool.install(|| b.iter(|| run_layers(k, ty, &ws, x, &mut y, t, &mut s)))
                     });
                 }
             }
