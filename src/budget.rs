@@ -17,14 +17,17 @@
 //! - the position embedding (and a separate token embedding) contribute one row per token:
 //!   never planned, their pages come and go with use.
 //!
-//! Streaming keeps a read-ahead window of at most two blocks' worth of streamed bytes in
-//! flight (`ggpt_models::residency`). The smallest budget that can run at all is therefore
+//! Streaming keeps a read-ahead window of streamed bytes in flight (`ggpt_models::residency`):
+//! room for [`READ_AHEAD_PIECES`] of the largest block matrix, at most two blocks' worth. The
+//! ring's readers have two reads in flight and the forward pass holds one buffer, so a fourth
+//! lets the disk run one piece ahead of a pass that pauses; every byte beyond that would be a
+//! byte of weights streamed on every token instead of kept. The smallest budget that can run at all is therefore
 //! the KV cache and scratch the run needs, the runtime, and one block; below that a run is
 //! refused before it starts.
 
 use std::path::{Path, PathBuf};
 
-use ggpt_models::residency::{Residency, ResidencyError, Span};
+use ggpt_models::residency::{slot_bytes, Residency, ResidencyError, Span};
 use ggpt_models::Gpt2;
 
 use crate::memory::{estimate, MemShape, Mib, RunShape};
@@ -36,6 +39,9 @@ use crate::memory::{estimate, MemShape, Mib, RunShape};
 /// weights + KV + scratch + [`crate::memory::RUNTIME_BYTES`] by 15 MiB for the tiny model and
 /// 16 MiB for GPT-2 Medium Q4_K_M.
 pub const OVERHEAD: u64 = 16 << 20;
+
+/// Streamed pieces the read-ahead window holds (see the module documentation).
+pub const READ_AHEAD_PIECES: u64 = 4;
 
 /// Why a budget cannot be read or used.
 #[derive(Debug, thiserror::Error)]
@@ -279,6 +285,16 @@ impl Layout {
         self.units.iter().map(|u| u.bytes).sum()
     }
 
+    /// Bytes of the largest block matrix (the largest piece a stream reads at once).
+    pub fn largest_block_unit(&self) -> u64 {
+        self.units
+            .iter()
+            .filter(|u| u.step < self.n_layer)
+            .map(|u| u.bytes)
+            .max()
+            .unwrap_or(0)
+    }
+
     /// The largest block (sum of its units).
     pub fn largest_layer(&self) -> u64 {
         (0..self.n_layer)
@@ -441,7 +457,9 @@ pub fn plan(layout: &Layout, needs: Needs, budget: u64) -> Result<Plan, BudgetEr
         });
     }
     let free = budget - fixed_streaming;
-    p.window = free.min(2 * layer);
+    p.window = free
+        .min(2 * layer)
+        .min(READ_AHEAD_PIECES * slot_bytes(layout.largest_block_unit()));
     let room = free - p.window;
     let mut keep = vec![false; layout.units.len()];
     let mut used = 0u64;
@@ -709,12 +727,13 @@ mod tests {
         assert!(p.in_memory());
         assert_eq!((p.full_budget, p.min_budget), (358 * MIB, 42 * MIB));
         assert_eq!(p.streamed_bytes, 0);
-        // 200 MiB: 170 MiB free, a window of two blocks (24 MiB), 146 MiB of room: the head
-        // (40), then 106 MiB of the 288 MiB of blocks, spread over the layers.
+        // 200 MiB: 170 MiB free; a window of four of the largest pieces (4 MiB, each slot a
+        // page more: 16 MiB + 16 KiB), less than two blocks (24 MiB); 153 MiB + 1008 KiB of
+        // room: the head (40), then 113 MiB of the 288 MiB of blocks, spread over the layers.
         let p = plan(&l, needs, 200 * MIB).unwrap();
-        assert_eq!(p.window, 24 * MIB);
-        assert_eq!(p.resident_bytes, 146 * MIB);
-        assert_eq!(p.streamed_bytes, (328 - 146) * MIB);
+        assert_eq!(p.window, 16 * MIB + 16 * 1024);
+        assert_eq!(p.resident_bytes, 153 * MIB);
+        assert_eq!(p.streamed_bytes, (328 - 153) * MIB);
         assert!(p.resident.contains(&(l.units.len() - 1)), "head resident");
         // Spread: both halves of the model keep some resident blocks' matrices.
         let first_half = p.resident.iter().filter(|&&i| l.units[i].step < 12).count();
@@ -750,13 +769,21 @@ mod tests {
             scratch: MIB,
             runtime: 22 * MIB,
         };
-        // 34 MiB: 10 MiB free, window 2 × 1.5 MiB, 7 MiB room: the head does not fit, so all
-        // 7 MiB go to blocks (9 MiB of them) and the head streams.
+        // 34 MiB: 10 MiB free; window 4 × (512 KiB + a page) = 2064 KiB (two blocks would be
+        // 3 MiB); 8176 KiB of room: the head does not fit, so the room goes to blocks (9 MiB of
+        // them, in units of 128, 384 and 512 KiB) and the head streams. The spread and then
+        // largest-first fill are greedy: they end within one largest unit of the room (the
+        // best packing would keep 8064 KiB; this keeps 7936).
         let p = plan(&l, needs, 34 * MIB).unwrap();
-        assert_eq!(p.window, 3 * MIB);
+        assert_eq!(p.window, 2064 * 1024);
         assert!(p.streamed.contains(&(l.units.len() - 1)));
-        assert_eq!(p.resident_bytes, 7 * MIB);
-        assert_eq!(p.streamed_bytes, 24 * MIB + 2 * MIB);
+        let room = 10 * MIB - 2064 * 1024;
+        assert!(
+            p.resident_bytes <= room && p.resident_bytes > room - 4 * u,
+            "{} of {room}",
+            p.resident_bytes
+        );
+        assert_eq!(p.streamed_bytes, 24 * MIB + 9 * MIB - p.resident_bytes);
     }
 
     #[test]
@@ -783,7 +810,10 @@ mod tests {
         assert!(plan(&l, needs, 42 * MIB).is_err());
         let p = plan(&l, needs, 200 * MIB).unwrap();
         assert_eq!((p.min_budget, p.full_budget), (43 * MIB, 358 * MIB));
-        assert_eq!((p.window, p.resident_bytes), (24 * MIB, 145 * MIB));
+        assert_eq!(
+            (p.window, p.resident_bytes),
+            (16 * MIB + 16 * 1024, 152 * MIB)
+        );
         assert!(plan(&l, needs, 358 * MIB).unwrap().in_memory());
     }
 }

@@ -94,6 +94,12 @@ pub enum ReadMode {
 
 const PAGE: u64 = 4096;
 
+/// The most ring memory a streamed span of `len` bytes can take: its read range, widened to
+/// whole pages at both ends (`O_DIRECT` reads whole pages into page-aligned buffers).
+pub fn slot_bytes(len: u64) -> u64 {
+    len.div_ceil(PAGE) * PAGE + PAGE
+}
+
 /// Reader threads of a ring: each has one read in flight, so the disk stays busy while
 /// another waits to be scheduled (on a loaded machine a woken thread may wait milliseconds).
 const READERS: usize = 2;
