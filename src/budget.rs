@@ -21,9 +21,9 @@
 //! room for [`READ_AHEAD_PIECES`] of the largest block matrix, at most two blocks' worth. The
 //! ring's readers have two reads in flight and the forward pass holds one buffer, so a fourth
 //! lets the disk run one piece ahead of a pass that pauses; every byte beyond that would be a
-//! byte of weights streamed on every token instead of kept. The smallest budget that can run at all is therefore
-//! the KV cache and scratch the run needs, the runtime, and one block; below that a run is
-//! refused before it starts.
+//! byte of weights streamed on every token instead of kept. The smallest budget that can run
+//! at all is therefore the KV cache and scratch the run needs, the runtime, and one block;
+//! below that a run is refused before it starts.
 
 use std::path::{Path, PathBuf};
 
