@@ -51,7 +51,7 @@ unsafe impl BlockFormat for bf16 {
 
 /// The float formats' shared [`WeightFormat`] body: f32 activations used as they are.
 macro_rules! float_format {
-    ($t:ty, $dot:ident, $gemm:ident) => {
+    ($t:ty, $dot:ident, $gemm:ident, $outer:ident) => {
         impl WeightFormat for $t {
             type Act = f32;
             type Packed = ();
@@ -88,7 +88,10 @@ macro_rules! float_format {
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx512 | Isa::Avx512Vnni => (
                         avx512::float::$dot,
-                        Some(crate::format::Tile::Direct(avx512::float::$gemm)),
+                        Some(crate::format::Tile::Outer {
+                            few: avx512::float::$gemm,
+                            many: avx512::float::$outer,
+                        }),
                     ),
                     #[cfg(target_arch = "aarch64")]
                     Isa::Neon => (neon::plain::$dot, None),
@@ -102,6 +105,6 @@ macro_rules! float_format {
     };
 }
 
-float_format!(f32, f32_f32, f32_gemm);
-float_format!(f16, f16_f32, f16_gemm);
-float_format!(bf16, bf16_f32, bf16_gemm);
+float_format!(f32, f32_f32, f32_gemm, f32_outer);
+float_format!(f16, f16_f32, f16_gemm, f16_outer);
+float_format!(bf16, bf16_f32, bf16_gemm, bf16_outer);

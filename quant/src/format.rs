@@ -92,6 +92,13 @@ pub struct Kernels<W: WeightFormat> {
 pub enum Tile<W: WeightFormat> {
     /// Rows as stored, times the [`WeightFormat::activations`] (float formats).
     Direct(GemmFn<W, W::Act>),
+    /// Rows as stored (float formats): `few` as [`Tile::Direct`] below
+    /// `dot::outer::MIN_TOKENS` tokens, `many` from there on, with the activations in
+    /// `dot::outer::lane_major` layout.
+    Outer {
+        few: GemmFn<W, W::Act>,
+        many: GemmFn<W, f32>,
+    },
     /// Rows packed per call into [`WeightFormat::Packed`], times activation tiles.
     Packed {
         /// Pack one weight row (`out.len() == Packed::per_row(row.len())`).

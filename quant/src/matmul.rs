@@ -9,6 +9,7 @@
 //! Threads are rayon's current pool (the CLI sizes it with `-t`).
 
 use crate::cpu::{self, Level};
+use crate::dot::outer;
 use crate::format::{
     self, DotFn, Format, GemmFn, PackFn, PackedGemmFn, Packing, RowsFn, Tile, WeightFormat,
 };
@@ -281,7 +282,18 @@ pub(crate) fn matmul_format<W: WeightFormat>(
         // token's result comes from the same code in the same order alone or in a batch.
         Some(Tile::Direct(gemm)) => {
             let act = W::activations(x, cols, &mut scratch.act);
-            return direct_tiled(wb, act, nb, rows, bias, y, gemm);
+            return direct_tiled(wb, act, nb, n_tokens, rows, 4, bias, y, gemm);
+        }
+        // Many tokens: the activations laid out once per call for the outer-product tile.
+        Some(Tile::Outer { many, .. }) if n_tokens >= outer::MIN_TOKENS => {
+            let act = typed_buf::<f32>(&mut scratch.act, outer::len(n_tokens, cols));
+            outer::lane_major(x, cols, act);
+            let rm = outer::PANEL_ROWS;
+            return direct_tiled(wb, act, nb, n_tokens, rows, rm, bias, y, many);
+        }
+        Some(Tile::Outer { few, .. }) => {
+            let act = W::activations(x, cols, &mut scratch.act);
+            return direct_tiled(wb, act, nb, n_tokens, rows, 4, bias, y, few);
         }
         // Packed rows: packing costs more than it saves below TILE_MIN_TOKENS, unless batch
         // invariance is asked for (then every token count packs; see `set_batch_invariant`).
@@ -496,17 +508,21 @@ fn typed_vec<P: Plain>(buf: &mut Vec<P>, n: usize) -> &mut [P] {
 }
 
 /// Formats multiplied as stored: each item multiplies its rows with all tokens.
+#[allow(clippy::too_many_arguments)]
 fn direct_tiled<W: Sync, A: Sync>(
     w: &[W],
     act: &[A],
     nb: usize,
+    n_tokens: usize,
     rows: usize,
+    row_multiple: usize,
     bias: Option<&[f32]>,
     y: &mut [f32],
     gemm: GemmFn<W, A>,
 ) {
-    let n_tokens = act.len() / nb;
-    let rb = tile_rows(rows, nb * std::mem::size_of::<W>());
+    let rb = tile_rows(rows, nb * std::mem::size_of::<W>())
+        .next_multiple_of(row_multiple)
+        .min(rows.next_multiple_of(4));
     let mut out = split_out(y, rows, rb);
     out.par_chunks_mut(n_tokens)
         .enumerate()

@@ -12,7 +12,10 @@ use ggpt_quant::{tensor, GgmlType};
 mod common;
 use common::{aligned, as_bytes, values};
 
+/// Tokens per call, up to: past the packed tiles' threshold (4) for every format, and for
+/// the floats past two groups of the outer-product tile (from 16 tokens, 12 per group).
 const MAX_TOKENS: usize = 17;
+const MAX_FLOAT_TOKENS: usize = 30;
 
 /// Every (format, shape, level, batch) whose batched rows differ from the tokens alone.
 fn variant_rows(types: &[GgmlType]) -> Vec<String> {
@@ -23,23 +26,29 @@ fn variant_rows(types: &[GgmlType]) -> Vec<String> {
         let shapes: &[(usize, usize)] = if ty.block_size() == 256 {
             &[(37, 512), (19, 1280)]
         } else if ty.block_size() == 1 {
-            // Floats also: rows longer than the packed float tile's K block, ragged tail.
-            &[(37, 800), (19, 1024), (13, 2100)]
+            // Floats also: ragged tails, rows shorter than one step of 16 columns and than
+            // 16 steps (lanes with fewer steps than others), partial panels of 32 rows.
+            &[(37, 800), (19, 1024), (13, 2100), (33, 23), (70, 5)]
         } else {
             &[(37, 800), (19, 1024)]
+        };
+        let max_tokens = if ty.block_size() == 1 {
+            MAX_FLOAT_TOKENS
+        } else {
+            MAX_TOKENS
         };
         for &(rows, cols) in shapes {
             let w = tensor::quantize(ty, &values(rows * cols, 7 + cols as u64), cols)
                 .expect("quantize weights");
             let buf = aligned(&w);
             let m = QMatrix::new(ty, rows, cols, as_bytes(&buf, w.len())).expect("valid matrix");
-            let x = values(MAX_TOKENS * cols, 11);
+            let x = values(max_tokens * cols, 11);
             let bias = values(rows, 13);
             for isa in available_isas() {
                 let level = isa.level().expect("available");
                 let mut s = Scratch::default();
                 // Each token alone.
-                let alone: Vec<Vec<f32>> = (0..MAX_TOKENS)
+                let alone: Vec<Vec<f32>> = (0..max_tokens)
                     .map(|t| {
                         let mut y = vec![0.0; rows];
                         let xt = &x[t * cols..(t + 1) * cols];
@@ -47,10 +56,10 @@ fn variant_rows(types: &[GgmlType]) -> Vec<String> {
                         y
                     })
                     .collect();
-                // Batches of 1..=17 tokens starting at token 0, and at token 1 (so a token
+                // Batches of 1..=max_tokens tokens starting at token 0, and at token 1 (so a token
                 // also appears at another position).
                 for start in [0, 1] {
-                    for n in 1..=MAX_TOKENS - start {
+                    for n in 1..=max_tokens - start {
                         let mut y = vec![0.0; n * rows];
                         let xs = &x[start * cols..(start + n) * cols];
                         matmul_at(level, &m, xs, n, Some(&bias), &mut y, &mut s);

@@ -56,6 +56,7 @@ pub(crate) const PERM4_MINS: [u16; 16] =
 /// The float kernels (F16, BF16, F32 weights): one build for both AVX-512 levels, which
 /// share them (they use no VNNI instruction), plus the horizontal sums the integer kernels use.
 pub(crate) mod float {
+    use super::super::outer::{GROUP, PANEL_ROWS};
     use super::super::tile::{self, FloatMicro};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
@@ -261,9 +262,216 @@ pub(crate) mod float {
         float_gemm_impl(w, a, n, bias, out, |p, m| _mm512_maskz_loadu_ps(m, p))
     }
 
+    // ---------------------------------------------------------------------------------------
+    // Prompts: the outer-product tile (`dot::outer` explains why it gives `float_micro`'s bits).
+
+    /// 16 f32 lanes, 64-byte aligned: 16 rows of one packed column.
+    #[repr(C, align(64))]
+    #[derive(Clone, Copy)]
+    struct V16([f32; 16]);
+
+    thread_local! {
+        /// Per thread: the packed panels of the rows a call is given.
+        static PANELS: std::cell::RefCell<Vec<V16>> =
+            const { std::cell::RefCell::new(Vec::new()) };
+    }
+
+    /// Rows `w[..rows]` (≤ 32, `n` columns each) as f32, lane-major: `dst[(j·steps + s)·2 + h]`
+    /// is rows 16h.. of column 16s + j, zero for rows past `rows` and columns past `n`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn pack_panel<E>(
+        w: *const E,
+        rows: usize,
+        n: usize,
+        dst: &mut [V16],
+        wload: &impl Fn(*const E, __mmask16) -> __m512,
+    ) {
+        let steps = n.div_ceil(16);
+        let mut tile = [V16([0.0; 16]); PANEL_ROWS];
+        for s in 0..steps {
+            let rem = n - 16 * s;
+            let m: __mmask16 = if rem >= 16 {
+                !0
+            } else {
+                ((1u32 << rem) - 1) as u16
+            };
+            for (r, v) in tile.iter_mut().enumerate() {
+                let x = if r < rows {
+                    wload(w.add(r * n + 16 * s), m)
+                } else {
+                    _mm512_setzero_ps()
+                };
+                _mm512_store_ps(v.0.as_mut_ptr(), x);
+            }
+            for j in 0..16 {
+                for h in 0..2 {
+                    let d = &mut dst[(j * steps + s) * 2 + h].0;
+                    for (i, x) in d.iter_mut().enumerate() {
+                        *x = tile[16 * h + i].0[j];
+                    }
+                }
+            }
+        }
+    }
+
+    /// The lanes in the order that adds them in `hsum`'s tree when each sum is merged like a
+    /// binary counter: (0 + 8) + (4 + 12), … (bit-reversed indices).
+    const LANE_ORDER: [usize; 16] = [0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15];
+
+    /// Tokens `t0..t0 + T` (their lane-major group at `a`) times one packed panel (rows
+    /// `r0..r0 + nr` of the call), written to `out[t0 + t][r0..]` with the bias added.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn outer_tile<const T: usize>(
+        panel: &[V16],
+        a: *const f32,
+        n: usize,
+        t0: usize,
+        r0: usize,
+        nr: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    ) {
+        let steps = n.div_ceil(16);
+        // pending[i]: the sum of the 2^i lanes before, while bit i of the lane count is set.
+        let mut pending = [[[_mm512_setzero_ps(); 2]; T]; 4];
+        let mut sum = [[_mm512_setzero_ps(); 2]; T];
+        for (k, &j) in LANE_ORDER.iter().enumerate() {
+            // Lane j has a column in step s while 16s + j < n.
+            let len = if j < n { (n - j).div_ceil(16) } else { 0 };
+            let w = panel.as_ptr().add(j * steps * 2);
+            let aj = a.add(j * steps * T);
+            let mut c = [[_mm512_setzero_ps(); 2]; T];
+            for s in 0..len {
+                let w0 = _mm512_load_ps(w.add(2 * s).cast());
+                let w1 = _mm512_load_ps(w.add(2 * s + 1).cast());
+                for (t, ct) in c.iter_mut().enumerate() {
+                    let b = _mm512_set1_ps(*aj.add(s * T + t));
+                    ct[0] = _mm512_fmadd_ps(w0, b, ct[0]);
+                    ct[1] = _mm512_fmadd_ps(w1, b, ct[1]);
+                }
+            }
+            let mut level = 0;
+            while (k >> level) & 1 == 1 {
+                for (ct, pt) in c.iter_mut().zip(&pending[level]) {
+                    ct[0] = _mm512_add_ps(pt[0], ct[0]);
+                    ct[1] = _mm512_add_ps(pt[1], ct[1]);
+                }
+                level += 1;
+            }
+            match pending.get_mut(level) {
+                Some(p) => *p = c,
+                None => sum = c,
+            }
+        }
+        for (h, r) in [0, 16].into_iter().enumerate().filter(|&(_, r)| r < nr) {
+            let k = nr - r;
+            let m: __mmask16 = if k >= 16 { !0 } else { ((1u32 << k) - 1) as u16 };
+            let b = match bias {
+                Some(b) => _mm512_maskz_loadu_ps(m, b.as_ptr().add(r0 + r)),
+                None => _mm512_setzero_ps(),
+            };
+            for (t, st) in sum.iter().enumerate() {
+                let v = _mm512_add_ps(st[h], b);
+                _mm512_mask_storeu_ps(out[t0 + t].as_mut_ptr().add(r0 + r), m, v);
+            }
+        }
+    }
+
+    /// Every row of `w` times every token of `a` (lane-major, `dot::outer::lane_major`): the
+    /// rows packed 32 at a time into `buf`, then each group of tokens times every panel.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn outer_gemm<E>(
+        w: &[E],
+        a: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+        wload: impl Fn(*const E, __mmask16) -> __m512,
+    ) {
+        let rows = w.len() / n;
+        let steps = n.div_ceil(16);
+        let per_panel = 16 * steps * 2;
+        let panels = rows.div_ceil(PANEL_ROWS);
+        PANELS.with_borrow_mut(|buf| {
+            if buf.len() < panels * per_panel {
+                buf.resize(panels * per_panel, V16([0.0; 16]));
+            }
+            for (p, dst) in buf.chunks_exact_mut(per_panel).take(panels).enumerate() {
+                let r0 = p * PANEL_ROWS;
+                let nr = (rows - r0).min(PANEL_ROWS);
+                pack_panel(w.as_ptr().add(r0 * n), nr, n, dst, &wload);
+            }
+            let tokens = out.len();
+            let mut t0 = 0;
+            while t0 < tokens {
+                let nt = (tokens - t0).min(GROUP);
+                let ag = a.as_ptr().add(t0 * 16 * steps);
+                for (p, panel) in buf.chunks_exact(per_panel).take(panels).enumerate() {
+                    let r0 = p * PANEL_ROWS;
+                    let nr = (rows - r0).min(PANEL_ROWS);
+                    macro_rules! go {
+                        ($($t:literal)*) => {
+                            match nt {
+                                $($t => outer_tile::<$t>(panel, ag, n, t0, r0, nr, bias, out),)*
+                                _ => unreachable!("1 ≤ nt ≤ GROUP"),
+                            }
+                        };
+                    }
+                    go!(1 2 3 4 5 6 7 8 9 10 11 12);
+                }
+                t0 += nt;
+            }
+        })
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    unsafe fn f16_outer_impl(
+        w: &[f16],
+        a: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    ) {
+        outer_gemm(w, a, n, bias, out, |p, m| {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.cast()))
+        })
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    unsafe fn bf16_outer_impl(
+        w: &[bf16],
+        a: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    ) {
+        outer_gemm(w, a, n, bias, out, |p, m| {
+            let h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+        })
+    }
+
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    unsafe fn f32_outer_impl(
+        w: &[f32],
+        a: &[f32],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    ) {
+        outer_gemm(w, a, n, bias, out, |p, m| _mm512_maskz_loadu_ps(m, p))
+    }
+
     super::super::entry_points! { "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
         gemm f16_gemm = f16_gemm_impl(f16, f32);
         gemm bf16_gemm = bf16_gemm_impl(bf16, f32);
+        outer f16_outer = f16_outer_impl(f16);
+        outer bf16_outer = bf16_outer_impl(bf16);
+        outer f32_outer = f32_outer_impl(f32);
         gemm f32_gemm = f32_gemm_impl(f32, f32);
         dot f16_f32 = f16_f32_impl(f16, f32);
         dot bf16_f32 = bf16_f32_impl(bf16, f32);

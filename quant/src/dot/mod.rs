@@ -21,6 +21,7 @@ pub(crate) mod avx2_tile;
 pub(crate) mod avx512;
 #[cfg(target_arch = "aarch64")]
 pub(crate) mod neon;
+pub(crate) mod outer;
 #[cfg(target_arch = "x86_64")]
 mod tile;
 
@@ -147,6 +148,22 @@ macro_rules! entry_points {
             out: &mut [&mut [f32]],
         ) {
             $crate::dot::gemm_shape(w.len(), a.len(), n, bias, out);
+            // SAFETY: see `dot::entry_points`.
+            unsafe { $imp(w, a, n, bias, out) }
+        }
+        $crate::dot::entry_points!($f; $($rest)*);
+    };
+    ($f:literal; outer $name:ident = $imp:ident($w:ty); $($rest:tt)*) => {
+        pub(crate) fn $name(
+            w: &[$w],
+            a: &[f32],
+            n: usize,
+            bias: Option<&[f32]>,
+            out: &mut [&mut [f32]],
+        ) {
+            let tokens = out.len();
+            $crate::dot::gemm_shape(w.len(), tokens * n, n, bias, out);
+            assert_eq!(a.len(), $crate::dot::outer::len(tokens, n), "outer: activation length");
             // SAFETY: see `dot::entry_points`.
             unsafe { $imp(w, a, n, bias, out) }
         }
