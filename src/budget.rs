@@ -352,7 +352,7 @@ pub type Fitted = (Budget, Vec<Plan>);
 /// What a server needs for one model besides its weights: `parallel` slots that may each fill
 /// `n_ctx` positions of a KV cache of `kv_elem`-byte elements, prompt chunks of `chunk` tokens.
 pub fn serving_needs(
-    hp: &ggpt_models::Hparams,
+    model: &crate::model::Model,
     n_ctx: u64,
     parallel: u64,
     chunk: u64,
@@ -366,7 +366,7 @@ pub fn serving_needs(
         kv_elem,
         threads: threads.max(1),
     };
-    Needs::of(&MemShape::of(hp), n_ctx, &run)
+    Needs::of(&MemShape::of(model), n_ctx, &run)
 }
 
 /// Fit every model of a server into one budget (`flag`, else the cgroup limit or

@@ -80,7 +80,7 @@ pub fn measure_format(
     peak_rss: u64,
     progress: impl FnMut(usize, usize, &Aggregate),
 ) -> crate::Result<FormatRow> {
-    let shape = MemShape::of(model.hparams());
+    let shape = MemShape::of(model);
     let tensors = model.file().tensors();
     let tensor_bytes: u64 = tensors.iter().map(|t| t.size).sum();
     let params: u64 = tensors.iter().map(|t| t.n_elements()).sum();

@@ -14,17 +14,24 @@ pub struct MemShape {
     pub n_ff: u64,
     pub n_head: u64,
     pub n_vocab: u64,
+    /// Whether the MLP's down projection (the matmul with the widest input, `n_ff` values per
+    /// token) has float weights (F16, BF16, F32), whose prompts copy their activations as f32
+    /// (see [`micro_batch_bytes`]); otherwise they are quantized to Q8_K or Q8_0.
+    pub float_down: bool,
 }
 
 impl MemShape {
     /// The shape of a loaded model.
-    pub fn of(hp: &ggpt_models::Hparams) -> MemShape {
+    pub fn of(model: &crate::model::Model) -> MemShape {
+        let hp = model.hparams();
+        let down = model.gpt2().weights().layers.first();
         MemShape {
             n_layer: hp.n_layer,
             n_embd: hp.n_embd,
             n_ff: hp.n_ff,
             n_head: hp.n_head,
             n_vocab: hp.n_vocab,
+            float_down: down.is_some_and(|l| l.ffn_down.view().ty().block_size() == 1),
         }
     }
 
@@ -35,6 +42,7 @@ impl MemShape {
         n_ff: 4096,
         n_head: 16,
         n_vocab: 50257,
+        float_down: false,
     };
 }
 
@@ -106,9 +114,20 @@ pub const RUNTIME_BYTES: u64 = 14 * 1024 * 1024;
 /// Activations of one micro-batch of `t` tokens: f32 rows of x, ln (also the attention
 /// output), the head-major attention output (also the projection outputs), and one buffer for
 /// Q|K|V and then the MLP hidden (3C or F, the wider); each token's position and sequence
-/// (8 bytes each); the Q8_K activations of the widest input (F values: 292 bytes per 256).
+/// (8 bytes each); the matmul's copy of the widest input's activations (F values): Q8_K
+/// blocks for quantized weights (292 bytes per 256, Q8_0's 272 counted as that), and for float
+/// weights f32 from [`ggpt_quant::matmul::FLOAT_COPY_MIN_TOKENS`] tokens on (the layout the
+/// AVX-512 outer-product tile reads; other levels read the activations in place, so this is an
+/// upper bound there).
 fn micro_batch_bytes(s: &MemShape, t: u64) -> u64 {
-    4 * t * (3 * s.n_embd + (3 * s.n_embd).max(s.n_ff)) + 16 * t + t * s.n_ff.div_ceil(256) * 292
+    let act_copy = if !s.float_down {
+        t * s.n_ff.div_ceil(256) * 292
+    } else if t >= ggpt_quant::matmul::FLOAT_COPY_MIN_TOKENS as u64 {
+        4 * t * s.n_ff.next_multiple_of(16)
+    } else {
+        0
+    };
+    4 * t * (3 * s.n_embd + (3 * s.n_embd).max(s.n_ff)) + 16 * t + act_copy
 }
 
 /// Predict memory from the model's shapes and file sizes.
@@ -254,6 +273,22 @@ mod tests {
         // Calls of 256 tokens are one pass each, and the last one ends beside the full cache.
         let calls = estimate(&s, 0, 0, &run(256));
         assert_eq!(calls.scratch_bytes, 256 * 33_360 + attention);
+        // Float weights: the down projection's input copied as f32 (4 × 4096 bytes per token)
+        // instead of Q8_K. Now the pass before the last is the peak:
+        // 240 × 45 072 − 64 × 98 304 = 4 525 824 > 64 × 45 072.
+        let f = MemShape {
+            float_down: true,
+            ..MemShape::GPT2_MEDIUM
+        };
+        let per_token = 4 * (3 * 1024 + 4096) + 16 + 4 * 4096;
+        assert_eq!(per_token, 45_072);
+        let one_call = estimate(&f, 0, 0, &run(1024));
+        assert_eq!(one_call.scratch_bytes, 4_525_824 + attention);
+        let calls = estimate(&f, 0, 0, &run(256));
+        assert_eq!(calls.scratch_bytes, 256 * 45_072 + attention);
+        // Below 16 tokens nothing is copied: a 15-token prompt needs less than with Q8_K.
+        let short = |s: &MemShape| estimate(s, 0, 0, &run(15)).scratch_bytes;
+        assert!(short(&f) < short(&s));
     }
 
     #[test]

@@ -83,7 +83,7 @@ pub fn run(args: Args) -> Result<()> {
         bail_flag!("--ctx {n_ctx} is outside 1..={}", hp.n_ctx);
     }
     let n_batch = args.batch.unwrap_or(n_ctx).clamp(1, n_ctx);
-    let shape = MemShape::of(model.hparams());
+    let shape = MemShape::of(&model);
     let tensor_bytes: u64 = model.file().tensors().iter().map(|t| t.size).sum();
     let run = RunShape {
         n_ctx: n_ctx as u64,
@@ -169,7 +169,7 @@ fn run_needs(
         kv_elem: 2,
         threads: threads as u64,
     };
-    Needs::of(&MemShape::of(model.hparams()), kv_positions as u64, &run)
+    Needs::of(&MemShape::of(model), kv_positions as u64, &run)
 }
 
 /// Fit `model` into the memory budget (`flag`, else the cgroup limit or MemAvailable) for a
@@ -247,7 +247,7 @@ fn budget_report(
     run: &RunShape,
 ) -> Result<()> {
     use ggpt::budget::{plan, Layout};
-    let shape = MemShape::of(model.hparams());
+    let shape = MemShape::of(&model);
     let layout = Layout::of(model.gpt2());
     let needs_at = |c: usize| Needs::of(&shape, c as u64, run);
     let p = match plan(&layout, needs_at(n_ctx), budget) {
@@ -585,6 +585,8 @@ fn predict_checkpoint(args: &Args, kv_elem: u64, threads: u64) -> Result<()> {
             n_ff: c.n_ff as u64,
             n_head: c.n_head as u64,
             n_vocab: c.vocab_size as u64,
+            // Every matrix of an F16 file is F16 (convert's policy for its default type).
+            float_down: p.ftype.default_type().block_size() == 1,
         };
         let n_ctx = args.ctx.unwrap_or(c.n_ctx) as u64;
         if n_ctx == 0 || n_ctx > c.n_ctx as u64 {

@@ -453,13 +453,7 @@ impl Model {
             }
             // As `ggpt mem`: the whole context as one prompt unless the caller chunks it.
             let n_batch = n_batch.unwrap_or(n_ctx).clamp(1, n_ctx);
-            let shape = MemShape {
-                n_layer: hp.n_layer,
-                n_embd: hp.n_embd,
-                n_ff: hp.n_ff,
-                n_head: hp.n_head,
-                n_vocab: hp.n_vocab,
-            };
+            let shape = MemShape::of(&self.shared.model);
             let file = self.shared.model.file();
             let run = RunShape {
                 n_ctx: n_ctx as u64,

@@ -247,6 +247,11 @@ pub fn matmul_at(
     run(level, w, x, n_tokens, bias, y, scratch)
 }
 
+/// From this many tokens on, a matmul with float weights copies its activations into
+/// [`Scratch`] (as f32, `tokens × cols` of them rounded up to 16 columns) at levels with an
+/// outer-product tile; quantized weights always quantize them there.
+pub const FLOAT_COPY_MIN_TOKENS: usize = outer::MIN_TOKENS;
+
 static BATCH_INVARIANT: AtomicBool = AtomicBool::new(false);
 
 /// Make every matmul of this process batch-invariant: a token's output row is then

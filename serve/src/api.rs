@@ -193,7 +193,7 @@ impl App {
             .iter()
             .map(|m| {
                 ggpt::budget::serving_needs(
-                    m.model.hparams(),
+                    &m.model,
                     cfg.n_ctx as u64,
                     cfg.parallel as u64,
                     cfg.prefill_chunk as u64,

@@ -11,7 +11,7 @@ use serde_json::json;
 fn bounds(label: &str, cfg: &ggpt_serve::ServeConfig) -> (u64, u64) {
     let m = ggpt::model::Model::load(&model(label)).expect("load");
     let needs = ggpt::budget::serving_needs(
-        m.hparams(),
+        &m,
         cfg.ctx.unwrap() as u64,
         cfg.parallel as u64,
         cfg.prefill_chunk as u64,

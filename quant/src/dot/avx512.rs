@@ -276,6 +276,45 @@ pub(crate) mod float {
             const { std::cell::RefCell::new(Vec::new()) };
     }
 
+    /// The 16 × 16 transpose: lane j of result c is lane c of `v[j]`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn transpose16(v: [__m512; 16]) -> [__m512; 16] {
+        // Pairs of rows interleaved, then quads: u[4i + k] holds, in 128-bit lane L, column
+        // 4L + k of rows 4i..4i + 4.
+        let t: [__m512; 16] = std::array::from_fn(|i| {
+            let (a, b) = (v[i & !1], v[i | 1]);
+            if i % 2 == 0 {
+                _mm512_unpacklo_ps(a, b)
+            } else {
+                _mm512_unpackhi_ps(a, b)
+            }
+        });
+        let u: [__m512; 16] = std::array::from_fn(|i| {
+            let (q, k) = (i / 4, i % 4);
+            let (a, b) = (t[4 * q + k / 2], t[4 * q + k / 2 + 2]);
+            if k % 2 == 0 {
+                _mm512_shuffle_ps::<0x44>(a, b)
+            } else {
+                _mm512_shuffle_ps::<0xEE>(a, b)
+            }
+        });
+        // Then the 4 × 4 transpose of 128-bit lanes: column 4L + k gathers lane L of u[k],
+        // u[4 + k], u[8 + k], u[12 + k].
+        let mut out = [_mm512_setzero_ps(); 16];
+        for k in 0..4 {
+            let x0 = _mm512_shuffle_f32x4::<0x44>(u[k], u[4 + k]);
+            let x1 = _mm512_shuffle_f32x4::<0xEE>(u[k], u[4 + k]);
+            let y0 = _mm512_shuffle_f32x4::<0x44>(u[8 + k], u[12 + k]);
+            let y1 = _mm512_shuffle_f32x4::<0xEE>(u[8 + k], u[12 + k]);
+            out[k] = _mm512_shuffle_f32x4::<0x88>(x0, y0);
+            out[4 + k] = _mm512_shuffle_f32x4::<0xDD>(x0, y0);
+            out[8 + k] = _mm512_shuffle_f32x4::<0x88>(x1, y1);
+            out[12 + k] = _mm512_shuffle_f32x4::<0xDD>(x1, y1);
+        }
+        out
+    }
+
     /// Rows `w[..rows]` (≤ 32, `n` columns each) as f32, lane-major: `dst[(j·steps + s)·2 + h]`
     /// is rows 16h.. of column 16s + j, zero for rows past `rows` and columns past `n`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
@@ -288,7 +327,8 @@ pub(crate) mod float {
         wload: &impl Fn(*const E, __mmask16) -> __m512,
     ) {
         let steps = n.div_ceil(16);
-        let mut tile = [V16([0.0; 16]); PANEL_ROWS];
+        assert!(dst.len() >= 32 * steps, "pack_panel: destination length");
+        let d = dst.as_mut_ptr();
         for s in 0..steps {
             let rem = n - 16 * s;
             let m: __mmask16 = if rem >= 16 {
@@ -296,20 +336,17 @@ pub(crate) mod float {
             } else {
                 ((1u32 << rem) - 1) as u16
             };
-            for (r, v) in tile.iter_mut().enumerate() {
-                let x = if r < rows {
-                    wload(w.add(r * n + 16 * s), m)
-                } else {
-                    _mm512_setzero_ps()
-                };
-                _mm512_store_ps(v.0.as_mut_ptr(), x);
-            }
-            for j in 0..16 {
-                for h in 0..2 {
-                    let d = &mut dst[(j * steps + s) * 2 + h].0;
-                    for (i, x) in d.iter_mut().enumerate() {
-                        *x = tile[16 * h + i].0[j];
+            for h in 0..2 {
+                let v: [__m512; 16] = std::array::from_fn(|i| {
+                    let r = 16 * h + i;
+                    if r < rows {
+                        wload(w.add(r * n + 16 * s), m)
+                    } else {
+                        _mm512_setzero_ps()
                     }
+                });
+                for (j, c) in transpose16(v).into_iter().enumerate() {
+                    _mm512_store_ps(d.add((j * steps + s) * 2 + h).cast(), c);
                 }
             }
         }
@@ -368,7 +405,11 @@ pub(crate) mod float {
         }
         for (h, r) in [0, 16].into_iter().enumerate().filter(|&(_, r)| r < nr) {
             let k = nr - r;
-            let m: __mmask16 = if k >= 16 { !0 } else { ((1u32 << k) - 1) as u16 };
+            let m: __mmask16 = if k >= 16 {
+                !0
+            } else {
+                ((1u32 << k) - 1) as u16
+            };
             let b = match bias {
                 Some(b) => _mm512_maskz_loadu_ps(m, b.as_ptr().add(r0 + r)),
                 None => _mm512_setzero_ps(),
