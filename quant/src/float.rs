@@ -82,7 +82,11 @@ macro_rules! float_format {
                     #[cfg(target_arch = "x86_64")]
                     Isa::Avx2 => (
                         avx2::$dot,
-                        Some(crate::format::Tile::Direct(avx2_tile::$gemm)),
+                        Some(crate::format::Tile::Outer {
+                            few: avx2_tile::$gemm,
+                            many: avx2_tile::$outer,
+                            layout: crate::dot::outer::AVX2,
+                        }),
                     ),
                     // The float kernels use no VNNI instruction: one build serves both levels.
                     #[cfg(target_arch = "x86_64")]
@@ -91,6 +95,7 @@ macro_rules! float_format {
                         Some(crate::format::Tile::Outer {
                             few: avx512::float::$gemm,
                             many: avx512::float::$outer,
+                            layout: crate::dot::outer::AVX512,
                         }),
                     ),
                     #[cfg(target_arch = "aarch64")]

@@ -93,11 +93,12 @@ pub enum Tile<W: WeightFormat> {
     /// Rows as stored, times the [`WeightFormat::activations`] (float formats).
     Direct(GemmFn<W, W::Act>),
     /// Rows as stored (float formats): `few` as [`Tile::Direct`] below
-    /// `dot::outer::MIN_TOKENS` tokens, `many` from there on, with the activations in
-    /// `dot::outer::lane_major` layout.
+    /// `dot::outer::MIN_TOKENS` tokens, `many` from there on, with the activations in the
+    /// level's `layout` (`dot::outer::Layout::lay_out`).
     Outer {
         few: GemmFn<W, W::Act>,
         many: GemmFn<W, f32>,
+        layout: crate::dot::outer::Layout,
     },
     /// Rows packed per call into [`WeightFormat::Packed`], times activation tiles.
     Packed {

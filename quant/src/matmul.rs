@@ -248,8 +248,8 @@ pub fn matmul_at(
 }
 
 /// From this many tokens on, a matmul with float weights copies its activations into
-/// [`Scratch`] (as f32, `tokens × cols` of them rounded up to 16 columns) at levels with an
-/// outer-product tile; quantized weights always quantize them there.
+/// [`Scratch`] (as f32, `tokens × cols` of them, cols rounded up to a whole vector) at levels
+/// with an outer-product tile (AVX-512, AVX2); quantized weights always quantize them there.
 pub const FLOAT_COPY_MIN_TOKENS: usize = outer::MIN_TOKENS;
 
 static BATCH_INVARIANT: AtomicBool = AtomicBool::new(false);
@@ -290,10 +290,10 @@ pub(crate) fn matmul_format<W: WeightFormat>(
             return direct_tiled(wb, act, nb, n_tokens, rows, 4, bias, y, gemm);
         }
         // Many tokens: the activations laid out once per call for the outer-product tile.
-        Some(Tile::Outer { many, .. }) if n_tokens >= outer::MIN_TOKENS => {
-            let act = typed_buf::<f32>(&mut scratch.act, outer::len(n_tokens, cols));
-            outer::lane_major(x, cols, act);
-            let rm = outer::PANEL_ROWS;
+        Some(Tile::Outer { many, layout, .. }) if n_tokens >= outer::MIN_TOKENS => {
+            let act = typed_buf::<f32>(&mut scratch.act, layout.len(n_tokens, cols));
+            layout.lay_out(x, cols, act);
+            let rm = layout.panel_rows();
             return direct_tiled(wb, act, nb, n_tokens, rows, rm, bias, y, many);
         }
         Some(Tile::Outer { few, .. }) => {

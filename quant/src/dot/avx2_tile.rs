@@ -441,6 +441,195 @@ unsafe fn float_gemm_impl<E: FloatWeight>(
     unsafe { tile::float_gemm::<_, FR>(&m, w, a, n, bias, out) }
 }
 
+// ---------------------------------------------------------------------------------------------
+// Prompts: the outer-product float tile (`dot::outer` explains why it gives `float_micro`'s
+// bits; here the tree is `hsum4`'s, adjacent lanes first: ((0+1)+(2+3)) + ((4+5)+(6+7))).
+
+/// This level's activation layout: 8 lanes, groups of 6 tokens, panels of 16 rows.
+const LAYOUT: super::outer::Layout = super::outer::AVX2;
+
+/// 8 f32 lanes, 32-byte aligned: 8 rows of one packed column.
+#[repr(C, align(32))]
+#[derive(Clone, Copy)]
+struct V8([f32; 8]);
+
+thread_local! {
+    /// Per thread: the packed panels of the rows a call is given.
+    static PANELS: std::cell::RefCell<Vec<V8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The 8 × 8 transpose: lane j of result c is lane c of `v[j]`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn transpose8(v: [__m256; 8]) -> [__m256; 8] {
+    // t[2i], t[2i+1]: rows 2i and 2i+1 interleaved (low, high pairs of each 128-bit half).
+    let t: [__m256; 8] = std::array::from_fn(|i| {
+        let (a, b) = (v[i & !1], v[i | 1]);
+        if i % 2 == 0 {
+            _mm256_unpacklo_ps(a, b)
+        } else {
+            _mm256_unpackhi_ps(a, b)
+        }
+    });
+    // u[4q + k]: in 128-bit half H, column 4H + k of rows 4q..4q + 4.
+    let u: [__m256; 8] = std::array::from_fn(|i| {
+        let (q, k) = (i / 4, i % 4);
+        let (a, b) = (t[4 * q + k / 2], t[4 * q + k / 2 + 2]);
+        if k % 2 == 0 {
+            _mm256_shuffle_ps::<0x44>(a, b)
+        } else {
+            _mm256_shuffle_ps::<0xEE>(a, b)
+        }
+    });
+    std::array::from_fn(|c| {
+        let (h, k) = (c / 4, c % 4);
+        if h == 0 {
+            _mm256_permute2f128_ps::<0x20>(u[k], u[4 + k])
+        } else {
+            _mm256_permute2f128_ps::<0x31>(u[k], u[4 + k])
+        }
+    })
+}
+
+/// Rows `w[..rows]` (≤ 16, `n` columns each) as f32, lane-major: `dst[(j·steps + s)·2 + h]`
+/// is rows 8h.. of column 8s + j, zero for rows past `rows` and columns past `n`.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+unsafe fn pack_panel<E: FloatWeight>(w: *const E, rows: usize, n: usize, dst: &mut [V8]) {
+    let steps = n.div_ceil(8);
+    assert!(dst.len() >= 16 * steps, "pack_panel: destination length");
+    let d = dst.as_mut_ptr();
+    for s in 0..steps {
+        let len = (n - 8 * s).min(8);
+        for h in 0..2 {
+            let mut v = [_mm256_setzero_ps(); 8];
+            for (i, x) in v.iter_mut().enumerate() {
+                let r = 8 * h + i;
+                if r < rows {
+                    let p = w.add(r * n + 8 * s);
+                    *x = if len == 8 {
+                        E::load8(p)
+                    } else {
+                        E::load_tail(p, len)
+                    };
+                }
+            }
+            for (j, c) in transpose8(v).into_iter().enumerate() {
+                _mm256_store_ps(d.add((j * steps + s) * 2 + h).cast(), c);
+            }
+        }
+    }
+}
+
+/// Tokens `t0..t0 + T` (their group in [`LAYOUT`] at `a`) times one packed panel (rows
+/// `r0..r0 + nr` of the call), written to `out[t0 + t][r0..]` with the bias added.
+#[target_feature(enable = "avx2,fma,f16c")]
+#[inline]
+#[allow(clippy::too_many_arguments)]
+unsafe fn outer_tile<const T: usize>(
+    panel: &[V8],
+    a: *const f32,
+    n: usize,
+    t0: usize,
+    r0: usize,
+    nr: usize,
+    bias: Option<&[f32]>,
+    out: &mut [&mut [f32]],
+) {
+    let steps = n.div_ceil(8);
+    // pending[i]: the sum of the 2^i lanes before, while bit i of the lane index is set.
+    let mut pending = [[[_mm256_setzero_ps(); 2]; T]; 3];
+    let mut sum = [[_mm256_setzero_ps(); 2]; T];
+    for j in 0..8 {
+        // Lane j has a column in step s while 8s + j < n.
+        let len = if j < n { (n - j).div_ceil(8) } else { 0 };
+        let w = panel.as_ptr().add(j * steps * 2);
+        let aj = a.add(j * steps * T);
+        let mut c = [[_mm256_setzero_ps(); 2]; T];
+        for s in 0..len {
+            let w0 = _mm256_load_ps(w.add(2 * s).cast());
+            let w1 = _mm256_load_ps(w.add(2 * s + 1).cast());
+            for (t, ct) in c.iter_mut().enumerate() {
+                let b = _mm256_broadcast_ss(&*aj.add(s * T + t));
+                ct[0] = _mm256_fmadd_ps(w0, b, ct[0]);
+                ct[1] = _mm256_fmadd_ps(w1, b, ct[1]);
+            }
+        }
+        let mut level = 0;
+        while (j >> level) & 1 == 1 {
+            for (ct, pt) in c.iter_mut().zip(&pending[level]) {
+                ct[0] = _mm256_add_ps(pt[0], ct[0]);
+                ct[1] = _mm256_add_ps(pt[1], ct[1]);
+            }
+            level += 1;
+        }
+        match pending.get_mut(level) {
+            Some(p) => *p = c,
+            None => sum = c,
+        }
+    }
+    for (h, r) in [0, 8].into_iter().enumerate().filter(|&(_, r)| r < nr) {
+        let k = (nr - r).min(8);
+        let mut b = [0.0f32; 8];
+        if let Some(bias) = bias {
+            b[..k].copy_from_slice(&bias[r0 + r..r0 + r + k]);
+        }
+        let b = _mm256_loadu_ps(b.as_ptr());
+        for (t, st) in sum.iter().enumerate() {
+            let mut v = [0.0f32; 8];
+            _mm256_storeu_ps(v.as_mut_ptr(), _mm256_add_ps(st[h], b));
+            out[t0 + t][r0 + r..r0 + r + k].copy_from_slice(&v[..k]);
+        }
+    }
+}
+
+/// Every row of `w` times every token of `a` (in [`LAYOUT`]): the rows packed 16 at a time,
+/// then each group of tokens times every panel.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn outer_gemm_impl<E: FloatWeight>(
+    w: &[E],
+    a: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [&mut [f32]],
+) {
+    let rows = w.len() / n;
+    let steps = n.div_ceil(8);
+    let per_panel = 8 * steps * 2;
+    let pr = LAYOUT.panel_rows();
+    let panels = rows.div_ceil(pr);
+    PANELS.with_borrow_mut(|buf| {
+        if buf.len() < panels * per_panel {
+            buf.resize(panels * per_panel, V8([0.0; 8]));
+        }
+        for (p, dst) in buf.chunks_exact_mut(per_panel).take(panels).enumerate() {
+            let r0 = p * pr;
+            let nr = (rows - r0).min(pr);
+            pack_panel(w.as_ptr().add(r0 * n), nr, n, dst);
+        }
+        let tokens = out.len();
+        let mut t0 = 0;
+        while t0 < tokens {
+            let nt = (tokens - t0).min(LAYOUT.group);
+            let ag = a.as_ptr().add(t0 * 8 * steps);
+            for (p, panel) in buf.chunks_exact(per_panel).take(panels).enumerate() {
+                let r0 = p * pr;
+                let nr = (rows - r0).min(pr);
+                macro_rules! go {
+                    ($($t:literal)*) => {
+                        match nt {
+                            $($t => outer_tile::<$t>(panel, ag, n, t0, r0, nr, bias, out),)*
+                            _ => unreachable!("1 ≤ nt ≤ LAYOUT.group = 6"),
+                        }
+                    };
+                }
+                go!(1 2 3 4 5 6);
+            }
+            t0 += nt;
+        }
+    })
+}
+
 // The safe entry points (`dot::entry_points` states why they are sound). The Q8_0 packer is
 // safe code (it calls the AVX2 transpose inside).
 pub(crate) fn pack_q8_0(row: &[BlockQ8_0], out: &mut [Q8_0Packed]) {
@@ -453,6 +642,9 @@ super::entry_points! { "avx2,fma,f16c";
     gemm f16_gemm = float_gemm_impl(f16, f32);
     gemm bf16_gemm = float_gemm_impl(bf16, f32);
     gemm f32_gemm = float_gemm_impl(f32, f32);
+    outer f16_outer = outer_gemm_impl(f16) in LAYOUT;
+    outer bf16_outer = outer_gemm_impl(bf16) in LAYOUT;
+    outer f32_outer = outer_gemm_impl(f32) in LAYOUT;
     pack pack_q4k = pack_q4k_impl(BlockQ4K => KPacked, super::same);
     pack pack_q5k = pack_q5k_impl(BlockQ5K => KPacked, super::same);
     pack pack_q6k = pack_q6k_impl(BlockQ6K => KPacked, super::same);

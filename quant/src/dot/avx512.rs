@@ -56,7 +56,6 @@ pub(crate) const PERM4_MINS: [u16; 16] =
 /// The float kernels (F16, BF16, F32 weights): one build for both AVX-512 levels, which
 /// share them (they use no VNNI instruction), plus the horizontal sums the integer kernels use.
 pub(crate) mod float {
-    use super::super::outer::{GROUP, PANEL_ROWS};
     use super::super::tile::{self, FloatMicro};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
@@ -265,6 +264,9 @@ pub(crate) mod float {
     // ---------------------------------------------------------------------------------------
     // Prompts: the outer-product tile (`dot::outer` explains why it gives `float_micro`'s bits).
 
+    /// This level's activation layout: 16 lanes, groups of 12 tokens, panels of 32 rows.
+    const LAYOUT: super::super::outer::Layout = super::super::outer::AVX512;
+
     /// 16 f32 lanes, 64-byte aligned: 16 rows of one packed column.
     #[repr(C, align(64))]
     #[derive(Clone, Copy)]
@@ -421,7 +423,7 @@ pub(crate) mod float {
         }
     }
 
-    /// Every row of `w` times every token of `a` (lane-major, `dot::outer::lane_major`): the
+    /// Every row of `w` times every token of `a` (in [`LAYOUT`]): the
     /// rows packed 32 at a time into `buf`, then each group of tokens times every panel.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     #[inline]
@@ -436,29 +438,30 @@ pub(crate) mod float {
         let rows = w.len() / n;
         let steps = n.div_ceil(16);
         let per_panel = 16 * steps * 2;
-        let panels = rows.div_ceil(PANEL_ROWS);
+        let pr = LAYOUT.panel_rows();
+        let panels = rows.div_ceil(pr);
         PANELS.with_borrow_mut(|buf| {
             if buf.len() < panels * per_panel {
                 buf.resize(panels * per_panel, V16([0.0; 16]));
             }
             for (p, dst) in buf.chunks_exact_mut(per_panel).take(panels).enumerate() {
-                let r0 = p * PANEL_ROWS;
-                let nr = (rows - r0).min(PANEL_ROWS);
+                let r0 = p * pr;
+                let nr = (rows - r0).min(pr);
                 pack_panel(w.as_ptr().add(r0 * n), nr, n, dst, &wload);
             }
             let tokens = out.len();
             let mut t0 = 0;
             while t0 < tokens {
-                let nt = (tokens - t0).min(GROUP);
+                let nt = (tokens - t0).min(LAYOUT.group);
                 let ag = a.as_ptr().add(t0 * 16 * steps);
                 for (p, panel) in buf.chunks_exact(per_panel).take(panels).enumerate() {
-                    let r0 = p * PANEL_ROWS;
-                    let nr = (rows - r0).min(PANEL_ROWS);
+                    let r0 = p * pr;
+                    let nr = (rows - r0).min(pr);
                     macro_rules! go {
                         ($($t:literal)*) => {
                             match nt {
                                 $($t => outer_tile::<$t>(panel, ag, n, t0, r0, nr, bias, out),)*
-                                _ => unreachable!("1 ≤ nt ≤ GROUP"),
+                                _ => unreachable!("1 ≤ nt ≤ LAYOUT.group = 12"),
                             }
                         };
                     }
@@ -510,9 +513,9 @@ pub(crate) mod float {
     super::super::entry_points! { "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
         gemm f16_gemm = f16_gemm_impl(f16, f32);
         gemm bf16_gemm = bf16_gemm_impl(bf16, f32);
-        outer f16_outer = f16_outer_impl(f16);
-        outer bf16_outer = bf16_outer_impl(bf16);
-        outer f32_outer = f32_outer_impl(f32);
+        outer f16_outer = f16_outer_impl(f16) in LAYOUT;
+        outer bf16_outer = bf16_outer_impl(bf16) in LAYOUT;
+        outer f32_outer = f32_outer_impl(f32) in LAYOUT;
         gemm f32_gemm = f32_gemm_impl(f32, f32);
         dot f16_f32 = f16_f32_impl(f16, f32);
         dot bf16_f32 = bf16_f32_impl(bf16, f32);

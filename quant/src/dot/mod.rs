@@ -153,7 +153,7 @@ macro_rules! entry_points {
         }
         $crate::dot::entry_points!($f; $($rest)*);
     };
-    ($f:literal; outer $name:ident = $imp:ident($w:ty); $($rest:tt)*) => {
+    ($f:literal; outer $name:ident = $imp:ident($w:ty) in $layout:expr; $($rest:tt)*) => {
         pub(crate) fn $name(
             w: &[$w],
             a: &[f32],
@@ -163,7 +163,7 @@ macro_rules! entry_points {
         ) {
             let tokens = out.len();
             $crate::dot::gemm_shape(w.len(), tokens * n, n, bias, out);
-            assert_eq!(a.len(), $crate::dot::outer::len(tokens, n), "outer: activation length");
+            assert_eq!(a.len(), $layout.len(tokens, n), "outer: activation length");
             // SAFETY: see `dot::entry_points`.
             unsafe { $imp(w, a, n, bias, out) }
         }
