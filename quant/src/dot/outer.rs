@@ -12,8 +12,10 @@
 //! (rows of a prompt are 4 KiB apart at 1024 columns, and a tile's tokens read in place would
 //! all fall into one set of the L1 cache).
 
-/// From this many tokens on, float matmuls use the outer-product tile.
-pub(crate) const MIN_TOKENS: usize = 16;
+/// From this many tokens on, float matmuls use the outer-product tile: converting the rows once
+/// per call costs about what it saves at 32 tokens (GPT-2-Medium-shaped F16 pp16 12 % slower
+/// than the register tile, pp32 even, pp64 15 % faster; docs/performance.md).
+pub(crate) const MIN_TOKENS: usize = 32;
 
 /// A level's activation layout: `lanes` f32 per vector, `group` tokens per register tile.
 /// Weight panels are two vectors of rows (`2 · lanes`).
