@@ -78,30 +78,65 @@ pub(crate) mod float {
         ))
     }
 
-    /// Σ w·a for f32 lanes produced by `wload` (16 weights from index i), four
-    /// accumulators deep, with a masked tail so any length works.
+    /// A float weight element and its 16-lane widening load, the one place each is written.
+    pub(crate) trait Widen: Copy {
+        /// The 16 values at `p` as f32; lanes outside `m` are zero and their memory is not read.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F/BW; the lanes of `m` are readable at `p`.
+        unsafe fn load16(p: *const Self, m: __mmask16) -> __m512;
+    }
+
+    impl Widen for f16 {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        #[inline]
+        unsafe fn load16(p: *const f16, m: __mmask16) -> __m512 {
+            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.cast()))
+        }
+    }
+
+    impl Widen for bf16 {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        #[inline]
+        unsafe fn load16(p: *const bf16, m: __mmask16) -> __m512 {
+            let h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.cast()));
+            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
+        }
+    }
+
+    impl Widen for f32 {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        #[inline]
+        unsafe fn load16(p: *const f32, m: __mmask16) -> __m512 {
+            _mm512_maskz_loadu_ps(m, p)
+        }
+    }
+
+    /// Σ w·a over the common length, four accumulators deep, with a masked tail so any length
+    /// works.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    #[inline]
-    unsafe fn float_dot(n: usize, a: &[f32], wload: impl Fn(usize, __mmask16) -> __m512) -> f32 {
+    unsafe fn float_dot<E: Widen>(w: &[E], a: &[f32]) -> f32 {
+        let n = w.len().min(a.len());
+        let (w, a) = (w.as_ptr(), a.as_ptr());
         let mut acc = [_mm512_setzero_ps(); 4];
         let full = !0;
         let mut i = 0;
         while i + 64 <= n {
             for (j, s) in acc.iter_mut().enumerate() {
                 let k = i + 16 * j;
-                *s = _mm512_fmadd_ps(wload(k, full), _mm512_loadu_ps(a.as_ptr().add(k)), *s);
+                *s = _mm512_fmadd_ps(E::load16(w.add(k), full), _mm512_loadu_ps(a.add(k)), *s);
             }
             i += 64;
         }
         while i + 16 <= n {
-            acc[0] = _mm512_fmadd_ps(wload(i, full), _mm512_loadu_ps(a.as_ptr().add(i)), acc[0]);
+            acc[0] = _mm512_fmadd_ps(E::load16(w.add(i), full), _mm512_loadu_ps(a.add(i)), acc[0]);
             i += 16;
         }
         if i < n {
             let m: __mmask16 = (1u32 << (n - i)) as u16 - 1;
             acc[1] = _mm512_fmadd_ps(
-                wload(i, m),
-                _mm512_maskz_loadu_ps(m, a.as_ptr().add(i)),
+                E::load16(w.add(i), m),
+                _mm512_maskz_loadu_ps(m, a.add(i)),
                 acc[1],
             );
         }
@@ -109,40 +144,13 @@ pub(crate) mod float {
         hsum(s)
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    unsafe fn f16_f32_impl(w: &[f16], a: &[f32]) -> f32 {
-        let n = w.len().min(a.len());
-        let p = w.as_ptr().cast::<i16>();
-        float_dot(n, a, |i, m| {
-            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.add(i)))
-        })
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    unsafe fn bf16_f32_impl(w: &[bf16], a: &[f32]) -> f32 {
-        let n = w.len().min(a.len());
-        let p = w.as_ptr().cast::<i16>();
-        float_dot(n, a, |i, m| {
-            let h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.add(i)));
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
-        })
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    unsafe fn f32_f32_impl(w: &[f32], a: &[f32]) -> f32 {
-        let n = w.len().min(a.len());
-        float_dot(n, a, |i, m| _mm512_maskz_loadu_ps(m, w.as_ptr().add(i)))
-    }
-
     /// R float weight rows × T f32 token rows, 16 columns per step (masked tail).
-    /// `wload(p, mask)` turns 16 weights at `p` into f32.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     #[inline]
-    unsafe fn float_micro<E, const R: usize, const T: usize>(
+    unsafe fn float_micro<E: Widen, const R: usize, const T: usize>(
         w: *const E,
         a: *const f32,
         n: usize,
-        wload: &impl Fn(*const E, __mmask16) -> __m512,
     ) -> [[f32; T]; R] {
         // Plain loops, no closures: a closure is a separate function that LLVM may
         // leave un-inlined (it did once, after unrelated code moved between codegen
@@ -162,7 +170,7 @@ pub(crate) mod float {
                 }
                 let mut wv = [_mm512_setzero_ps(); R];
                 for (r, v) in wv.iter_mut().enumerate() {
-                    *v = wload(w.add(r * n + i), m);
+                    *v = E::load16(w.add(r * n + i), m);
                 }
                 let mut av = [_mm512_setzero_ps(); T];
                 for (t, v) in av.iter_mut().enumerate() {
@@ -193,23 +201,20 @@ pub(crate) mod float {
     }
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    #[inline]
-    unsafe fn float_gemm_impl<E>(
+    unsafe fn float_gemm_impl<E: Widen>(
         w: &[E],
         a: &[f32],
         n: usize,
         bias: Option<&[f32]>,
         out: &mut [&mut [f32]],
-        wload: impl Fn(*const E, __mmask16) -> __m512,
     ) {
-        let m = FloatTile(&wload, std::marker::PhantomData);
+        let m = FloatTile::<E>(std::marker::PhantomData);
         tile::float_gemm::<_, 4>(&m, w, a, n, bias, out)
     }
 
-    /// The float register tile for the shared driver: `float_micro` with the
-    /// element's 16-lane load.
-    struct FloatTile<'l, E, L>(&'l L, std::marker::PhantomData<E>);
-    impl<E, L: Fn(*const E, __mmask16) -> __m512> FloatMicro for FloatTile<'_, E, L> {
+    /// The float register tile for the shared driver: `float_micro` for the element.
+    struct FloatTile<E>(std::marker::PhantomData<E>);
+    impl<E: Widen> FloatMicro for FloatTile<E> {
         type E = E;
         #[inline(always)]
         unsafe fn tile<const R: usize, const T: usize>(
@@ -219,46 +224,8 @@ pub(crate) mod float {
             n: usize,
         ) -> [[f32; T]; R] {
             // SAFETY: the caller's contract (`FloatMicro::tile`) is `float_micro`'s.
-            unsafe { float_micro::<E, R, T>(w, a, n, self.0) }
+            unsafe { float_micro::<E, R, T>(w, a, n) }
         }
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    unsafe fn f16_gemm_impl(
-        w: &[f16],
-        a: &[f32],
-        n: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
-    ) {
-        float_gemm_impl(w, a, n, bias, out, |p, m| {
-            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.cast()))
-        })
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    unsafe fn bf16_gemm_impl(
-        w: &[bf16],
-        a: &[f32],
-        n: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
-    ) {
-        float_gemm_impl(w, a, n, bias, out, |p, m| {
-            let h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.cast()));
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
-        })
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    unsafe fn f32_gemm_impl(
-        w: &[f32],
-        a: &[f32],
-        n: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
-    ) {
-        float_gemm_impl(w, a, n, bias, out, |p, m| _mm512_maskz_loadu_ps(m, p))
     }
 
     // ---------------------------------------------------------------------------------------
@@ -321,13 +288,7 @@ pub(crate) mod float {
     /// is rows 16h.. of column 16s + j, zero for rows past `rows` and columns past `n`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     #[inline]
-    unsafe fn pack_panel<E>(
-        w: *const E,
-        rows: usize,
-        n: usize,
-        dst: &mut [V16],
-        wload: &impl Fn(*const E, __mmask16) -> __m512,
-    ) {
+    unsafe fn pack_panel<E: Widen>(w: *const E, rows: usize, n: usize, dst: &mut [V16]) {
         let steps = n.div_ceil(16);
         assert!(dst.len() >= 32 * steps, "pack_panel: destination length");
         let d = dst.as_mut_ptr();
@@ -342,7 +303,7 @@ pub(crate) mod float {
                 let v: [__m512; 16] = std::array::from_fn(|i| {
                     let r = 16 * h + i;
                     if r < rows {
-                        wload(w.add(r * n + 16 * s), m)
+                        E::load16(w.add(r * n + 16 * s), m)
                     } else {
                         _mm512_setzero_ps()
                     }
@@ -426,14 +387,12 @@ pub(crate) mod float {
     /// Every row of `w` times every token of `a` (in [`LAYOUT`]): the
     /// rows packed 32 at a time into `buf`, then each group of tokens times every panel.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    #[inline]
-    unsafe fn outer_gemm<E>(
+    unsafe fn outer_gemm_impl<E: Widen>(
         w: &[E],
         a: &[f32],
         n: usize,
         bias: Option<&[f32]>,
         out: &mut [&mut [f32]],
-        wload: impl Fn(*const E, __mmask16) -> __m512,
     ) {
         let rows = w.len() / n;
         let steps = n.div_ceil(16);
@@ -447,7 +406,7 @@ pub(crate) mod float {
             for (p, dst) in buf.chunks_exact_mut(per_panel).take(panels).enumerate() {
                 let r0 = p * pr;
                 let nr = (rows - r0).min(pr);
-                pack_panel(w.as_ptr().add(r0 * n), nr, n, dst, &wload);
+                pack_panel(w.as_ptr().add(r0 * n), nr, n, dst);
             }
             let tokens = out.len();
             let mut t0 = 0;
@@ -472,54 +431,16 @@ pub(crate) mod float {
         })
     }
 
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    unsafe fn f16_outer_impl(
-        w: &[f16],
-        a: &[f32],
-        n: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
-    ) {
-        outer_gemm(w, a, n, bias, out, |p, m| {
-            _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p.cast()))
-        })
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    unsafe fn bf16_outer_impl(
-        w: &[bf16],
-        a: &[f32],
-        n: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
-    ) {
-        outer_gemm(w, a, n, bias, out, |p, m| {
-            let h = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p.cast()));
-            _mm512_castsi512_ps(_mm512_slli_epi32::<16>(h))
-        })
-    }
-
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    unsafe fn f32_outer_impl(
-        w: &[f32],
-        a: &[f32],
-        n: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
-    ) {
-        outer_gemm(w, a, n, bias, out, |p, m| _mm512_maskz_loadu_ps(m, p))
-    }
-
     super::super::entry_points! { "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";
-        gemm f16_gemm = f16_gemm_impl(f16, f32);
-        gemm bf16_gemm = bf16_gemm_impl(bf16, f32);
-        outer f16_outer = f16_outer_impl(f16) in LAYOUT;
-        outer bf16_outer = bf16_outer_impl(bf16) in LAYOUT;
-        outer f32_outer = f32_outer_impl(f32) in LAYOUT;
-        gemm f32_gemm = f32_gemm_impl(f32, f32);
-        dot f16_f32 = f16_f32_impl(f16, f32);
-        dot bf16_f32 = bf16_f32_impl(bf16, f32);
-        dot f32_f32 = f32_f32_impl(f32, f32);
+        gemm f16_gemm = float_gemm_impl(f16, f32);
+        gemm bf16_gemm = float_gemm_impl(bf16, f32);
+        gemm f32_gemm = float_gemm_impl(f32, f32);
+        outer f16_outer = outer_gemm_impl(f16) in LAYOUT;
+        outer bf16_outer = outer_gemm_impl(bf16) in LAYOUT;
+        outer f32_outer = outer_gemm_impl(f32) in LAYOUT;
+        dot f16_f32 = float_dot(f16, f32);
+        dot bf16_f32 = float_dot(bf16, f32);
+        dot f32_f32 = float_dot(f32, f32);
     }
 }
 
