@@ -16,6 +16,7 @@
 //! was checked for AVX2, FMA and F16C.
 
 use super::avx2::{f16_to_f32, load};
+use super::outer::{Layout, OuterMicro};
 use super::tile::{self, FloatMicro};
 use super::{KPacked, Q8_0Packed};
 use crate::act::{q8_0_tiles, Q8KTile, Q8_0Tile};
@@ -446,17 +447,15 @@ unsafe fn float_gemm_impl<E: FloatWeight>(
 // bits; here the tree is `hsum4`'s, adjacent lanes first: ((0+1)+(2+3)) + ((4+5)+(6+7))).
 
 /// This level's activation layout: 8 lanes, groups of 6 tokens, panels of 16 rows.
-const LAYOUT: super::outer::Layout = super::outer::AVX2;
+const LAYOUT: Layout = super::outer::AVX2;
 
 /// 8 f32 lanes, 32-byte aligned: 8 rows of one packed column.
 #[repr(C, align(32))]
 #[derive(Clone, Copy)]
 struct V8([f32; 8]);
 
-thread_local! {
-    /// Per thread: the packed panels of the rows a call is given.
-    static PANELS: std::cell::RefCell<Vec<V8>> = const { std::cell::RefCell::new(Vec::new()) };
-}
+// SAFETY: an array of f32 without padding, valid for every bit pattern.
+unsafe impl crate::Plain for V8 {}
 
 /// The 8 × 8 transpose: lane j of result c is lane c of `v[j]`.
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -583,8 +582,42 @@ unsafe fn outer_tile<const T: usize>(
     }
 }
 
-/// Every row of `w` times every token of `a` (in [`LAYOUT`]): the rows packed 16 at a time,
-/// then each group of tokens times every panel.
+/// The outer-product tile of this level for the shared driver (`outer::gemm`).
+struct Outer<E>(std::marker::PhantomData<E>);
+impl<E: FloatWeight> OuterMicro for Outer<E> {
+    type E = E;
+    type V = V8;
+    const LAYOUT: Layout = LAYOUT;
+    #[inline(always)]
+    unsafe fn pack(w: *const E, rows: usize, n: usize, dst: &mut [V8]) {
+        // SAFETY: the caller's contract (`OuterMicro::pack`) is `pack_panel`'s.
+        unsafe { pack_panel(w, rows, n, dst) }
+    }
+    #[inline(always)]
+    unsafe fn tile(
+        nt: usize,
+        panel: &[V8],
+        a: *const f32,
+        n: usize,
+        t0: usize,
+        r0: usize,
+        nr: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    ) {
+        macro_rules! go {
+            ($($t:literal)*) => {
+                match nt {
+                    // SAFETY: the caller's contract (`OuterMicro::tile`) is `outer_tile`'s.
+                    $($t => unsafe { outer_tile::<$t>(panel, a, n, t0, r0, nr, bias, out) },)*
+                    _ => unreachable!("1 ≤ nt ≤ LAYOUT.group = 6"),
+                }
+            };
+        }
+        go!(1 2 3 4 5 6)
+    }
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn outer_gemm_impl<E: FloatWeight>(
     w: &[E],
@@ -593,41 +626,8 @@ unsafe fn outer_gemm_impl<E: FloatWeight>(
     bias: Option<&[f32]>,
     out: &mut [&mut [f32]],
 ) {
-    let rows = w.len() / n;
-    let steps = n.div_ceil(8);
-    let per_panel = 8 * steps * 2;
-    let pr = LAYOUT.panel_rows();
-    let panels = rows.div_ceil(pr);
-    PANELS.with_borrow_mut(|buf| {
-        if buf.len() < panels * per_panel {
-            buf.resize(panels * per_panel, V8([0.0; 8]));
-        }
-        for (p, dst) in buf.chunks_exact_mut(per_panel).take(panels).enumerate() {
-            let r0 = p * pr;
-            let nr = (rows - r0).min(pr);
-            pack_panel(w.as_ptr().add(r0 * n), nr, n, dst);
-        }
-        let tokens = out.len();
-        let mut t0 = 0;
-        while t0 < tokens {
-            let nt = (tokens - t0).min(LAYOUT.group);
-            let ag = a.as_ptr().add(t0 * 8 * steps);
-            for (p, panel) in buf.chunks_exact(per_panel).take(panels).enumerate() {
-                let r0 = p * pr;
-                let nr = (rows - r0).min(pr);
-                macro_rules! go {
-                    ($($t:literal)*) => {
-                        match nt {
-                            $($t => outer_tile::<$t>(panel, ag, n, t0, r0, nr, bias, out),)*
-                            _ => unreachable!("1 ≤ nt ≤ LAYOUT.group = 6"),
-                        }
-                    };
-                }
-                go!(1 2 3 4 5 6);
-            }
-            t0 += nt;
-        }
-    })
+    // SAFETY: the caller's contract is the driver's.
+    unsafe { super::outer::gemm::<Outer<E>>(w, a, n, bias, out) }
 }
 
 // The safe entry points (`dot::entry_points` states why they are sound). The Q8_0 packer is

@@ -56,6 +56,7 @@ pub(crate) const PERM4_MINS: [u16; 16] =
 /// The float kernels (F16, BF16, F32 weights): one build for both AVX-512 levels, which
 /// share them (they use no VNNI instruction), plus the horizontal sums the integer kernels use.
 pub(crate) mod float {
+    use super::super::outer::{Layout, OuterMicro};
     use super::super::tile::{self, FloatMicro};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
@@ -232,18 +233,15 @@ pub(crate) mod float {
     // Prompts: the outer-product tile (`dot::outer` explains why it gives `float_micro`'s bits).
 
     /// This level's activation layout: 16 lanes, groups of 12 tokens, panels of 32 rows.
-    const LAYOUT: super::super::outer::Layout = super::super::outer::AVX512;
+    const LAYOUT: Layout = super::super::outer::AVX512;
 
     /// 16 f32 lanes, 64-byte aligned: 16 rows of one packed column.
     #[repr(C, align(64))]
     #[derive(Clone, Copy)]
     struct V16([f32; 16]);
 
-    thread_local! {
-        /// Per thread: the packed panels of the rows a call is given.
-        static PANELS: std::cell::RefCell<Vec<V16>> =
-            const { std::cell::RefCell::new(Vec::new()) };
-    }
+    // SAFETY: an array of f32 without padding, valid for every bit pattern.
+    unsafe impl crate::Plain for V16 {}
 
     /// The 16 × 16 transpose: lane j of result c is lane c of `v[j]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
@@ -384,8 +382,42 @@ pub(crate) mod float {
         }
     }
 
-    /// Every row of `w` times every token of `a` (in [`LAYOUT`]): the
-    /// rows packed 32 at a time into `buf`, then each group of tokens times every panel.
+    /// The outer-product tile of this level for the shared driver (`outer::gemm`).
+    struct Outer<E>(std::marker::PhantomData<E>);
+    impl<E: Widen> OuterMicro for Outer<E> {
+        type E = E;
+        type V = V16;
+        const LAYOUT: Layout = LAYOUT;
+        #[inline(always)]
+        unsafe fn pack(w: *const E, rows: usize, n: usize, dst: &mut [V16]) {
+            // SAFETY: the caller's contract (`OuterMicro::pack`) is `pack_panel`'s.
+            unsafe { pack_panel(w, rows, n, dst) }
+        }
+        #[inline(always)]
+        unsafe fn tile(
+            nt: usize,
+            panel: &[V16],
+            a: *const f32,
+            n: usize,
+            t0: usize,
+            r0: usize,
+            nr: usize,
+            bias: Option<&[f32]>,
+            out: &mut [&mut [f32]],
+        ) {
+            macro_rules! go {
+                ($($t:literal)*) => {
+                    match nt {
+                        // SAFETY: the caller's contract (`OuterMicro::tile`) is `outer_tile`'s.
+                        $($t => unsafe { outer_tile::<$t>(panel, a, n, t0, r0, nr, bias, out) },)*
+                        _ => unreachable!("1 ≤ nt ≤ LAYOUT.group = 12"),
+                    }
+                };
+            }
+            go!(1 2 3 4 5 6 7 8 9 10 11 12)
+        }
+    }
+
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     unsafe fn outer_gemm_impl<E: Widen>(
         w: &[E],
@@ -394,41 +426,8 @@ pub(crate) mod float {
         bias: Option<&[f32]>,
         out: &mut [&mut [f32]],
     ) {
-        let rows = w.len() / n;
-        let steps = n.div_ceil(16);
-        let per_panel = 16 * steps * 2;
-        let pr = LAYOUT.panel_rows();
-        let panels = rows.div_ceil(pr);
-        PANELS.with_borrow_mut(|buf| {
-            if buf.len() < panels * per_panel {
-                buf.resize(panels * per_panel, V16([0.0; 16]));
-            }
-            for (p, dst) in buf.chunks_exact_mut(per_panel).take(panels).enumerate() {
-                let r0 = p * pr;
-                let nr = (rows - r0).min(pr);
-                pack_panel(w.as_ptr().add(r0 * n), nr, n, dst);
-            }
-            let tokens = out.len();
-            let mut t0 = 0;
-            while t0 < tokens {
-                let nt = (tokens - t0).min(LAYOUT.group);
-                let ag = a.as_ptr().add(t0 * 16 * steps);
-                for (p, panel) in buf.chunks_exact(per_panel).take(panels).enumerate() {
-                    let r0 = p * pr;
-                    let nr = (rows - r0).min(pr);
-                    macro_rules! go {
-                        ($($t:literal)*) => {
-                            match nt {
-                                $($t => outer_tile::<$t>(panel, ag, n, t0, r0, nr, bias, out),)*
-                                _ => unreachable!("1 ≤ nt ≤ LAYOUT.group = 12"),
-                            }
-                        };
-                    }
-                    go!(1 2 3 4 5 6 7 8 9 10 11 12);
-                }
-                t0 += nt;
-            }
-        })
+        // SAFETY: the caller's contract is the driver's.
+        unsafe { super::super::outer::gemm::<Outer<E>>(w, a, n, bias, out) }
     }
 
     super::super::entry_points! { "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c";

@@ -76,3 +76,92 @@ impl Layout {
             });
     }
 }
+
+/// A level's outer-product tile for [`gemm`]: how it packs a panel of weight rows and
+/// multiplies one group of tokens with a panel.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) trait OuterMicro {
+    /// The stored weight element.
+    type E;
+    /// One vector of a packed panel (`lanes` f32).
+    type V: crate::Plain;
+    /// The level's layout.
+    const LAYOUT: Layout;
+    /// Rows `w[..rows]` (at most `LAYOUT.panel_rows()`, `n` columns each) into `dst`
+    /// (`2·⌈n/lanes⌉·lanes` vectors), lane-major: `dst[(j·steps + s)·2 + h]` holds rows
+    /// `lanes·h..` of column `lanes·s + j`, zero past `rows` and past `n`.
+    ///
+    /// # Safety
+    /// The CPU has the level's features; `w` holds `rows·n` elements.
+    unsafe fn pack(w: *const Self::E, rows: usize, n: usize, dst: &mut [Self::V]);
+    /// Tokens `t0..t0 + nt` (`1 ≤ nt ≤ LAYOUT.group`; their group of the layout at `a`) times
+    /// `panel` (rows `r0..r0 + nr` of the call), written to `out[t0 + t][r0..r0 + nr]` with the
+    /// bias added.
+    ///
+    /// # Safety
+    /// The CPU has the level's features; `a` holds the group (`nt·lanes·⌈n/lanes⌉` floats).
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn tile(
+        nt: usize,
+        panel: &[Self::V],
+        a: *const f32,
+        n: usize,
+        t0: usize,
+        r0: usize,
+        nr: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    );
+}
+
+#[cfg(target_arch = "x86_64")]
+thread_local! {
+    /// Per thread: the packed panels of the rows a call is given.
+    static PANELS: std::cell::RefCell<Vec<crate::matmul::Line>> =
+        const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Every row of `w` (`n` columns each) times every token of `a` (in `M::LAYOUT`): the rows
+/// packed a panel at a time into the thread's buffer, then each group of tokens times every
+/// panel (the group's activations stay in L1/L2 while the panels stream from L2).
+///
+/// # Safety
+/// The CPU has the level's features; the shapes are a checked `GemmFn` call's
+/// (`dot::entry_points`' `outer` arm).
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) unsafe fn gemm<M: OuterMicro>(
+    w: &[M::E],
+    a: &[f32],
+    n: usize,
+    bias: Option<&[f32]>,
+    out: &mut [&mut [f32]],
+) {
+    let (lanes, group, pr) = (M::LAYOUT.lanes, M::LAYOUT.group, M::LAYOUT.panel_rows());
+    let rows = w.len() / n;
+    let steps = n.div_ceil(lanes);
+    let per_panel = 2 * lanes * steps;
+    let panels = rows.div_ceil(pr);
+    PANELS.with_borrow_mut(|buf| {
+        let buf = crate::matmul::typed_buf::<M::V>(buf, panels * per_panel);
+        for (p, dst) in buf.chunks_exact_mut(per_panel).enumerate() {
+            let r0 = p * pr;
+            // SAFETY: rows r0..r0 + nr exist; the caller's contract covers the rest.
+            unsafe { M::pack(w.as_ptr().add(r0 * n), (rows - r0).min(pr), n, dst) };
+        }
+        let tokens = out.len();
+        let mut t0 = 0;
+        while t0 < tokens {
+            let nt = (tokens - t0).min(group);
+            // SAFETY: the groups before t0 hold t0·lanes·steps floats of `a`.
+            let ag = unsafe { a.as_ptr().add(t0 * lanes * steps) };
+            for (p, panel) in buf.chunks_exact(per_panel).enumerate() {
+                let r0 = p * pr;
+                let nr = (rows - r0).min(pr);
+                // SAFETY: as above; 1 ≤ nt ≤ group.
+                unsafe { M::tile(nt, panel, ag, n, t0, r0, nr, bias, out) };
+            }
+            t0 += nt;
+        }
+    })
+}
