@@ -10,6 +10,7 @@ use crate::cpu::Level;
 const ACC: usize = 16;
 /// AVX2's: 12 (≥ 4 × 2, and room for 3 ports), so that with the two constants they fit the 16
 /// ymm registers; with 16 the loop spilled and moved registers around, and read ~20 % low.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const ACC256: usize = 12;
 
 /// Run `iters` rounds of [`ACC`] independent vector FMAs at `level`; returns the number of
