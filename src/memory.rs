@@ -117,8 +117,8 @@ pub const RUNTIME_BYTES: u64 = 14 * 1024 * 1024;
 /// (8 bytes each); the matmul's copy of the widest input's activations (F values): Q8_K
 /// blocks for quantized weights (292 bytes per 256, Q8_0's 272 counted as that), and for float
 /// weights f32 from [`ggpt_quant::matmul::FLOAT_COPY_MIN_TOKENS`] tokens on (the layout the
-/// AVX-512 outer-product tile reads; other levels read the activations in place, so this is an
-/// upper bound there).
+/// AVX-512 and AVX2 outer-product tiles read, columns rounded up to 16; scalar and NEON read
+/// the activations in place, so this is an upper bound there).
 fn micro_batch_bytes(s: &MemShape, t: u64) -> u64 {
     let act_copy = if !s.float_down {
         t * s.n_ff.div_ceil(256) * 292

@@ -49,7 +49,8 @@ unsafe impl BlockFormat for bf16 {
     }
 }
 
-/// The float formats' shared [`WeightFormat`] body: f32 activations used as they are.
+/// The float formats' shared [`WeightFormat`] body: f32 activations, not quantized (laid out
+/// for the outer-product tile by the matmul driver on prompts, `dot::outer`).
 macro_rules! float_format {
     ($t:ty, $dot:ident, $gemm:ident, $outer:ident) => {
         impl WeightFormat for $t {

@@ -90,11 +90,9 @@ pub struct Kernels<W: WeightFormat> {
 
 /// How a format's multi-token kernels take their weights.
 pub enum Tile<W: WeightFormat> {
-    /// Rows as stored, times the [`WeightFormat::activations`] (float formats).
-    Direct(GemmFn<W, W::Act>),
-    /// Rows as stored (float formats): `few` as [`Tile::Direct`] below
-    /// `dot::outer::MIN_TOKENS` tokens, `many` from there on, with the activations in the
-    /// level's `layout` (`dot::outer::Layout::lay_out`).
+    /// Rows as stored (float formats): `few`, times the [`WeightFormat::activations`], below
+    /// `dot::outer::MIN_TOKENS` tokens; `many` from there on, with the activations in the
+    /// level's `layout` (`dot::outer::Layout::lay_out`). Both give the same bits.
     Outer {
         few: GemmFn<W, W::Act>,
         many: GemmFn<W, f32>,

@@ -283,13 +283,10 @@ pub(crate) fn matmul_format<W: WeightFormat>(
     let nb = cols / W::BLOCK;
     let k = W::kernels(level);
     match k.tile {
-        // Rows used as stored: the tile kernels serve every token count, one included, so a
-        // token's result comes from the same code in the same order alone or in a batch.
-        Some(Tile::Direct(gemm)) => {
-            let act = W::activations(x, cols, &mut scratch.act);
-            return direct_tiled(wb, act, nb, n_tokens, rows, 4, bias, y, gemm);
-        }
-        // Many tokens: the activations laid out once per call for the outer-product tile.
+        // Float rows as stored: the two tiles serve every token count, one included, and give
+        // each (row, token) the same operations in the same order, so a token's result is the
+        // same alone or in a batch. Many tokens: the activations laid out once per call for the
+        // outer-product tile.
         Some(Tile::Outer { many, layout, .. }) if n_tokens >= outer::MIN_TOKENS => {
             let act = typed_buf::<f32>(&mut scratch.act, layout.len(n_tokens, cols));
             layout.lay_out(x, cols, act);

@@ -338,16 +338,14 @@ struct TileKernels {
 fn packed<W: WeightFormat>(l: Level) -> Option<(PackFn<W>, PackedGemmFn<W>)> {
     match W::kernels(l).tile? {
         Tile::Packed { pack, gemm } => Some((pack, gemm)),
-        Tile::Direct(_) | Tile::Outer { .. } => {
-            panic!("{} tile kernels take packed rows", W::TYPE)
-        }
+        Tile::Outer { .. } => panic!("{} tile kernels take packed rows", W::TYPE),
     }
 }
 
 fn direct<W: WeightFormat>(l: Level) -> Option<GemmFn<W, W::Act>> {
     match W::kernels(l).tile? {
         // The outer-product tiles' equality with `few` is batch.rs's to check.
-        Tile::Direct(gemm) | Tile::Outer { few: gemm, .. } => Some(gemm),
+        Tile::Outer { few, .. } => Some(few),
         Tile::Packed { .. } => panic!("{} tile kernels take rows as stored", W::TYPE),
     }
 }
