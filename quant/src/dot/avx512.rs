@@ -715,13 +715,20 @@ macro_rules! avx512_family {
                 hsum(acc)
             }
 
-            /// Q8_0 · Q8_0: eight blocks per step (four 64-byte pairs), so that the sixteen
-            /// f16 scales convert in two instructions; `q8_pair` gives exact i32 sums with
-            /// lanes 0..8 from the first block of a pair and 8..16 from the second.
+            /// Q8_0 · Q8_0 for `R` weight rows (each `a.len()` blocks) and one activation row:
+            /// eight blocks per step (four 64-byte pairs), so that the sixteen f16 scales convert
+            /// in two instructions; `q8_pair` gives exact i32 sums with lanes 0..8 from the first
+            /// block of a pair and 8..16 from the second. A row's arithmetic is the same whatever
+            /// `R` is. One row is a chain of dependent FMAs that leaves the core waiting on
+            /// latency; two rows give two chains and load each activation pair once.
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn q8_0_q8_0_impl(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
-                let mut acc = _mm512_setzero_ps();
+            unsafe fn q8_0_q8_0_impl<const R: usize>(
+                w: [&[BlockQ8_0]; R],
+                a: &[BlockQ8_0],
+            ) -> [f32; R] {
+                let w = w.map(|r| &r[..a.len()]);
+                let mut acc = [_mm512_setzero_ps(); R];
                 let pair = |x: &[BlockQ8_0]| {
                     _mm512_inserti64x4::<1>(
                         _mm512_castsi256_si512(_mm256_loadu_si256(x[0].qs.as_ptr().cast())),
@@ -732,31 +739,40 @@ macro_rules! avx512_family {
                     let h: [u16; 8] = std::array::from_fn(|i| x[i].d.to_bits());
                     _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()))
                 };
-                let (w8, a8) = (w.chunks_exact(8), a.chunks_exact(8));
-                let (wr, ar) = (w8.remainder(), a8.remainder());
-                for (x, y) in w8.zip(a8) {
-                    prefetch_ahead(x.as_ptr().cast(), 8 * std::mem::size_of::<BlockQ8_0>());
-                    let d = _mm512_castps256_ps512(_mm256_mul_ps(scales(x), scales(y)));
-                    for p in 0..4 {
-                        let s = q8_pair(pair(&x[2 * p..]), pair(&y[2 * p..]));
-                        let idx = _mm512_set1_epi32(2 * p as i32);
-                        let idx = _mm512_mask_add_epi32(idx, 0xff00, idx, _mm512_set1_epi32(1));
-                        acc = _mm512_fmadd_ps(
-                            _mm512_cvtepi32_ps(s),
-                            _mm512_permutexvar_ps(idx, d),
-                            acc,
-                        );
+                let groups = a.len() / 8;
+                for g in 0..groups {
+                    let y = &a[8 * g..8 * g + 8];
+                    let ys = scales(y);
+                    let yv: [__m512i; 4] = std::array::from_fn(|p| pair(&y[2 * p..]));
+                    for r in 0..R {
+                        let x = &w[r][8 * g..8 * g + 8];
+                        prefetch_ahead(x.as_ptr().cast(), 8 * std::mem::size_of::<BlockQ8_0>());
+                        let d = _mm512_castps256_ps512(_mm256_mul_ps(scales(x), ys));
+                        for (p, yp) in yv.iter().enumerate() {
+                            let s = q8_pair(pair(&x[2 * p..]), *yp);
+                            let idx = _mm512_set1_epi32(2 * p as i32);
+                            let idx = _mm512_mask_add_epi32(idx, 0xff00, idx, _mm512_set1_epi32(1));
+                            acc[r] = _mm512_fmadd_ps(
+                                _mm512_cvtepi32_ps(s),
+                                _mm512_permutexvar_ps(idx, d),
+                                acc[r],
+                            );
+                        }
                     }
                 }
-                let mut sum = hsum(acc);
-                for (x, y) in wr.iter().zip(ar) {
-                    let p = _mm512_madd_epi16(
-                        _mm512_cvtepi8_epi16(_mm256_loadu_si256(x.qs.as_ptr().cast())),
-                        _mm512_cvtepi8_epi16(_mm256_loadu_si256(y.qs.as_ptr().cast())),
-                    );
-                    sum += f16_to_f32(x.d) * f16_to_f32(y.d) * _mm512_reduce_add_epi32(p) as f32;
-                }
-                sum
+                std::array::from_fn(|r| {
+                    let mut sum = hsum(acc[r]);
+                    let tail = w[r][8 * groups..].iter().zip(&a[8 * groups..]);
+                    for (x, y) in tail {
+                        let p = _mm512_madd_epi16(
+                            _mm512_cvtepi8_epi16(_mm256_loadu_si256(x.qs.as_ptr().cast())),
+                            _mm512_cvtepi8_epi16(_mm256_loadu_si256(y.qs.as_ptr().cast())),
+                        );
+                        sum +=
+                            f16_to_f32(x.d) * f16_to_f32(y.d) * _mm512_reduce_add_epi32(p) as f32;
+                    }
+                    sum
+                })
             }
 
             // ---------------------------------------------------------------------------
@@ -975,11 +991,10 @@ macro_rules! avx512_family {
                 dot q4k_q8k = q4k_q8k_impl(BlockQ4K, BlockQ8K);
                 dot q5k_q8k = q5k_q8k_impl(BlockQ5K, BlockQ8K);
                 dot q6k_q8k = q6k_q8k_impl(BlockQ6K, BlockQ8K);
-                dot q8_0_q8_0 = q8_0_q8_0_impl(BlockQ8_0, BlockQ8_0);
                 rows q4k_rows = q4k_q8k_impl(BlockQ4K, BlockQ8K);
                 rows q5k_rows = q5k_q8k_impl(BlockQ5K, BlockQ8K);
                 rows q6k_rows = q6k_q8k_impl(BlockQ6K, BlockQ8K);
-                rows q8_0_rows = q8_0_q8_0_impl(BlockQ8_0, BlockQ8_0);
+                rows q8_0_q8_0, q8_0_rows = q8_0_q8_0_impl(BlockQ8_0, BlockQ8_0) x 2;
             }
         }
     };

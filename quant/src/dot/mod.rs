@@ -96,13 +96,16 @@ impl Q8_0Packed {
 ///     tile kq_gemm = kq_gemm_impl: kq_micro(KPacked, Q8KTile) x 4; // tile::gemm
 ///     pack pack_q4k = pack_q4k_impl(BlockQ4K => KPacked, count);
 ///     rows q4k_rows = q4k_q8k_impl(BlockQ4K, BlockQ8K);  // many rows · one token (decode)
+///     rows q8_0_q8_0, q8_0_rows = q8_0_q8_0_impl(BlockQ8_0, BlockQ8_0) x 2; // both, R rows a step
 /// }
 /// ```
 ///
 /// `tile` also writes the `#[target_feature(enable = "features")]` function (`kq_gemm_impl`)
 /// that absorbs the shared driver (`tile::gemm`, `#[inline(always)]`) with the level's micro
 /// kernel (one row × up to 4 tokens here) as its `Micro`, inlined; `rows` writes one that loops
-/// the named row dot over consecutive rows (inlined into it); the other kinds wrap a
+/// the named row dot over consecutive rows (inlined into it), and its `x R` form takes a kernel
+/// of R rows × one token (`imp::<R>([&[W]; R], &[A]) -> [f32; R]`) and writes both the row dot
+/// (its one-row form) and a many-rows entry that runs it R rows a step; the other kinds wrap a
 /// `#[target_feature]` function the level wrote. `pack` checks that `out`
 /// holds `count(row.len())` units. SAFETY (every wrapper): a level module's functions are only
 /// reachable through `WeightFormat::kernels` for a `cpu::Level`, which exists only after the
@@ -130,6 +133,39 @@ macro_rules! entry_points {
                 for (o, row) in out.iter_mut().zip(w.chunks_exact(a.len())) {
                     // SAFETY: the caller's contract (`rows` below) is the row dot's.
                     *o = unsafe { $dot(row, a) };
+                }
+            }
+            $crate::dot::rows_shape(w.len(), a.len(), out.len());
+            // SAFETY: see `dot::entry_points` (the shape check makes every row a whole
+            // `a.len()`-block slice of `w`).
+            unsafe { rows(w, a, out) }
+        }
+        $crate::dot::entry_points!($f; $($rest)*);
+    };
+    ($f:literal; rows $dot:ident, $name:ident = $imp:ident($w:ty, $a:ty) x $r:literal; $($rest:tt)*) => {
+        pub(crate) fn $dot(w: &[$w], a: &[$a]) -> f32 {
+            let n = w.len().min(a.len());
+            // SAFETY: see `dot::entry_points`.
+            unsafe { $imp::<1>([&w[..n]], &a[..n])[0] }
+        }
+        pub(crate) fn $name(w: &[$w], a: &[$a], out: &mut [f32]) {
+            /// Every row dotted with `a` in one `#[target_feature]` call, `$r` rows at a time
+            /// (independent accumulator chains, one load of each activation block), the last
+            /// rows one at a time; each row's sum is that of the one-row form, bit for bit.
+            #[target_feature(enable = $f)]
+            unsafe fn rows(w: &[$w], a: &[$a], out: &mut [f32]) {
+                let n = a.len();
+                let mut outs = out.chunks_exact_mut($r);
+                let mut ws = w.chunks_exact($r * n);
+                for (o, wr) in (&mut outs).zip(&mut ws) {
+                    let rows: [&[$w]; $r] = std::array::from_fn(|i| &wr[i * n..(i + 1) * n]);
+                    // SAFETY: the caller's contract (`rows` below) is the row dot's.
+                    o.copy_from_slice(&unsafe { $imp::<$r>(rows, a) });
+                }
+                let rest = outs.into_remainder();
+                for (o, row) in rest.iter_mut().zip(ws.remainder().chunks_exact(n)) {
+                    // SAFETY: as above.
+                    *o = unsafe { $imp::<1>([row], a)[0] };
                 }
             }
             $crate::dot::rows_shape(w.len(), a.len(), out.len());
