@@ -481,6 +481,25 @@ mod avx2 {
         _mm_add_ps(_mm256_castps256_ps128(t), _mm256_extractf128_ps::<1>(t))
     }
 
+    /// Cache rows (positions) read ahead of the one being used: 8 KiB of an F16 head.
+    const AHEAD_ROWS: usize = 64;
+
+    /// Request into L2 the `rows` cache rows `AHEAD_ROWS` after row `j` (of `HD` elements at
+    /// `p`): a head's keys and values stream from memory at depth, like the weights (callers
+    /// skip it when those rows are past the keys in use).
+    #[inline(always)]
+    unsafe fn ahead<E: Elem, const HD: usize>(p: *const E, j: usize, rows: usize) {
+        let bytes = rows * HD * std::mem::size_of::<E>();
+        let base = p.wrapping_add((j + AHEAD_ROWS) * HD).cast::<i8>();
+        let mut o = 0;
+        while o < bytes {
+            // SAFETY: a prefetch is only a hint: it never faults, past the cache's end included
+            // (hence `wrapping_add`).
+            unsafe { _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(o)) };
+            o += 64;
+        }
+    }
+
     /// Scores of keys j..n for one query, from key `j` on: 4-key blocks with independent FMA
     /// chains, then single keys.
     #[inline(always)]
@@ -492,6 +511,9 @@ mod avx2 {
         sp: *mut f32,
     ) {
         while j + 4 <= n {
+            if j + AHEAD_ROWS < n {
+                ahead::<E, HD>(kp, j, 4);
+            }
             let mut a = [_mm256_setzero_ps(); 4];
             for (i, qi) in qv.iter().enumerate().take(HD / 8) {
                 for (r, acc) in a.iter_mut().enumerate() {
@@ -522,6 +544,9 @@ mod avx2 {
         o: &mut [__m256; W],
     ) {
         for (j, &pj) in p.iter().enumerate().skip(from) {
+            if i0 == 0 && j + AHEAD_ROWS < p.len() {
+                ahead::<E, HD>(vp, j, 1);
+            }
             let pv = _mm256_set1_ps(pj);
             for (i, oi) in o.iter_mut().enumerate() {
                 *oi = _mm256_fmadd_ps(pv, E::load8(vp.add(j * HD + 8 * (i0 + i))), *oi);
