@@ -151,7 +151,7 @@ macro_rules! entry_points {
             unsafe { $imp::<1>([&w[..n]], &a[..n])[0] }
         }
         pub(crate) fn $name(w: &[$w], a: &[$a], out: &mut [f32]) {
-            /// Every row dotted with `a` in one `#[target_feature]` call, `$r` rows at a time
+            /// Every row dotted with `a` in one `#[target_feature]` call, R rows at a time
             /// (independent accumulator chains, one load of each activation block), the last
             /// rows one at a time; each row's sum is that of the one-row form, bit for bit.
             #[target_feature(enable = $f)]
