@@ -117,6 +117,8 @@ impl crate::format::WeightFormat for BlockQ8_0 {
     fn rows_kernel(level: crate::cpu::Level) -> Option<crate::format::RowsFn<Self, BlockQ8_0>> {
         match level.isa() {
             #[cfg(target_arch = "x86_64")]
+            crate::cpu::Isa::Avx2 => Some(crate::dot::avx2::q8_0_rows),
+            #[cfg(target_arch = "x86_64")]
             crate::cpu::Isa::Avx512 => Some(crate::dot::avx512::plain::q8_0_rows),
             #[cfg(target_arch = "x86_64")]
             crate::cpu::Isa::Avx512Vnni => Some(crate::dot::avx512::vnni::q8_0_rows),

@@ -179,22 +179,32 @@ unsafe fn q6k_q8k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     hsum(acc)
 }
 
+/// Q8_0 · Q8_0 for `R` weight rows (each `a.len()` blocks) and one activation row. A row's
+/// arithmetic is the same whatever `R` is; several rows share the activation's widening and
+/// scale conversion and give the core independent FMA chains.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_q8_0_impl(w: &[BlockQ8_0], a: &[BlockQ8_0]) -> f32 {
-    let mut acc = _mm256_setzero_ps();
-    for (x, y) in w.iter().zip(a) {
-        prefetch(x);
-        let wide = |p: *const i8, o: usize| _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(o).cast()));
-        let p0 = _mm256_madd_epi16(wide(x.qs.as_ptr(), 0), wide(y.qs.as_ptr(), 0));
-        let p1 = _mm256_madd_epi16(wide(x.qs.as_ptr(), 16), wide(y.qs.as_ptr(), 16));
-        let d = f16_to_f32(x.d) * f16_to_f32(y.d);
-        acc = _mm256_fmadd_ps(
-            _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)),
-            _mm256_set1_ps(d),
-            acc,
-        );
+#[inline]
+unsafe fn q8_0_q8_0_impl<const R: usize>(w: [&[BlockQ8_0]; R], a: &[BlockQ8_0]) -> [f32; R] {
+    let w = w.map(|r| &r[..a.len()]);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let wide = |p: *const i8, o: usize| _mm256_cvtepi8_epi16(_mm_loadu_si128(p.add(o).cast()));
+    for (i, y) in a.iter().enumerate() {
+        let (y0, y1) = (wide(y.qs.as_ptr(), 0), wide(y.qs.as_ptr(), 16));
+        let yd = f16_to_f32(y.d);
+        for r in 0..R {
+            let x = &w[r][i];
+            prefetch(x);
+            let p0 = _mm256_madd_epi16(wide(x.qs.as_ptr(), 0), y0);
+            let p1 = _mm256_madd_epi16(wide(x.qs.as_ptr(), 16), y1);
+            let d = f16_to_f32(x.d) * yd;
+            acc[r] = _mm256_fmadd_ps(
+                _mm256_cvtepi32_ps(_mm256_add_epi32(p0, p1)),
+                _mm256_set1_ps(d),
+                acc[r],
+            );
+        }
     }
-    hsum(acc)
+    std::array::from_fn(|r| hsum(acc[r]))
 }
 
 /// Σ w·a with `wload(i)` giving 8 f32 weights from index i; four accumulators; scalar tail.
@@ -268,7 +278,7 @@ super::entry_points! { "avx2,fma,f16c";
     dot q4k_q8k = q4k_q8k_impl(BlockQ4K, BlockQ8K);
     dot q5k_q8k = q5k_q8k_impl(BlockQ5K, BlockQ8K);
     dot q6k_q8k = q6k_q8k_impl(BlockQ6K, BlockQ8K);
-    dot q8_0_q8_0 = q8_0_q8_0_impl(BlockQ8_0, BlockQ8_0);
+    rows q8_0_q8_0, q8_0_rows = q8_0_q8_0_impl(BlockQ8_0, BlockQ8_0) x 2;
     dot f16_f32 = f16_f32_impl(f16, f32);
     dot bf16_f32 = bf16_f32_impl(bf16, f32);
     dot f32_f32 = f32_f32_impl(f32, f32);
