@@ -16,7 +16,7 @@
 //! was checked for AVX2, FMA and F16C.
 
 use super::avx2::{f16_to_f32, load};
-use super::outer::{Layout, OuterMicro};
+use super::outer::{Dest, Layout, OuterMicro};
 use super::tile::{self, FloatMicro};
 use super::{KPacked, Q8_0Packed};
 use crate::act::{q8_0_tiles, Q8KTile, Q8_0Tile};
@@ -520,20 +520,15 @@ unsafe fn pack_panel<E: FloatWeight>(w: *const E, rows: usize, n: usize, dst: &m
     }
 }
 
-/// Tokens `t0..t0 + T` (their group in [`LAYOUT`] at `a`) times one packed panel (rows
-/// `r0..r0 + nr` of the call), written to `out[t0 + t][r0..]` with the bias added.
+/// Tokens `dst.t0..dst.t0 + T` (their group in [`LAYOUT`] at `a`) times one packed panel
+/// (rows `dst.r0..dst.r0 + dst.nr` of the call), written into `dst`.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
-#[allow(clippy::too_many_arguments)]
 unsafe fn outer_tile<const T: usize>(
     panel: &[V8],
     a: *const f32,
     n: usize,
-    t0: usize,
-    r0: usize,
-    nr: usize,
-    bias: Option<&[f32]>,
-    out: &mut [&mut [f32]],
+    dst: &mut Dest<'_, '_>,
 ) {
     let steps = n.div_ceil(8);
     // pending[i]: the sum of the 2^i lanes before, while bit i of the lane index is set.
@@ -567,17 +562,17 @@ unsafe fn outer_tile<const T: usize>(
             None => sum = c,
         }
     }
-    for (h, r) in [0, 8].into_iter().enumerate().filter(|&(_, r)| r < nr) {
-        let k = (nr - r).min(8);
+    for (h, r) in [0, 8].into_iter().enumerate().filter(|&(_, r)| r < dst.nr) {
+        let k = (dst.nr - r).min(8);
         let mut b = [0.0f32; 8];
-        if let Some(bias) = bias {
-            b[..k].copy_from_slice(&bias[r0 + r..r0 + r + k]);
+        if let Some(bias) = dst.bias {
+            b[..k].copy_from_slice(&bias[dst.r0 + r..dst.r0 + r + k]);
         }
         let b = _mm256_loadu_ps(b.as_ptr());
         for (t, st) in sum.iter().enumerate() {
             let mut v = [0.0f32; 8];
             _mm256_storeu_ps(v.as_mut_ptr(), _mm256_add_ps(st[h], b));
-            out[t0 + t][r0 + r..r0 + r + k].copy_from_slice(&v[..k]);
+            dst.out[dst.t0 + t][dst.r0 + r..dst.r0 + r + k].copy_from_slice(&v[..k]);
         }
     }
 }
@@ -594,22 +589,12 @@ impl<E: FloatWeight> OuterMicro for Outer<E> {
         unsafe { pack_panel(w, rows, n, dst) }
     }
     #[inline(always)]
-    unsafe fn tile(
-        nt: usize,
-        panel: &[V8],
-        a: *const f32,
-        n: usize,
-        t0: usize,
-        r0: usize,
-        nr: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
-    ) {
+    unsafe fn tile(nt: usize, panel: &[V8], a: *const f32, n: usize, dst: &mut Dest<'_, '_>) {
         macro_rules! go {
             ($($t:literal)*) => {
                 match nt {
                     // SAFETY: the caller's contract (`OuterMicro::tile`) is `outer_tile`'s.
-                    $($t => unsafe { outer_tile::<$t>(panel, a, n, t0, r0, nr, bias, out) },)*
+                    $($t => unsafe { outer_tile::<$t>(panel, a, n, dst) },)*
                     _ => unreachable!("1 ≤ nt ≤ LAYOUT.group = 6"),
                 }
             };

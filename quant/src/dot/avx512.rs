@@ -84,7 +84,7 @@ const K4_MASK: [u16; 16] = [
 /// The float kernels (F16, BF16, F32 weights): one build for both AVX-512 levels, which
 /// share them (they use no VNNI instruction), plus the horizontal sums the integer kernels use.
 pub(crate) mod float {
-    use super::super::outer::{Layout, OuterMicro};
+    use super::super::outer::{Dest, Layout, OuterMicro};
     use super::super::tile::{self, FloatMicro};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
@@ -345,20 +345,15 @@ pub(crate) mod float {
     /// binary counter: (0 + 8) + (4 + 12), … (bit-reversed indices).
     const LANE_ORDER: [usize; 16] = [0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15];
 
-    /// Tokens `t0..t0 + T` (their lane-major group at `a`) times one packed panel (rows
-    /// `r0..r0 + nr` of the call), written to `out[t0 + t][r0..]` with the bias added.
+    /// Tokens `dst.t0..dst.t0 + T` (their lane-major group at `a`) times one packed panel
+    /// (rows `dst.r0..dst.r0 + dst.nr` of the call), written into `dst`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     #[inline]
-    #[allow(clippy::too_many_arguments)]
     unsafe fn outer_tile<const T: usize>(
         panel: &[V16],
         a: *const f32,
         n: usize,
-        t0: usize,
-        r0: usize,
-        nr: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
+        dst: &mut Dest<'_, '_>,
     ) {
         let steps = n.div_ceil(16);
         // pending[i]: the sum of the 2^i lanes before, while bit i of the lane count is set.
@@ -392,20 +387,20 @@ pub(crate) mod float {
                 None => sum = c,
             }
         }
-        for (h, r) in [0, 16].into_iter().enumerate().filter(|&(_, r)| r < nr) {
-            let k = nr - r;
+        for (h, r) in [0, 16].into_iter().enumerate().filter(|&(_, r)| r < dst.nr) {
+            let k = dst.nr - r;
             let m: __mmask16 = if k >= 16 {
                 !0
             } else {
                 ((1u32 << k) - 1) as u16
             };
-            let b = match bias {
-                Some(b) => _mm512_maskz_loadu_ps(m, b.as_ptr().add(r0 + r)),
+            let b = match dst.bias {
+                Some(b) => _mm512_maskz_loadu_ps(m, b.as_ptr().add(dst.r0 + r)),
                 None => _mm512_setzero_ps(),
             };
             for (t, st) in sum.iter().enumerate() {
                 let v = _mm512_add_ps(st[h], b);
-                _mm512_mask_storeu_ps(out[t0 + t].as_mut_ptr().add(r0 + r), m, v);
+                _mm512_mask_storeu_ps(dst.out[dst.t0 + t].as_mut_ptr().add(dst.r0 + r), m, v);
             }
         }
     }
@@ -422,22 +417,12 @@ pub(crate) mod float {
             unsafe { pack_panel(w, rows, n, dst) }
         }
         #[inline(always)]
-        unsafe fn tile(
-            nt: usize,
-            panel: &[V16],
-            a: *const f32,
-            n: usize,
-            t0: usize,
-            r0: usize,
-            nr: usize,
-            bias: Option<&[f32]>,
-            out: &mut [&mut [f32]],
-        ) {
+        unsafe fn tile(nt: usize, panel: &[V16], a: *const f32, n: usize, dst: &mut Dest<'_, '_>) {
             macro_rules! go {
                 ($($t:literal)*) => {
                     match nt {
                         // SAFETY: the caller's contract (`OuterMicro::tile`) is `outer_tile`'s.
-                        $($t => unsafe { outer_tile::<$t>(panel, a, n, t0, r0, nr, bias, out) },)*
+                        $($t => unsafe { outer_tile::<$t>(panel, a, n, dst) },)*
                         _ => unreachable!("1 ≤ nt ≤ LAYOUT.group = 12"),
                     }
                 };

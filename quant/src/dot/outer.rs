@@ -94,24 +94,23 @@ pub(crate) trait OuterMicro {
     /// # Safety
     /// The CPU has the level's features; `w` holds `rows·n` elements.
     unsafe fn pack(w: *const Self::E, rows: usize, n: usize, dst: &mut [Self::V]);
-    /// Tokens `t0..t0 + nt` (`1 ≤ nt ≤ LAYOUT.group`; their group of the layout at `a`) times
-    /// `panel` (rows `r0..r0 + nr` of the call), written to `out[t0 + t][r0..r0 + nr]` with the
-    /// bias added.
+    /// Tokens `dst.t0..dst.t0 + nt` (`1 ≤ nt ≤ LAYOUT.group`; their group of the layout at
+    /// `a`) times `panel` (rows `dst.r0..dst.r0 + dst.nr` of the call), written into `dst`.
     ///
     /// # Safety
     /// The CPU has the level's features; `a` holds the group (`nt·lanes·⌈n/lanes⌉` floats).
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn tile(
-        nt: usize,
-        panel: &[Self::V],
-        a: *const f32,
-        n: usize,
-        t0: usize,
-        r0: usize,
-        nr: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
-    );
+    unsafe fn tile(nt: usize, panel: &[Self::V], a: *const f32, n: usize, dst: &mut Dest<'_, '_>);
+}
+
+/// Where one tile call writes: `out[t0 + t][r0..r0 + nr]` for its tokens t, with
+/// `bias[r0..r0 + nr]` added where there is a bias.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+pub(crate) struct Dest<'a, 'o> {
+    pub(crate) out: &'a mut [&'o mut [f32]],
+    pub(crate) bias: Option<&'a [f32]>,
+    pub(crate) t0: usize,
+    pub(crate) r0: usize,
+    pub(crate) nr: usize,
 }
 
 #[cfg(target_arch = "x86_64")]
@@ -158,8 +157,15 @@ pub(crate) unsafe fn gemm<M: OuterMicro>(
             for (p, panel) in buf.chunks_exact(per_panel).enumerate() {
                 let r0 = p * pr;
                 let nr = (rows - r0).min(pr);
+                let mut dst = Dest {
+                    out: &mut *out,
+                    bias,
+                    t0,
+                    r0,
+                    nr,
+                };
                 // SAFETY: as above; 1 ≤ nt ≤ group.
-                unsafe { M::tile(nt, panel, ag, n, t0, r0, nr, bias, out) };
+                unsafe { M::tile(nt, panel, ag, n, &mut dst) };
             }
             t0 += nt;
         }
