@@ -13,9 +13,9 @@ const ACC: usize = 16;
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 const ACC256: usize = 12;
 
-/// Run `iters` rounds of [`ACC`] independent vector FMAs at `level`; returns the number of
-/// floating-point operations done (2 per lane per FMA) and a value that depends on every
-/// accumulator (pass it to `std::hint::black_box`).
+/// Run `iters` rounds of [`ACC`] (AVX2: [`ACC256`]) independent vector FMAs at `level`;
+/// returns the number of floating-point operations done (2 per lane per FMA) and a value that
+/// depends on every accumulator (pass it to `std::hint::black_box`).
 pub fn fma_burst(level: Level, iters: usize) -> (u64, f32) {
     match level.isa() {
         #[cfg(target_arch = "x86_64")]
