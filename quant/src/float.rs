@@ -86,7 +86,7 @@ macro_rules! float_format {
                         Some(crate::format::Tile::Outer {
                             few: avx2_tile::$gemm,
                             many: avx2_tile::$outer,
-                            layout: crate::dot::outer::AVX2,
+                            layout: avx2_tile::LAYOUT,
                         }),
                     ),
                     // The float kernels use no VNNI instruction: one build serves both levels.
@@ -96,7 +96,7 @@ macro_rules! float_format {
                         Some(crate::format::Tile::Outer {
                             few: avx512::float::$gemm,
                             many: avx512::float::$outer,
-                            layout: crate::dot::outer::AVX512,
+                            layout: avx512::float::LAYOUT,
                         }),
                     ),
                     #[cfg(target_arch = "aarch64")]

@@ -447,7 +447,7 @@ unsafe fn float_gemm_impl<E: FloatWeight>(
 // bits; here the tree is `hsum4`'s, adjacent lanes first: ((0+1)+(2+3)) + ((4+5)+(6+7))).
 
 /// This level's activation layout: 8 lanes, groups of 6 tokens, panels of 16 rows.
-const LAYOUT: Layout = super::outer::AVX2;
+pub(crate) const LAYOUT: Layout = super::outer::AVX2;
 
 /// 8 f32 lanes, 32-byte aligned: 8 rows of one packed column.
 #[repr(C, align(32))]

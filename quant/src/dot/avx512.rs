@@ -88,6 +88,7 @@ pub(crate) mod float {
     use super::super::tile::{self, FloatMicro};
     use half::{bf16, f16};
     use std::arch::x86_64::*;
+    use std::mem::MaybeUninit;
 
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     #[inline]
@@ -260,8 +261,57 @@ pub(crate) mod float {
     // ---------------------------------------------------------------------------------------
     // Prompts: the outer-product tile (`dot::outer` explains why it gives `float_micro`'s bits).
 
-    /// This level's activation layout: 16 lanes, groups of 12 tokens, panels of 32 rows.
-    const LAYOUT: Layout = super::super::outer::AVX512;
+    /// This level's activation layout: 16 lanes, groups of 14 tokens, panels of 32 rows, laid
+    /// out by 16 × 16 transposes.
+    pub(crate) const LAYOUT: Layout = Layout {
+        group_fn: lay_out_group,
+        ..super::super::outer::AVX512
+    };
+
+    /// `outer::scalar_group` for 16 lanes (`lanes` must be 16), a 16 × 16 transpose per 16
+    /// columns: the tokens' rows are the transpose's rows (zero past `T` and past `n`), and the
+    /// first `T` lanes of result `j` are position `(j·steps + s)·T`.
+    pub(crate) fn lay_out_group(lanes: usize, x: &[f32], n: usize, out: &mut [f32]) {
+        let t_n = x.len() / n;
+        let steps = n.div_ceil(16);
+        assert!(
+            lanes == 16 && (1..=16).contains(&t_n),
+            "lay_out: group shape"
+        );
+        assert_eq!(x.len(), t_n * n, "lay_out: group rows");
+        assert_eq!(out.len(), t_n * 16 * steps, "lay_out: group length");
+        // SAFETY: LAYOUT, the only place this function is named, is reached only through this
+        // level's kernel table, which `cpu::level` selects when the CPU has AVX-512F/BW; the
+        // lengths were checked above.
+        unsafe { lay_out_group_impl(x.as_ptr(), t_n, n, out.as_mut_ptr()) }
+    }
+
+    /// # Safety
+    /// The CPU has AVX-512F/BW; `x` holds `t_n ≤ 16` rows of `n` floats and `out`
+    /// `t_n · 16 · ⌈n / 16⌉` floats.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    unsafe fn lay_out_group_impl(x: *const f32, t_n: usize, n: usize, out: *mut f32) {
+        let steps = n.div_ceil(16);
+        let keep: __mmask16 = ((1u32 << t_n) - 1) as u16;
+        for s in 0..steps {
+            let rem = n - 16 * s;
+            let m: __mmask16 = if rem >= 16 {
+                !0
+            } else {
+                ((1u32 << rem) - 1) as u16
+            };
+            let v: [__m512; 16] = std::array::from_fn(|t| {
+                if t < t_n {
+                    _mm512_maskz_loadu_ps(m, x.add(t * n + 16 * s))
+                } else {
+                    _mm512_setzero_ps()
+                }
+            });
+            for (j, c) in transpose16(v).into_iter().enumerate() {
+                _mm512_mask_storeu_ps(out.add((j * steps + s) * t_n), keep, c);
+            }
+        }
+    }
 
     /// 16 f32 lanes, 64-byte aligned: 16 rows of one packed column.
     #[repr(C, align(64))]
@@ -357,7 +407,9 @@ pub(crate) mod float {
     ) {
         let steps = n.div_ceil(16);
         // pending[i]: the sum of the 2^i lanes before, while bit i of the lane count is set.
-        let mut pending = [[[_mm512_setzero_ps(); 2]; T]; 4];
+        // Left unset: level i is written (bit i of k set) before it is read (the carry out of
+        // bit i), so zeroing it would only cost stores.
+        let mut pending = [[[MaybeUninit::<__m512>::uninit(); 2]; T]; 4];
         let mut sum = [[_mm512_setzero_ps(); 2]; T];
         for (k, &j) in LANE_ORDER.iter().enumerate() {
             // Lane j has a column in step s while 16s + j < n.
@@ -377,13 +429,20 @@ pub(crate) mod float {
             let mut level = 0;
             while (k >> level) & 1 == 1 {
                 for (ct, pt) in c.iter_mut().zip(&pending[level]) {
-                    ct[0] = _mm512_add_ps(pt[0], ct[0]);
-                    ct[1] = _mm512_add_ps(pt[1], ct[1]);
+                    // SAFETY: level `level` was written when bit `level` of k was set, and is
+                    // read here, at the carry out of that bit, before anything overwrites it.
+                    let (p0, p1) = unsafe { (pt[0].assume_init(), pt[1].assume_init()) };
+                    ct[0] = _mm512_add_ps(p0, ct[0]);
+                    ct[1] = _mm512_add_ps(p1, ct[1]);
                 }
                 level += 1;
             }
             match pending.get_mut(level) {
-                Some(p) => *p = c,
+                Some(p) => {
+                    for (pt, ct) in p.iter_mut().zip(&c) {
+                        *pt = [MaybeUninit::new(ct[0]), MaybeUninit::new(ct[1])];
+                    }
+                }
                 None => sum = c,
             }
         }
@@ -423,11 +482,11 @@ pub(crate) mod float {
                     match nt {
                         // SAFETY: the caller's contract (`OuterMicro::tile`) is `outer_tile`'s.
                         $($t => unsafe { outer_tile::<$t>(panel, a, n, dst) },)*
-                        _ => unreachable!("1 ≤ nt ≤ LAYOUT.group = 12"),
+                        _ => unreachable!("1 ≤ nt ≤ LAYOUT.group = 14"),
                     }
                 };
             }
-            go!(1 2 3 4 5 6 7 8 9 10 11 12)
+            go!(1 2 3 4 5 6 7 8 9 10 11 12 13 14)
         }
     }
 

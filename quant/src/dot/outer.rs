@@ -18,22 +18,54 @@
 pub(crate) const MIN_TOKENS: usize = 32;
 
 /// A level's activation layout: `lanes` f32 per vector, `group` tokens per register tile.
-/// Weight panels are two vectors of rows (`2 · lanes`).
+/// Weight panels are two vectors of rows (`2 · lanes`). `group_fn` lays out one group (see
+/// [`Layout::lay_out`]); a level with a faster one than [`scalar_group`] sets its own.
 #[derive(Clone, Copy, Debug)]
 pub struct Layout {
     pub(crate) lanes: usize,
     pub(crate) group: usize,
+    pub(crate) group_fn: GroupFn,
 }
 
-/// AVX-512: 16 lanes, 2 × 12 accumulators of 32 rows × 12 tokens.
+/// Lays out one group: `x` is `T` token rows of `n` columns (`T ≤ group`), `out` their
+/// `T · lanes · ⌈n / lanes⌉` floats in the order [`Layout::lay_out`] gives.
+pub(crate) type GroupFn = fn(lanes: usize, x: &[f32], n: usize, out: &mut [f32]);
+
+/// AVX-512: 16 lanes, 2 × 14 accumulators of 32 rows × 14 tokens (28 of the 32 zmm registers,
+/// two for the weights, one for the broadcast).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) const AVX512: Layout = Layout {
     lanes: 16,
-    group: 12,
+    group: 14,
+    group_fn: scalar_group,
 };
 /// AVX2: 8 lanes, 2 × 6 accumulators of 16 rows × 6 tokens (of the 16 ymm registers).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-pub(crate) const AVX2: Layout = Layout { lanes: 8, group: 6 };
+pub(crate) const AVX2: Layout = Layout {
+    lanes: 8,
+    group: 6,
+    group_fn: scalar_group,
+};
+
+/// The reference [`GroupFn`]: element by element.
+pub(crate) fn scalar_group(lanes: usize, x: &[f32], n: usize, out: &mut [f32]) {
+    let t_n = x.len() / n;
+    let steps = n.div_ceil(lanes);
+    assert_eq!(out.len(), t_n * lanes * steps, "lay_out: group length");
+    for j in 0..lanes {
+        for s in 0..steps {
+            let c = lanes * s + j;
+            let dst = &mut out[(j * steps + s) * t_n..][..t_n];
+            if c < n {
+                for (t, d) in dst.iter_mut().enumerate() {
+                    *d = x[t * n + c];
+                }
+            } else {
+                dst.fill(0.0);
+            }
+        }
+    }
+}
 
 impl Layout {
     /// Weight rows per packed panel; row blocks of the work split are multiples of it.
@@ -58,22 +90,7 @@ impl Layout {
         let steps = n.div_ceil(lanes);
         out.par_chunks_mut(group * lanes * steps)
             .zip(x.par_chunks(group * n))
-            .for_each(|(o, xg)| {
-                let t_n = xg.len() / n;
-                for j in 0..lanes {
-                    for s in 0..steps {
-                        let c = lanes * s + j;
-                        let dst = &mut o[(j * steps + s) * t_n..][..t_n];
-                        if c < n {
-                            for (t, d) in dst.iter_mut().enumerate() {
-                                *d = xg[t * n + c];
-                            }
-                        } else {
-                            dst.fill(0.0);
-                        }
-                    }
-                }
-            });
+            .for_each(|(o, xg)| (self.group_fn)(lanes, xg, n, o));
     }
 }
 
@@ -170,4 +187,30 @@ pub(crate) unsafe fn gemm<M: OuterMicro>(
             t0 += nt;
         }
     })
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// Every level's group layout puts every value where the reference does, tails included.
+    #[test]
+    fn simd_group_layouts_equal_the_scalar_one() {
+        if !crate::cpu::available_isas().contains(&crate::cpu::Isa::Avx512) {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let layout = crate::dot::avx512::float::LAYOUT;
+        for n in [1, 5, 16, 17, 23, 64, 1000] {
+            for t_n in 1..=layout.group {
+                let x: Vec<f32> = (0..t_n * n).map(|i| i as f32 * 0.5 - 3.0).collect();
+                let len = t_n * n.next_multiple_of(16);
+                let (mut want, mut got) = (vec![f32::NAN; len], vec![f32::NAN; len]);
+                scalar_group(16, &x, n, &mut want);
+                (layout.group_fn)(16, &x, n, &mut got);
+                let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+                assert_eq!(bits(&got), bits(&want), "n = {n}, {t_n} tokens");
+            }
+        }
+    }
 }
