@@ -151,7 +151,14 @@ pub fn estimate(s: &MemShape, file_bytes: u64, tensor_bytes: u64, r: &RunShape) 
     }
     // Per thread: one head's K and V in f32 and two rows of scores (queries go in pairs).
     let attention = r.threads * 4 * (2 * r.n_ctx * head_dim + 2 * (r.n_ctx + 4 * head_dim));
-    let scratch_bytes = activations + attention;
+    // Per thread, float weights: the outer-product tile's packed panels (prompts of
+    // FLOAT_COPY_MIN_TOKENS tokens or more).
+    let panels = if s.float_down && r.n_batch >= ggpt_quant::matmul::FLOAT_COPY_MIN_TOKENS as u64 {
+        r.threads * ggpt_quant::matmul::PANEL_BYTES as u64
+    } else {
+        0
+    };
+    let scratch_bytes = activations + attention + panels;
     let logits_bytes = logits_bytes(s, r.n_seq);
     let ram_total = file_bytes + kv_bytes + scratch_bytes + logits_bytes + RUNTIME_BYTES;
     let ubatch = r.n_ctx.min(512);
@@ -282,10 +289,12 @@ mod tests {
         };
         let per_token = 4 * (3 * 1024 + 4096) + 16 + 4 * 4096;
         assert_eq!(per_token, 45_072);
+        // Each of the two threads also keeps 1 MiB of packed f32 weight panels.
+        let panels = 2 << 20;
         let one_call = estimate(&f, 0, 0, &run(1024));
-        assert_eq!(one_call.scratch_bytes, 4_525_824 + attention);
+        assert_eq!(one_call.scratch_bytes, 4_525_824 + attention + panels);
         let calls = estimate(&f, 0, 0, &run(256));
-        assert_eq!(calls.scratch_bytes, 256 * 45_072 + attention);
+        assert_eq!(calls.scratch_bytes, 256 * 45_072 + attention + panels);
         // Below 32 tokens nothing is copied: a 31-token prompt needs less than with Q8_K.
         let short = |s: &MemShape| estimate(s, 0, 0, &run(31)).scratch_bytes;
         assert!(short(&f) < short(&s));
