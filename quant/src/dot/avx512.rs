@@ -794,8 +794,13 @@ macro_rules! avx512_family {
                     )
                 };
                 let scales = |x: &[BlockQ8_0]| {
-                    let h: [u16; 8] = std::array::from_fn(|i| x[i].d.to_bits());
-                    _mm256_cvtph_ps(_mm_loadu_si128(h.as_ptr().cast()))
+                    // Four halves packed in a general register each (shifts and ors on the
+                    // integer ports), not eight lane inserts on the shuffle port.
+                    let q = |k: usize| {
+                        (0..4).fold(0u64, |v, i| v | (x[4 * k + i].d.to_bits() as u64) << (16 * i))
+                    };
+                    let h = _mm_insert_epi64::<1>(_mm_cvtsi64_si128(q(0) as i64), q(1) as i64);
+                    _mm256_cvtph_ps(h)
                 };
                 let groups = a.len() / 8;
                 for g in 0..groups {
