@@ -52,18 +52,63 @@ unsafe fn scaled_dot32(u: __m256i, a: *const i8, scale: __m256i) -> __m256i {
     _mm256_madd_epi16(_mm256_maddubs_epi16(u, load(a.cast())), scale)
 }
 
-/// Per-group (16-value) mins for Q4_K/Q5_K from the 8 sub-block mins, as i16.
-#[target_feature(enable = "avx2,fma,f16c")]
-#[inline]
-unsafe fn group_mins(b: &[u8; 16]) -> __m256i {
-    let m = _mm_cvtepu8_epi16(_mm_loadl_epi64(b.as_ptr().add(8).cast()));
-    _mm256_set_m128i(_mm_unpackhi_epi16(m, m), _mm_unpacklo_epi16(m, m))
+/// `pshufb` patterns over a superblock's 16 scale/min bytes (both 128-bit lanes): `K4_SCALE[k]`
+/// puts byte `k` zero-extended in every i16 lane (the scale of sub-block `k`), `K4_MINS` byte
+/// `8 + g / 2` in i16 lane `g` (the min of 16-value group `g`).
+const K4_SCALE: [[u8; 32]; 8] = {
+    let mut p = [[0x80u8; 32]; 8];
+    let mut k = 0;
+    while k < 8 {
+        let mut i = 0;
+        while i < 32 {
+            p[k][i] = k as u8;
+            i += 2;
+        }
+        k += 1;
+    }
+    p
+};
+const K4_MINS: [u8; 32] = {
+    let mut p = [0x80u8; 32];
+    let mut g = 0;
+    while g < 16 {
+        p[2 * g] = 8 + (g / 2) as u8;
+        g += 1;
+    }
+    p
+};
+
+/// `pshufb` patterns over eight i16 group scales (both 128-bit lanes): `K6_SCALE[r]` puts
+/// scale `2r` in every i16 lane of the low lane and scale `2r + 1` in the high one.
+const K6_SCALE: [[u8; 32]; 4] = {
+    let mut p = [[0u8; 32]; 4];
+    let mut r = 0;
+    while r < 4 {
+        let mut i = 0;
+        while i < 16 {
+            p[r][i] = (4 * r + i % 2) as u8;
+            p[r][16 + i] = (4 * r + 2 + i % 2) as u8;
+            i += 1;
+        }
+        r += 1;
+    }
+    p
+};
+
+/// `v`, kept in memory so that broadcasting one of its values is a load rather than a shuffle
+/// (see `avx512::in_memory`).
+#[inline(always)]
+fn in_memory<T>(v: &T) -> &T {
+    std::hint::black_box(v)
 }
 
-/// Shared body of Q4_K/Q5_K: `hi_bits(c)` returns the 5th bits (0 or 16) for chunk c's low and
-/// high nibbles (all zero for Q4_K).
+/// Shared body of Q4_K/Q5_K: adds the superblock's `d·Σ` and `dmin·Σ min` (times the
+/// activation scale) into the 8-lane accumulators. `hi_bits(c)` returns the 5th bits (0 or 16)
+/// for chunk c's low and high nibbles (all zero for Q4_K). The sub-block scales and mins are
+/// spread to i16 lanes by byte shuffles of the 16 unpacked bytes.
 #[target_feature(enable = "avx2,fma,f16c")]
 #[inline]
+#[allow(clippy::too_many_arguments)]
 unsafe fn k4_dot(
     w_d: f16,
     w_dmin: f16,
@@ -71,8 +116,12 @@ unsafe fn k4_dot(
     qs: &[u8; 128],
     y: &BlockQ8K,
     hi_bits: impl Fn(usize) -> (__m256i, __m256i),
-) -> (f32, f32) {
+    acc: &mut __m256,
+    acc_min: &mut __m256,
+) {
     let b = scales_mins_bytes(scales);
+    let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(b.as_ptr().cast()));
+    let spread = |k: usize| _mm256_shuffle_epi8(v, load(K4_SCALE[k].as_ptr()));
     let m4 = _mm256_set1_epi8(0x0f);
     let mut isum = _mm256_setzero_si256();
     for c in 0..4 {
@@ -81,36 +130,41 @@ unsafe fn k4_dot(
         let lo = _mm256_or_si256(_mm256_and_si256(q, m4), h_lo);
         let hi = _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16::<4>(q), m4), h_hi);
         let a = y.qs.as_ptr().add(64 * c);
-        let s_lo = _mm256_set1_epi16(b[2 * c] as i16);
-        let s_hi = _mm256_set1_epi16(b[2 * c + 1] as i16);
-        isum = _mm256_add_epi32(isum, scaled_dot32(lo, a, s_lo));
-        isum = _mm256_add_epi32(isum, scaled_dot32(hi, a.add(32), s_hi));
+        isum = _mm256_add_epi32(isum, scaled_dot32(lo, a, spread(2 * c)));
+        isum = _mm256_add_epi32(isum, scaled_dot32(hi, a.add(32), spread(2 * c + 1)));
     }
-    let imin = _mm256_madd_epi16(group_mins(&b), load(y.bsums.as_ptr().cast()));
-    let d = y.d * f16_to_f32(w_d);
-    let dmin = y.d * f16_to_f32(w_dmin);
-    (
-        d * hsum(_mm256_cvtepi32_ps(isum)),
-        dmin * hsum(_mm256_cvtepi32_ps(imin)),
-    )
+    let mins = _mm256_shuffle_epi8(v, load(K4_MINS.as_ptr()));
+    let imin = _mm256_madd_epi16(mins, load(y.bsums.as_ptr().cast()));
+    let dd = [y.d * f16_to_f32(w_d), y.d * f16_to_f32(w_dmin)];
+    let dd = in_memory(&dd);
+    *acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(dd[0]), *acc);
+    *acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), _mm256_set1_ps(dd[1]), *acc_min);
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4k_q8k_impl(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     let z = _mm256_setzero_si256();
-    let mut sum = 0.0;
+    let (mut acc, mut acc_min) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for (x, y) in w.iter().zip(a) {
         prefetch(x);
-        let (s, m) = k4_dot(x.d, x.dmin, &x.scales, &x.qs, y, |_| (z, z));
-        sum += s - m;
+        k4_dot(
+            x.d,
+            x.dmin,
+            &x.scales,
+            &x.qs,
+            y,
+            |_| (z, z),
+            &mut acc,
+            &mut acc_min,
+        );
     }
-    sum
+    hsum(acc) - hsum(acc_min)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q5k_q8k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
     let sixteen = _mm256_set1_epi8(16);
-    let mut sum = 0.0;
+    let (mut acc, mut acc_min) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for (x, y) in w.iter().zip(a) {
         prefetch(x);
         let qh = load(x.qh.as_ptr());
@@ -118,12 +172,19 @@ unsafe fn q5k_q8k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
             let m = _mm256_set1_epi8(m as i8);
             _mm256_and_si256(_mm256_cmpeq_epi8(_mm256_and_si256(qh, m), m), sixteen)
         };
-        let (s, m) = k4_dot(x.d, x.dmin, &x.scales, &x.qs, y, |c| {
-            (bit(1 << (2 * c)), bit(1 << (2 * c + 1)))
-        });
-        sum += s - m;
+        let hi_bits = |c: usize| (bit(1 << (2 * c)), bit(1 << (2 * c + 1)));
+        k4_dot(
+            x.d,
+            x.dmin,
+            &x.scales,
+            &x.qs,
+            y,
+            hi_bits,
+            &mut acc,
+            &mut acc_min,
+        );
     }
-    sum
+    hsum(acc) - hsum(acc_min)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -133,6 +194,7 @@ unsafe fn q6k_q8k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     let mut acc = _mm256_setzero_ps();
     for (x, y) in w.iter().zip(a) {
         prefetch(x);
+        let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.scales.as_ptr().cast()));
         let mut isum = _mm256_setzero_si256();
         for h in 0..2 {
             let qh = load(x.qh.as_ptr().add(32 * h));
@@ -157,12 +219,15 @@ unsafe fn q6k_q8k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
                     _mm256_and_si256(_mm256_srli_epi16::<2>(qh), m30),
                 ),
             ];
+            // This half's eight group scales (as i16) in both 128-bit lanes.
+            let sh = if h == 0 {
+                _mm256_permute4x64_epi64::<0x44>(sc16)
+            } else {
+                _mm256_permute4x64_epi64::<0xEE>(sc16)
+            };
             for (r, q) in runs.into_iter().enumerate() {
-                let g = 8 * h + 2 * r; // first of the two 16-value groups in this run
-                let s = _mm256_set_m128i(
-                    _mm_set1_epi16(x.scales[g + 1] as i16),
-                    _mm_set1_epi16(x.scales[g] as i16),
-                );
+                // Groups 8h + 2r and 8h + 2r + 1 of this run, one per 128-bit lane.
+                let s = _mm256_shuffle_epi8(sh, load(K6_SCALE[r].as_ptr()));
                 isum = _mm256_add_epi32(
                     isum,
                     scaled_dot32(q, y.qs.as_ptr().add(128 * h + 32 * r), s),
@@ -170,11 +235,11 @@ unsafe fn q6k_q8k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
             }
         }
         // Values were taken as 0..63: subtract 32·Σ_g sc_g·Σ_group a, in integers.
-        let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.scales.as_ptr().cast()));
         let off = _mm256_madd_epi16(sc16, load(y.bsums.as_ptr().cast()));
         isum = _mm256_sub_epi32(isum, _mm256_slli_epi32::<5>(off));
-        let d = y.d * f16_to_f32(x.d);
-        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), _mm256_set1_ps(d), acc);
+        let d = [y.d * f16_to_f32(x.d)];
+        let d = _mm256_set1_ps(in_memory(&d)[0]);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, acc);
     }
     hsum(acc)
 }
