@@ -4,9 +4,9 @@
 //! (unsigned weight byte × signed activation byte → i16 pair sums; no saturation since the
 //! weight side is at most 63) and `vpmaddwd` with the group scale, accumulated in i32 per
 //! superblock, scaled once per superblock into 8-lane f32 accumulators that are summed once per
-//! row. The group scales reach their i16 lanes by byte shuffles (`K4_SCALE`, `K6_SCALE`), which
-//! take one shuffle each, where broadcasts from general registers took two. Q8_0 widens both sides to i16 so that
-//! signed × signed products are exact for every byte value.
+//! row. The group scales reach their i16 lanes by byte shuffles (`K4_SCALE`, `K6_SCALE`), one
+//! shuffle each, where broadcasts from general registers took two. Q8_0 widens both sides to
+//! i16 so that signed × signed products are exact for every byte value.
 //!
 //! The multi-token (prefill) kernels of this level are in `avx2_tile.rs`.
 
