@@ -10,6 +10,7 @@
 //!
 //! The multi-token (prefill) kernels of this level are in `avx2_tile.rs`.
 
+use super::in_memory;
 use crate::kscale::scales_mins_bytes;
 
 use crate::q4_k::BlockQ4K;
@@ -96,13 +97,6 @@ const K6_SCALE: [[u8; 32]; 4] = {
     }
     p
 };
-
-/// `v`, kept in memory so that broadcasting one of its values is a load rather than a shuffle
-/// (see `avx512::in_memory`).
-#[inline(always)]
-fn in_memory<T>(v: &T) -> &T {
-    std::hint::black_box(v)
-}
 
 /// Shared body of Q4_K/Q5_K: adds the superblock's `d·Σ` and `dmin·Σ min` (times the
 /// activation scale) into the 8-lane accumulators. `hi_bits(c)` returns the 5th bits (0 or 16)

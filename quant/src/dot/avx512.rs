@@ -16,7 +16,7 @@
 
 #![allow(clippy::missing_safety_doc)]
 
-use super::{prefetch_ahead, KPacked, Q8_0Packed};
+use super::{in_memory, prefetch_ahead, KPacked, Q8_0Packed};
 use crate::act::{Q8KTile, Q8_0Tile};
 use crate::kscale::scales_mins_bytes;
 use crate::q4_k::BlockQ4K;
@@ -80,17 +80,6 @@ const K4_SHIFT: [u16; 16] = [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 4, 4, 4, 4];
 const K4_MASK: [u16; 16] = [
     0x3f, 0x3f, 0x3f, 0x3f, 0x0f, 0x0f, 0x0f, 0x0f, 0x3f, 0x3f, 0x3f, 0x3f, 0x0f, 0x0f, 0x0f, 0x0f,
 ];
-
-/// `v`, kept in memory: a broadcast of one of its values is then a load, which the FMA takes
-/// as a `{1to16}` operand, instead of a shuffle on port 5, which unpacking K-quant values
-/// keeps busy (Q4_K and Q5_K decode ran 6–7 % faster in cache; Q6_K, whose scale is one
-/// product, no faster). Only an optimisation barrier
-/// for the compiler, which would otherwise broadcast the register the value was computed in;
-/// the values are the same either way.
-#[inline(always)]
-fn in_memory<T>(v: &T) -> &T {
-    std::hint::black_box(v)
-}
 
 /// The float kernels (F16, BF16, F32 weights): one build for both AVX-512 levels, which
 /// share them (they use no VNNI instruction), plus the horizontal sums the integer kernels use.
