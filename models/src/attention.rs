@@ -488,16 +488,9 @@ mod avx2 {
     /// `p`): a head's keys and values stream from memory at depth, like the weights (callers
     /// skip it when those rows are past the keys in use).
     #[inline(always)]
-    unsafe fn ahead<E: Elem, const HD: usize>(p: *const E, j: usize, rows: usize) {
-        let bytes = rows * HD * std::mem::size_of::<E>();
-        let base = p.wrapping_add((j + AHEAD_ROWS) * HD).cast::<i8>();
-        let mut o = 0;
-        while o < bytes {
-            // SAFETY: a prefetch is only a hint: it never faults, past the cache's end included
-            // (hence `wrapping_add`).
-            unsafe { _mm_prefetch::<_MM_HINT_T1>(base.wrapping_add(o)) };
-            o += 64;
-        }
+    fn ahead<E: Elem, const HD: usize>(p: *const E, j: usize, rows: usize) {
+        let base = p.wrapping_add((j + AHEAD_ROWS) * HD).cast::<u8>();
+        ggpt_quant::dot::prefetch_l2(base, rows * HD * std::mem::size_of::<E>());
     }
 
     /// Scores of keys j..n for one query, from key `j` on: 4-key blocks with independent FMA

@@ -795,8 +795,8 @@ macro_rules! avx512_family {
                     )
                 };
                 let scales = |x: &[BlockQ8_0]| {
-                    // Four halves packed in a general register each (shifts and ors on the
-                    // integer ports), not eight lane inserts on the shuffle port.
+                    // Four f16 scales packed into each of two general registers (shifts and
+                    // ors on the integer ports), not eight lane inserts on the shuffle port.
                     let q = |k: usize| {
                         (0..4).fold(0u64, |v, i| {
                             v | (x[4 * k + i].d.to_bits() as u64) << (16 * i)

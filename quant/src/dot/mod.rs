@@ -34,29 +34,38 @@ pub use crate::format::{DotFn, GemmFn, RowsFn};
 #[cfg(target_arch = "x86_64")]
 const PF_AHEAD: usize = 6144;
 
-/// Prefetch into L2 the `bytes` bytes at `p + PF_AHEAD`, one prefetch per 64 bytes (called
-/// once per weight block; for a block that is not a whole number of lines some lines are
-/// requested twice, which costs a load slot, not a memory access). L2 rather than L1 because
-/// it measured faster: decode ran 10–30 % faster than with L1 hints 3 KiB ahead on the
-/// Granite-Rapids-class host (plausibly because L1's few fill buffers cap the misses in flight).
+/// Prefetch into L2 the `bytes` bytes at `p + PF_AHEAD` (called once per weight block; for a
+/// block that is not a whole number of lines some lines are requested twice, which costs a
+/// load slot, not a memory access). L2 rather than L1 because it measured faster: decode ran
+/// 10–30 % faster than with L1 hints 3 KiB ahead on the Granite-Rapids-class host (plausibly
+/// because L1's few fill buffers cap the misses in flight).
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn prefetch_ahead(p: *const u8, bytes: usize) {
+    prefetch_l2(p.wrapping_add(PF_AHEAD), bytes);
+}
+
+/// Request into L2 the `bytes` bytes at `p`, one `prefetcht1` per 64 bytes. Any address is
+/// allowed: a prefetch never faults and changes no result.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub fn prefetch_l2(p: *const u8, bytes: usize) {
     use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T1};
     let mut o = 0;
     while o < bytes {
         // SAFETY: a prefetch is only a hint: it never faults and has no visible effect, even
-        // past the end of the weights or of the address space (hence `wrapping_add`).
-        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(PF_AHEAD + o).cast()) };
+        // past the end of the data or of the address space (hence `wrapping_add`).
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(p.wrapping_add(o).cast()) };
         o += 64;
     }
 }
 
 /// `v`, kept in memory: broadcasting one of its values is then a load (at AVX-512 folded into
 /// the FMA as a `{1to16}` operand) instead of a shuffle on port 5, which unpacking K-quant
-/// values keeps busy (AVX-512 Q4_K/Q5_K decode 6–7 % faster in cache; Q6_K's single product no
-/// faster, so it keeps the register broadcast). Only an optimisation barrier for the compiler,
-/// which would otherwise broadcast the register the value was computed in; values are the same.
+/// values keeps busy. Used by AVX-512 Q4_K/Q5_K (6–7 % faster in cache; AVX-512 Q6_K's single
+/// product was no faster and keeps the register broadcast) and by the AVX2 K-quants. Only an
+/// optimisation barrier for the compiler, which would otherwise broadcast the register the
+/// value was computed in; values are the same.
 #[cfg(target_arch = "x86_64")]
 #[inline(always)]
 pub(crate) fn in_memory<T>(v: &T) -> &T {
