@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The NEON kernels (quant/src/dot/neon.rs) on an x86-64 machine: build ggpt-quant's tests for
-# aarch64 and run them under qemu user-mode emulation (.cargo/config.toml sets the linker and
+# The NEON kernels (quant/src/dot/neon.rs) on an x86-64 machine: type-check the workspace for
+# aarch64, build ggpt-quant's tests for aarch64 and run them under qemu user-mode emulation (.cargo/config.toml sets the linker and
 # the runner). The quant tests compare every level `dot::available_isas()` reports (scalar,
 # neon, neondot) with the scalar reference and ggml's fixtures.
 #
@@ -32,6 +32,9 @@ export GGPT_TEST_RUNNER="qemu-aarch64 -L $SYSROOT"
 cargo_test() { cargo test -p ggpt-quant --release --target "$TARGET" "$@"; }
 
 start=$SECONDS
+# The rest of the workspace must build for aarch64 too (it runs there; only the kernels are
+# tested under qemu): a type-check of every crate and its tests.
+cargo check --workspace --tests --target "$TARGET"
 cargo_test --no-run
 # Which levels the emulated CPU offers: an unknown GGPT_ISA makes the dispatcher list them.
 levels=$( (GGPT_ISA=list cargo_test --test kernels -- --exact dispatch_is_one_of_the_available_levels \
