@@ -895,6 +895,10 @@ macro_rules! avx512_family {
             #[target_feature(enable = $features)]
             unsafe fn pack_q4k_impl(row: &[BlockQ4K], out: &mut [KPacked]) {
                 for (x, p) in row.iter().zip(out.iter_mut()) {
+                    prefetch_ahead(
+                        (x as *const BlockQ4K).cast(),
+                        std::mem::size_of::<BlockQ4K>(),
+                    );
                     let (ws, wm) = k4_factors(&x.scales, x.d, x.dmin);
                     store_packed(p, unpack_q4k(&x.qs), ws, wm);
                 }
@@ -903,6 +907,10 @@ macro_rules! avx512_family {
             #[target_feature(enable = $features)]
             unsafe fn pack_q5k_impl(row: &[BlockQ5K], out: &mut [KPacked]) {
                 for (x, p) in row.iter().zip(out.iter_mut()) {
+                    prefetch_ahead(
+                        (x as *const BlockQ5K).cast(),
+                        std::mem::size_of::<BlockQ5K>(),
+                    );
                     let (ws, wm) = k4_factors(&x.scales, x.d, x.dmin);
                     store_packed(p, unpack_q5k(&x.qs, &x.qh), ws, wm);
                 }
@@ -911,6 +919,10 @@ macro_rules! avx512_family {
             #[target_feature(enable = $features)]
             unsafe fn pack_q6k_impl(row: &[BlockQ6K], out: &mut [KPacked]) {
                 for (x, p) in row.iter().zip(out.iter_mut()) {
+                    prefetch_ahead(
+                        (x as *const BlockQ6K).cast(),
+                        std::mem::size_of::<BlockQ6K>(),
+                    );
                     let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
                         x.scales.as_ptr().cast(),
                     )));
@@ -930,6 +942,7 @@ macro_rules! avx512_family {
                 let flip = _mm512_set1_epi8(-128);
                 for (i, p) in out.iter_mut().enumerate() {
                     let first = 16 * i;
+                    prefetch_ahead(base.wrapping_add(34 * first), 16 * 34);
                     let nblk = row.len().saturating_sub(first).min(16);
                     let m: __mmask16 = ((1u32 << nblk) - 1) as u16;
                     let blk = _mm512_mullo_epi32(

@@ -30,7 +30,10 @@ pub use crate::format::{DotFn, GemmFn, RowsFn};
 
 /// How far ahead of the block being multiplied the x86 row-by-row kernels prefetch weights:
 /// about ten 1024-column K-quant rows, so the next rows of a matrix-vector product are on
-/// their way while this one is multiplied. docs/performance.md has the measurements behind it.
+/// their way while this one is multiplied. The packers of the quantized prefill tiles read
+/// their rows once per call, from memory, in the same order, and prefetch the same way (short
+/// prompts spent half their time packing, most of it waiting on those loads).
+/// docs/performance.md has the measurements behind it.
 #[cfg(target_arch = "x86_64")]
 const PF_AHEAD: usize = 6144;
 
