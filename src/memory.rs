@@ -153,8 +153,11 @@ pub fn estimate(s: &MemShape, file_bytes: u64, tensor_bytes: u64, r: &RunShape) 
     let attention = r.threads * 4 * (2 * r.n_ctx * head_dim + 2 * (r.n_ctx + 4 * head_dim));
     // Per thread, float weights: the outer-product tile's packed panels (prompts of
     // FLOAT_COPY_MIN_TOKENS tokens or more).
+    // Quantized weights: the tile kernels' packed rows (prompts of TILE_MIN_TOKENS or more).
     let panels = if s.float_down && r.n_batch >= ggpt_quant::matmul::FLOAT_COPY_MIN_TOKENS as u64 {
         r.threads * ggpt_quant::matmul::PANEL_BYTES as u64
+    } else if !s.float_down && r.n_batch >= ggpt_quant::matmul::TILE_MIN_TOKENS as u64 {
+        r.threads * ggpt_quant::matmul::TILE_BYTES as u64
     } else {
         0
     };
@@ -275,11 +278,16 @@ mod tests {
         // One call of 1024 tokens: passes of 240, 240, 240, 240 and 64. The last one runs
         // beside the full cache; the one before it beside all but 64 positions (98 304 bytes
         // of F16 K and V each), 240 × 33 360 − 64 × 98 304 = 1 714 944 < 64 × 33 360.
+        // Each of the two threads also keeps 192 KiB of packed weight rows.
+        let tiles = 2 * 192 * 1024;
         let one_call = estimate(&s, 0, 0, &run(1024));
-        assert_eq!(one_call.scratch_bytes, 64 * 33_360 + attention);
+        assert_eq!(one_call.scratch_bytes, 64 * 33_360 + attention + tiles);
         // Calls of 256 tokens are one pass each, and the last one ends beside the full cache.
         let calls = estimate(&s, 0, 0, &run(256));
-        assert_eq!(calls.scratch_bytes, 256 * 33_360 + attention);
+        assert_eq!(calls.scratch_bytes, 256 * 33_360 + attention + tiles);
+        // Below 4 tokens rows are dotted as stored: no packed rows.
+        let decode = estimate(&s, 0, 0, &run(1));
+        assert_eq!(decode.scratch_bytes, 33_360 + attention);
         // Float weights: the down projection's input copied as f32 (4 × 4096 bytes per token)
         // instead of Q8_K. Now the pass before the last is the peak:
         // 240 × 45 072 − 64 × 98 304 = 4 525 824 > 64 × 45 072.

@@ -435,11 +435,12 @@ fn run<W: Sync, A: Sync>(
 
 /// From this many tokens on, packed formats with tile kernels at the level use them;
 /// below it, packing would cost more than it saves and rows are dotted one by one.
-const TILE_MIN_TOKENS: usize = 4;
+pub const TILE_MIN_TOKENS: usize = 4;
 
 /// Bytes of packed weights a work item aims for: a row tile stays in the 1 MiB L2 while the
-/// tokens stream past it.
-const TILE_BYTES: usize = 192 << 10;
+/// tokens stream past it. Each thread keeps a buffer of about this size (rows are rounded up
+/// to a multiple of 4) once it has run such a matmul.
+pub const TILE_BYTES: usize = 192 << 10;
 
 /// Bytes of f32 panels a work item of the outer-product float tile packs. Each group of tokens
 /// is read once for all of an item's panels, so larger items read the activations fewer times;
