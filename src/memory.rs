@@ -152,8 +152,9 @@ pub fn estimate(s: &MemShape, file_bytes: u64, tensor_bytes: u64, r: &RunShape) 
     // Per thread: one head's K and V in f32 and two rows of scores (queries go in pairs).
     let attention = r.threads * 4 * (2 * r.n_ctx * head_dim + 2 * (r.n_ctx + 4 * head_dim));
     // Per thread, float weights: the outer-product tile's packed panels (prompts of
-    // FLOAT_COPY_MIN_TOKENS tokens or more).
-    // Quantized weights: the tile kernels' packed rows (prompts of TILE_MIN_TOKENS or more).
+    // FLOAT_COPY_MIN_TOKENS tokens or more); quantized weights: the tile kernels' packed rows
+    // (prompts of TILE_MIN_TOKENS or more). Levels without tile kernels (scalar, NEON) keep
+    // neither, so there this is an upper bound.
     let panels = if s.float_down && r.n_batch >= ggpt_quant::matmul::FLOAT_COPY_MIN_TOKENS as u64 {
         r.threads * ggpt_quant::matmul::PANEL_BYTES as u64
     } else if !s.float_down && r.n_batch >= ggpt_quant::matmul::TILE_MIN_TOKENS as u64 {
