@@ -10,7 +10,7 @@
 //!
 //! The multi-token (prefill) kernels of this level are in `avx2_tile.rs`.
 
-use super::in_memory;
+use super::{in_memory, prefetch_blocks};
 use crate::kscale::scales_mins_bytes;
 
 use crate::q4_k::BlockQ4K;
@@ -31,12 +31,6 @@ pub(super) unsafe fn load(p: *const u8) -> __m256i {
 #[inline]
 pub(super) unsafe fn f16_to_f32(h: f16) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(h.to_bits() as i32)))
-}
-
-/// `super::prefetch_ahead` for one weight block.
-#[inline(always)]
-fn prefetch<T>(x: &T) {
-    super::prefetch_ahead((x as *const T).cast(), std::mem::size_of::<T>());
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -142,7 +136,7 @@ unsafe fn q4k_q8k_impl(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
     let z = _mm256_setzero_si256();
     let (mut acc, mut acc_min) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for (x, y) in w.iter().zip(a) {
-        prefetch(x);
+        prefetch_blocks(x);
         k4_dot(
             x.d,
             x.dmin,
@@ -162,7 +156,7 @@ unsafe fn q5k_q8k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
     let sixteen = _mm256_set1_epi8(16);
     let (mut acc, mut acc_min) = (_mm256_setzero_ps(), _mm256_setzero_ps());
     for (x, y) in w.iter().zip(a) {
-        prefetch(x);
+        prefetch_blocks(x);
         let qh = load(x.qh.as_ptr());
         let bit = |m: i32| {
             let m = _mm256_set1_epi8(m as i8);
@@ -189,7 +183,7 @@ unsafe fn q6k_q8k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
     let m30 = _mm256_set1_epi8(0x30);
     let mut acc = _mm256_setzero_ps();
     for (x, y) in w.iter().zip(a) {
-        prefetch(x);
+        prefetch_blocks(x);
         let sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(x.scales.as_ptr().cast()));
         let mut isum = _mm256_setzero_si256();
         for h in 0..2 {
@@ -254,7 +248,7 @@ unsafe fn q8_0_q8_0_impl<const R: usize>(w: [&[BlockQ8_0]; R], a: &[BlockQ8_0]) 
         let yd = f16_to_f32(y.d);
         for r in 0..R {
             let x = &w[r][i];
-            prefetch(x);
+            prefetch_blocks(x);
             let p0 = _mm256_madd_epi16(wide(x.qs.as_ptr(), 0), y0);
             let p1 = _mm256_madd_epi16(wide(x.qs.as_ptr(), 16), y1);
             let d = f16_to_f32(x.d) * yd;

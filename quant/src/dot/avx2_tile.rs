@@ -18,7 +18,7 @@
 use super::avx2::{f16_to_f32, load};
 use super::outer::{Dest, Layout, OuterMicro};
 use super::tile::{self, FloatMicro};
-use super::{prefetch_ahead, KPacked, Q8_0Packed};
+use super::{prefetch_blocks, KPacked, Q8_0Packed};
 use crate::act::{q8_0_tiles, Q8KTile, Q8_0Tile};
 use crate::kscale::scales_mins_bytes;
 use crate::q4_k::BlockQ4K;
@@ -92,10 +92,7 @@ unsafe fn unpack_q4k(qs: &[u8; 128]) -> [__m256i; 8] {
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn pack_q4k_impl(row: &[BlockQ4K], out: &mut [KPacked]) {
     for (x, p) in row.iter().zip(out.iter_mut()) {
-        prefetch_ahead(
-            (x as *const BlockQ4K).cast(),
-            std::mem::size_of::<BlockQ4K>(),
-        );
+        prefetch_blocks(x);
         k4_factors(p, &x.scales, x.d, x.dmin);
         store_tile_order(&mut p.qs, &unpack_q4k(&x.qs));
     }
@@ -105,10 +102,7 @@ unsafe fn pack_q4k_impl(row: &[BlockQ4K], out: &mut [KPacked]) {
 unsafe fn pack_q5k_impl(row: &[BlockQ5K], out: &mut [KPacked]) {
     let sixteen = _mm256_set1_epi8(16);
     for (x, p) in row.iter().zip(out.iter_mut()) {
-        prefetch_ahead(
-            (x as *const BlockQ5K).cast(),
-            std::mem::size_of::<BlockQ5K>(),
-        );
+        prefetch_blocks(x);
         k4_factors(p, &x.scales, x.d, x.dmin);
         let mut v = unpack_q4k(&x.qs);
         // Values 0..31: element 32e + l (e = 2c or 2c+1) takes bit e of qh[l] as +16.
@@ -127,10 +121,7 @@ unsafe fn pack_q6k_impl(row: &[BlockQ6K], out: &mut [KPacked]) {
     let m4 = _mm256_set1_epi8(0x0f);
     let m30 = _mm256_set1_epi8(0x30);
     for (x, p) in row.iter().zip(out.iter_mut()) {
-        prefetch_ahead(
-            (x as *const BlockQ6K).cast(),
-            std::mem::size_of::<BlockQ6K>(),
-        );
+        prefetch_blocks(x);
         // Values 0..63 (before the −32 offset), in element order: half h's four 32-value runs
         // take the low/high nibbles of ql and bit pairs 0-1, 2-3, 4-5, 6-7 of qh.
         let mut v = [_mm256_setzero_si256(); 8];
@@ -164,7 +155,7 @@ unsafe fn pack_q6k_impl(row: &[BlockQ6K], out: &mut [KPacked]) {
 /// code: a tile is only 512 bytes and is reused by every token of the call.
 fn pack_q8_0_rows(row: &[BlockQ8_0], out: &mut [Q8_0Packed]) {
     for (blocks, p) in row.chunks(16).zip(out.iter_mut()) {
-        prefetch_ahead(blocks.as_ptr().cast(), std::mem::size_of_val(blocks));
+        prefetch_blocks(blocks);
         p.qs = [0x80; 512];
         p.d = [0.0; 16];
         for (b, blk) in blocks.iter().enumerate() {

@@ -16,7 +16,7 @@
 
 #![allow(clippy::missing_safety_doc)]
 
-use super::{in_memory, prefetch_ahead, KPacked, Q8_0Packed};
+use super::{in_memory, prefetch_ahead, prefetch_blocks, KPacked, Q8_0Packed};
 use crate::act::{Q8KTile, Q8_0Tile};
 use crate::kscale::scales_mins_bytes;
 use crate::q4_k::BlockQ4K;
@@ -719,10 +719,7 @@ macro_rules! avx512_family {
                 let mut acc = _mm512_setzero_ps();
                 let mut acc_min = _mm256_setzero_ps();
                 for (x, y) in w.iter().zip(a) {
-                    prefetch_ahead(
-                        (x as *const BlockQ4K).cast(),
-                        std::mem::size_of::<BlockQ4K>(),
-                    );
+                    prefetch_blocks(x);
                     let (s01, s23, mins) = k4_scales((x as *const BlockQ4K).cast());
                     let isum = superblock(&unpack_q4k(&x.qs), y.qs.as_ptr(), s01, s23);
                     let imin = min_sums(mins, &y.bsums);
@@ -739,10 +736,7 @@ macro_rules! avx512_family {
                 let mut acc = _mm512_setzero_ps();
                 let mut acc_min = _mm256_setzero_ps();
                 for (x, y) in w.iter().zip(a) {
-                    prefetch_ahead(
-                        (x as *const BlockQ5K).cast(),
-                        std::mem::size_of::<BlockQ5K>(),
-                    );
+                    prefetch_blocks(x);
                     let (s01, s23, mins) = k4_scales((x as *const BlockQ5K).cast());
                     let isum = superblock(&unpack_q5k(&x.qs, &x.qh), y.qs.as_ptr(), s01, s23);
                     let imin = min_sums(mins, &y.bsums);
@@ -758,10 +752,7 @@ macro_rules! avx512_family {
             unsafe fn q6k_q8k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
                 let mut acc = _mm512_setzero_ps();
                 for (x, y) in w.iter().zip(a) {
-                    prefetch_ahead(
-                        (x as *const BlockQ6K).cast(),
-                        std::mem::size_of::<BlockQ6K>(),
-                    );
+                    prefetch_blocks(x);
                     let (s01, s23, sc16) = k6_scales(&x.scales);
                     let isum = superblock(&unpack_q6k(&x.ql, &x.qh), y.qs.as_ptr(), s01, s23);
                     let d = y.d * f16_to_f32(x.d);
@@ -812,7 +803,7 @@ macro_rules! avx512_family {
                     let yv: [__m512i; 4] = std::array::from_fn(|p| pair(&y[2 * p..]));
                     for r in 0..R {
                         let x = &w[r][8 * g..8 * g + 8];
-                        prefetch_ahead(x.as_ptr().cast(), 8 * std::mem::size_of::<BlockQ8_0>());
+                        prefetch_blocks(x);
                         let d = _mm512_castps256_ps512(_mm256_mul_ps(scales(x), ys));
                         for (p, yp) in yv.iter().enumerate() {
                             let s = q8_pair(pair(&x[2 * p..]), *yp);
@@ -895,10 +886,7 @@ macro_rules! avx512_family {
             #[target_feature(enable = $features)]
             unsafe fn pack_q4k_impl(row: &[BlockQ4K], out: &mut [KPacked]) {
                 for (x, p) in row.iter().zip(out.iter_mut()) {
-                    prefetch_ahead(
-                        (x as *const BlockQ4K).cast(),
-                        std::mem::size_of::<BlockQ4K>(),
-                    );
+                    prefetch_blocks(x);
                     let (ws, wm) = k4_factors(&x.scales, x.d, x.dmin);
                     store_packed(p, unpack_q4k(&x.qs), ws, wm);
                 }
@@ -907,10 +895,7 @@ macro_rules! avx512_family {
             #[target_feature(enable = $features)]
             unsafe fn pack_q5k_impl(row: &[BlockQ5K], out: &mut [KPacked]) {
                 for (x, p) in row.iter().zip(out.iter_mut()) {
-                    prefetch_ahead(
-                        (x as *const BlockQ5K).cast(),
-                        std::mem::size_of::<BlockQ5K>(),
-                    );
+                    prefetch_blocks(x);
                     let (ws, wm) = k4_factors(&x.scales, x.d, x.dmin);
                     store_packed(p, unpack_q5k(&x.qs, &x.qh), ws, wm);
                 }
@@ -919,10 +904,7 @@ macro_rules! avx512_family {
             #[target_feature(enable = $features)]
             unsafe fn pack_q6k_impl(row: &[BlockQ6K], out: &mut [KPacked]) {
                 for (x, p) in row.iter().zip(out.iter_mut()) {
-                    prefetch_ahead(
-                        (x as *const BlockQ6K).cast(),
-                        std::mem::size_of::<BlockQ6K>(),
-                    );
+                    prefetch_blocks(x);
                     let sc = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128(
                         x.scales.as_ptr().cast(),
                     )));

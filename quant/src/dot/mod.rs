@@ -48,6 +48,13 @@ pub(crate) fn prefetch_ahead(p: *const u8, bytes: usize) {
     prefetch_l2(p.wrapping_add(PF_AHEAD), bytes);
 }
 
+/// [`prefetch_ahead`] for the bytes of `x`: one weight block, or a run of them.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+pub(crate) fn prefetch_blocks<T: ?Sized>(x: &T) {
+    prefetch_ahead((x as *const T).cast(), std::mem::size_of_val(x));
+}
+
 /// Request into L2 the `bytes` bytes at `p`, one `prefetcht1` per 64 bytes. Any address is
 /// allowed: a prefetch never faults and changes no result.
 #[cfg(target_arch = "x86_64")]
