@@ -155,14 +155,15 @@ pub fn estimate(s: &MemShape, file_bytes: u64, tensor_bytes: u64, r: &RunShape) 
     // FLOAT_COPY_MIN_TOKENS tokens or more); quantized weights: the tile kernels' packed rows
     // (prompts of TILE_MIN_TOKENS or more). Levels without tile kernels (scalar, NEON) keep
     // neither, so there this is an upper bound.
-    let panels = if s.float_down && r.n_batch >= ggpt_quant::matmul::FLOAT_COPY_MIN_TOKENS as u64 {
-        r.threads * ggpt_quant::matmul::PANEL_BYTES as u64
-    } else if !s.float_down && r.n_batch >= ggpt_quant::matmul::TILE_MIN_TOKENS as u64 {
-        r.threads * ggpt_quant::matmul::TILE_BYTES as u64
-    } else {
-        0
-    };
-    let scratch_bytes = activations + attention + panels;
+    let weight_buffers =
+        if s.float_down && r.n_batch >= ggpt_quant::matmul::FLOAT_COPY_MIN_TOKENS as u64 {
+            r.threads * ggpt_quant::matmul::PANEL_BYTES as u64
+        } else if !s.float_down && r.n_batch >= ggpt_quant::matmul::TILE_MIN_TOKENS as u64 {
+            r.threads * ggpt_quant::matmul::TILE_BYTES as u64
+        } else {
+            0
+        };
+    let scratch_bytes = activations + attention + weight_buffers;
     let logits_bytes = logits_bytes(s, r.n_seq);
     let ram_total = file_bytes + kv_bytes + scratch_bytes + logits_bytes + RUNTIME_BYTES;
     let ubatch = r.n_ctx.min(512);

@@ -115,8 +115,6 @@ const READERS: usize = 2;
 struct PageBuf {
     ptr: std::ptr::NonNull<u8>,
     len: usize,
-    /// Bytes mapped at `ptr` (`len` rounded up to whole pages).
-    mapped: usize,
 }
 
 /// The huge-page size the buffers align to.
@@ -130,7 +128,7 @@ unsafe impl Sync for PageBuf {}
 
 impl PageBuf {
     fn new(len: usize) -> Option<PageBuf> {
-        let mapped = len.max(1).checked_next_multiple_of(PAGE as usize)?;
+        let mapped = Self::mapped_len(len)?;
         let huge = mapped >= HUGE;
         // Room to slide the start to a 2 MiB boundary; the slack is unmapped below.
         let reserve = if huge {
@@ -178,8 +176,12 @@ impl PageBuf {
         Some(PageBuf {
             ptr: std::ptr::NonNull::new(start)?,
             len,
-            mapped,
         })
+    }
+
+    /// Bytes mapped for a buffer of `len` bytes: whole pages, at least one.
+    fn mapped_len(len: usize) -> Option<usize> {
+        len.max(1).checked_next_multiple_of(PAGE as usize)
     }
 
     fn bytes(&self) -> &[u8] {
@@ -198,8 +200,9 @@ impl PageBuf {
 
 impl Drop for PageBuf {
     fn drop(&mut self) {
+        let mapped = Self::mapped_len(self.len).expect("it was mapped in `new`");
         // SAFETY: `ptr..ptr + mapped` is the mapping made in `new`, unmapped only here.
-        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.mapped) };
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), mapped) };
     }
 }
 
