@@ -183,6 +183,8 @@ pub fn run(args: Args) -> Result<()> {
 
     // Storage reads are counted from the first generated piece, after the prompt's evaluation.
     let mut read_before = None;
+    let waited = || model.gpt2().residency().map(|r| r.waited());
+    let mut waited_before = None;
     let req = Request {
         prompt: prompt_ids,
         max_new_tokens: args.n_predict,
@@ -198,6 +200,7 @@ pub fn run(args: Args) -> Result<()> {
     let gen = generate(&model, &req, |_, piece| {
         if read_before.is_none() {
             read_before = Some(ggpt::budget::storage_read_bytes());
+            waited_before = waited();
         }
         if n_seq > 1 {
             return Ok(Flow::Continue);
@@ -215,6 +218,9 @@ pub fn run(args: Args) -> Result<()> {
     })?;
     let read_during = ggpt::budget::storage_read_bytes()
         .zip(read_before.flatten())
+        .map(|(a, b)| a.saturating_sub(b));
+    let waited_during = waited()
+        .zip(waited_before)
         .map(|(a, b)| a.saturating_sub(b));
     if n_seq == 1 {
         if !prompt_written {
@@ -253,8 +259,18 @@ pub fn run(args: Args) -> Result<()> {
     );
     if let (Some(bytes), Some(_)) = (read_during, model.gpt2().residency()) {
         super::common::note!(
-            "ggpt: storage reads     = {:10.1} MB per generated token",
+            "ggpt: storage reads    = {:10.1} MB per generated token",
             bytes as f64 / 1e6 / n_generated.max(1) as f64
+        );
+    }
+    if let Some(w) = waited_during {
+        // Time the token loop stood still for streamed weights: near zero means the run is
+        // bound by computation (and whatever else shares its cores), not by the disk.
+        let ms = w.as_secs_f64() * 1e3;
+        super::common::note!(
+            "ggpt: waited for reads = {:10.2} ms ({:.1} % of eval time)",
+            ms,
+            100.0 * ms / gen_ms.max(1e-9)
         );
     }
     Ok(())
