@@ -11,8 +11,11 @@
 # memory.limit_in_bytes set, the program started inside it (a shell writes its pid to
 # cgroup.procs, then execs), -n 64 greedy tokens on 2 threads. Printed per run: decode t/s,
 # the group's peak usage, OOM kills, exit status, the device's reads per evaluated token
-# (/proc/diskstats, so the host must be quiet). For the streaming ggpt run also the streamed
-# MB per token and the disk roofline (dd bandwidth / streamed bytes).
+# (/proc/diskstats) and the vCPUs' steal time (/proc/stat; both machine-wide, so the host must
+# be quiet). For the streaming ggpt run also the streamed MB per token, the share of the token
+# loop's time spent waiting for reads, and the disk roofline (dd bandwidth / streamed bytes).
+# Per file, the unconstrained run is followed by the same run with a dd reading the file beside
+# it: what reading alone costs a decode on this machine.
 #
 # Environment: BEFORE (default /tmp/ggpt-main0), AFTER (default target/release/ggpt),
 # LLAMA_DIR (default /work/llama.cpp/build/bin; llama-bench -p 0 -n 64 -r 1, with --repack 0 where it has it),
@@ -52,10 +55,14 @@ run_limited() {
     mkdir "$cg" || return 1
     echo $((limit * 1024 * 1024)) > "$cg/memory.limit_in_bytes"
     drop_caches
-    local r0 r1
+    local r0 r1 st0 st1 t0 t1
     r0=$(sectors_read)
+    st0=$(steal_ticks)
+    t0=$(date +%s.%N)
     sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg" timeout "$TIMEOUT" "$@" > "$out" 2>&1
     local rc=$?
+    t1=$(date +%s.%N)
+    st1=$(steal_ticks)
     r1=$(sectors_read)
     local peak oom
     peak=$(( $(cat "$cg/memory.max_usage_in_bytes") / 1048576 ))
@@ -67,7 +74,15 @@ run_limited() {
     if [ -n "$r0" ] && [ -n "$r1" ]; then
         mb_tok=$(awk -v a="$r0" -v b="$r1" -v n="$N" 'BEGIN {printf "%.0f", (b - a) * 512 / 1e6 / (n + 1)}')
     fi
-    echo "$peak ${oom:-?} $rc $mb_tok"
+    echo "$peak ${oom:-?} $rc $mb_tok $(steal_pct "$st0" "$st1" "$t0" "$t1")"
+}
+
+# The machine's steal time so far (clock ticks the hypervisor ran something else while a vCPU
+# had work), and its share of all vCPUs' time between two readings: "steal_pct ST0 ST1 T0 T1".
+steal_ticks() { awk '$1 == "cpu" {print $9}' /proc/stat; }
+steal_pct() {
+    awk -v a="$1" -v b="$2" -v t0="$3" -v t1="$4" -v hz="$(getconf CLK_TCK)" -v n="$(nproc)" \
+        'BEGIN {printf "%.1f", 100 * (b - a) / hz / ((t1 - t0) * n)}'
 }
 
 # Sectors read so far from $DEV, the block device holding the file under test (nothing when
@@ -80,8 +95,8 @@ ggpt_tps() { sed -n 's/.* eval time = .*, *\([0-9.]*\) tokens per second)/\1/p' 
 llama_tps() { awk -F'","' '/^"/ {v=$(NF-1)} END {print v+0}' "$1"; }
 
 printf '# load: %s\n' "$(cut -d' ' -f1-3 /proc/loadavg)"
-printf '| file | limit MiB | program | decode t/s | peak MiB | OOM kills | rc | disk MB/token | note |\n'
-printf '|---|---:|---|---:|---:|---:|---:|---:|---|\n'
+printf '| file | limit MiB | program | decode t/s | peak MiB | OOM kills | rc | disk MB/token | steal %% | note |\n'
+printf '|---|---:|---|---:|---:|---:|---:|---:|---:|---|\n'
 for case in "$@"; do
     file=${case%%:*}
     limits=${case#*:}
@@ -92,13 +107,40 @@ for case in "$@"; do
     DEV=$(basename "$(df --output=source "$file" | tail -1)")
     drop_caches
     bw=$(dd if="$file" of=/dev/null bs=8M iflag=direct 2>&1 | awk '/copied/ {print $(NF-1), $NF}')
-    printf '| %s | - | disk (dd O_DIRECT, cold) | - | - | - | - | - | %s |\n' "$name" "$bw"
+    printf '| %s | - | disk (dd O_DIRECT, cold) | - | - | - | - | - | - | %s |\n' "$name" "$bw"
     bw_mbs=$(echo "$bw" | awk '{v=$1; if ($2 ~ /^GB/) v*=1000; print v}')
     tmp=$(mktemp)
     # Unconstrained reference (default context).
     drop_caches
+    st0=$(steal_ticks)
+    t0=$(date +%s.%N)
     "$AFTER" run -m "$file" -p "$PROMPT" -n "$N" --temp 0 -t "$THREADS" --ignore-eos > "$tmp" 2>&1
-    printf '| %s | none | ggpt after | %s | - | - | %s | - | |\n' "$name" "$(ggpt_tps "$tmp")" "$?"
+    rc=$?
+    t1=$(date +%s.%N)
+    st1=$(steal_ticks)
+    printf '| %s | none | ggpt after | %s | - | - | %s | - | %s | |\n' "$name" "$(ggpt_tps "$tmp")" "$rc" \
+        "$(steal_pct "$st0" "$st1" "$t0" "$t1")"
+    # What reading costs a decode that never touches the disk: the same in-memory run (page
+    # cache warm) with a cold O_DIRECT reader of the file beside it. On a virtual machine whose
+    # block device is emulated by host threads that share the vCPUs' CPU time (a Firecracker
+    # guest), the reads show up as steal time and slow the decode although dd itself uses
+    # almost no guest CPU.
+    (while :; do dd if="$file" of=/dev/null bs=8M iflag=direct 2> /dev/null; done) &
+    reader=$!
+    sleep 0.3
+    s0=$(sectors_read)
+    t0=$(date +%s.%N)
+    st0=$(steal_ticks)
+    "$AFTER" run -m "$file" -p "$PROMPT" -n "$N" --temp 0 -t "$THREADS" --ignore-eos > "$tmp" 2>&1
+    st1=$(steal_ticks)
+    t1=$(date +%s.%N)
+    s1=$(sectors_read)
+    kill "$reader"
+    pkill -P "$reader" dd
+    wait "$reader" 2> /dev/null
+    dd_beside=$(awk -v s0="${s0:-0}" -v s1="${s1:-0}" -v t0="$t0" -v t1="$t1" 'BEGIN {printf "%.0f", (s1 - s0) * 512 / (t1 - t0) / 1e6}')
+    printf '| %s | none | ggpt after, dd reading beside it | %s | - | - | - | - | %s | dd read %s MB/s beside it |\n' \
+        "$name" "$(ggpt_tps "$tmp")" "$(steal_pct "$st0" "$st1" "$t0" "$t1")" "$dd_beside"
     for limit in ${limits//,/ }; do
         for prog in before after llama; do
             case $prog in
@@ -111,10 +153,11 @@ for case in "$@"; do
                 note=""
                 streamed=$(sed -n 's/.*streaming \([0-9.]*\) MB per token.*/\1/p' "$tmp" | tail -1)
                 reads=$(sed -n 's/.*storage reads *= *\([0-9.]*\) MB.*/\1/p' "$tmp" | tail -1)
+                waited=$(sed -n 's/.*waited for reads = .*(\([0-9.]*\) % of eval time).*/\1/p' "$tmp" | tail -1)
                 if [ -n "$streamed" ]; then
                     roof=$(awk -v b="$bw_mbs" -v s="$streamed" 'BEGIN {printf "%.2f", b / s}')
                     pct=$(awk -v t="${tps:-0}" -v r="$roof" 'BEGIN {printf "%.0f", 100 * t / r}')
-                    note="streams $streamed MB/token (read $reads), roofline $roof t/s, ${pct} %"
+                    note="streams $streamed MB/token (read $reads), waited ${waited:-?} %, roofline $roof t/s, ${pct} %"
                 elif [ -n "$reads" ]; then
                     note="reads $reads MB/token"
                 fi
@@ -127,9 +170,9 @@ for case in "$@"; do
                 note="llama-bench"
                 ;;
             esac
-            read -r peak oom rc disk <<< "$r"
-            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$limit" "$prog" \
-                "${tps:-fail}" "$peak" "$oom" "$rc" "$disk" "$note"
+            read -r peak oom rc disk steal <<< "$r"
+            printf '| %s | %s | %s | %s | %s | %s | %s | %s | %s | %s |\n' "$name" "$limit" "$prog" \
+                "${tps:-fail}" "$peak" "$oom" "$rc" "$disk" "$steal" "$note"
         done
     done
     rm -f "$tmp"

@@ -18,10 +18,12 @@
 //!   never planned, their pages come and go with use.
 //!
 //! Streaming keeps a read-ahead window of streamed bytes in flight (`ggpt_models::residency`):
-//! room for [`READ_AHEAD_PIECES`] of the largest block matrix, at most two blocks' worth. The
-//! ring's readers have two reads in flight and the forward pass holds one buffer, so a fourth
-//! lets the disk run one piece ahead of a pass that pauses; every byte beyond that would be a
-//! byte of weights streamed on every token instead of kept. The smallest budget that can run
+//! room for [`READ_AHEAD_PIECES`] of the largest block matrix, at most two blocks' worth: the
+//! ring's two readers each have a read in flight while the forward pass holds the third buffer.
+//! Every byte beyond that is a byte of weights streamed on every token instead of kept: a fourth
+//! buffer let the disk run one piece further ahead, but measured with the ring on huge pages it
+//! bought no speed where the disk binds (GPT-2 Medium F16 at 300–600 MiB) and cost 8 % where
+//! the CPUs do (Q4_K_M at 256 MiB, where each streamed byte also costs CPU time; docs/memory.md). The smallest budget that can run
 //! at all is therefore the KV cache and scratch the run needs, the runtime, and one block;
 //! below that a run is refused before it starts.
 
@@ -41,7 +43,7 @@ use crate::memory::{estimate, MemShape, Mib, RunShape};
 pub const OVERHEAD: u64 = 16 << 20;
 
 /// Streamed pieces the read-ahead window holds (see the module documentation).
-pub const READ_AHEAD_PIECES: u64 = 4;
+pub const READ_AHEAD_PIECES: u64 = 3;
 
 /// Why a budget cannot be read or used.
 #[derive(Debug, thiserror::Error)]
@@ -727,13 +729,13 @@ mod tests {
         assert!(p.in_memory());
         assert_eq!((p.full_budget, p.min_budget), (358 * MIB, 42 * MIB));
         assert_eq!(p.streamed_bytes, 0);
-        // 200 MiB: 170 MiB free; a window of four of the largest pieces (4 MiB, each slot a
-        // page more: 16 MiB + 16 KiB), less than two blocks (24 MiB); 153 MiB + 1008 KiB of
-        // room: the head (40), then 113 MiB of the 288 MiB of blocks, spread over the layers.
+        // 200 MiB: 170 MiB free; a window of three of the largest pieces (4 MiB, each slot a
+        // page more: 12 MiB + 12 KiB), less than two blocks (24 MiB); 157 MiB + 1012 KiB of
+        // room: the head (40), then 117 MiB of the 288 MiB of blocks, spread over the layers.
         let p = plan(&l, needs, 200 * MIB).unwrap();
-        assert_eq!(p.window, 16 * MIB + 16 * 1024);
-        assert_eq!(p.resident_bytes, 153 * MIB);
-        assert_eq!(p.streamed_bytes, (328 - 153) * MIB);
+        assert_eq!(p.window, 12 * MIB + 12 * 1024);
+        assert_eq!(p.resident_bytes, 157 * MIB);
+        assert_eq!(p.streamed_bytes, (328 - 157) * MIB);
         assert!(p.resident.contains(&(l.units.len() - 1)), "head resident");
         // Spread: both halves of the model keep some resident blocks' matrices.
         let first_half = p.resident.iter().filter(|&&i| l.units[i].step < 12).count();
@@ -769,17 +771,17 @@ mod tests {
             scratch: MIB,
             runtime: 22 * MIB,
         };
-        // 34 MiB: 10 MiB free; window 4 × (512 KiB + a page) = 2064 KiB (two blocks would be
-        // 3 MiB); 8176 KiB of room: the head does not fit, so the room goes to blocks (9216
+        // 34 MiB: 10 MiB free; window 3 × (512 KiB + a page) = 1548 KiB (two blocks would be
+        // 3 MiB); 8692 KiB of room: the head does not fit, so the room goes to blocks (9216
         // KiB of them, in units of 384, 128, 512, 512 KiB) and the head streams. The spread
-        // keeps a unit while the kept bytes stay within 8176/9216 of the bytes seen: it skips
-        // block 0's qkv, block 2's qkv and block 4's up (1280 KiB), and the 240 KiB left
-        // over holds no skipped unit, so 7936 KiB stay (a best packing would keep 8064).
+        // keeps a unit while the kept bytes stay within 8692/9216 of the bytes seen: it skips
+        // block 0's qkv and block 4's up (896 KiB), and the 372 KiB left over holds no skipped
+        // unit, so 8320 KiB stay (a best packing would keep 8576).
         let p = plan(&l, needs, 34 * MIB).unwrap();
-        assert_eq!(p.window, 2064 * 1024);
+        assert_eq!(p.window, 1548 * 1024);
         assert!(p.streamed.contains(&(l.units.len() - 1)));
-        assert_eq!(p.resident_bytes, 7936 * 1024);
-        assert_eq!(p.streamed_bytes, 24 * MIB + 1280 * 1024);
+        assert_eq!(p.resident_bytes, 8320 * 1024);
+        assert_eq!(p.streamed_bytes, 24 * MIB + 896 * 1024);
     }
 
     #[test]
@@ -808,7 +810,7 @@ mod tests {
         assert_eq!((p.min_budget, p.full_budget), (43 * MIB, 358 * MIB));
         assert_eq!(
             (p.window, p.resident_bytes),
-            (16 * MIB + 16 * 1024, 152 * MIB)
+            (12 * MIB + 12 * 1024, 156 * MIB)
         );
         assert!(plan(&l, needs, 358 * MIB).unwrap().in_memory());
     }
