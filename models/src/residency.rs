@@ -10,9 +10,11 @@
 //! - **streamed** spans are listed per *step* of the forward pass (step `l` < n_layer is block
 //!   `l`, step n_layer is the output head). Every streamed span no larger than the largest
 //!   streamed block matrix goes through a *ring*: reader threads (two, each with one read in
-//!   flight) `pread` the spans in the order the forward pass uses them (cyclically: the head is followed by the next token's
-//!   block 0) into a few reused buffers that together take at most the read-ahead window, as
-//!   far ahead of use as free buffers allow. The reads go through a second open file
+//!   flight) `pread` the spans in the order the forward pass uses them (cyclically: the head
+//!   is followed by the next token's block 0) into a few reused slots of the largest piece's
+//!   size that together take at most the read-ahead window, as far ahead of use as free space
+//!   allows. Consecutive pieces that fit one slot together share it, so the slots hold more
+//!   pieces when they are small. The reads go through a second open file
 //!   description of the mapped file (`/proc/self/fd`, the same inode) with `O_DIRECT` where
 //!   the file system allows it, so streamed bytes never enter the page cache and are charged
 //!   once, as the buffers; elsewhere through the mapped descriptor itself, dropping each
@@ -25,10 +27,11 @@
 //!   pass, not in it.
 //!
 //! The forward pass asks [`Residency::weight`] for each matrix's bytes: a pinned copy, a
-//! filled ring buffer (held until the returned guard is dropped), or `None` for "read the
-//! mapping". Asking for a streamed span that is not the next one in the ring's order (a pass
-//! that skips the head, an error part-way) skips the ring ahead to it; the skipped reads are
-//! wasted, never wrong. One ring buffer is held at a time: concurrent passes take turns.
+//! filled piece of the ring (held until the returned guard is dropped), or `None` for "read
+//! the mapping". Asking for a streamed span that is not the next one in the ring's order (a
+//! pass that skips the head, an error part-way) skips the ring ahead to it; the skipped reads
+//! are wasted, never wrong. One piece of the ring is held at a time: concurrent passes take
+//! turns.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;
@@ -124,7 +127,7 @@ const HUGE: usize = 2 << 20;
 // SAFETY: PageBuf owns its mapping exclusively, like a Vec<u8>.
 unsafe impl Send for PageBuf {}
 // SAFETY: shared access only hands out `&[u8]`; writes go through `&mut self` or through the
-// ring's protocol (see `Ring::fill`), which gives the reader exclusive use of a slot.
+// ring's protocol (see `Ring::fill`), which gives a reader exclusive use of the range it fills.
 unsafe impl Sync for PageBuf {}
 
 impl PageBuf {
@@ -186,16 +189,33 @@ impl PageBuf {
     }
 
     fn bytes(&self) -> &[u8] {
-        // SAFETY: ptr..ptr+len lies in this buffer's mapping, zero until written.
-        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+        self.range(0, self.len)
+    }
+
+    /// The `len` bytes from `off`.
+    fn range(&self, off: usize, len: usize) -> &[u8] {
+        assert!(off.checked_add(len).is_some_and(|end| end <= self.len));
+        // SAFETY: the range lies in this buffer's mapping (checked above), zero until written.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().add(off), len) }
     }
 
     /// # Safety
     /// The caller must have exclusive use of the buffer (no live `bytes()` slice).
     #[allow(clippy::mut_from_ref)]
     unsafe fn bytes_mut_unchecked(&self) -> &mut [u8] {
-        // SAFETY: exclusive use is the caller's contract; the range is this mapping.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr(), self.len) }
+        // SAFETY: exclusive use of the whole buffer is the caller's contract.
+        unsafe { self.range_mut_unchecked(0, self.len) }
+    }
+
+    /// # Safety
+    /// The caller must have exclusive use of the `len` bytes from `off`: no live slice of
+    /// this buffer overlaps them.
+    #[allow(clippy::mut_from_ref)]
+    unsafe fn range_mut_unchecked(&self, off: usize, len: usize) -> &mut [u8] {
+        assert!(off.checked_add(len).is_some_and(|end| end <= self.len));
+        // SAFETY: the range lies in this mapping (checked above); exclusive use of it is the
+        // caller's contract, and a slice made from the raw pointer borrows nothing else.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().add(off), len) }
     }
 }
 
@@ -250,38 +270,88 @@ struct Piece {
     read_len: usize,
 }
 
-/// Where the ring's reader and the forward pass are.
+/// A sequence number a reader has claimed, and where its piece goes in the ring's buffer.
+struct Claim {
+    seq: u64,
+    /// Byte offset in the buffer (a multiple of the page size) and length of its read range.
+    at: usize,
+    len: usize,
+    /// A reader is writing it.
+    busy: bool,
+    /// The read is done.
+    filled: bool,
+}
+
+/// Where the ring's readers and the forward pass are.
 struct RingState {
-    /// The next sequence number the reader fills (piece `fill % n`, slot `fill % slots`).
+    /// The next sequence number a reader claims (piece `fill % n`).
     fill: u64,
-    /// The sequence number each slot holds, once filled.
-    filled: Vec<Option<u64>>,
-    /// A reader is writing the slot.
-    busy: Vec<bool>,
-    /// The next sequence number the forward pass takes; slots of numbers below it are free.
+    /// The claims still holding buffer space, oldest first (in sequence order).
+    claims: std::collections::VecDeque<Claim>,
+    /// The next sequence number the forward pass takes; space of numbers below it is free once
+    /// no reader writes it.
     consume: u64,
-    /// A slot is lent out to the forward pass.
+    /// A pass owns the cursor: it holds the piece of `consume`, or waits for it.
     held: bool,
     stop: bool,
     /// A read failed: the message, reported to the forward pass.
     error: Option<String>,
-    /// How long the forward pass has waited for slots to be filled, in all.
+    /// How long the forward pass has waited for pieces to be filled, in all.
     waited: Duration,
 }
 
-/// Streamed spans read ahead by reader threads into reused buffers.
+impl RingState {
+    /// Drop the claims the forward pass is done with or skipped, oldest first, as far as no
+    /// reader still writes one. True when space was freed.
+    fn reclaim(&mut self) -> bool {
+        let mut freed = false;
+        while self
+            .claims
+            .front()
+            .is_some_and(|c| c.seq < self.consume && !c.busy)
+        {
+            self.claims.pop_front();
+            freed = true;
+        }
+        freed
+    }
+
+    /// Where a piece of `len` bytes goes in a buffer of `k` slots of `slot` bytes: right after
+    /// the newest claim if its slot has room left, else at the start of the next slot once no
+    /// claim is left in it. Every piece fits a slot, so `k` pieces are in flight whatever their
+    /// sizes, and more when small ones share a slot.
+    fn place(&self, len: usize, slot: usize, k: usize) -> Option<usize> {
+        let Some(last) = self.claims.back() else {
+            return (len <= slot).then_some(0);
+        };
+        let end = last.at + last.len;
+        let s = last.at / slot;
+        if end + len <= (s + 1) * slot {
+            return Some(end);
+        }
+        let next = (s + 1) % k;
+        let busy = self.claims.iter().any(|c| c.at / slot == next);
+        (!busy && len <= slot).then_some(next * slot)
+    }
+}
+
+/// Streamed spans read ahead by reader threads into one reused buffer.
 pub struct Ring {
     pieces: Vec<Piece>,
     /// Span offset → index in `pieces`.
     index: std::collections::HashMap<u64, usize>,
-    slots: Vec<PageBuf>,
+    /// The pieces in flight: `slots` slots of `slot` bytes, each holding one piece or several
+    /// consecutive ones back to back.
+    buf: PageBuf,
+    slot: usize,
+    slots: usize,
     file: File,
     mode: ReadMode,
     name: String,
     state: Mutex<RingState>,
-    /// Readers wait here for a slot to claim (a slot freed, numbers skipped, or stop).
+    /// Readers wait here for room to claim (space freed, numbers skipped, or stop).
     readable: Condvar,
-    /// The forward pass waits here for its slot to be filled, or for the lent slot back.
+    /// The forward pass waits here for its piece to be filled, or for the cursor.
     takeable: Condvar,
 }
 
@@ -294,38 +364,46 @@ impl Ring {
         cv.wait(g).unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A reader thread: claim the next sequence number while its slot is free, fill the slot.
+    fn piece(&self, seq: u64) -> &Piece {
+        &self.pieces[(seq % self.pieces.len() as u64) as usize]
+    }
+
+    /// A reader thread: claim the next sequence number where the buffer has room for its piece,
+    /// fill that space.
     fn fill(&self) {
-        let (n, k) = (self.pieces.len() as u64, self.slots.len() as u64);
         loop {
-            let seq = {
+            let (seq, at) = {
                 let mut g = self.lock();
-                loop {
+                let at = loop {
                     if g.stop {
                         return;
                     }
+                    g.reclaim();
                     // Sequence numbers the forward pass skipped need no reading.
                     g.fill = g.fill.max(g.consume);
-                    // The slot must be free: consumed, and not still being written by a
-                    // reader that filled it for a number the forward pass then skipped.
-                    if g.fill < g.consume + k && !g.busy[(g.fill % k) as usize] {
-                        break;
+                    if let Some(at) = g.place(self.piece(g.fill).read_len, self.slot, self.slots) {
+                        break at;
                     }
                     g = self.wait(&self.readable, g);
-                }
+                };
                 let seq = g.fill;
-                g.busy[(seq % k) as usize] = true;
+                g.claims.push_back(Claim {
+                    seq,
+                    at,
+                    len: self.piece(seq).read_len,
+                    busy: true,
+                    filled: false,
+                });
                 g.fill += 1;
-                seq
+                (seq, at)
             };
-            let piece = &self.pieces[(seq % n) as usize];
-            let slot = &self.slots[(seq % k) as usize];
-            // SAFETY: slot `seq % k` was claimed above while no reader was writing it (`busy`)
-            // and its last number was consumed or skipped (`seq < consume + k`), so the forward
-            // pass holds no slice of it; it is not lent out before `filled` names `seq`, and no
-            // other reader claims it while `busy`: this reader is its only user now.
-            let buf = unsafe { slot.bytes_mut_unchecked() };
-            let got = read_full(&self.file, &mut buf[..piece.read_len], piece.read_start);
+            let piece = self.piece(seq);
+            // SAFETY: `at..at + read_len` was free when claimed above (`place` puts a claim only
+            // where no other claim's bytes lie) and stays this claim's until it is reclaimed,
+            // which needs `busy` cleared: no other reader writes it, and the forward pass gets a
+            // slice of it only once `filled` is set below.
+            let buf = unsafe { self.buf.range_mut_unchecked(at, piece.read_len) };
+            let got = read_full(&self.file, buf, piece.read_start);
             let head = (piece.span.offset - piece.read_start) as usize;
             let result = match got {
                 Ok(got) if got >= head + piece.span.len as usize => Ok(()),
@@ -349,13 +427,13 @@ impl Ring {
                 };
             }
             let mut g = self.lock();
-            g.busy[(seq % k) as usize] = false;
-            match result {
-                Ok(()) => g.filled[(seq % k) as usize] = Some(seq),
-                Err(e) => {
-                    g.error = Some(e);
-                    g.stop = true;
-                }
+            if let Some(c) = g.claims.iter_mut().find(|c| c.seq == seq) {
+                c.busy = false;
+                c.filled = result.is_ok();
+            }
+            if let Err(e) = result {
+                g.error = Some(e);
+                g.stop = true;
             }
             // Wake only who can proceed: a reader woken for nothing is a context switch on a
             // core the forward pass uses (one condition variable for both sides cost each
@@ -365,16 +443,16 @@ impl Ring {
                 self.readable.notify_all();
                 return;
             }
-            // A reader waits on a busy slot only when the forward pass skipped a number.
-            if g.fill % k == seq % k {
+            // A skipped piece's space is free once its read is done.
+            if g.reclaim() {
                 self.readable.notify_one();
             }
         }
     }
 
-    /// Wait for the span at `offset` (piece `idx`) and lend its slot out.
+    /// Wait for the span at `offset` (piece `idx`) and lend its bytes out.
     fn take(&self, idx: usize) -> Result<&[u8], String> {
-        let (n, k) = (self.pieces.len() as u64, self.slots.len() as u64);
+        let n = self.pieces.len() as u64;
         let mut g = self.lock();
         while g.held {
             g = self.wait(&self.takeable, g);
@@ -384,41 +462,44 @@ impl Ring {
             while g.consume % n != idx as u64 {
                 g.consume += 1;
             }
+            g.reclaim();
             self.readable.notify_all();
         }
-        // The cursor is this pass's until it releases the slot: another pass must not move
+        // The cursor is this pass's until it releases the piece: another pass must not move
         // `consume` past the number this one waits for.
         g.held = true;
         let seq = g.consume;
         let mut waited_since = None;
-        loop {
+        let at = loop {
             if let Some(e) = g.error.clone() {
                 g.held = false;
                 self.takeable.notify_one();
                 return Err(format!("{}: reading streamed weights: {e}", self.name));
             }
-            if g.filled[(seq % k) as usize] == Some(seq) {
-                break;
+            if let Some(c) = g.claims.iter().find(|c| c.seq == seq && c.filled) {
+                break c.at;
             }
             waited_since.get_or_insert_with(Instant::now);
             g = self.wait(&self.takeable, g);
-        }
+        };
         if let Some(t) = waited_since {
             g.waited += t.elapsed();
         }
         let p = &self.pieces[idx];
         let head = (p.span.offset - p.read_start) as usize;
-        Ok(&self.slots[(seq % k) as usize].bytes()[head..head + p.span.len as usize])
+        Ok(self.buf.range(at + head, p.span.len as usize))
     }
 
-    /// The forward pass is done with the slot it holds.
+    /// The forward pass is done with the piece it holds.
     fn release(&self) {
         let mut g = self.lock();
         g.consume += 1;
         g.held = false;
-        // One more slot is free: one reader can claim it.
-        self.readable.notify_one();
-        // Another pass may be waiting for the slot to come back.
+        // Its space is free: a reader may have room now.
+        if g.reclaim() {
+            self.readable.notify_one();
+        }
+        // Another pass may be waiting for the cursor.
         self.takeable.notify_one();
     }
 
@@ -531,7 +612,7 @@ impl Residency {
         };
         let mut ring_readers = Vec::new();
         if let Some(r) = &ring {
-            for _ in 0..READERS.min(r.slots.len()) {
+            for _ in 0..READERS {
                 let worker = Arc::clone(r);
                 let h = std::thread::Builder::new()
                     .name("ggpt-stream".to_string())
@@ -640,16 +721,15 @@ impl Residency {
                 }
             })
             .collect();
-        let slot_len = pieces.iter().map(|p| p.read_len).max().unwrap_or(0);
-        let n_slots = (window / slot_len.max(1) as u64).clamp(2, pieces.len().max(2) as u64);
-        let mut slots = Vec::new();
-        for _ in 0..n_slots {
-            slots.push(PageBuf::new(slot_len).ok_or(ResidencyError::Alloc {
-                file: name.to_string(),
-                bytes: slot_len as u64 * n_slots,
-                what: "streaming buffers",
-            })?);
-        }
+        // Slots of the largest piece, as many as the window holds: at least two, at most one
+        // per piece.
+        let slot = pieces.iter().map(|p| p.read_len).max().unwrap_or(0).max(1);
+        let slots = (window / slot as u64).clamp(2, pieces.len().max(2) as u64) as usize;
+        let buf = PageBuf::new(slot * slots).ok_or(ResidencyError::Alloc {
+            file: name.to_string(),
+            bytes: (slot * slots) as u64,
+            what: "streaming buffers",
+        })?;
         let index = pieces
             .iter()
             .enumerate()
@@ -660,14 +740,15 @@ impl Residency {
             index,
             state: Mutex::new(RingState {
                 fill: 0,
-                filled: vec![None; slots.len()],
-                busy: vec![false; slots.len()],
+                claims: Default::default(),
                 consume: 0,
                 held: false,
                 stop: false,
                 error: None,
                 waited: Duration::ZERO,
             }),
+            buf,
+            slot,
             slots,
             file,
             mode,
@@ -689,9 +770,7 @@ impl Residency {
 
     /// Bytes of the ring's buffers.
     pub fn ring_bytes(&self) -> u64 {
-        self.ring
-            .as_ref()
-            .map_or(0, |r| r.slots.iter().map(|s| s.len as u64).sum())
+        self.ring.as_ref().map_or(0, |r| r.buf.len as u64)
     }
 
     /// Bytes kept resident.
@@ -1058,6 +1137,53 @@ mod tests {
         assert!(r.weight(base + 1, 10).unwrap().is_none());
         drop(r);
         let _ = std::fs::remove_file(path);
+    }
+
+    #[test]
+    fn small_pieces_share_a_slot() {
+        let mut st = RingState {
+            fill: 0,
+            claims: Default::default(),
+            consume: 0,
+            held: false,
+            stop: false,
+            error: None,
+            waited: Duration::ZERO,
+        };
+        let claim = |seq, at, len| Claim {
+            seq,
+            at,
+            len,
+            busy: false,
+            filled: true,
+        };
+        // Three slots of 100 bytes. Empty: the first slot, if the piece fits a slot at all.
+        assert_eq!(st.place(100, 100, 3), Some(0));
+        assert_eq!(st.place(101, 100, 3), None);
+        // Right after the newest while its slot has room, else the next slot.
+        st.claims.push_back(claim(0, 0, 40));
+        assert_eq!(st.place(60, 100, 3), Some(40));
+        assert_eq!(st.place(61, 100, 3), Some(100));
+        st.claims.push_back(claim(1, 40, 30));
+        st.claims.push_back(claim(2, 100, 90));
+        st.claims.push_back(claim(3, 200, 50));
+        assert_eq!(st.place(50, 100, 3), Some(250));
+        // The next slot (wrapping to the first) must hold no claim.
+        assert_eq!(st.place(51, 100, 3), None);
+        st.consume = 1;
+        assert!(st.reclaim());
+        assert_eq!(st.place(51, 100, 3), None, "seq 1 still holds slot 0");
+        st.consume = 2;
+        assert!(st.reclaim());
+        assert_eq!(st.place(51, 100, 3), Some(0));
+        // A consumed claim still being written holds its slot and everything after it.
+        st.claims.front_mut().unwrap().busy = true;
+        st.consume = 4;
+        assert!(!st.reclaim());
+        assert_eq!(st.claims.len(), 2);
+        st.claims.front_mut().unwrap().busy = false;
+        assert!(st.reclaim());
+        assert!(st.claims.is_empty());
     }
 
     #[test]
