@@ -282,7 +282,8 @@ struct Claim {
     filled: bool,
 }
 
-/// Where the ring's readers and the forward pass are.
+/// Where the ring's readers and the forward pass are (at the start: nothing claimed or taken).
+#[derive(Default)]
 struct RingState {
     /// The next sequence number a reader claims (piece `fill % n`).
     fill: u64,
@@ -738,15 +739,7 @@ impl Residency {
         Ok(Ring {
             pieces,
             index,
-            state: Mutex::new(RingState {
-                fill: 0,
-                claims: Default::default(),
-                consume: 0,
-                held: false,
-                stop: false,
-                error: None,
-                waited: Duration::ZERO,
-            }),
+            state: Mutex::new(RingState::default()),
             buf,
             slot,
             slots,
@@ -1141,15 +1134,7 @@ mod tests {
 
     #[test]
     fn small_pieces_share_a_slot() {
-        let mut st = RingState {
-            fill: 0,
-            claims: Default::default(),
-            consume: 0,
-            held: false,
-            stop: false,
-            error: None,
-            waited: Duration::ZERO,
-        };
+        let mut st = RingState::default();
         let claim = |seq, at, len| Claim {
             seq,
             at,
