@@ -19,13 +19,13 @@
 //!
 //! Streaming keeps a read-ahead window of streamed bytes in flight (`ggpt_models::residency`):
 //! room for [`READ_AHEAD_PIECES`] of the largest block matrix, at most two blocks' worth: the
-//! ring's two readers each have a read in flight while the forward pass holds the third buffer.
-//! Every byte beyond that is a byte of weights streamed on every token instead of kept: a fourth
-//! buffer let the disk run one piece further ahead, but measured with the ring on huge pages it
-//! bought no speed where the disk binds (GPT-2 Medium F16 at 300–600 MiB) and cost 8 % where
-//! the CPUs do (Q4_K_M at 256 MiB, where each streamed byte also costs CPU time; docs/memory.md). The smallest budget that can run
-//! at all is therefore the KV cache and scratch the run needs, the runtime, and one block;
-//! below that a run is refused before it starts.
+//! ring's two readers each have a read in flight while the forward pass holds the third slot.
+//! Every byte beyond that is a byte of weights streamed on every token instead of kept. A fourth
+//! slot lets the disk run one piece further ahead, but measured it bought no speed where the
+//! disk binds (GPT-2 Medium F16 at 300–600 MiB) and cost 8 % where the CPUs do (Q4_K_M at
+//! 256 MiB, where each streamed byte also costs CPU time; docs/memory.md). The smallest budget
+//! that can run at all is therefore the KV cache and scratch the run needs, the runtime, and
+//! one block; below that a run is refused before it starts.
 
 use std::path::{Path, PathBuf};
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The NEON kernels (quant/src/dot/neon.rs) on an x86-64 machine: type-check the workspace for
 # aarch64, build ggpt-quant's tests for aarch64 and run them under qemu user-mode emulation
-# (.cargo/config.toml sets the linker and the runner). The quant tests compare every level `dot::available_isas()` reports (scalar,
-# neon, neondot) with the scalar reference and ggml's fixtures.
+# (.cargo/config.toml sets the linker and the runner). The quant tests compare every level
+# `dot::available_isas()` reports (scalar, neon, neondot) with the scalar reference and
+# ggml's fixtures.
 #
 # Needs the cross linker + libc (Debian: gcc-aarch64-linux-gnu libc6-dev-arm64-cross), qemu-aarch64
 # (qemu-user) and the rust target aarch64-unknown-linux-gnu. Without them it prints one line

@@ -242,7 +242,7 @@ fn read_full(f: &File, buf: &mut [u8], offset: u64) -> std::io::Result<usize> {
 }
 
 /// The bytes of one weight matrix when they are not read from the mapping: a pinned copy or
-/// a filled ring buffer (released to the reader when this is dropped).
+/// a filled piece of the ring (its space freed for the readers when this is dropped).
 pub struct WeightBytes<'a> {
     bytes: &'a [u8],
     ring: Option<&'a Ring>,
@@ -276,10 +276,9 @@ struct Claim {
     /// Byte offset in the buffer (a multiple of the page size) and length of its read range.
     at: usize,
     len: usize,
-    /// A reader is writing it.
+    /// A reader is writing it; once cleared the piece is there to take (a failed read stops
+    /// the ring and reports its error before any piece is looked up).
     busy: bool,
-    /// The read is done.
-    filled: bool,
 }
 
 /// Where the ring's readers and the forward pass are (at the start: nothing claimed or taken).
@@ -393,7 +392,6 @@ impl Ring {
                     at,
                     len: self.piece(seq).read_len,
                     busy: true,
-                    filled: false,
                 });
                 g.fill += 1;
                 (seq, at)
@@ -402,7 +400,7 @@ impl Ring {
             // SAFETY: `at..at + read_len` was free when claimed above (`place` puts a claim only
             // where no other claim's bytes lie) and stays this claim's until it is reclaimed,
             // which needs `busy` cleared: no other reader writes it, and the forward pass gets a
-            // slice of it only once `filled` is set below.
+            // slice of it only once `busy` is cleared below.
             let buf = unsafe { self.buf.range_mut_unchecked(at, piece.read_len) };
             let got = read_full(&self.file, buf, piece.read_start);
             let head = (piece.span.offset - piece.read_start) as usize;
@@ -430,7 +428,6 @@ impl Ring {
             let mut g = self.lock();
             if let Some(c) = g.claims.iter_mut().find(|c| c.seq == seq) {
                 c.busy = false;
-                c.filled = result.is_ok();
             }
             if let Err(e) = result {
                 g.error = Some(e);
@@ -477,7 +474,7 @@ impl Ring {
                 self.takeable.notify_one();
                 return Err(format!("{}: reading streamed weights: {e}", self.name));
             }
-            if let Some(c) = g.claims.iter().find(|c| c.seq == seq && c.filled) {
+            if let Some(c) = g.claims.iter().find(|c| c.seq == seq && !c.busy) {
                 break c.at;
             }
             waited_since.get_or_insert_with(Instant::now);
@@ -1140,7 +1137,6 @@ mod tests {
             at,
             len,
             busy: false,
-            filled: true,
         };
         // Three slots of 100 bytes. Empty: the first slot, if the piece fits a slot at all.
         assert_eq!(st.place(100, 100, 3), Some(0));
