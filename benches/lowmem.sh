@@ -56,14 +56,13 @@ run_limited() {
     mkdir "$cg" || return 1
     echo $((limit * 1024 * 1024)) > "$cg/memory.limit_in_bytes"
     drop_caches
-    local r0 r1 st0 st1 t0 t1
+    local r0 r1 m
     r0=$(sectors_read)
-    st0=$(steal_ticks)
-    t0=$(date +%s.%N)
+    m=$(steal_mark)
     sh -c 'echo $$ > "$0/cgroup.procs" && exec "$@"' "$cg" timeout "$TIMEOUT" "$@" > "$out" 2>&1
     local rc=$?
-    t1=$(date +%s.%N)
-    st1=$(steal_ticks)
+    local steal
+    steal=$(steal_since "$m")
     r1=$(sectors_read)
     local peak oom
     peak=$(( $(cat "$cg/memory.max_usage_in_bytes") / 1048576 ))
@@ -75,15 +74,18 @@ run_limited() {
     if [ -n "$r0" ] && [ -n "$r1" ]; then
         mb_tok=$(awk -v a="$r0" -v b="$r1" -v n="$N" 'BEGIN {printf "%.0f", (b - a) * 512 / 1e6 / (n + 1)}')
     fi
-    echo "$peak ${oom:-?} $rc $mb_tok $(steal_pct "$st0" "$st1" "$t0" "$t1")"
+    echo "$peak ${oom:-?} $rc $mb_tok $steal"
 }
 
-# The machine's steal time so far (clock ticks the hypervisor ran something else while a vCPU
-# had work), and its share of all vCPUs' time between two readings: "steal_pct ST0 ST1 T0 T1".
-steal_ticks() { awk '$1 == "cpu" {print $9}' /proc/stat; }
-steal_pct() {
-    awk -v a="$1" -v b="$2" -v t0="$3" -v t1="$4" -v hz="$(getconf CLK_TCK)" -v n="$(nproc)" \
-        'BEGIN {printf "%.1f", 100 * (b - a) / hz / ((t1 - t0) * n)}'
+# The machine's steal time (clock ticks the hypervisor ran something else while a vCPU had
+# work): steal_mark prints the counter and the time now; steal_since MARK prints the steal
+# since then as a share of all vCPUs' time, in %.
+steal_mark() { echo "$(awk '$1 == "cpu" {print $9}' /proc/stat) $(date +%s.%N)"; }
+steal_since() {
+    local now
+    now=$(steal_mark)
+    awk -v m="$1" -v now="$now" -v hz="$(getconf CLK_TCK)" -v n="$(nproc)" \
+        'BEGIN {split(m, a, " "); split(now, b, " "); printf "%.1f", 100 * (b[1] - a[1]) / hz / ((b[2] - a[2]) * n)}'
 }
 
 # Sectors read so far from $DEV, the block device holding the file under test (nothing when
@@ -113,15 +115,12 @@ for case in "$@"; do
     tmp=$(mktemp)
     # Unconstrained reference (default context).
     drop_caches
-    st0=$(steal_ticks)
-    t0=$(date +%s.%N)
+    m=$(steal_mark)
     "$AFTER" run -m "$file" -p "$PROMPT" -n "$N" --temp 0 -t "$THREADS" --ignore-eos > "$tmp" 2>&1
     rc=$?
-    t1=$(date +%s.%N)
-    st1=$(steal_ticks)
+    steal=$(steal_since "$m")
     unconstrained=$(ggpt_tps "$tmp")
-    printf '| %s | none | ggpt after | %s | - | - | %s | - | %s | |\n' "$name" "$unconstrained" "$rc" \
-        "$(steal_pct "$st0" "$st1" "$t0" "$t1")"
+    printf '| %s | none | ggpt after | %s | - | - | %s | - | %s | |\n' "$name" "$unconstrained" "$rc" "$steal"
     # What reading costs a decode that never touches the disk: the same in-memory run (page
     # cache warm) with a cold O_DIRECT reader of the file beside it. On a virtual machine whose
     # block device is emulated by host threads that share the vCPUs' CPU time (a Firecracker
@@ -131,18 +130,18 @@ for case in "$@"; do
     reader=$!
     sleep 0.3
     s0=$(sectors_read)
-    t0=$(date +%s.%N)
-    st0=$(steal_ticks)
+    m=$(steal_mark)
     "$AFTER" run -m "$file" -p "$PROMPT" -n "$N" --temp 0 -t "$THREADS" --ignore-eos > "$tmp" 2>&1
-    st1=$(steal_ticks)
+    steal=$(steal_since "$m")
     t1=$(date +%s.%N)
     s1=$(sectors_read)
     kill "$reader"
     pkill -P "$reader" dd
     wait "$reader" 2> /dev/null
-    dd_beside=$(awk -v s0="${s0:-0}" -v s1="${s1:-0}" -v t0="$t0" -v t1="$t1" 'BEGIN {printf "%.0f", (s1 - s0) * 512 / (t1 - t0) / 1e6}')
+    dd_beside=$(awk -v s0="${s0:-0}" -v s1="${s1:-0}" -v m="$m" -v t1="$t1" \
+        'BEGIN {split(m, a, " "); printf "%.0f", (s1 - s0) * 512 / (t1 - a[2]) / 1e6}')
     printf '| %s | none | ggpt after, dd reading beside it | %s | - | - | - | - | %s | dd read %s MB/s beside it |\n' \
-        "$name" "$(ggpt_tps "$tmp")" "$(steal_pct "$st0" "$st1" "$t0" "$t1")" "$dd_beside"
+        "$name" "$(ggpt_tps "$tmp")" "$steal" "$dd_beside"
     for limit in ${limits//,/ }; do
         for prog in before after llama; do
             case $prog in
