@@ -69,6 +69,12 @@ fn main() {
         install_signal_handler();
     }
     if let Err(err) = run(cli) {
+        // The signal handler removed the temporaries (so this error is likely their commit
+        // failing) and is exiting with 130 on its own thread: exit the same way, not with the
+        // code of an error the interruption caused.
+        if ggpt_convert::atomic::shutting_down() {
+            std::process::exit(EXIT_INTERRUPTED);
+        }
         // Not eprintln!: it panics when stderr itself cannot be written (`2>/dev/full`); the
         // exit code still tells what happened.
         let _ = writeln!(std::io::stderr(), "error: {err:#}");

@@ -66,6 +66,13 @@ pub fn cleanup_temp_files() {
     cleanup_where(|_| true);
 }
 
+/// [`cleanup_temp_files`] has run: the process is exiting on a signal. An error the caller
+/// meets from then on (a commit whose temporary was removed, a refused create) is the
+/// interruption's, and must not race the handler's exit with an exit code of its own.
+pub fn shutting_down() -> bool {
+    CLOSED.load(Ordering::SeqCst)
+}
+
 fn cleanup_where(pred: impl Fn(&Path) -> bool) {
     let victims: Vec<PathBuf> = {
         let mut guard = live();
