@@ -4,7 +4,8 @@
 //!
 //! The level is chosen once per process: the best one the CPU reports at run time (never
 //! `-C target-cpu`, so one binary runs everywhere), unless the environment variable `GGPT_ISA`
-//! names a lower available one (`scalar`, `avx2`, `avx512`, `avx512vnni`, `neon`, `neondot`).
+//! names a lower available one (`scalar`, `avx2`, `avx512`, `avx512vnni`, `amx`, `neon`,
+//! `neondot`).
 //! Tests and `ggpt` use it to compare a SIMD path against the scalar one.
 
 use std::fmt;
@@ -21,6 +22,9 @@ pub enum Isa {
     Avx512,
     /// AVX-512 with VNNI (`vpdpbusd`): the int8 dot-product instruction.
     Avx512Vnni,
+    /// AVX-512 VNNI plus the AMX tile unit with bf16 products (`tdpbf16ps`), which prompts with
+    /// F16 and BF16 weights use (`dot::amx`); everything else runs the AVX-512 VNNI kernels.
+    Amx,
     /// aarch64 NEON (always present on aarch64).
     Neon,
     /// aarch64 NEON with the dot-product extension (`sdot`).
@@ -29,11 +33,12 @@ pub enum Isa {
 
 impl Isa {
     /// Every level, lowest first.
-    pub const ALL: [Isa; 6] = [
+    pub const ALL: [Isa; 7] = [
         Isa::Scalar,
         Isa::Avx2,
         Isa::Avx512,
         Isa::Avx512Vnni,
+        Isa::Amx,
         Isa::Neon,
         Isa::NeonDot,
     ];
@@ -45,6 +50,7 @@ impl Isa {
             Isa::Avx2 => "avx2",
             Isa::Avx512 => "avx512",
             Isa::Avx512Vnni => "avx512vnni",
+            Isa::Amx => "amx",
             Isa::Neon => "neon",
             Isa::NeonDot => "neondot",
         }
@@ -77,6 +83,8 @@ impl Isa {
             }
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => Isa::Avx512.is_supported() && is_x86_feature_detected!("avx512vnni"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Amx => Isa::Avx512Vnni.is_supported() && amx_usable(),
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             #[cfg(target_arch = "aarch64")]
@@ -97,14 +105,59 @@ impl Isa {
     /// Whether code written for AVX2 + FMA + F16C may run at this level (every x86 SIMD level
     /// includes that set).
     pub const fn has_avx2(self) -> bool {
-        matches!(self, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni)
+        matches!(self, Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni | Isa::Amx)
     }
 
     /// Whether code written for AVX-512 F/BW/VL/DQ (with AVX2 + FMA + F16C) may run at this
     /// level.
     pub const fn has_avx512(self) -> bool {
-        matches!(self, Isa::Avx512 | Isa::Avx512Vnni)
+        matches!(self, Isa::Avx512 | Isa::Avx512Vnni | Isa::Amx)
     }
+
+    /// Whether code written for AVX-512 VNNI (with the AVX-512 set) may run at this level.
+    pub const fn has_avx512_vnni(self) -> bool {
+        matches!(self, Isa::Avx512Vnni | Isa::Amx)
+    }
+}
+
+/// Whether the AMX tiles may be used: the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7), and the
+/// kernel granted this process the tile data state. Linux keeps that state (8 KiB per thread)
+/// off until a process asks for it with `arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)`;
+/// a tile instruction before that kills the process with SIGILL. Asked once per process.
+#[cfg(all(target_arch = "x86_64", target_os = "linux"))]
+fn amx_usable() -> bool {
+    use std::sync::OnceLock;
+
+    /// `arch_prctl` code that requests an extended state component.
+    const ARCH_REQ_XCOMP_PERM: libc::c_long = 0x1023;
+    /// The XSAVE state component of the tile data.
+    const XFEATURE_XTILEDATA: libc::c_long = 18;
+
+    static GRANTED: OnceLock<bool> = OnceLock::new();
+    *GRANTED.get_or_init(|| {
+        // Leaf 7 exists on every CPU with AVX-512, which the caller checked first.
+        let leaf7 = std::arch::x86_64::__cpuid_count(7, 0);
+        let (tile, bf16) = (leaf7.edx & (1 << 24) != 0, leaf7.edx & (1 << 22) != 0);
+        if !(tile && bf16) {
+            return false;
+        }
+        // SAFETY: arch_prctl with these arguments only changes which XSAVE components the
+        // kernel lets this process use; it takes no pointers.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_arch_prctl,
+                ARCH_REQ_XCOMP_PERM,
+                XFEATURE_XTILEDATA,
+            )
+        };
+        r == 0
+    })
+}
+
+/// No tile permission outside Linux: the kernel interface above is Linux's.
+#[cfg(all(target_arch = "x86_64", not(target_os = "linux")))]
+fn amx_usable() -> bool {
+    false
 }
 
 impl fmt::Display for Isa {

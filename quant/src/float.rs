@@ -52,7 +52,7 @@ unsafe impl BlockFormat for bf16 {
 /// The float formats' shared [`WeightFormat`] body: f32 activations, not quantized (laid out
 /// for the outer-product tile by the matmul driver on prompts, `dot::outer`).
 macro_rules! float_format {
-    ($t:ty, $dot:ident, $gemm:ident, $outer:ident) => {
+    ($t:ty, $dot:ident, $gemm:ident, $outer:ident, $amx:expr) => {
         impl WeightFormat for $t {
             type Act = f32;
             type Packed = ();
@@ -87,16 +87,19 @@ macro_rules! float_format {
                             few: avx2_tile::$gemm,
                             many: avx2_tile::$outer,
                             layout: avx2_tile::LAYOUT,
+                            amx: None,
                         }),
                     ),
-                    // The float kernels use no VNNI instruction: one build serves both levels.
+                    // The float kernels use no VNNI instruction: one build serves the AVX-512
+                    // levels, and at `amx` prompts with F16/BF16 weights go to the tiles.
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512 | Isa::Avx512Vnni => (
+                    Isa::Avx512 | Isa::Avx512Vnni | Isa::Amx => (
                         avx512::float::$dot,
                         Some(crate::format::Tile::Outer {
                             few: avx512::float::$gemm,
                             many: avx512::float::$outer,
                             layout: avx512::float::LAYOUT,
+                            amx: if level.isa() == Isa::Amx { $amx } else { None },
                         }),
                     ),
                     #[cfg(target_arch = "aarch64")]
@@ -111,6 +114,20 @@ macro_rules! float_format {
     };
 }
 
-float_format!(f32, f32_f32, f32_gemm, f32_outer);
-float_format!(f16, f16_f32, f16_gemm, f16_outer);
-float_format!(bf16, bf16_f32, bf16_gemm, bf16_outer);
+// F32 weights stay on the FMA tiles at `amx`: splitting 24 bits into bf16 parts takes three
+// of them per operand.
+float_format!(f32, f32_f32, f32_gemm, f32_outer, None);
+float_format!(
+    f16,
+    f16_f32,
+    f16_gemm,
+    f16_outer,
+    Some(crate::dot::amx::f16_gemm as crate::format::GemmFn<_, _>)
+);
+float_format!(
+    bf16,
+    bf16_f32,
+    bf16_gemm,
+    bf16_outer,
+    Some(crate::dot::amx::bf16_gemm as crate::format::GemmFn<_, _>)
+);

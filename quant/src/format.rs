@@ -97,6 +97,10 @@ pub enum Tile<W: WeightFormat> {
         few: GemmFn<W, W::Act>,
         many: GemmFn<W, f32>,
         layout: crate::dot::outer::Layout,
+        /// At the `amx` level (F16, BF16): instead of `many`, the AMX tiles, times the
+        /// activations laid out by `dot::amx::lay_out`. Close to `many`'s sums, not equal to
+        /// them (`dot::amx` bounds the difference), so not used under batch invariance.
+        amx: Option<GemmFn<W, crate::dot::amx::Tile>>,
     },
     /// Rows packed per call into [`WeightFormat::Packed`], times activation tiles.
     Packed {
@@ -295,7 +299,7 @@ macro_rules! k_quant_weight_format {
                         }),
                     ),
                     #[cfg(target_arch = "x86_64")]
-                    Isa::Avx512Vnni => (
+                    Isa::Avx512Vnni | Isa::Amx => (
                         avx512::vnni::$dot,
                         Some($crate::format::Tile::Packed {
                             pack: avx512::vnni::$pack,
@@ -319,7 +323,9 @@ macro_rules! k_quant_weight_format {
                     #[cfg(target_arch = "x86_64")]
                     $crate::cpu::Isa::Avx512 => Some(avx512::plain::$rows),
                     #[cfg(target_arch = "x86_64")]
-                    $crate::cpu::Isa::Avx512Vnni => Some(avx512::vnni::$rows),
+                    $crate::cpu::Isa::Avx512Vnni | $crate::cpu::Isa::Amx => {
+                        Some(avx512::vnni::$rows)
+                    }
                     _ => None,
                 }
             }

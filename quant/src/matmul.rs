@@ -287,6 +287,19 @@ pub(crate) fn matmul_format<W: WeightFormat>(
         // each (row, token) the same operations in the same order, so a token's result is the
         // same alone or in a batch. Many tokens: the activations laid out once per call for the
         // outer-product tile.
+        // The AMX tiles (F16/BF16 at the `amx` level): activations split into bf16 tiles once
+        // per call, work items of whole pairs of 16-row tile groups, about PANEL_BYTES of
+        // packed tiles each (4 bytes a column, as the f32 panels).
+        #[cfg(target_arch = "x86_64")]
+        Some(Tile::Outer {
+            amx: Some(gemm), ..
+        }) if n_tokens >= outer::MIN_TOKENS && !batch_invariant() => {
+            use crate::dot::amx;
+            let act = typed_buf::<amx::Tile>(&mut scratch.act, amx::act_tiles(n_tokens, cols));
+            amx::lay_out(x, cols, act);
+            let rb = tile_rows(rows, cols * 4, PANEL_BYTES).next_multiple_of(2 * amx::GROUP);
+            return direct_tiled(wb, act, nb, n_tokens, rows, rb, bias, y, gemm);
+        }
         Some(Tile::Outer { many, layout, .. }) if n_tokens >= outer::MIN_TOKENS => {
             let act = typed_buf::<f32>(&mut scratch.act, layout.len(n_tokens, cols));
             layout.lay_out(x, cols, act);

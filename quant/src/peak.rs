@@ -19,7 +19,7 @@ const ACC256: usize = 12;
 pub fn fma_burst(level: Level, iters: usize) -> (u64, f32) {
     match level.isa() {
         #[cfg(target_arch = "x86_64")]
-        crate::cpu::Isa::Avx512 | crate::cpu::Isa::Avx512Vnni => {
+        crate::cpu::Isa::Avx512 | crate::cpu::Isa::Avx512Vnni | crate::cpu::Isa::Amx => {
             // SAFETY: `level` is a checked `Level`, so the CPU has AVX-512F.
             let v = unsafe { x86::burst512(iters) };
             ((iters * ACC * 16 * 2) as u64, v)

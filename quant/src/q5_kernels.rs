@@ -28,7 +28,7 @@ pub(crate) fn q5_0_q8_0(isa: Isa) -> Option<DotFn<BlockQ5_0, BlockQ8_0>> {
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => Some(avx2::q5_0_q8_0),
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni | Isa::Amx => Some(avx2::q5_0_q8_0),
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonDot => Some(neon::q5_0_q8_0),
         _ => None,
@@ -42,7 +42,7 @@ pub(crate) fn q5_1_q8_1(isa: Isa) -> Option<DotFn<BlockQ5_1, BlockQ8_1>> {
     }
     match isa {
         #[cfg(target_arch = "x86_64")]
-        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni => Some(avx2::q5_1_q8_1),
+        Isa::Avx2 | Isa::Avx512 | Isa::Avx512Vnni | Isa::Amx => Some(avx2::q5_1_q8_1),
         #[cfg(target_arch = "aarch64")]
         Isa::Neon | Isa::NeonDot => Some(neon::q5_1_q8_1),
         _ => None,

@@ -121,7 +121,9 @@ impl crate::format::WeightFormat for BlockQ8_0 {
             #[cfg(target_arch = "x86_64")]
             crate::cpu::Isa::Avx512 => Some(crate::dot::avx512::plain::q8_0_rows),
             #[cfg(target_arch = "x86_64")]
-            crate::cpu::Isa::Avx512Vnni => Some(crate::dot::avx512::vnni::q8_0_rows),
+            crate::cpu::Isa::Avx512Vnni | crate::cpu::Isa::Amx => {
+                Some(crate::dot::avx512::vnni::q8_0_rows)
+            }
             _ => None,
         }
     }
@@ -147,7 +149,7 @@ impl crate::format::WeightFormat for BlockQ8_0 {
                 }),
             ),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512Vnni => (
+            Isa::Avx512Vnni | Isa::Amx => (
                 avx512::vnni::q8_0_q8_0,
                 Some(crate::format::Tile::Packed {
                     pack: avx512::vnni::pack_q8_0,

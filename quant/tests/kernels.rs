@@ -644,7 +644,7 @@ fn rows_kernels_equal_the_row_dot_bit_for_bit() {
         ];
         // The AVX-512 levels have them for all four formats, AVX2 for Q8_0 (so this test is
         // not vacuous there).
-        let k = matches!(isa, Isa::Avx512 | Isa::Avx512Vnni);
+        let k = isa.has_avx512();
         let q8 = k || isa == Isa::Avx2;
         assert_eq!(
             have,

@@ -324,7 +324,7 @@ pub(crate) mod float {
     /// The 16 × 16 transpose: lane j of result c is lane c of `v[j]`.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     #[inline]
-    unsafe fn transpose16(v: [__m512; 16]) -> [__m512; 16] {
+    pub(crate) unsafe fn transpose16(v: [__m512; 16]) -> [__m512; 16] {
         // Pairs of rows interleaved, then quads: u[4i + k] holds, in 128-bit lane L, column
         // 4L + k of rows 4i..4i + 4.
         let t: [__m512; 16] = std::array::from_fn(|i| {

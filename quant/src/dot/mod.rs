@@ -13,6 +13,8 @@
 
 pub mod scalar;
 
+pub(crate) mod amx;
+
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
 #[cfg(target_arch = "x86_64")]

@@ -1,0 +1,664 @@
+//! Prompts with F16 and BF16 weights on the AMX tile unit (the `amx` level).
+//!
+//! One `tdpbf16ps` adds a 16 × 32 bf16 tile times a 32 × 16 bf16 tile into a 16 × 16 tile of
+//! f32 sums: 8192 products, which a core of this project's host retires in about 16 cycles,
+//! some 13 times its f32 FMA peak. bf16 keeps 8 significant bits, an f16 weight has 11 and an
+//! f32 activation 24, so both are split into sums of bf16 parts (bf16 has f32's exponent range,
+//! so no part under- or overflows where f16 and normal f32 values do not):
+//!
+//! - an f16 weight `w = w_hi + w_lo` exactly (`w_hi` its value rounded to bf16, `w_lo` the at
+//!   most 3 bits left); a bf16 weight is its own `w_hi`;
+//! - an activation `a ≈ a_hi + a_lo`, each rounded to nearest, `|a − a_hi − a_lo| ≤ 2⁻¹⁶|a|`
+//!   (for `|a| ≥ 2⁻¹⁰⁰`; below that `a_lo` can fall under bf16's normal range, which the tile
+//!   unit reads as zero).
+//!
+//! The product of two bf16 values is exact in f32 and the unit sums in f32, so
+//! `w·a ≈ w_hi·a_hi + w_hi·a_lo + w_lo·a_hi` — three tile products per 32 columns (two for
+//! BF16 weights) — leaves out `w_lo·a_lo` (≤ 2⁻¹⁶|w·a|) and the activation's remainder: at
+//! most 2⁻¹⁵ of each product, against 2⁻²⁴ for an f32 FMA and 2⁻¹¹ for ggml's F16 path, which
+//! rounds activations to f16. Unlike the FMA tiles (`dot::outer`), a token's sums here depend on
+//! the path, so `matmul` keeps this path off when batch invariance is asked for.
+//!
+//! Layouts (one tile = 16 rows of 64 bytes = 1 KiB, [`Tile`]):
+//! - weights (packed per work item, [`pack_group`]): rows in groups of 16, padded to pairs of
+//!   groups; per group, per step of 32 columns, the `w_hi` tile then (F16) the `w_lo` tile,
+//!   row r = weight row r's 32 values of the step (the A operand of `tdpbf16ps`, so packing is
+//!   a conversion and no transpose);
+//! - activations ([`lay_out`], once per call): tokens in groups of 16, padded with zero tokens
+//!   to whole pairs of groups; per group, per step, the `a_hi` tile then the `a_lo` tile, in
+//!   the pair-interleaved order of the B operand: tile row q holds, for each of the 16 tokens,
+//!   its columns `2q` and `2q + 1` of the step.
+//!
+//! The register blocking is 2 × 2 tiles of sums (32 weight rows × 32 tokens, `tmm0..3`), two
+//! weight tiles (`tmm4/5`) and two activation tiles (`tmm6/7`): per step 12 (BF16: 8) tile
+//! products from 10 (6) tile loads. A tile of sums is `[row][token]`; it is transposed on the
+//! way out.
+
+use crate::matmul::Line;
+use half::{bf16, f16};
+
+/// Columns per step: one tile row of bf16.
+pub(crate) const STEP: usize = 32;
+/// Tokens per activation tile, weight rows per weight tile.
+pub(crate) const GROUP: usize = 16;
+
+/// One tile: 16 rows of 32 bf16 (as their bits), 64-byte aligned.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+pub struct Tile(pub(crate) [u16; GROUP * STEP]);
+
+// SAFETY: an array of u16 without padding, valid for every bit pattern.
+unsafe impl crate::Plain for Tile {}
+
+/// `x` rounded to the nearest bf16 (ties to even), as bits. NaN stays NaN for the payloads
+/// activations and weights can hold (their rounding cannot carry into the exponent).
+#[cfg_attr(not(all(test, target_arch = "x86_64")), allow(dead_code))]
+#[inline(always)]
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let b = x.to_bits();
+    (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
+}
+
+/// The bf16 of `bits` as f32.
+#[cfg_attr(not(all(test, target_arch = "x86_64")), allow(dead_code))]
+#[inline(always)]
+fn widen(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// `x` as two bf16 parts `(hi, lo)`: `hi` is `x` rounded to bf16, `lo` the rest rounded to
+/// bf16 (exactly the rest when `x` has at most 16 significant bits, as every f16 value does).
+#[cfg_attr(not(all(test, target_arch = "x86_64")), allow(dead_code))]
+#[inline(always)]
+pub(crate) fn split(x: f32) -> (u16, u16) {
+    let hi = bf16_bits(x);
+    (hi, bf16_bits(x - widen(hi)))
+}
+
+/// A weight element the tiles take, with its bf16 parts.
+pub(crate) trait Split: Copy + Sync {
+    /// Weight parts: 2 (`w_hi`, `w_lo`) or 1 (`w_hi`).
+    const PARTS: usize;
+    /// The element's parts (`lo` unused where `PARTS == 1`).
+    #[cfg_attr(not(all(test, target_arch = "x86_64")), allow(dead_code))]
+    fn parts(self) -> (u16, u16);
+}
+
+impl Split for f16 {
+    const PARTS: usize = 2;
+    fn parts(self) -> (u16, u16) {
+        split(self.to_f32())
+    }
+}
+
+impl Split for bf16 {
+    const PARTS: usize = 1;
+    fn parts(self) -> (u16, u16) {
+        (self.to_bits(), 0)
+    }
+}
+
+/// Activation tiles for `tokens` rows of `n` columns ([`lay_out`]).
+pub(crate) fn act_tiles(tokens: usize, n: usize) -> usize {
+    tokens.div_ceil(2 * GROUP) * 2 * n.div_ceil(STEP) * 2
+}
+
+/// Tile `s` of a group of up to 16 rows of `n` values (`value(j, c)`, row j, column c) as
+/// the A operand: row j, element k is `value(j, 32s + k)`; zero past `rows` and `n`.
+#[cfg_attr(not(all(test, target_arch = "x86_64")), allow(dead_code))]
+fn rows_ref(rows: usize, n: usize, s: usize, value: impl Fn(usize, usize) -> u16, t: &mut Tile) {
+    for j in 0..GROUP {
+        for k in 0..STEP {
+            let c = STEP * s + k;
+            t.0[j * STEP + k] = if j < rows && c < n { value(j, c) } else { 0 };
+        }
+    }
+}
+
+/// The same as the B operand: row q, element `2j + i` is `value(j, 32s + 2q + i)`.
+#[cfg_attr(not(all(test, target_arch = "x86_64")), allow(dead_code))]
+fn pairs_ref(rows: usize, n: usize, s: usize, value: impl Fn(usize, usize) -> u16, t: &mut Tile) {
+    for q in 0..GROUP {
+        for j in 0..GROUP {
+            for i in 0..2 {
+                let c = STEP * s + 2 * q + i;
+                t.0[q * STEP + 2 * j + i] = if j < rows && c < n { value(j, c) } else { 0 };
+            }
+        }
+    }
+}
+
+/// The reference activation layout (see the module comment): tile `(g·steps + s)·2 + p` holds
+/// part p of tokens `16g..16g + 16`, step s, as the B operand.
+#[cfg_attr(not(all(test, target_arch = "x86_64")), allow(dead_code))]
+pub(crate) fn lay_out_ref(x: &[f32], n: usize, out: &mut [Tile]) {
+    let tokens = x.len() / n;
+    let steps = n.div_ceil(STEP);
+    assert_eq!(
+        out.len(),
+        act_tiles(tokens, n),
+        "amx lay_out: output length"
+    );
+    for (gsp, tile) in out.iter_mut().enumerate() {
+        let (g, s, p) = (gsp / (2 * steps), gsp / 2 % steps, gsp % 2);
+        let rows = tokens.saturating_sub(GROUP * g).min(GROUP);
+        let value = |j: usize, c: usize| {
+            let (hi, lo) = split(x[(GROUP * g + j) * n + c]);
+            if p == 0 {
+                hi
+            } else {
+                lo
+            }
+        };
+        pairs_ref(rows, n, s, value, tile);
+    }
+}
+
+/// The reference weight packing of one group of rows `w[..rows]` (`rows ≤ 16`, `n` columns
+/// each): tile `s·PARTS + p` holds part p of step s as the A operand.
+#[cfg_attr(not(all(test, target_arch = "x86_64")), allow(dead_code))]
+pub(crate) fn pack_group_ref<E: Split>(w: &[E], n: usize, out: &mut [Tile]) {
+    let rows = w.len() / n;
+    let steps = n.div_ceil(STEP);
+    assert!(rows <= GROUP, "amx pack: at most 16 rows");
+    assert_eq!(out.len(), steps * E::PARTS, "amx pack: output length");
+    for (sp, tile) in out.iter_mut().enumerate() {
+        let (s, p) = (sp / E::PARTS, sp % E::PARTS);
+        let value = |j: usize, c: usize| {
+            let (hi, lo) = w[j * n + c].parts();
+            if p == 0 {
+                hi
+            } else {
+                lo
+            }
+        };
+        rows_ref(rows, n, s, value, tile);
+    }
+}
+
+thread_local! {
+    /// Per thread: the packed weight tiles of the rows a call is given.
+    static PACKED: std::cell::RefCell<Vec<Line>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+pub(crate) use x86::pack_group;
+#[cfg(target_arch = "x86_64")]
+pub(crate) use x86::{bf16_gemm, f16_gemm, lay_out};
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::{act_tiles, Split, Tile, GROUP, PACKED, STEP};
+    use crate::dot::avx512::float::transpose16;
+    use half::{bf16, f16};
+    use std::arch::asm;
+    use std::arch::x86_64::*;
+
+    /// The tile configuration every call loads: palette 1, tiles 0–7 all 16 rows × 64 bytes.
+    #[repr(C, align(64))]
+    struct Config {
+        palette: u8,
+        start_row: u8,
+        reserved: [u8; 14],
+        colsb: [u16; 16],
+        rows: [u8; 16],
+        reserved2: [u8; 16],
+    }
+
+    const CONFIG: Config = {
+        let mut c = Config {
+            palette: 1,
+            start_row: 0,
+            reserved: [0; 14],
+            colsb: [0; 16],
+            rows: [0; 16],
+            reserved2: [0; 16],
+        };
+        let mut i = 0;
+        while i < 8 {
+            c.colsb[i] = 64;
+            c.rows[i] = 16;
+            i += 1;
+        }
+        c
+    };
+
+    /// The masks of a step's two halves of 16 columns when `rem` columns remain.
+    #[inline(always)]
+    fn masks(rem: usize) -> (__mmask16, __mmask16) {
+        let m = |lo: usize| {
+            let k = rem.saturating_sub(lo).min(16) as u32;
+            ((1u32 << k) - 1) as u16
+        };
+        (m(0), m(16))
+    }
+
+    /// 32 f32 split into bf16 parts ([`super::split`]): (hi, lo), each 32 bf16 in order.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn split32(a: __m512, b: __m512) -> (__m512i, __m512i) {
+        // The bf16 bits of 16 floats, rounded to nearest even, in the high halves of the lanes
+        // (the low halves zero, so the lanes are those bf16 values as f32).
+        #[inline(always)]
+        unsafe fn round(x: __m512) -> __m512i {
+            let b = _mm512_castps_si512(x);
+            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+            let r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd);
+            _mm512_and_si512(r, _mm512_set1_epi32(0xFFFF_0000u32 as i32))
+        }
+        let (ha, hb) = (round(a), round(b));
+        let la = round(_mm512_sub_ps(a, _mm512_castsi512_ps(ha)));
+        let lb = round(_mm512_sub_ps(b, _mm512_castsi512_ps(hb)));
+        let pack = |x: __m512i, y: __m512i| {
+            let x = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(x));
+            let y = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(y));
+            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(x), y)
+        };
+        (pack(ha, hb), pack(la, lb))
+    }
+
+    /// An element the tiles are made from, with its widening 32-value load.
+    pub(crate) trait Load: Copy {
+        /// The 32 values at `p` as f32, lanes outside the masks zero and not read.
+        ///
+        /// # Safety
+        /// The CPU has AVX-512F/BW and F16C; the masked lanes are readable at `p`.
+        unsafe fn load32(p: *const Self, m0: __mmask16, m1: __mmask16) -> (__m512, __m512);
+    }
+
+    impl Load for f32 {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        #[inline]
+        unsafe fn load32(p: *const f32, m0: __mmask16, m1: __mmask16) -> (__m512, __m512) {
+            (
+                _mm512_maskz_loadu_ps(m0, p),
+                _mm512_maskz_loadu_ps(m1, p.add(16)),
+            )
+        }
+    }
+
+    impl Load for f16 {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        #[inline]
+        unsafe fn load32(p: *const f16, m0: __mmask16, m1: __mmask16) -> (__m512, __m512) {
+            let p = p.cast::<i16>();
+            (
+                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m0, p)),
+                _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m1, p.add(16))),
+            )
+        }
+    }
+
+    impl Load for bf16 {
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        #[inline]
+        unsafe fn load32(p: *const bf16, m0: __mmask16, m1: __mmask16) -> (__m512, __m512) {
+            let p = p.cast::<i16>();
+            let w =
+                |v: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)));
+            (
+                w(_mm256_maskz_loadu_epi16(m0, p)),
+                w(_mm256_maskz_loadu_epi16(m1, p.add(16))),
+            )
+        }
+    }
+
+    /// [`super::lay_out_ref`] with AVX-512, groups of tokens spread over the threads: per step,
+    /// each token's 32 values split into parts (16 column pairs a vector), then a 16 × 16
+    /// transpose of the pairs gives the tile rows.
+    pub(crate) fn lay_out(x: &[f32], n: usize, out: &mut [Tile]) {
+        use rayon::prelude::*;
+        let tokens = x.len() / n;
+        let steps = n.div_ceil(STEP);
+        assert!(
+            crate::cpu::level().isa().has_avx512(),
+            "amx lay_out: AVX-512"
+        );
+        assert_eq!(x.len(), tokens * n, "amx lay_out: rows");
+        assert_eq!(
+            out.len(),
+            act_tiles(tokens, n),
+            "amx lay_out: output length"
+        );
+        out.par_chunks_mut(2 * steps)
+            .enumerate()
+            .for_each(|(g, tiles)| {
+                let rows = tokens.saturating_sub(GROUP * g).min(GROUP);
+                // SAFETY: AVX-512 checked above; rows 16g..16g + rows of x exist and `tiles` is
+                // the group's 2·steps tiles.
+                unsafe { pairs(x.as_ptr().add(GROUP * g * n), rows, n, tiles) }
+            });
+    }
+
+    /// `rows ≤ 16` rows of `n` values at `src` into `2·steps` tiles (step s: parts 0 and 1) in
+    /// the B operand's order.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW; `src` holds `rows·n` values, `tiles` `2·⌈n/32⌉` tiles.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    unsafe fn pairs<E: Load>(src: *const E, rows: usize, n: usize, tiles: &mut [Tile]) {
+        for (s, pair) in tiles.chunks_exact_mut(2).enumerate() {
+            let (m0, m1) = masks(n - STEP * s);
+            let mut hi = [_mm512_setzero_ps(); GROUP];
+            let mut lo = [_mm512_setzero_ps(); GROUP];
+            for j in 0..rows {
+                let (a, b) = E::load32(src.add(j * n + STEP * s), m0, m1);
+                let (h, l) = split32(a, b);
+                hi[j] = _mm512_castsi512_ps(h);
+                lo[j] = _mm512_castsi512_ps(l);
+            }
+            for (q, v) in transpose16(hi).into_iter().enumerate() {
+                _mm512_store_ps(pair[0].0.as_mut_ptr().add(q * STEP).cast(), v);
+            }
+            for (q, v) in transpose16(lo).into_iter().enumerate() {
+                _mm512_store_ps(pair[1].0.as_mut_ptr().add(q * STEP).cast(), v);
+            }
+        }
+    }
+
+    /// [`super::pack_group_ref`] with AVX-512: each row's 32 values of a step split and stored
+    /// as a row of each part's tile.
+    pub(crate) fn pack_group<E: Split + Load>(w: &[E], n: usize, out: &mut [Tile]) {
+        assert!(crate::cpu::level().isa().has_avx512(), "amx pack: AVX-512");
+        let rows = w.len() / n;
+        assert!(rows <= GROUP, "amx pack: at most 16 rows");
+        assert_eq!(w.len(), rows * n, "amx pack: rows");
+        assert_eq!(
+            out.len(),
+            n.div_ceil(STEP) * E::PARTS,
+            "amx pack: output length"
+        );
+        // SAFETY: AVX-512 checked above, lengths checked.
+        unsafe { pack_group_impl(w.as_ptr(), rows, n, out) }
+    }
+
+    /// # Safety
+    /// As [`pack_group`]'s checks: AVX-512, `w` holds `rows·n` values, `out` `steps·PARTS`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    unsafe fn pack_group_impl<E: Split + Load>(
+        w: *const E,
+        rows: usize,
+        n: usize,
+        out: &mut [Tile],
+    ) {
+        // Row by row, so that each row is read from memory in order.
+        let steps = n.div_ceil(STEP);
+        for j in 0..GROUP {
+            for s in 0..steps {
+                let (h, l) = if j < rows {
+                    let (m0, m1) = masks(n - STEP * s);
+                    let (a, b) = E::load32(w.add(j * n + STEP * s), m0, m1);
+                    split32(a, b)
+                } else {
+                    (_mm512_setzero_si512(), _mm512_setzero_si512())
+                };
+                let t = out.as_mut_ptr().add(s * E::PARTS);
+                _mm512_store_si512((*t).0.as_mut_ptr().add(j * STEP).cast(), h);
+                if E::PARTS == 2 {
+                    _mm512_store_si512((*t.add(1)).0.as_mut_ptr().add(j * STEP).cast(), l);
+                }
+            }
+        }
+    }
+
+    /// F16 rows × the [`lay_out`] activations (a `GemmFn` with `n` the columns).
+    pub(crate) fn f16_gemm(
+        w: &[f16],
+        a: &[Tile],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    ) {
+        gemm(w, a, n, bias, out)
+    }
+
+    /// BF16 rows × the [`lay_out`] activations.
+    pub(crate) fn bf16_gemm(
+        w: &[bf16],
+        a: &[Tile],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    ) {
+        gemm(w, a, n, bias, out)
+    }
+
+    /// `out[t][r] = Σ_c w[r][c]·x[t][c] + bias[r]` for the rows of `w` and the tokens of `out`,
+    /// with `a` the activations laid out by [`lay_out`] for `out.len()` tokens: the rows packed
+    /// into the thread's buffer, then per pair of token groups every pair of row groups.
+    fn gemm<E: Split + Load>(
+        w: &[E],
+        a: &[Tile],
+        n: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    ) {
+        assert_eq!(
+            crate::cpu::level().isa(),
+            crate::cpu::Isa::Amx,
+            "amx gemm: the amx level"
+        );
+        let rows = w.len() / n;
+        let tokens = out.len();
+        let steps = n.div_ceil(STEP);
+        assert_eq!(w.len(), rows * n, "amx gemm: rows");
+        assert_eq!(a.len(), act_tiles(tokens, n), "amx gemm: activations");
+        assert!(out.iter().all(|o| o.len() == rows), "amx gemm: outputs");
+        assert!(bias.is_none_or(|b| b.len() == rows), "amx gemm: bias");
+        let groups = rows.div_ceil(2 * GROUP) * 2;
+        let per_group = steps * E::PARTS;
+        PACKED.with_borrow_mut(|buf| {
+            let packed = crate::matmul::typed_buf::<Tile>(buf, groups * per_group);
+            for (g, tiles) in packed.chunks_exact_mut(per_group).enumerate() {
+                let r0 = (GROUP * g).min(rows);
+                let r1 = (r0 + GROUP).min(rows);
+                pack_group(&w[r0 * n..r1 * n], n, tiles);
+            }
+            let mut sums = [Tile([0; GROUP * STEP]); 4];
+            // SAFETY: the level is `amx` (checked above), so the CPU has the tile unit and this
+            // process was granted its state; `CONFIG` is a valid palette-1 configuration.
+            unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
+            for tp in 0..tokens.div_ceil(2 * GROUP) {
+                let b0 = a[2 * tp * 2 * steps..].as_ptr();
+                // SAFETY: `act_tiles` covers whole pairs of token groups.
+                let b1 = unsafe { b0.add(2 * steps) };
+                for rp in 0..groups / 2 {
+                    let a0 = packed[2 * rp * per_group..].as_ptr();
+                    // SAFETY: `groups` is even, so group 2·rp + 1 exists.
+                    let a1 = unsafe { a0.add(per_group) };
+                    // SAFETY: tiles configured above; the pointers address `steps` steps.
+                    unsafe { block::<E>(a0, a1, b0, b1, steps, &mut sums) };
+                    // SAFETY: AVX-512 is part of the `amx` level.
+                    unsafe { write_block(&sums, 2 * rp * GROUP, 2 * tp * GROUP, bias, out) };
+                }
+            }
+            // SAFETY: tiles configured above; this returns them to their initial state.
+            unsafe { asm!("tilerelease", options(nostack, nomem)) };
+        });
+    }
+
+    /// One block of 32 weight rows × 32 tokens over every step into `sums`: tile `2i + j` is
+    /// row group i × token group j, 16 × 16 f32 as `[row][token]`.
+    ///
+    /// # Safety
+    /// Tiles configured with [`CONFIG`]; `a0`/`a1` address `steps·E::PARTS` weight tiles and
+    /// `b0`/`b1` `2·steps` activation tiles each.
+    #[inline(always)]
+    unsafe fn block<E: Split>(
+        a0: *const Tile,
+        a1: *const Tile,
+        b0: *const Tile,
+        b1: *const Tile,
+        steps: usize,
+        sums: &mut [Tile; 4],
+    ) {
+        const S: usize = 64;
+        asm!(
+            "tilezero tmm0",
+            "tilezero tmm1",
+            "tilezero tmm2",
+            "tilezero tmm3",
+            options(nostack, nomem, preserves_flags)
+        );
+        // One product of a pair of weight tiles by a pair of activation tiles into the four
+        // sums, each load placed just before its first use so loads overlap products.
+        macro_rules! product {
+            ($w0:expr, $w1:expr, $x0:expr, $x1:expr) => {
+                asm!(
+                    "tileloadd tmm4, [{w0} + {s}*1]",
+                    "tileloadd tmm6, [{x0} + {s}*1]",
+                    "tdpbf16ps tmm0, tmm4, tmm6",
+                    "tileloadd tmm7, [{x1} + {s}*1]",
+                    "tdpbf16ps tmm1, tmm4, tmm7",
+                    "tileloadd tmm5, [{w1} + {s}*1]",
+                    "tdpbf16ps tmm2, tmm5, tmm6",
+                    "tdpbf16ps tmm3, tmm5, tmm7",
+                    w0 = in(reg) $w0, w1 = in(reg) $w1, x0 = in(reg) $x0, x1 = in(reg) $x1,
+                    s = in(reg) S,
+                    options(nostack, readonly, preserves_flags)
+                )
+            };
+        }
+        for s in 0..steps {
+            let (wh0, wh1) = (a0.add(s * E::PARTS), a1.add(s * E::PARTS));
+            let (ah0, ah1) = (b0.add(2 * s), b1.add(2 * s));
+            product!(wh0, wh1, ah0, ah1);
+            product!(wh0, wh1, ah0.add(1), ah1.add(1));
+            if E::PARTS == 2 {
+                product!(wh0.add(1), wh1.add(1), ah0, ah1);
+            }
+        }
+        let o = sums.as_mut_ptr();
+        asm!(
+            "tilestored [{o0} + {s}*1], tmm0",
+            "tilestored [{o1} + {s}*1], tmm1",
+            "tilestored [{o2} + {s}*1], tmm2",
+            "tilestored [{o3} + {s}*1], tmm3",
+            o0 = in(reg) o, o1 = in(reg) o.add(1), o2 = in(reg) o.add(2), o3 = in(reg) o.add(3),
+            s = in(reg) S,
+            options(nostack, preserves_flags)
+        );
+    }
+
+    /// A block's sums into `out` (bias added) for the rows and tokens that exist: each tile of
+    /// sums transposed to `[token][row]`, then one masked store per token.
+    ///
+    /// # Safety
+    /// The CPU has AVX-512F/BW.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    unsafe fn write_block(
+        sums: &[Tile; 4],
+        r0: usize,
+        t0: usize,
+        bias: Option<&[f32]>,
+        out: &mut [&mut [f32]],
+    ) {
+        let (tokens, rows) = (out.len(), out[0].len());
+        for (k, tile) in sums.iter().enumerate() {
+            let (r, t) = (r0 + GROUP * (k / 2), t0 + GROUP * (k % 2));
+            if r >= rows || t >= tokens {
+                continue;
+            }
+            let nr = (rows - r).min(GROUP);
+            let m = ((1u32 << nr) - 1) as u16;
+            let b = match bias {
+                Some(b) => _mm512_maskz_loadu_ps(m, b.as_ptr().add(r)),
+                None => _mm512_setzero_ps(),
+            };
+            let f = tile.0.as_ptr().cast::<f32>();
+            let v: [__m512; GROUP] = std::array::from_fn(|i| _mm512_load_ps(f.add(i * GROUP)));
+            for (i, c) in transpose16(v).into_iter().take(tokens - t).enumerate() {
+                let dst = out[t + i].as_mut_ptr().add(r);
+                _mm512_mask_storeu_ps(dst, m, _mm512_add_ps(c, b));
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::*;
+
+    /// Every finite f16 is the sum of its two bf16 parts, exactly.
+    #[test]
+    fn f16_weights_split_exactly() {
+        for bits in 0..=u16::MAX {
+            let w = f16::from_bits(bits);
+            if !w.is_finite() {
+                continue;
+            }
+            let (hi, lo) = w.parts();
+            assert_eq!(widen(hi) + widen(lo), w.to_f32(), "f16 {bits:#06x}");
+        }
+    }
+
+    /// An activation's parts leave at most 2⁻¹⁶ of it, for magnitudes from 2⁻¹⁰⁰ to f32's
+    /// largest short of overflow.
+    #[test]
+    fn activation_split_leaves_at_most_2_pow_minus_16() {
+        let mut s = 0x2545_F491_4F6C_DD1Du64;
+        for _ in 0..200_000 {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            // Random sign and mantissa, biased exponent 27..=253.
+            let bits = (s as u32 & 0x807F_FFFF) | ((27 + (s >> 32) as u32 % 227) << 23);
+            let a = f32::from_bits(bits);
+            let (hi, lo) = split(a);
+            let rest = (a as f64 - widen(hi) as f64 - widen(lo) as f64).abs();
+            assert!(
+                rest <= a.abs() as f64 * 2f64.powi(-16),
+                "{a:e}: {rest:e} left"
+            );
+        }
+    }
+
+    fn bits(t: &[Tile]) -> Vec<u16> {
+        t.iter().flat_map(|t| t.0).collect()
+    }
+
+    /// The AVX-512 activation layout and weight packing put every part where the references
+    /// do, with ragged token counts, rows and columns.
+    #[test]
+    fn simd_layouts_equal_the_references() {
+        if !crate::cpu::level().isa().has_avx512() {
+            eprintln!("skipped: the level in use has no AVX-512");
+            return;
+        }
+        let vals = |n: usize, k: f32| -> Vec<f32> {
+            (0..n)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * k)
+                .collect()
+        };
+        for n in [1, 5, 31, 32, 33, 100, 1024] {
+            for tokens in [1, 15, 16, 17, 32, 33, 50] {
+                let x = vals(tokens * n, 0.0137);
+                let len = act_tiles(tokens, n);
+                let (mut want, mut got) = (vec![Tile([1; 512]); len], vec![Tile([2; 512]); len]);
+                lay_out_ref(&x, n, &mut want);
+                lay_out(&x, n, &mut got);
+                assert_eq!(bits(&got), bits(&want), "activations: {tokens} × {n}");
+            }
+            for rows in [1, 7, 16] {
+                let w16: Vec<f16> = vals(rows * n, 0.003)
+                    .into_iter()
+                    .map(f16::from_f32)
+                    .collect();
+                let len = n.div_ceil(STEP) * 2;
+                let (mut want, mut got) = (vec![Tile([1; 512]); len], vec![Tile([2; 512]); len]);
+                pack_group_ref(&w16, n, &mut want);
+                pack_group(&w16, n, &mut got);
+                assert_eq!(bits(&got), bits(&want), "f16 rows: {rows} × {n}");
+                let wb: Vec<bf16> = vals(rows * n, 0.003)
+                    .into_iter()
+                    .map(bf16::from_f32)
+                    .collect();
+                let len = n.div_ceil(STEP);
+                let (mut want, mut got) = (vec![Tile([1; 512]); len], vec![Tile([2; 512]); len]);
+                pack_group_ref(&wb, n, &mut want);
+                pack_group(&wb, n, &mut got);
+                assert_eq!(bits(&got), bits(&want), "bf16 rows: {rows} × {n}");
+            }
+        }
+    }
+}
