@@ -233,44 +233,65 @@ mod x86 {
         (m(0), m(16))
     }
 
-    /// 32 f32 split into bf16 parts ([`super::split`]): (hi, lo), each 32 bf16 in order.
+    /// The high 16 bits of each lane of `x` then of `y`: 32 bf16 in lane order.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     #[inline]
-    unsafe fn split32(a: __m512, b: __m512) -> (__m512i, __m512i) {
-        // The bf16 bits of 16 floats, rounded to nearest even, in the high halves of the lanes
-        // (the low halves zero, so the lanes are those bf16 values as f32).
-        #[inline(always)]
-        unsafe fn round(x: __m512) -> __m512i {
-            let b = _mm512_castps_si512(x);
-            let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
-            let r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd);
-            _mm512_and_si512(r, _mm512_set1_epi32(0xFFFF_0000u32 as i32))
-        }
-        let (ha, hb) = (round(a), round(b));
-        let la = round(_mm512_sub_ps(a, _mm512_castsi512_ps(ha)));
-        let lb = round(_mm512_sub_ps(b, _mm512_castsi512_ps(hb)));
-        let pack = |x: __m512i, y: __m512i| {
-            let x = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(x));
-            let y = _mm512_cvtepi32_epi16(_mm512_srli_epi32::<16>(y));
-            _mm512_inserti64x4::<1>(_mm512_castsi256_si512(x), y)
-        };
-        (pack(ha, hb), pack(la, lb))
+    unsafe fn high_halves(x: __m512i, y: __m512i) -> __m512i {
+        // Word 2i + 1 of the 64 words of (x, y), for i in 0..32.
+        let odd = _mm512_add_epi16(
+            _mm512_slli_epi16::<1>(_mm512_set_epi16(
+                31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11,
+                10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
+            )),
+            _mm512_set1_epi16(1),
+        );
+        _mm512_permutex2var_epi16(x, odd, y)
     }
 
-    /// An element the tiles are made from, with its widening 32-value load.
+    /// 16 floats rounded to bf16 (nearest, ties to even), as f32 (low halves zero).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn round_bf16(x: __m512) -> __m512i {
+        let b = _mm512_castps_si512(x);
+        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+        let r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd);
+        _mm512_and_si512(r, _mm512_set1_epi32(0xFFFF_0000u32 as i32))
+    }
+
+    /// 32 values split into bf16 parts ([`super::split`]): (hi, lo), each 32 bf16 in order.
+    /// Where `EXACT_LO`, the rest after `hi` is known to fit a bf16 (values of f16 origin) and
+    /// is not rounded.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn split32<const EXACT_LO: bool>(a: __m512, b: __m512) -> (__m512i, __m512i) {
+        let (ha, hb) = (round_bf16(a), round_bf16(b));
+        let (ra, rb) = (
+            _mm512_sub_ps(a, _mm512_castsi512_ps(ha)),
+            _mm512_sub_ps(b, _mm512_castsi512_ps(hb)),
+        );
+        let (la, lb) = if EXACT_LO {
+            (_mm512_castps_si512(ra), _mm512_castps_si512(rb))
+        } else {
+            (round_bf16(ra), round_bf16(rb))
+        };
+        (high_halves(ha, hb), high_halves(la, lb))
+    }
+
+    /// An element the tiles are made from, with its split 32-value load.
     pub(crate) trait Load: Copy {
-        /// The 32 values at `p` as f32, lanes outside the masks zero and not read.
+        /// The bf16 parts `(hi, lo)` of the 32 values at `p` ([`super::Split`] for weights,
+        /// [`super::split`] for f32), lanes outside the masks zero and not read.
         ///
         /// # Safety
         /// The CPU has AVX-512F/BW and F16C; the masked lanes are readable at `p`.
-        unsafe fn load32(p: *const Self, m0: __mmask16, m1: __mmask16) -> (__m512, __m512);
+        unsafe fn parts32(p: *const Self, m0: __mmask16, m1: __mmask16) -> (__m512i, __m512i);
     }
 
     impl Load for f32 {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
         #[inline]
-        unsafe fn load32(p: *const f32, m0: __mmask16, m1: __mmask16) -> (__m512, __m512) {
-            (
+        unsafe fn parts32(p: *const f32, m0: __mmask16, m1: __mmask16) -> (__m512i, __m512i) {
+            split32::<false>(
                 _mm512_maskz_loadu_ps(m0, p),
                 _mm512_maskz_loadu_ps(m1, p.add(16)),
             )
@@ -280,9 +301,9 @@ mod x86 {
     impl Load for f16 {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
         #[inline]
-        unsafe fn load32(p: *const f16, m0: __mmask16, m1: __mmask16) -> (__m512, __m512) {
+        unsafe fn parts32(p: *const f16, m0: __mmask16, m1: __mmask16) -> (__m512i, __m512i) {
             let p = p.cast::<i16>();
-            (
+            split32::<true>(
                 _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m0, p)),
                 _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m1, p.add(16))),
             )
@@ -292,13 +313,11 @@ mod x86 {
     impl Load for bf16 {
         #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
         #[inline]
-        unsafe fn load32(p: *const bf16, m0: __mmask16, m1: __mmask16) -> (__m512, __m512) {
-            let p = p.cast::<i16>();
-            let w =
-                |v: __m256i| _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(v)));
+        unsafe fn parts32(p: *const bf16, m0: __mmask16, m1: __mmask16) -> (__m512i, __m512i) {
+            let m = u32::from(m0) | u32::from(m1) << 16;
             (
-                w(_mm256_maskz_loadu_epi16(m0, p)),
-                w(_mm256_maskz_loadu_epi16(m1, p.add(16))),
+                _mm512_maskz_loadu_epi16(m, p.cast()),
+                _mm512_setzero_si512(),
             )
         }
     }
@@ -342,8 +361,7 @@ mod x86 {
             let mut hi = [_mm512_setzero_ps(); GROUP];
             let mut lo = [_mm512_setzero_ps(); GROUP];
             for j in 0..rows {
-                let (a, b) = E::load32(src.add(j * n + STEP * s), m0, m1);
-                let (h, l) = split32(a, b);
+                let (h, l) = E::parts32(src.add(j * n + STEP * s), m0, m1);
                 hi[j] = _mm512_castsi512_ps(h);
                 lo[j] = _mm512_castsi512_ps(l);
             }
@@ -387,8 +405,7 @@ mod x86 {
             for s in 0..steps {
                 let (h, l) = if j < rows {
                     let (m0, m1) = masks(n - STEP * s);
-                    let (a, b) = E::load32(w.add(j * n + STEP * s), m0, m1);
-                    split32(a, b)
+                    E::parts32(w.add(j * n + STEP * s), m0, m1)
                 } else {
                     (_mm512_setzero_si512(), _mm512_setzero_si512())
                 };
@@ -424,8 +441,9 @@ mod x86 {
     }
 
     /// `out[t][r] = Σ_c w[r][c]·x[t][c] + bias[r]` for the rows of `w` and the tokens of `out`,
-    /// with `a` the activations laid out by [`lay_out`] for `out.len()` tokens: the rows packed
-    /// into the thread's buffer, then per pair of token groups every pair of row groups.
+    /// with `a` the activations laid out by [`lay_out`] for `out.len()` tokens: per pair of
+    /// token groups (so that their tiles stay in L2), every pair of row groups, packed into the
+    /// thread's buffer when the first token pair reaches it.
     fn gemm<E: Split + Load>(
         w: &[E],
         a: &[Tile],
@@ -445,15 +463,11 @@ mod x86 {
         assert_eq!(a.len(), act_tiles(tokens, n), "amx gemm: activations");
         assert!(out.iter().all(|o| o.len() == rows), "amx gemm: outputs");
         assert!(bias.is_none_or(|b| b.len() == rows), "amx gemm: bias");
-        let groups = rows.div_ceil(2 * GROUP) * 2;
+        let pairs = rows.div_ceil(2 * GROUP);
         let per_group = steps * E::PARTS;
+        let pair_bytes = 2 * GROUP * n * std::mem::size_of::<E>();
         PACKED.with_borrow_mut(|buf| {
-            let packed = crate::matmul::typed_buf::<Tile>(buf, groups * per_group);
-            for (g, tiles) in packed.chunks_exact_mut(per_group).enumerate() {
-                let r0 = (GROUP * g).min(rows);
-                let r1 = (r0 + GROUP).min(rows);
-                pack_group(&w[r0 * n..r1 * n], n, tiles);
-            }
+            let packed = crate::matmul::typed_buf::<Tile>(buf, 2 * pairs * per_group);
             let mut sums = [Tile([0; GROUP * STEP]); 4];
             // SAFETY: the level is `amx` (checked above), so the CPU has the tile unit and this
             // process was granted its state; `CONFIG` is a valid palette-1 configuration.
@@ -462,12 +476,27 @@ mod x86 {
                 let b0 = a[2 * tp * 2 * steps..].as_ptr();
                 // SAFETY: `act_tiles` covers whole pairs of token groups.
                 let b1 = unsafe { b0.add(2 * steps) };
-                for rp in 0..groups / 2 {
-                    let a0 = packed[2 * rp * per_group..].as_ptr();
-                    // SAFETY: `groups` is even, so group 2·rp + 1 exists.
+                for rp in 0..pairs {
+                    let tiles = &mut packed[2 * rp * per_group..2 * (rp + 1) * per_group];
+                    // With the first token pair: pack the pair of row groups just before its
+                    // products, and request the next pair's rows into L2 a share per step, so
+                    // that reading them from memory overlaps these products.
+                    let mut ahead = (std::ptr::null(), 0);
+                    if tp == 0 {
+                        for (g, tiles) in tiles.chunks_exact_mut(per_group).enumerate() {
+                            let r0 = (2 * rp + g) * GROUP;
+                            let (r0, r1) = (r0.min(rows), (r0 + GROUP).min(rows));
+                            pack_group(&w[r0 * n..r1 * n], n, tiles);
+                        }
+                        let next = w.get((2 * rp + 2) * GROUP * n..).unwrap_or(&[]);
+                        let bytes = std::mem::size_of_val(next).min(pair_bytes);
+                        ahead = (next.as_ptr().cast::<u8>(), bytes.div_ceil(steps));
+                    }
+                    let a0 = tiles.as_ptr();
+                    // SAFETY: the pair's second group follows its first.
                     let a1 = unsafe { a0.add(per_group) };
                     // SAFETY: tiles configured above; the pointers address `steps` steps.
-                    unsafe { block::<E>(a0, a1, b0, b1, steps, &mut sums) };
+                    unsafe { block::<E>(a0, a1, b0, b1, steps, ahead, &mut sums) };
                     // SAFETY: AVX-512 is part of the `amx` level.
                     unsafe { write_block(&sums, 2 * rp * GROUP, 2 * tp * GROUP, bias, out) };
                 }
@@ -478,7 +507,8 @@ mod x86 {
     }
 
     /// One block of 32 weight rows × 32 tokens over every step into `sums`: tile `2i + j` is
-    /// row group i × token group j, 16 × 16 f32 as `[row][token]`.
+    /// row group i × token group j, 16 × 16 f32 as `[row][token]`. Each step also requests
+    /// `ahead.1` bytes from `ahead.0 + step · ahead.1` into L2 (a hint; any address will do).
     ///
     /// # Safety
     /// Tiles configured with [`CONFIG`]; `a0`/`a1` address `steps·E::PARTS` weight tiles and
@@ -490,6 +520,7 @@ mod x86 {
         b0: *const Tile,
         b1: *const Tile,
         steps: usize,
+        ahead: (*const u8, usize),
         sums: &mut [Tile; 4],
     ) {
         const S: usize = 64;
@@ -520,6 +551,7 @@ mod x86 {
             };
         }
         for s in 0..steps {
+            crate::dot::prefetch_l2(ahead.0.wrapping_add(s * ahead.1), ahead.1);
             let (wh0, wh1) = (a0.add(s * E::PARTS), a1.add(s * E::PARTS));
             let (ah0, ah1) = (b0.add(2 * s), b1.add(2 * s));
             product!(wh0, wh1, ah0, ah1);
