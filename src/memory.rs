@@ -116,14 +116,15 @@ pub const RUNTIME_BYTES: u64 = 14 * 1024 * 1024;
 /// Q|K|V and then the MLP hidden (3C or F, the wider); each token's position and sequence
 /// (8 bytes each); the matmul's copy of the widest input's activations (F values): Q8_K
 /// blocks for quantized weights (292 bytes per 256, Q8_0's 272 counted as that), and for float
-/// weights f32 from [`ggpt_quant::matmul::FLOAT_COPY_MIN_TOKENS`] tokens on (the layout the
-/// AVX-512 and AVX2 outer-product tiles read, columns rounded up to 16; scalar and NEON read
-/// the activations in place, so this is an upper bound there).
+/// weights from [`ggpt_quant::matmul::FLOAT_COPY_MIN_TOKENS`] tokens on 4 bytes a value: f32 in
+/// the layout the AVX-512 and AVX2 outer-product tiles read (columns rounded up to 16), or two
+/// bf16 parts in the AMX level's tiles (tokens and columns rounded up to 32), counted here as
+/// the larger; scalar and NEON read the activations in place, so this is an upper bound there.
 fn micro_batch_bytes(s: &MemShape, t: u64) -> u64 {
     let act_copy = if !s.float_down {
         t * s.n_ff.div_ceil(256) * 292
     } else if t >= ggpt_quant::matmul::FLOAT_COPY_MIN_TOKENS as u64 {
-        4 * t * s.n_ff.next_multiple_of(16)
+        4 * t.next_multiple_of(32) * s.n_ff.next_multiple_of(32)
     } else {
         0
     };
@@ -151,8 +152,9 @@ pub fn estimate(s: &MemShape, file_bytes: u64, tensor_bytes: u64, r: &RunShape) 
     }
     // Per thread: one head's K and V in f32 and two rows of scores (queries go in pairs).
     let attention = r.threads * 4 * (2 * r.n_ctx * head_dim + 2 * (r.n_ctx + 4 * head_dim));
-    // Per thread, float weights: the outer-product tile's packed panels (prompts of
-    // FLOAT_COPY_MIN_TOKENS tokens or more); quantized weights: the tile kernels' packed rows
+    // Per thread, float weights: the outer-product tile's packed panels, or at the AMX level
+    // the bf16 weight tiles of the same size (prompts of FLOAT_COPY_MIN_TOKENS tokens or more);
+    // quantized weights: the tile kernels' packed rows
     // (prompts of TILE_MIN_TOKENS or more). Levels without tile kernels (scalar, NEON) keep
     // neither, so there this is an upper bound.
     let weight_buffers =
@@ -290,19 +292,21 @@ mod tests {
         // Below 4 tokens rows are dotted as stored: no packed rows.
         let decode = estimate(&s, 0, 0, &run(1));
         assert_eq!(decode.scratch_bytes, 33_360 + attention);
-        // Float weights: the down projection's input copied as f32 (4 × 4096 bytes per token)
-        // instead of Q8_K. Now the pass before the last is the peak:
-        // 240 × 45 072 − 64 × 98 304 = 4 525 824 > 64 × 45 072.
+        // Float weights: the down projection's input copied at 4 bytes a value (4 × 4096 bytes
+        // per token, tokens rounded up to 32 for the AMX tiles) instead of Q8_K. Now the pass
+        // before the last is the peak: 240 × 28 688 + 256 × 16 384 − 64 × 98 304 = 4 787 968
+        // > 64 × 45 072.
         let f = MemShape {
             float_down: true,
             ..MemShape::GPT2_MEDIUM
         };
         let per_token = 4 * (3 * 1024 + 4096) + 16 + 4 * 4096;
         assert_eq!(per_token, 45_072);
+        assert_eq!(240 * 28_688 + 256 * 16_384 - 64 * 98_304, 4_787_968);
         // Each of the two threads also keeps 1 MiB of packed f32 weight panels.
         let panels = 2 << 20;
         let one_call = estimate(&f, 0, 0, &run(1024));
-        assert_eq!(one_call.scratch_bytes, 4_525_824 + attention + panels);
+        assert_eq!(one_call.scratch_bytes, 4_787_968 + attention + panels);
         let calls = estimate(&f, 0, 0, &run(256));
         assert_eq!(calls.scratch_bytes, 256 * 45_072 + attention + panels);
         // Below 32 tokens nothing is copied: a 31-token prompt needs less than with Q8_K.
