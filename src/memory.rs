@@ -159,7 +159,11 @@ pub fn estimate(s: &MemShape, file_bytes: u64, tensor_bytes: u64, r: &RunShape) 
     // neither, so there this is an upper bound.
     let weight_buffers =
         if s.float_down && r.n_batch >= ggpt_quant::matmul::FLOAT_COPY_MIN_TOKENS as u64 {
-            r.threads * ggpt_quant::matmul::PANEL_BYTES as u64
+            // The AMX level's sums between chunks of columns, for the widest pass.
+            let pass = r.n_batch.min(ggpt_models::gpt2::forward::UBATCH as u64);
+            let sums =
+                ggpt_quant::matmul::FLOAT_SUMS_BYTES_PER_TOKEN as u64 * pass.next_multiple_of(32);
+            r.threads * (ggpt_quant::matmul::PANEL_BYTES as u64 + sums)
         } else if !s.float_down && r.n_batch >= ggpt_quant::matmul::TILE_MIN_TOKENS as u64 {
             r.threads * ggpt_quant::matmul::TILE_BYTES as u64
         } else {
@@ -303,8 +307,9 @@ mod tests {
         let per_token = 4 * (3 * 1024 + 4096) + 16 + 4 * 4096;
         assert_eq!(per_token, 45_072);
         assert_eq!(240 * 28_688 + 256 * 16_384 - 64 * 98_304, 4_787_968);
-        // Each of the two threads also keeps 1 MiB of packed f32 weight panels.
-        let panels = 2 << 20;
+        // Each of the two threads also keeps 1 MiB of packed f32 weight panels (or bf16 tiles),
+        // and at the AMX level the sums of up to 256 rows × 256 tokens between chunks.
+        let panels = 2 * ((1 << 20) + 4 * 256 * 256);
         let one_call = estimate(&f, 0, 0, &run(1024));
         assert_eq!(one_call.scratch_bytes, 4_787_968 + attention + panels);
         let calls = estimate(&f, 0, 0, &run(256));

@@ -289,7 +289,7 @@ pub(crate) fn matmul_format<W: WeightFormat>(
         // outer-product tile.
         // The AMX tiles (F16/BF16 at the `amx` level): activations split into bf16 tiles once
         // per call, work items of whole pairs of 16-row tile groups, about PANEL_BYTES of
-        // packed tiles each (4 bytes a column, as the f32 panels).
+        // packed tiles each (4 bytes a column of a chunk of columns, `dot::amx::CHUNK`).
         #[cfg(target_arch = "x86_64")]
         Some(Tile::Outer {
             amx: Some(gemm), ..
@@ -297,7 +297,8 @@ pub(crate) fn matmul_format<W: WeightFormat>(
             use crate::dot::amx;
             let act = typed_buf::<amx::Tile>(&mut scratch.act, amx::act_tiles(n_tokens, cols));
             amx::lay_out(x, cols, act);
-            let rb = tile_rows(rows, cols * 4, PANEL_BYTES).next_multiple_of(2 * amx::GROUP);
+            let rb = tile_rows(rows, amx::packed_row_bytes(cols), PANEL_BYTES)
+                .next_multiple_of(2 * amx::GROUP);
             return direct_tiled(wb, act, nb, n_tokens, rows, rb, bias, y, gemm);
         }
         Some(Tile::Outer { many, layout, .. }) if n_tokens >= outer::MIN_TOKENS => {
@@ -462,6 +463,11 @@ pub const TILE_BYTES: usize = 192 << 10;
 /// 4096-column one 6 % faster on two threads than 384 KiB. Each thread keeps a buffer of
 /// this size once it has run such a matmul.
 pub const PANEL_BYTES: usize = 1 << 20;
+
+/// Bytes per token of a prompt that a thread keeps beside its [`PANEL_BYTES`] at the AMX level
+/// (F16/BF16 weights): the sums of a work item between chunks of columns, for at most
+/// `PANEL_BYTES / 4096` rows; tokens are rounded up to 32 there.
+pub const FLOAT_SUMS_BYTES_PER_TOKEN: usize = crate::dot::amx::SUMS_PER_TOKEN;
 
 /// Rows per work item: about `budget` bytes of rows of `packed_row_bytes` each, but at least 4
 /// items per thread when the matrix allows, so rayon can balance; a multiple of 4 (the float

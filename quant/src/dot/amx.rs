@@ -98,6 +98,24 @@ impl Split for bf16 {
     }
 }
 
+/// Bytes of packed tiles a work item keeps per weight row of `n` columns: two bf16 parts of
+/// one chunk of columns (a BF16 row needs half).
+pub(crate) fn packed_row_bytes(n: usize) -> usize {
+    4 * n.min(STEP * CHUNK).next_multiple_of(STEP)
+}
+
+/// Steps (of 32 columns) per chunk: a work item takes the columns a chunk at a time, its sums
+/// kept in memory between chunks, so that a chunk of its packed weights (1 MiB for 256 F16
+/// rows) stays in L2 while every token pair passes it, and the activations of a 4096-column
+/// matrix are read from memory once per chunk of an item rather than the whole row at once
+/// for fewer rows.
+pub(crate) const CHUNK: usize = 32;
+
+/// Bytes per token of the call that a work item keeps for its sums between chunks (matrices
+/// of more than one chunk of columns): 4 per row, for at most the rows that `PANEL_BYTES` of
+/// packed chunks hold.
+pub(crate) const SUMS_PER_TOKEN: usize = 4 * (crate::matmul::PANEL_BYTES / (4 * STEP * CHUNK));
+
 /// Activation tiles for `tokens` rows of `n` columns ([`lay_out`]).
 pub(crate) fn act_tiles(tokens: usize, n: usize) -> usize {
     tokens.div_ceil(2 * GROUP) * 2 * n.div_ceil(STEP) * 2
@@ -188,7 +206,7 @@ pub(crate) use x86::{bf16_gemm, f16_gemm, lay_out};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::{act_tiles, Split, Tile, GROUP, PACKED, STEP};
+    use super::{act_tiles, Split, Tile, CHUNK, GROUP, PACKED, STEP};
     use crate::dot::avx512::float::transpose16;
     use half::{bf16, f16};
     use std::arch::asm;
@@ -374,42 +392,49 @@ mod x86 {
         }
     }
 
-    /// [`super::pack_group_ref`] with AVX-512: each row's 32 values of a step split and stored
-    /// as a row of each part's tile.
-    pub(crate) fn pack_group<E: Split + Load>(w: &[E], n: usize, out: &mut [Tile]) {
+    /// [`super::pack_group_ref`] with AVX-512, for the steps `steps` of the rows (tile
+    /// `(s − steps.start)·PARTS + p`): each row's 32 values of a step split and stored as a row
+    /// of each part's tile.
+    pub(crate) fn pack_group<E: Split + Load>(
+        w: &[E],
+        n: usize,
+        steps: std::ops::Range<usize>,
+        out: &mut [Tile],
+    ) {
         assert!(crate::cpu::level().isa().has_avx512(), "amx pack: AVX-512");
         let rows = w.len() / n;
         assert!(rows <= GROUP, "amx pack: at most 16 rows");
         assert_eq!(w.len(), rows * n, "amx pack: rows");
-        assert_eq!(
-            out.len(),
-            n.div_ceil(STEP) * E::PARTS,
-            "amx pack: output length"
+        assert!(
+            steps.start <= steps.end && steps.end <= n.div_ceil(STEP),
+            "amx pack: steps"
         );
+        assert_eq!(out.len(), steps.len() * E::PARTS, "amx pack: output length");
         // SAFETY: AVX-512 checked above, lengths checked.
-        unsafe { pack_group_impl(w.as_ptr(), rows, n, out) }
+        unsafe { pack_group_impl(w.as_ptr(), rows, n, steps, out) }
     }
 
     /// # Safety
-    /// As [`pack_group`]'s checks: AVX-512, `w` holds `rows·n` values, `out` `steps·PARTS`.
+    /// As [`pack_group`]'s checks: AVX-512, `w` holds `rows·n` values, `steps` lie within the
+    /// row, `out` holds `steps.len()·PARTS` tiles.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
     unsafe fn pack_group_impl<E: Split + Load>(
         w: *const E,
         rows: usize,
         n: usize,
+        steps: std::ops::Range<usize>,
         out: &mut [Tile],
     ) {
         // Row by row, so that each row is read from memory in order.
-        let steps = n.div_ceil(STEP);
         for j in 0..GROUP {
-            for s in 0..steps {
+            for (i, s) in steps.clone().enumerate() {
                 let (h, l) = if j < rows {
                     let (m0, m1) = masks(n - STEP * s);
                     E::parts32(w.add(j * n + STEP * s), m0, m1)
                 } else {
                     (_mm512_setzero_si512(), _mm512_setzero_si512())
                 };
-                let t = out.as_mut_ptr().add(s * E::PARTS);
+                let t = out.as_mut_ptr().add(i * E::PARTS);
                 _mm512_store_si512((*t).0.as_mut_ptr().add(j * STEP).cast(), h);
                 if E::PARTS == 2 {
                     _mm512_store_si512((*t.add(1)).0.as_mut_ptr().add(j * STEP).cast(), l);
@@ -464,41 +489,76 @@ mod x86 {
         assert!(out.iter().all(|o| o.len() == rows), "amx gemm: outputs");
         assert!(bias.is_none_or(|b| b.len() == rows), "amx gemm: bias");
         let pairs = rows.div_ceil(2 * GROUP);
-        let per_group = steps * E::PARTS;
-        let pair_bytes = 2 * GROUP * n * std::mem::size_of::<E>();
+        let token_pairs = tokens.div_ceil(2 * GROUP);
+        let chunks = steps.div_ceil(CHUNK);
+        // Per group, the tiles of one chunk of steps.
+        let per_group = steps.min(CHUNK) * E::PARTS;
+        let row_bytes = n * std::mem::size_of::<E>();
         PACKED.with_borrow_mut(|buf| {
-            let packed = crate::matmul::typed_buf::<Tile>(buf, 2 * pairs * per_group);
-            let mut sums = [Tile([0; GROUP * STEP]); 4];
+            let (packed, sums) = crate::matmul::typed_buf::<Tile>(
+                buf,
+                2 * pairs * per_group
+                    + if chunks > 1 {
+                        4 * pairs * token_pairs
+                    } else {
+                        0
+                    },
+            )
+            .split_at_mut(2 * pairs * per_group);
+            let mut own = [Tile([0; GROUP * STEP]); 4];
             // SAFETY: the level is `amx` (checked above), so the CPU has the tile unit and this
             // process was granted its state; `CONFIG` is a valid palette-1 configuration.
             unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
-            for tp in 0..tokens.div_ceil(2 * GROUP) {
-                let b0 = a[2 * tp * 2 * steps..].as_ptr();
-                // SAFETY: `act_tiles` covers whole pairs of token groups.
-                let b1 = unsafe { b0.add(2 * steps) };
-                for rp in 0..pairs {
-                    let tiles = &mut packed[2 * rp * per_group..2 * (rp + 1) * per_group];
-                    // With the first token pair: pack the pair of row groups just before its
-                    // products, and request the next pair's rows into L2 a share per step, so
-                    // that reading them from memory overlaps these products.
-                    let mut ahead = (std::ptr::null(), 0);
-                    if tp == 0 {
-                        for (g, tiles) in tiles.chunks_exact_mut(per_group).enumerate() {
-                            let r0 = (2 * rp + g) * GROUP;
-                            let (r0, r1) = (r0.min(rows), (r0 + GROUP).min(rows));
-                            pack_group(&w[r0 * n..r1 * n], n, tiles);
+            for c in 0..chunks {
+                let (s0, s1) = (c * CHUNK, (c * CHUNK + CHUNK).min(steps));
+                let last = c + 1 == chunks;
+                for tp in 0..token_pairs {
+                    // SAFETY: `act_tiles` covers whole pairs of token groups of `steps` steps.
+                    let b0 = unsafe { a.as_ptr().add((2 * tp * steps + s0) * 2) };
+                    // SAFETY: as above, the pair's second group.
+                    let b1 = unsafe { b0.add(2 * steps) };
+                    for rp in 0..pairs {
+                        let tiles = &mut packed[2 * rp * per_group..2 * (rp + 1) * per_group];
+                        // With the first token pair: pack the chunk of the pair of row groups
+                        // just before its products, and request the same columns of the next
+                        // pair's rows into L2 a share per step, so that reading them from
+                        // memory overlaps these products.
+                        let mut ahead = Ahead::NONE;
+                        if tp == 0 {
+                            for (g, tiles) in tiles.chunks_exact_mut(per_group).enumerate() {
+                                let r0 = (2 * rp + g) * GROUP;
+                                let (r0, r1) = (r0.min(rows), (r0 + GROUP).min(rows));
+                                let used = &mut tiles[..(s1 - s0) * E::PARTS];
+                                pack_group(&w[r0 * n..r1 * n], n, s0..s1, used);
+                            }
+                            let next = ((2 * rp + 2) * GROUP).min(rows);
+                            ahead = Ahead {
+                                // SAFETY: row `next` ≤ rows starts inside `w` or at its end.
+                                at: unsafe { w.as_ptr().add(next * n + STEP * s0).cast() },
+                                stride: row_bytes,
+                                rows: (rows - next).min(2 * GROUP),
+                                bytes: (STEP * (s1 - s0)).min(n - STEP * s0)
+                                    * std::mem::size_of::<E>(),
+                            };
                         }
-                        let next = w.get((2 * rp + 2) * GROUP * n..).unwrap_or(&[]);
-                        let bytes = std::mem::size_of_val(next).min(pair_bytes);
-                        ahead = (next.as_ptr().cast::<u8>(), bytes.div_ceil(steps));
+                        let a0 = tiles.as_ptr();
+                        // SAFETY: the pair's second group follows its first.
+                        let a1 = unsafe { a0.add(per_group) };
+                        let c_tiles: &mut [Tile; 4] = if chunks > 1 {
+                            let k = 4 * (tp * pairs + rp);
+                            (&mut sums[k..k + 4]).try_into().expect("four tiles")
+                        } else {
+                            &mut own
+                        };
+                        // SAFETY: tiles configured above; the pointers address s1 − s0 steps.
+                        unsafe { block::<E>(a0, a1, b0, b1, s1 - s0, c > 0, ahead, c_tiles) };
+                        if last {
+                            // SAFETY: AVX-512 is part of the `amx` level.
+                            unsafe {
+                                write_block(c_tiles, 2 * rp * GROUP, 2 * tp * GROUP, bias, out)
+                            };
+                        }
                     }
-                    let a0 = tiles.as_ptr();
-                    // SAFETY: the pair's second group follows its first.
-                    let a1 = unsafe { a0.add(per_group) };
-                    // SAFETY: tiles configured above; the pointers address `steps` steps.
-                    unsafe { block::<E>(a0, a1, b0, b1, steps, ahead, &mut sums) };
-                    // SAFETY: AVX-512 is part of the `amx` level.
-                    unsafe { write_block(&sums, 2 * rp * GROUP, 2 * tp * GROUP, bias, out) };
                 }
             }
             // SAFETY: tiles configured above; this returns them to their initial state.
@@ -506,31 +566,73 @@ mod x86 {
         });
     }
 
-    /// One block of 32 weight rows × 32 tokens over every step into `sums`: tile `2i + j` is
-    /// row group i × token group j, 16 × 16 f32 as `[row][token]`. Each step also requests
-    /// `ahead.1` bytes from `ahead.0 + step · ahead.1` into L2 (a hint; any address will do).
+    /// Rows to request into L2 during a block, a share per step: `rows` runs of `bytes` bytes,
+    /// `stride` apart, from `at` (a hint: any address will do).
+    #[derive(Clone, Copy)]
+    struct Ahead {
+        at: *const u8,
+        stride: usize,
+        rows: usize,
+        bytes: usize,
+    }
+
+    impl Ahead {
+        const NONE: Ahead = Ahead {
+            at: std::ptr::null(),
+            stride: 0,
+            rows: 0,
+            bytes: 0,
+        };
+
+        /// Step `s` of `steps`' share: the rows `⌊rows·s/steps⌋ .. ⌊rows·(s+1)/steps⌋`.
+        #[inline(always)]
+        fn request(self, s: usize, steps: usize) {
+            for r in self.rows * s / steps..self.rows * (s + 1) / steps {
+                crate::dot::prefetch_l2(self.at.wrapping_add(r * self.stride), self.bytes);
+            }
+        }
+    }
+
+    /// One block of 32 weight rows × 32 tokens over `steps` steps into `sums` (added to the sums
+    /// already there where `acc`, else from zero): tile `2i + j` is row group i × token group j,
+    /// 16 × 16 f32 as `[row][token]`. Each step also requests its share of `ahead` into L2.
     ///
     /// # Safety
     /// Tiles configured with [`CONFIG`]; `a0`/`a1` address `steps·E::PARTS` weight tiles and
     /// `b0`/`b1` `2·steps` activation tiles each.
     #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
     unsafe fn block<E: Split>(
         a0: *const Tile,
         a1: *const Tile,
         b0: *const Tile,
         b1: *const Tile,
         steps: usize,
-        ahead: (*const u8, usize),
+        acc: bool,
+        ahead: Ahead,
         sums: &mut [Tile; 4],
     ) {
         const S: usize = 64;
-        asm!(
-            "tilezero tmm0",
-            "tilezero tmm1",
-            "tilezero tmm2",
-            "tilezero tmm3",
-            options(nostack, nomem, preserves_flags)
-        );
+        let o = sums.as_mut_ptr();
+        if acc {
+            asm!(
+                "tileloadd tmm0, [{o0} + {s}*1]",
+                "tileloadd tmm1, [{o1} + {s}*1]",
+                "tileloadd tmm2, [{o2} + {s}*1]",
+                "tileloadd tmm3, [{o3} + {s}*1]",
+                o0 = in(reg) o, o1 = in(reg) o.add(1), o2 = in(reg) o.add(2), o3 = in(reg) o.add(3),
+                s = in(reg) S,
+                options(nostack, readonly, preserves_flags)
+            );
+        } else {
+            asm!(
+                "tilezero tmm0",
+                "tilezero tmm1",
+                "tilezero tmm2",
+                "tilezero tmm3",
+                options(nostack, nomem, preserves_flags)
+            );
+        }
         // One product of a pair of weight tiles by a pair of activation tiles into the four
         // sums, each load placed just before its first use so loads overlap products.
         macro_rules! product {
@@ -551,7 +653,7 @@ mod x86 {
             };
         }
         for s in 0..steps {
-            crate::dot::prefetch_l2(ahead.0.wrapping_add(s * ahead.1), ahead.1);
+            ahead.request(s, steps);
             let (wh0, wh1) = (a0.add(s * E::PARTS), a1.add(s * E::PARTS));
             let (ah0, ah1) = (b0.add(2 * s), b1.add(2 * s));
             product!(wh0, wh1, ah0, ah1);
@@ -560,7 +662,6 @@ mod x86 {
                 product!(wh0.add(1), wh1.add(1), ah0, ah1);
             }
         }
-        let o = sums.as_mut_ptr();
         asm!(
             "tilestored [{o0} + {s}*1], tmm0",
             "tilestored [{o1} + {s}*1], tmm1",
@@ -679,7 +780,7 @@ mod tests {
                 let len = n.div_ceil(STEP) * 2;
                 let (mut want, mut got) = (vec![Tile([1; 512]); len], vec![Tile([2; 512]); len]);
                 pack_group_ref(&w16, n, &mut want);
-                pack_group(&w16, n, &mut got);
+                pack_group(&w16, n, 0..n.div_ceil(STEP), &mut got);
                 assert_eq!(bits(&got), bits(&want), "f16 rows: {rows} × {n}");
                 let wb: Vec<bf16> = vals(rows * n, 0.003)
                     .into_iter()
@@ -688,7 +789,7 @@ mod tests {
                 let len = n.div_ceil(STEP);
                 let (mut want, mut got) = (vec![Tile([1; 512]); len], vec![Tile([2; 512]); len]);
                 pack_group_ref(&wb, n, &mut want);
-                pack_group(&wb, n, &mut got);
+                pack_group(&wb, n, 0..n.div_ceil(STEP), &mut got);
                 assert_eq!(bits(&got), bits(&want), "bf16 rows: {rows} × {n}");
             }
         }
