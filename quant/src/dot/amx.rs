@@ -9,8 +9,9 @@
 //! - an f16 weight `w = w_hi + w_lo` exactly (`w_hi` its value rounded to bf16, `w_lo` the at
 //!   most 3 bits left); a bf16 weight is its own `w_hi`;
 //! - an activation `a ≈ a_hi + a_lo`, each rounded to nearest, `|a − a_hi − a_lo| ≤ 2⁻¹⁶|a|`
-//!   (for `|a| ≥ 2⁻¹⁰⁰`; below that `a_lo` can fall under bf16's normal range, which the tile
-//!   unit reads as zero).
+//!   (for `2⁻¹⁰⁰ ≤ |a|` and `|a|` short of f32's largest by 2⁻⁹ of it, which rounds to infinity;
+//!   below 2⁻¹⁰⁰ `a_lo` can fall under bf16's normal range, which the tile unit reads as zero).
+//!   A NaN stays NaN.
 //!
 //! The product of two bf16 values is exact in f32 and the unit sums in f32, so
 //! `w·a ≈ w_hi·a_hi + w_hi·a_lo + w_lo·a_hi` — three tile products per 32 columns (two for
@@ -31,7 +32,7 @@
 //!
 //! The register blocking is 2 × 2 tiles of sums (32 weight rows × 32 tokens, `tmm0..3`), two
 //! weight tiles (`tmm4/5`) and two activation tiles (`tmm6/7`): per step 12 (BF16: 8) tile
-//! products from 10 (6) tile loads. A tile of sums is `[row][token]`; it is transposed on the
+//! products from as many tile loads. A tile of sums is `[row][token]`; it is transposed on the
 //! way out.
 
 use crate::matmul::Line;
@@ -50,12 +51,15 @@ pub struct Tile(pub(crate) [u16; GROUP * STEP]);
 // SAFETY: an array of u16 without padding, valid for every bit pattern.
 unsafe impl crate::Plain for Tile {}
 
-/// `x` rounded to the nearest bf16 (ties to even), as bits. NaN stays NaN for the payloads
-/// activations and weights can hold (their rounding cannot carry into the exponent).
+/// `x` rounded to the nearest bf16 (ties to even), as bits; a NaN stays a (quiet) NaN, so that
+/// a NaN weight or activation gives NaN sums as it does on the FMA tiles.
 #[cfg_attr(not(all(test, target_arch = "x86_64")), allow(dead_code))]
 #[inline(always)]
 pub(crate) fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
+    if x.is_nan() {
+        return ((b | 0x0040_0000) >> 16) as u16;
+    }
     (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
 }
 
@@ -273,6 +277,9 @@ mod x86 {
         let b = _mm512_castps_si512(x);
         let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
         let r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd);
+        // NaN lanes: made quiet instead of rounded (the carry could reach the sign).
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
+        let r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x0040_0000)));
         _mm512_and_si512(r, _mm512_set1_epi32(0xFFFF_0000u32 as i32))
     }
 
@@ -743,6 +750,40 @@ mod tests {
                 rest <= a.abs() as f64 * 2f64.powi(-16),
                 "{a:e}: {rest:e} left"
             );
+        }
+    }
+
+    /// NaN in, NaN parts out (scalar and SIMD), whatever its payload.
+    #[test]
+    fn nan_stays_nan() {
+        for bits in [
+            0x7FC0_0000u32,
+            0x7FFF_FFFF,
+            0xFFFF_FFFF,
+            0x7F80_0001,
+            0xFF80_8000,
+        ] {
+            let x = f32::from_bits(bits);
+            let (hi, lo) = split(x);
+            assert!(
+                widen(hi).is_nan() && widen(lo).is_nan(),
+                "{bits:#x}: {hi:#x} {lo:#x}"
+            );
+        }
+        let w = [f16::from_bits(0x7FFF), f16::from_bits(0xFE01)];
+        for v in w {
+            let (hi, _) = v.parts();
+            assert!(widen(hi).is_nan(), "f16 {:#x}", v.to_bits());
+        }
+        if crate::cpu::level().isa().has_avx512() {
+            let x = vec![f32::from_bits(0x7FFF_FFFF); 32];
+            let mut t = vec![Tile([0; 512]); act_tiles(1, 32)];
+            lay_out(&x, 32, &mut t);
+            assert!(widen(t[0].0[0]).is_nan() && widen(t[1].0[0]).is_nan());
+            let w = vec![f16::from_bits(0x7FFF); 32];
+            let mut t = vec![Tile([0; 512]); 2];
+            pack_group(&w, 32, 0..1, &mut t);
+            assert!(widen(t[0].0[0]).is_nan());
         }
     }
 
