@@ -122,12 +122,12 @@ float_format!(
     f16_f32,
     f16_gemm,
     f16_outer,
-    Some(crate::dot::amx::f16_gemm as crate::format::GemmFn<_, _>)
+    Some(crate::dot::amx::gemm::<f16> as crate::format::GemmFn<_, _>)
 );
 float_format!(
     bf16,
     bf16_f32,
     bf16_gemm,
     bf16_outer,
-    Some(crate::dot::amx::bf16_gemm as crate::format::GemmFn<_, _>)
+    Some(crate::dot::amx::gemm::<bf16> as crate::format::GemmFn<_, _>)
 );

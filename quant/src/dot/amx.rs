@@ -206,7 +206,7 @@ thread_local! {
 #[cfg(all(test, target_arch = "x86_64"))]
 pub(crate) use x86::pack_group;
 #[cfg(target_arch = "x86_64")]
-pub(crate) use x86::{bf16_gemm, f16_gemm, lay_out};
+pub(crate) use x86::{gemm, lay_out};
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
@@ -450,33 +450,12 @@ mod x86 {
         }
     }
 
-    /// F16 rows × the [`lay_out`] activations (a `GemmFn` with `n` the columns).
-    pub(crate) fn f16_gemm(
-        w: &[f16],
-        a: &[Tile],
-        n: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
-    ) {
-        gemm(w, a, n, bias, out)
-    }
-
-    /// BF16 rows × the [`lay_out`] activations.
-    pub(crate) fn bf16_gemm(
-        w: &[bf16],
-        a: &[Tile],
-        n: usize,
-        bias: Option<&[f32]>,
-        out: &mut [&mut [f32]],
-    ) {
-        gemm(w, a, n, bias, out)
-    }
-
     /// `out[t][r] = Σ_c w[r][c]·x[t][c] + bias[r]` for the rows of `w` and the tokens of `out`,
     /// with `a` the activations laid out by [`lay_out`] for `out.len()` tokens: per pair of
     /// token groups (so that their tiles stay in L2), every pair of row groups, packed into the
-    /// thread's buffer when the first token pair reaches it.
-    fn gemm<E: Split + Load>(
+    /// thread's buffer when the first token pair reaches it. The F16 and BF16 formats' AMX
+    /// `GemmFn` (with `n` the columns).
+    pub(crate) fn gemm<E: Split + Load>(
         w: &[E],
         a: &[Tile],
         n: usize,
