@@ -598,6 +598,10 @@ mod x86 {
         ahead: Ahead,
         sums: &mut [Tile; 4],
     ) {
+        // SAFETY (each `asm!` below): the tiles are configured (the caller's contract); every
+        // `tileloadd` reads a tile the caller says exists, 16 rows 64 bytes apart, or `sums`;
+        // the `tilestored`s write the four tiles of `sums`, which this function borrows
+        // mutably. Tile registers are not Rust-visible state: the compiler never allocates them.
         const S: usize = 64;
         let o = sums.as_mut_ptr();
         if acc {
