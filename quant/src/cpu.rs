@@ -22,8 +22,9 @@ pub enum Isa {
     Avx512,
     /// AVX-512 with VNNI (`vpdpbusd`): the int8 dot-product instruction.
     Avx512Vnni,
-    /// AVX-512 VNNI plus the AMX tile unit with bf16 products (`tdpbf16ps`), which prompts with
-    /// F16 and BF16 weights use (`dot::amx`); everything else runs the AVX-512 VNNI kernels.
+    /// AVX-512 VNNI and AVX512-BF16 plus the AMX tile unit with bf16 products (`tdpbf16ps`),
+    /// which prompts with F16 and BF16 weights use (`dot::amx`); everything else runs the
+    /// AVX-512 VNNI kernels.
     Amx,
     /// aarch64 NEON (always present on aarch64).
     Neon,
@@ -84,7 +85,11 @@ impl Isa {
             #[cfg(target_arch = "x86_64")]
             Isa::Avx512Vnni => Isa::Avx512.is_supported() && is_x86_feature_detected!("avx512vnni"),
             #[cfg(target_arch = "x86_64")]
-            Isa::Amx => Isa::Avx512Vnni.is_supported() && amx_usable(),
+            Isa::Amx => {
+                Isa::Avx512Vnni.is_supported()
+                    && is_x86_feature_detected!("avx512bf16")
+                    && amx_usable()
+            }
             #[cfg(target_arch = "aarch64")]
             Isa::Neon => std::arch::is_aarch64_feature_detected!("neon"),
             #[cfg(target_arch = "aarch64")]

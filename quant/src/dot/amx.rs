@@ -51,14 +51,18 @@ pub struct Tile(pub(crate) [u16; GROUP * STEP]);
 // SAFETY: an array of u16 without padding, valid for every bit pattern.
 unsafe impl crate::Plain for Tile {}
 
-/// `x` rounded to the nearest bf16 (ties to even), as bits; a NaN stays a (quiet) NaN, so that
-/// a NaN weight or activation gives NaN sums as it does on the FMA tiles.
+/// `x` rounded to the nearest bf16 (ties to even), as bits, the way `vcvtneps2bf16` does it: a
+/// NaN stays a (quiet) NaN, so that a NaN weight or activation gives NaN sums as it does on the
+/// FMA tiles, and a subnormal f32 is read as zero of its sign.
 #[cfg_attr(not(all(test, target_arch = "x86_64")), allow(dead_code))]
 #[inline(always)]
 pub(crate) fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
     if x.is_nan() {
         return ((b | 0x0040_0000) >> 16) as u16;
+    }
+    if b & 0x7F80_0000 == 0 {
+        return (b >> 16) as u16 & 0x8000;
     }
     (b.wrapping_add(0x7FFF + ((b >> 16) & 1)) >> 16) as u16
 }
@@ -255,51 +259,23 @@ mod x86 {
         (m(0), m(16))
     }
 
-    /// The high 16 bits of each lane of `x` then of `y`: 32 bf16 in lane order.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    #[inline]
-    unsafe fn high_halves(x: __m512i, y: __m512i) -> __m512i {
-        // Word 2i + 1 of the 64 words of (x, y), for i in 0..32.
-        let odd = _mm512_add_epi16(
-            _mm512_slli_epi16::<1>(_mm512_set_epi16(
-                31, 30, 29, 28, 27, 26, 25, 24, 23, 22, 21, 20, 19, 18, 17, 16, 15, 14, 13, 12, 11,
-                10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0,
-            )),
-            _mm512_set1_epi16(1),
-        );
-        _mm512_permutex2var_epi16(x, odd, y)
-    }
-
-    /// 16 floats rounded to bf16 (nearest, ties to even), as f32 (low halves zero).
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
-    #[inline]
-    unsafe fn round_bf16(x: __m512) -> __m512i {
-        let b = _mm512_castps_si512(x);
-        let odd = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
-        let r = _mm512_add_epi32(_mm512_add_epi32(b, _mm512_set1_epi32(0x7FFF)), odd);
-        // NaN lanes: made quiet instead of rounded (the carry could reach the sign).
-        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(x, x);
-        let r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(b, _mm512_set1_epi32(0x0040_0000)));
-        _mm512_and_si512(r, _mm512_set1_epi32(0xFFFF_0000u32 as i32))
-    }
-
     /// 32 values split into bf16 parts ([`super::split`]): (hi, lo), each 32 bf16 in order.
-    /// Where `EXACT_LO`, the rest after `hi` is known to fit a bf16 (values of f16 origin) and
-    /// is not rounded.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    /// `vcvtne2ps2bf16` rounds to nearest even, keeps NaN a quiet NaN and reads a subnormal
+    /// f32 as zero, which is what [`super::bf16_bits`] is written to do.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
     #[inline]
-    unsafe fn split32<const EXACT_LO: bool>(a: __m512, b: __m512) -> (__m512i, __m512i) {
-        let (ha, hb) = (round_bf16(a), round_bf16(b));
-        let (ra, rb) = (
-            _mm512_sub_ps(a, _mm512_castsi512_ps(ha)),
-            _mm512_sub_ps(b, _mm512_castsi512_ps(hb)),
-        );
-        let (la, lb) = if EXACT_LO {
-            (_mm512_castps_si512(ra), _mm512_castps_si512(rb))
-        } else {
-            (round_bf16(ra), round_bf16(rb))
-        };
-        (high_halves(ha, hb), high_halves(la, lb))
+    unsafe fn split32(a: __m512, b: __m512) -> (__m512i, __m512i) {
+        let hi = _mm512_cvtne2ps_pbh(b, a);
+        let bits = |x: __m512bh| -> __m512i { std::mem::transmute(x) };
+        let h = bits(hi);
+        let ha = _mm512_cvtpbh_ps(std::mem::transmute::<__m256i, __m256bh>(
+            _mm512_castsi512_si256(h),
+        ));
+        let hb = _mm512_cvtpbh_ps(std::mem::transmute::<__m256i, __m256bh>(
+            _mm512_extracti64x4_epi64::<1>(h),
+        ));
+        let lo = _mm512_cvtne2ps_pbh(_mm512_sub_ps(b, hb), _mm512_sub_ps(a, ha));
+        (h, bits(lo))
     }
 
     /// An element the tiles are made from, with its split 32-value load.
@@ -308,15 +284,15 @@ mod x86 {
         /// [`super::split`] for f32), lanes outside the masks zero and not read.
         ///
         /// # Safety
-        /// The CPU has AVX-512F/BW and F16C; the masked lanes are readable at `p`.
+        /// The CPU has AVX-512F/BW, AVX512-BF16 and F16C; the masked lanes are readable at `p`.
         unsafe fn parts32(p: *const Self, m0: __mmask16, m1: __mmask16) -> (__m512i, __m512i);
     }
 
     impl Load for f32 {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
         #[inline]
         unsafe fn parts32(p: *const f32, m0: __mmask16, m1: __mmask16) -> (__m512i, __m512i) {
-            split32::<false>(
+            split32(
                 _mm512_maskz_loadu_ps(m0, p),
                 _mm512_maskz_loadu_ps(m1, p.add(16)),
             )
@@ -324,11 +300,11 @@ mod x86 {
     }
 
     impl Load for f16 {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
         #[inline]
         unsafe fn parts32(p: *const f16, m0: __mmask16, m1: __mmask16) -> (__m512i, __m512i) {
             let p = p.cast::<i16>();
-            split32::<true>(
+            split32(
                 _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m0, p)),
                 _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m1, p.add(16))),
             )
@@ -336,7 +312,7 @@ mod x86 {
     }
 
     impl Load for bf16 {
-        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
         #[inline]
         unsafe fn parts32(p: *const bf16, m0: __mmask16, m1: __mmask16) -> (__m512i, __m512i) {
             let m = u32::from(m0) | u32::from(m1) << 16;
@@ -355,8 +331,8 @@ mod x86 {
         let tokens = x.len() / n;
         let steps = n.div_ceil(STEP);
         assert!(
-            crate::cpu::level().isa().has_avx512(),
-            "amx lay_out: AVX-512"
+            crate::cpu::level().isa() == crate::cpu::Isa::Amx,
+            "amx lay_out: the amx level"
         );
         assert_eq!(x.len(), tokens * n, "amx lay_out: rows");
         assert_eq!(
@@ -368,7 +344,7 @@ mod x86 {
             .enumerate()
             .for_each(|(g, tiles)| {
                 let rows = tokens.saturating_sub(GROUP * g).min(GROUP);
-                // SAFETY: AVX-512 checked above; rows 16g..16g + rows of x exist and `tiles` is
+                // SAFETY: the amx level (checked above) has AVX-512 and AVX512-BF16; rows 16g..16g + rows of x exist and `tiles` is
                 // the group's 2·steps tiles.
                 unsafe { pairs(x.as_ptr().add(GROUP * g * n), rows, n, tiles) }
             });
@@ -378,8 +354,9 @@ mod x86 {
     /// the B operand's order.
     ///
     /// # Safety
-    /// The CPU has AVX-512F/BW; `src` holds `rows·n` values, `tiles` `2·⌈n/32⌉` tiles.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    /// The CPU has AVX-512F/BW and AVX512-BF16; `src` holds `rows·n` values, `tiles` `2·⌈n/32⌉`
+    /// tiles.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
     unsafe fn pairs<E: Load>(src: *const E, rows: usize, n: usize, tiles: &mut [Tile]) {
         for (s, pair) in tiles.chunks_exact_mut(2).enumerate() {
             let (m0, m1) = masks(n - STEP * s);
@@ -408,7 +385,11 @@ mod x86 {
         steps: std::ops::Range<usize>,
         out: &mut [Tile],
     ) {
-        assert!(crate::cpu::level().isa().has_avx512(), "amx pack: AVX-512");
+        assert_eq!(
+            crate::cpu::level().isa(),
+            crate::cpu::Isa::Amx,
+            "amx pack: the amx level"
+        );
         let rows = w.len() / n;
         assert!(rows <= GROUP, "amx pack: at most 16 rows");
         assert_eq!(w.len(), rows * n, "amx pack: rows");
@@ -417,14 +398,14 @@ mod x86 {
             "amx pack: steps"
         );
         assert_eq!(out.len(), steps.len() * E::PARTS, "amx pack: output length");
-        // SAFETY: AVX-512 checked above, lengths checked.
+        // SAFETY: the amx level (checked above) has AVX-512 and AVX512-BF16; lengths checked.
         unsafe { pack_group_impl(w.as_ptr(), rows, n, steps, out) }
     }
 
     /// # Safety
     /// As [`pack_group`]'s checks: AVX-512, `w` holds `rows·n` values, `steps` lie within the
     /// row, `out` holds `steps.len()·PARTS` tiles.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
     unsafe fn pack_group_impl<E: Split + Load>(
         w: *const E,
         rows: usize,
@@ -539,7 +520,7 @@ mod x86 {
                         // SAFETY: tiles configured above; the pointers address s1 − s0 steps.
                         unsafe { block::<E>(a0, a1, b0, b1, s1 - s0, c > 0, ahead, c_tiles) };
                         if last {
-                            // SAFETY: AVX-512 is part of the `amx` level.
+                            // SAFETY: AVX-512 and AVX512-BF16 are part of the `amx` level.
                             unsafe {
                                 write_block(c_tiles, 2 * rp * GROUP, 2 * tp * GROUP, bias, out)
                             };
@@ -667,8 +648,8 @@ mod x86 {
     /// sums transposed to `[token][row]`, then one masked store per token.
     ///
     /// # Safety
-    /// The CPU has AVX-512F/BW.
-    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    /// The CPU has AVX-512F/BW and AVX512-BF16 (the amx level).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
     unsafe fn write_block(
         sums: &[Tile; 4],
         r0: usize,
@@ -758,7 +739,7 @@ mod tests {
             let (hi, _) = v.parts();
             assert!(widen(hi).is_nan(), "f16 {:#x}", v.to_bits());
         }
-        if crate::cpu::level().isa().has_avx512() {
+        if crate::cpu::level().isa() == crate::cpu::Isa::Amx {
             let x = vec![f32::from_bits(0x7FFF_FFFF); 32];
             let mut t = vec![Tile([0; 512]); act_tiles(1, 32)];
             lay_out(&x, 32, &mut t);
@@ -778,8 +759,8 @@ mod tests {
     /// do, with ragged token counts, rows and columns.
     #[test]
     fn simd_layouts_equal_the_references() {
-        if !crate::cpu::level().isa().has_avx512() {
-            eprintln!("skipped: the level in use has no AVX-512");
+        if crate::cpu::level().isa() != crate::cpu::Isa::Amx {
+            eprintln!("skipped: the level in use is not amx");
             return;
         }
         let vals = |n: usize, k: f32| -> Vec<f32> {
@@ -789,7 +770,20 @@ mod tests {
         };
         for n in [1, 5, 31, 32, 33, 100, 1024] {
             for tokens in [1, 15, 16, 17, 32, 33, 50] {
-                let x = vals(tokens * n, 0.0137);
+                let mut x = vals(tokens * n, 0.0137);
+                // Edge values where the reference must round as the instruction does: a
+                // subnormal (read as zero), its negative, f32's largest (rounds to infinity),
+                // a tie, a NaN.
+                let edge = [
+                    f32::from_bits(0x0000_8001),
+                    -f32::from_bits(0x007F_FFFF),
+                    f32::MAX,
+                    1.0 + 1.0 / 256.0,
+                    f32::from_bits(0x7FFF_FFFF),
+                ];
+                for (v, e) in x.iter_mut().step_by(3).zip(edge) {
+                    *v = e;
+                }
                 let len = act_tiles(tokens, n);
                 let (mut want, mut got) = (vec![Tile([1; 512]); len], vec![Tile([2; 512]); len]);
                 lay_out_ref(&x, n, &mut want);
