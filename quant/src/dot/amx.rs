@@ -108,6 +108,7 @@ impl Split for bf16 {
 
 /// Bytes of packed tiles a work item keeps per weight row of `n` columns: two bf16 parts of
 /// one chunk of columns (a BF16 row needs half).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn packed_row_bytes(n: usize) -> usize {
     4 * n.min(STEP * CHUNK).next_multiple_of(STEP)
 }
