@@ -247,10 +247,16 @@ pub fn matmul_at(
     run(level, w, x, n_tokens, bias, y, scratch)
 }
 
-/// From this many tokens on, a matmul with float weights copies its activations into
-/// [`Scratch`] (as f32, `tokens × cols` of them, cols rounded up to a whole vector) at levels
-/// with an outer-product tile (AVX-512, AVX2); quantized weights always quantize them there.
-pub const FLOAT_COPY_MIN_TOKENS: usize = outer::MIN_TOKENS;
+/// From this many tokens on, a matmul with float weights may copy its activations into
+/// [`Scratch`]: as f32 (`tokens × cols`, cols rounded up to a whole vector) from
+/// `dot::outer::MIN_TOKENS` (32) at levels with an outer-product tile (AVX-512, AVX2), and as
+/// bf16 tiles (tokens and cols rounded up to 32) from `dot::amx::MIN_TOKENS` (20) at `amx`, so
+/// the smaller of the two; quantized weights always quantize them there.
+pub const FLOAT_COPY_MIN_TOKENS: usize = if crate::dot::amx::MIN_TOKENS < outer::MIN_TOKENS {
+    crate::dot::amx::MIN_TOKENS
+} else {
+    outer::MIN_TOKENS
+};
 
 static BATCH_INVARIANT: AtomicBool = AtomicBool::new(false);
 
@@ -293,7 +299,7 @@ pub(crate) fn matmul_format<W: WeightFormat>(
         #[cfg(target_arch = "x86_64")]
         Some(Tile::Outer {
             amx: Some(gemm), ..
-        }) if n_tokens >= outer::MIN_TOKENS && !batch_invariant() => {
+        }) if n_tokens >= crate::dot::amx::MIN_TOKENS && !batch_invariant() => {
             use crate::dot::amx;
             let act = typed_buf::<amx::Tile>(&mut scratch.act, amx::act_tiles(n_tokens, cols));
             amx::lay_out(x, cols, act);

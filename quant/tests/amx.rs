@@ -33,6 +33,7 @@ fn amx_matmul_is_its_split_arithmetic() {
     for ty in [GgmlType::F16, GgmlType::BF16] {
         for &(rows, cols, tokens) in &[
             (37, 100, 33),
+            (37, 100, 21),
             (70, 544, 64),
             (101, 1024, 40),
             (16, 32, 32),

@@ -106,6 +106,11 @@ impl Split for bf16 {
     }
 }
 
+/// From this many tokens on, F16/BF16 matmuls at the `amx` level take the tiles (padded to 32
+/// tokens). GPT-2-Medium-shaped F16, `ggpt bench -t 2`, against the FMA tiles: pp16 257 vs 267
+/// t/s, pp18 even, pp20 310–312 vs 281–286, pp22 342 vs 285, pp24 370 vs 301.
+pub(crate) const MIN_TOKENS: usize = 20;
+
 /// Bytes of packed tiles a work item keeps per weight row of `n` columns: two bf16 parts of
 /// one chunk of columns (a BF16 row needs half).
 #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
