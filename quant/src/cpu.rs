@@ -118,11 +118,6 @@ impl Isa {
     pub const fn has_avx512(self) -> bool {
         matches!(self, Isa::Avx512 | Isa::Avx512Vnni | Isa::Amx)
     }
-
-    /// Whether code written for AVX-512 VNNI (with the AVX-512 set) may run at this level.
-    pub const fn has_avx512_vnni(self) -> bool {
-        matches!(self, Isa::Avx512Vnni | Isa::Amx)
-    }
 }
 
 /// Whether the AMX tiles may be used: the CPU has AMX-TILE and AMX-BF16 (CPUID leaf 7), and the

@@ -98,8 +98,9 @@ pub enum Tile<W: WeightFormat> {
         many: GemmFn<W, f32>,
         layout: crate::dot::outer::Layout,
         /// At the `amx` level (F16, BF16), from `dot::amx::MIN_TOKENS` tokens on: instead of
-        /// `few`/`many`, the AMX tiles, times the activations laid out by `dot::amx::lay_out`. Close to `many`'s sums, not equal to
-        /// them (`dot::amx` bounds the difference), so not used under batch invariance.
+        /// `few`/`many`, the AMX tiles, times the activations laid out by `dot::amx::lay_out`.
+        /// Close to `many`'s sums, not equal to them (`dot::amx` bounds the difference), so not
+        /// used under batch invariance.
         amx: Option<GemmFn<W, crate::dot::amx::Tile>>,
     },
     /// Rows packed per call into [`WeightFormat::Packed`], times activation tiles.

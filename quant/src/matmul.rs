@@ -289,10 +289,6 @@ pub(crate) fn matmul_format<W: WeightFormat>(
     let nb = cols / W::BLOCK;
     let k = W::kernels(level);
     match k.tile {
-        // Float rows as stored: the two tiles serve every token count, one included, and give
-        // each (row, token) the same operations in the same order, so a token's result is the
-        // same alone or in a batch. Many tokens: the activations laid out once per call for the
-        // outer-product tile.
         // The AMX tiles (F16/BF16 at the `amx` level): activations split into bf16 tiles once
         // per call, work items of whole pairs of 16-row tile groups, about PANEL_BYTES of
         // packed tiles each (4 bytes a column of a chunk of columns, `dot::amx::CHUNK`).
@@ -307,6 +303,10 @@ pub(crate) fn matmul_format<W: WeightFormat>(
                 .next_multiple_of(2 * amx::GROUP);
             return direct_tiled(wb, act, nb, n_tokens, rows, rb, bias, y, gemm);
         }
+        // Float rows as stored: the two tiles serve every token count, one included, and give
+        // each (row, token) the same operations in the same order, so a token's result is the
+        // same alone or in a batch. Many tokens: the activations laid out once per call for the
+        // outer-product tile.
         Some(Tile::Outer { many, layout, .. }) if n_tokens >= outer::MIN_TOKENS => {
             let act = typed_buf::<f32>(&mut scratch.act, layout.len(n_tokens, cols));
             layout.lay_out(x, cols, act);

@@ -337,7 +337,7 @@ mod x86 {
         let tokens = x.len() / n;
         let steps = n.div_ceil(STEP);
         assert!(
-            crate::cpu::level().isa() == crate::cpu::Isa::Amx,
+            crate::cpu::Isa::Amx.is_supported(),
             "amx lay_out: the amx level"
         );
         assert_eq!(x.len(), tokens * n, "amx lay_out: rows");
@@ -350,8 +350,8 @@ mod x86 {
             .enumerate()
             .for_each(|(g, tiles)| {
                 let rows = tokens.saturating_sub(GROUP * g).min(GROUP);
-                // SAFETY: the amx level (checked above) has AVX-512 and AVX512-BF16; rows 16g..16g + rows of x exist and `tiles` is
-                // the group's 2·steps tiles.
+                // SAFETY: the amx level (checked above) has AVX-512 and AVX512-BF16; rows
+                // 16g..16g + rows of x exist and `tiles` is the group's 2·steps tiles.
                 unsafe { pairs(x.as_ptr().add(GROUP * g * n), rows, n, tiles) }
             });
     }
@@ -391,9 +391,8 @@ mod x86 {
         steps: std::ops::Range<usize>,
         out: &mut [Tile],
     ) {
-        assert_eq!(
-            crate::cpu::level().isa(),
-            crate::cpu::Isa::Amx,
+        assert!(
+            crate::cpu::Isa::Amx.is_supported(),
             "amx pack: the amx level"
         );
         let rows = w.len() / n;
@@ -449,9 +448,8 @@ mod x86 {
         bias: Option<&[f32]>,
         out: &mut [&mut [f32]],
     ) {
-        assert_eq!(
-            crate::cpu::level().isa(),
-            crate::cpu::Isa::Amx,
+        assert!(
+            crate::cpu::Isa::Amx.is_supported(),
             "amx gemm: the amx level"
         );
         let rows = w.len() / n;
@@ -461,7 +459,7 @@ mod x86 {
         assert_eq!(a.len(), act_tiles(tokens, n), "amx gemm: activations");
         assert!(out.iter().all(|o| o.len() == rows), "amx gemm: outputs");
         assert!(bias.is_none_or(|b| b.len() == rows), "amx gemm: bias");
-        let pairs = rows.div_ceil(2 * GROUP);
+        let row_pairs = rows.div_ceil(2 * GROUP);
         let token_pairs = tokens.div_ceil(2 * GROUP);
         let chunks = steps.div_ceil(CHUNK);
         // Per group, the tiles of one chunk of steps.
@@ -470,17 +468,17 @@ mod x86 {
         PACKED.with_borrow_mut(|buf| {
             let (packed, sums) = crate::matmul::typed_buf::<Tile>(
                 buf,
-                2 * pairs * per_group
+                2 * row_pairs * per_group
                     + if chunks > 1 {
-                        4 * pairs * token_pairs
+                        4 * row_pairs * token_pairs
                     } else {
                         0
                     },
             )
-            .split_at_mut(2 * pairs * per_group);
+            .split_at_mut(2 * row_pairs * per_group);
             let mut own = [Tile([0; GROUP * STEP]); 4];
-            // SAFETY: the level is `amx` (checked above), so the CPU has the tile unit and this
-            // process was granted its state; `CONFIG` is a valid palette-1 configuration.
+            // SAFETY: the `amx` level is supported (checked above), so the CPU has the tile unit
+            // and this process was granted its state; `CONFIG` is a valid palette-1 one.
             unsafe { asm!("ldtilecfg [{}]", in(reg) &CONFIG, options(nostack, readonly)) };
             for c in 0..chunks {
                 let (s0, s1) = (c * CHUNK, (c * CHUNK + CHUNK).min(steps));
@@ -490,7 +488,7 @@ mod x86 {
                     let b0 = unsafe { a.as_ptr().add((2 * tp * steps + s0) * 2) };
                     // SAFETY: as above, the pair's second group.
                     let b1 = unsafe { b0.add(2 * steps) };
-                    for rp in 0..pairs {
+                    for rp in 0..row_pairs {
                         let tiles = &mut packed[2 * rp * per_group..2 * (rp + 1) * per_group];
                         // With the first token pair: pack the chunk of the pair of row groups
                         // just before its products, and request the same columns of the next
@@ -518,7 +516,7 @@ mod x86 {
                         // SAFETY: the pair's second group follows its first.
                         let a1 = unsafe { a0.add(per_group) };
                         let c_tiles: &mut [Tile; 4] = if chunks > 1 {
-                            let k = 4 * (tp * pairs + rp);
+                            let k = 4 * (tp * row_pairs + rp);
                             (&mut sums[k..k + 4]).try_into().expect("four tiles")
                         } else {
                             &mut own
@@ -745,7 +743,7 @@ mod tests {
             let (hi, _) = v.parts();
             assert!(widen(hi).is_nan(), "f16 {:#x}", v.to_bits());
         }
-        if crate::cpu::level().isa() == crate::cpu::Isa::Amx {
+        if crate::cpu::Isa::Amx.is_supported() {
             let x = vec![f32::from_bits(0x7FFF_FFFF); 32];
             let mut t = vec![Tile([0; 512]); act_tiles(1, 32)];
             lay_out(&x, 32, &mut t);
@@ -765,8 +763,8 @@ mod tests {
     /// do, with ragged token counts, rows and columns.
     #[test]
     fn simd_layouts_equal_the_references() {
-        if crate::cpu::level().isa() != crate::cpu::Isa::Amx {
-            eprintln!("skipped: the level in use is not amx");
+        if !crate::cpu::Isa::Amx.is_supported() {
+            eprintln!("skipped: this CPU or kernel has no AMX-BF16 tiles");
             return;
         }
         let vals = |n: usize, k: f32| -> Vec<f32> {
