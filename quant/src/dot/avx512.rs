@@ -12,7 +12,8 @@
 //! 16-value group 4k+i/4), narrowed to i16 (no saturation: |lane| ≤ 4·63·127 = 32004) and
 //! multiplied by the per-group scales with `vpmaddwd`. The mins (Q4_K/Q5_K) or the −32 offset
 //! (Q6_K) use the Q8_K group sums, as in ggml. All integer work is exact; only the per-superblock
-//! scaling is float.
+//! scaling is float. Decode's Q4_K/Q5_K row kernels keep the values in the order a load gives
+//! them instead and reorder the token's values to match (`nibble_elem`), with the same sums.
 
 #![allow(clippy::missing_safety_doc)]
 
@@ -52,6 +53,78 @@ pub(crate) const PERM4_23: [u16; 32] = perm(8, true);
 /// For Q4_K/Q5_K: group g's min is sub-block g/2's, stored at index 8 + g/2.
 pub(crate) const PERM4_MINS: [u16; 16] =
     [8, 8, 9, 9, 10, 10, 11, 11, 12, 12, 13, 13, 14, 14, 15, 15];
+
+/// Decode (`q4k_rows`, `q5k_rows`) leaves Q4_K/Q5_K nibbles in the order one 64-byte load gives
+/// them ("nibble order") and reorders the token's Q8_K values to match, once per call, instead
+/// of shuffling every weight superblock into element order (four port-5 shuffles each). Within
+/// a 64-byte load of `qs`, byte `b` of the low-nibble vector (`v` = 0) or the high-nibble
+/// vector (`v` = 1) holds this element of the load's 128:
+const fn nibble_elem(v: usize, b: usize) -> usize {
+    32 * v + if b < 32 { b } else { b + 32 }
+}
+
+/// Where 16-bit lane `j` of 128-bit lane `k` of `packs(D_0, D_1)` comes from: (which of the two
+/// vectors, which of its 32-bit lanes).
+const fn packs_source(k: usize, j: usize) -> (usize, usize) {
+    if j < 4 {
+        (0, 4 * k + j)
+    } else {
+        (1, 4 * k + j - 4)
+    }
+}
+
+/// `perm` for nibble order: the scale (sub-block) index at each 16-bit lane of
+/// `packs(D_lo, D_hi)` for the `pair`-th 64-byte load of `qs` (0 or 1).
+const fn perm_nibbles(pair: usize) -> [u16; 32] {
+    let mut idx = [0u16; 32];
+    let mut p = 0;
+    while p < 32 {
+        let (v, dword) = packs_source(p / 8, p % 8);
+        idx[p] = ((128 * pair + nibble_elem(v, 4 * dword)) / 32) as u16;
+        p += 1;
+    }
+    idx
+}
+const PERM4N_01: [u16; 32] = perm_nibbles(0);
+const PERM4N_23: [u16; 32] = perm_nibbles(1);
+
+/// The first element of i32 lane `lane` of a superblock sum (`superblock`'s result, 8 elements a
+/// lane): in element order, or in nibble order.
+const fn lane_first_elem(lane: usize, nibbles: bool) -> usize {
+    let (v, dword) = packs_source(lane / 4, 2 * (lane % 4));
+    if nibbles {
+        nibble_elem(v, 4 * dword)
+    } else {
+        64 * v + 4 * dword
+    }
+}
+
+/// `vpermps` indices that put the lanes of a nibble-order accumulator where the element-order
+/// kernel has them. Each lane sums the same elements in the same way in both orders, only in
+/// another lane, so the row's horizontal sum after this permutation is bit for bit the row
+/// dot's.
+const NIBBLE_TO_ELEMENT_LANES: [u32; 16] = {
+    let mut idx = [0u32; 16];
+    let mut old = 0;
+    while old < 16 {
+        let mut new = 0;
+        while lane_first_elem(new, true) != lane_first_elem(old, false) {
+            new += 1;
+        }
+        idx[old] = new as u32;
+        old += 1;
+    }
+    idx
+};
+
+/// Decode's nibble-order copy of a token's Q8_K values is kept on the stack for rows of up to
+/// this many superblocks (16 KiB, 16384 columns); longer rows take the element-order kernel.
+const NIBBLE_ROW_MAX_BLOCKS: usize = 64;
+
+/// One superblock's Q8_K values in nibble order.
+#[repr(C, align(64))]
+#[derive(Clone, Copy)]
+struct NibbleQs([u8; 256]);
 
 /// `k4_scales`' byte shuffle: per i16 lane (the 16 values of `scales_mins_bytes`, 8 per
 /// 128-bit half), the block-head byte with the value's low bits, then the byte with its top
@@ -106,6 +179,44 @@ pub(crate) mod float {
             _mm512_castps512_ps256(v),
             _mm512_extractf32x8_ps::<1>(v),
         ))
+    }
+
+    /// Four `hsum`s at once: lane r of the result is `hsum(v[r])`, bit for bit (the same
+    /// additions of the same operands, four rows a step; decode's row kernels sum a run of rows
+    /// this way).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    pub(crate) unsafe fn hsum4(v: [__m512; 4]) -> __m128 {
+        // [a.lo + a.hi | b.lo + b.hi]: `hsum`'s first step for two rows.
+        let halves = |a: __m512, b: __m512| {
+            _mm512_add_ps(
+                _mm512_shuffle_f32x4::<0x44>(a, b),
+                _mm512_shuffle_f32x4::<0xee>(a, b),
+            )
+        };
+        hsum256_4(halves(v[0], v[1]), halves(v[2], v[3]))
+    }
+
+    /// Four `hsum256`s at once: lane r of the result is `hsum256(v[r])`, bit for bit.
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    pub(crate) unsafe fn hsum256x4(v: [__m256; 4]) -> __m128 {
+        let pair = |a: __m256, b: __m256| _mm512_insertf32x8::<1>(_mm512_castps256_ps512(a), b);
+        hsum256_4(pair(v[0], v[1]), pair(v[2], v[3]))
+    }
+
+    /// `hsum256` of the four 8-lane rows in `x` (rows 0, 1) and `y` (rows 2, 3).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")]
+    #[inline]
+    unsafe fn hsum256_4(x: __m512, y: __m512) -> __m128 {
+        // 128-bit chunk r: row r's low four lanes (`lo`), its high four (`hi`).
+        let lo = _mm512_shuffle_f32x4::<0b10_00_10_00>(x, y);
+        let hi = _mm512_shuffle_f32x4::<0b11_01_11_01>(x, y);
+        let s = _mm512_add_ps(lo, hi);
+        // Per chunk, as `hsum256`: lanes 0 + 2 and 1 + 3 (`movehl`), then 0 + 1.
+        let s = _mm512_add_ps(s, _mm512_permute_ps::<0b11_10_11_10>(s));
+        let s = _mm512_add_ps(s, _mm512_movehdup_ps(s));
+        _mm512_castps512_ps128(_mm512_maskz_compress_ps(0x1111, s))
     }
 
     /// A float weight element and its 16-lane widening load, the one place each is written.
@@ -518,7 +629,7 @@ pub(crate) mod float {
 macro_rules! avx512_family {
     ($name:ident, $features:literal, $ops:ident) => {
         pub(crate) mod $name {
-            use super::float::{hsum, hsum256};
+            use super::float::{hsum, hsum256, hsum256x4, hsum4};
             use super::$ops::{dp, dp_full, q8_pair};
             use super::*;
             use std::arch::x86_64::*;
@@ -556,23 +667,27 @@ macro_rules! avx512_family {
                 _mm512_add_epi32(p01, p23)
             }
 
-            /// Q4_K nibbles in element order (see the module comment).
+            /// The nibbles of `qs` in nibble order (`nibble_elem`): the low and the high nibbles
+            /// of each 64-byte load, each in the low 4 bits of a byte, the upper 4 bits not yet
+            /// cleared.
             #[target_feature(enable = $features)]
             #[inline]
-            pub(crate) unsafe fn unpack_q4k(qs: &[u8; 128]) -> [__m512i; 4] {
-                let m = _mm512_set1_epi8(0x0f);
+            unsafe fn nibbles_unmasked(qs: &[u8; 128]) -> [__m512i; 4] {
                 let qa = load(qs.as_ptr());
                 let qb = load(qs.as_ptr().add(64));
-                let (la, ha) = (
-                    _mm512_and_si512(qa, m),
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(qa), m),
-                );
-                let (lb, hb) = (
-                    _mm512_and_si512(qb, m),
-                    _mm512_and_si512(_mm512_srli_epi16::<4>(qb), m),
-                );
-                // A 32-byte chunk's low nibbles are elements 64c..64c+32, its high nibbles
-                // the next 32: interleave the 128-bit quarters back into element order.
+                [
+                    qa,
+                    _mm512_srli_epi16::<4>(qa),
+                    qb,
+                    _mm512_srli_epi16::<4>(qb),
+                ]
+            }
+
+            /// Nibble order to element order: a 32-byte chunk's low nibbles are elements
+            /// 64c..64c+32, its high nibbles the next 32, so interleave the 256-bit halves.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn element_order([la, ha, lb, hb]: [__m512i; 4]) -> [__m512i; 4] {
                 [
                     _mm512_shuffle_i64x2::<0x44>(la, ha),
                     _mm512_shuffle_i64x2::<0xee>(la, ha),
@@ -581,22 +696,59 @@ macro_rules! avx512_family {
                 ]
             }
 
-            /// Q5_K values: Q4_K nibbles plus 16 where the element's `qh` bit is set.
+            /// Q4_K values in nibble order.
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn nibbles_q4k(qs: &[u8; 128]) -> [__m512i; 4] {
+                let m = _mm512_set1_epi8(0x0f);
+                nibbles_unmasked(qs).map(|v| _mm512_and_si512(v, m))
+            }
+
+            /// Q4_K values in element order (see the module comment).
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn unpack_q4k(qs: &[u8; 128]) -> [__m512i; 4] {
+                element_order(nibbles_q4k(qs))
+            }
+
+            /// Q5_K values from unmasked nibbles `w`: the low 4 bits of each byte, plus 16 where
+            /// the element's `qh` bit is set. Element e uses bit e/32 of `qh[e % 32]`; `w[c]`
+            /// holds elements whose bit is `bits[c].0` in its low 256 bits and `bits[c].1` in its
+            /// high ones. Per vector a bit test, a zero-masked 16 and one select.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn with_q5k_bits(
+                w: [__m512i; 4],
+                qh: &[u8; 32],
+                bits: [(u8, u8); 4],
+            ) -> [__m512i; 4] {
+                let h = _mm512_broadcast_i64x4(_mm256_loadu_si256(qh.as_ptr().cast()));
+                let (m4, sixteen) = (_mm512_set1_epi8(0x0f), _mm512_set1_epi8(16));
+                let mut out = w;
+                for (o, (lo, hi)) in out.iter_mut().zip(bits) {
+                    let lo = _mm256_set1_epi8((1u8 << lo) as i8);
+                    let hi = _mm256_set1_epi8((1u8 << hi) as i8);
+                    let bit = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
+                    let fifth = _mm512_maskz_mov_epi8(_mm512_test_epi8_mask(h, bit), sixteen);
+                    // 0xE4: m4 ? nibble bits : fifth bit, bit by bit.
+                    *o = _mm512_ternarylogic_epi32::<0xE4>(*o, fifth, m4);
+                }
+                out
+            }
+
+            /// Q5_K values in element order: `w[c]` is elements 64c..64c+64.
             #[target_feature(enable = $features)]
             #[inline]
             pub(crate) unsafe fn unpack_q5k(qs: &[u8; 128], qh: &[u8; 32]) -> [__m512i; 4] {
-                let mut w = unpack_q4k(qs);
-                let h = _mm512_broadcast_i64x4(_mm256_loadu_si256(qh.as_ptr().cast()));
-                let sixteen = _mm512_set1_epi8(16);
-                for (c, wc) in w.iter_mut().enumerate() {
-                    // Elements 64c..64c+32 use bit 2c of qh[l], the next 32 bit 2c+1.
-                    let lo = _mm256_set1_epi8(1 << (2 * c));
-                    let hi = _mm256_set1_epi8((1u8 << (2 * c + 1)) as i8);
-                    let bits = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo), hi);
-                    let k = _mm512_test_epi8_mask(h, bits);
-                    *wc = _mm512_mask_add_epi8(*wc, k, *wc, sixteen);
-                }
-                w
+                let w = element_order(nibbles_unmasked(qs));
+                with_q5k_bits(w, qh, [(0, 1), (2, 3), (4, 5), (6, 7)])
+            }
+
+            /// Q5_K values in nibble order (`nibble_elem`).
+            #[target_feature(enable = $features)]
+            #[inline]
+            pub(crate) unsafe fn nibbles_q5k(qs: &[u8; 128], qh: &[u8; 32]) -> [__m512i; 4] {
+                with_q5k_bits(nibbles_unmasked(qs), qh, [(0, 2), (1, 3), (4, 6), (5, 7)])
             }
 
             /// Q6_K 6-bit values (0..63, i.e. before the −32 offset) in element order.
@@ -604,23 +756,23 @@ macro_rules! avx512_family {
             #[inline]
             pub(crate) unsafe fn unpack_q6k(ql: &[u8; 128], qh: &[u8; 64]) -> [__m512i; 4] {
                 let m4 = _mm512_set1_epi8(0x0f);
-                let m30 = _mm512_set1_epi8(0x30);
+                let m33 = _mm512_set1_epi8(0x33);
                 let half = |h: usize| {
                     let l = load(ql.as_ptr().add(64 * h));
                     let q = _mm256_loadu_si256(qh.as_ptr().add(32 * h).cast());
-                    // [qh | qh >> 2]: bits 0-1 then 4-5 of each half feed the four 32-value runs.
-                    let x = _mm512_inserti64x4::<1>(
-                        _mm512_castsi256_si512(q),
-                        _mm256_srli_epi16::<2>(q),
+                    // [qh | qh >> 2]: bits 0-1 then 4-5 of each half feed the four 32-value runs;
+                    // keep only those (0x33), so that bits 6-7 of both results are zero.
+                    let x = _mm512_and_si512(
+                        _mm512_inserti64x4::<1>(
+                            _mm512_castsi256_si512(q),
+                            _mm256_srli_epi16::<2>(q),
+                        ),
+                        m33,
                     );
-                    let lo = _mm512_or_si512(
-                        _mm512_and_si512(l, m4),
-                        _mm512_and_si512(_mm512_slli_epi16::<4>(x), m30),
-                    );
-                    let hi = _mm512_or_si512(
-                        _mm512_and_si512(_mm512_srli_epi16::<4>(l), m4),
-                        _mm512_and_si512(x, m30),
-                    );
+                    // 0xE4: m4 ? low bits : high bits, bit by bit. The 16-bit shifts carry bits
+                    // across bytes only into the bits m4 takes from the other operand.
+                    let lo = _mm512_ternarylogic_epi32::<0xE4>(l, _mm512_slli_epi16::<4>(x), m4);
+                    let hi = _mm512_ternarylogic_epi32::<0xE4>(_mm512_srli_epi16::<4>(l), x, m4);
                     (lo, hi)
                 };
                 let (w0, w1) = half(0);
@@ -656,6 +808,19 @@ macro_rules! avx512_family {
             #[target_feature(enable = $features)]
             #[inline]
             pub(crate) unsafe fn k4_scales(head: *const u8) -> (__m512i, __m512i, __m256i) {
+                k4_scales_for(head, &PERM4_01, &PERM4_23)
+            }
+
+            /// `k4_scales` with the scales laid out by `p01`/`p23` (`PERM4_*` for element
+            /// order, `PERM4N_*` for nibble order).
+            /// Safety: as `k4_scales`.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn k4_scales_for(
+                head: *const u8,
+                p01: &[u16; 32],
+                p23: &[u16; 32],
+            ) -> (__m512i, __m512i, __m256i) {
                 let v = _mm256_broadcastsi128_si256(_mm_loadu_si128(head.cast()));
                 let t = _mm256_shuffle_epi8(v, _mm256_loadu_si256(K4_PICK.as_ptr().cast()));
                 let lo = _mm256_srlv_epi16(t, _mm256_loadu_si256(K4_SHIFT.as_ptr().cast()));
@@ -663,7 +828,7 @@ macro_rules! avx512_family {
                 let mask = _mm256_loadu_si256(K4_MASK.as_ptr().cast());
                 // 0xE4: mask ? lo : hi, bit by bit.
                 let v16 = _mm256_ternarylogic_epi32::<0xE4>(lo, hi, mask);
-                let (s01, s23) = group_scales(v16, &PERM4_01, &PERM4_23);
+                let (s01, s23) = group_scales(v16, p01, p23);
                 let mins =
                     _mm256_permutexvar_epi16(_mm256_loadu_si256(PERM4_MINS.as_ptr().cast()), v16);
                 (s01, s23, mins)
@@ -689,11 +854,13 @@ macro_rules! avx512_family {
             /// points at the block, which starts with the f16 `d` and `dmin` (both converted by
             /// one `vcvtph2ps`; the products round exactly as the scalar `y_d * d`). The
             /// products are broadcast from memory (`in_memory`).
+            /// Safety: `dd` points at a `BlockQ4K` or `BlockQ5K` (its first 8 bytes are read).
             #[target_feature(enable = $features)]
             #[inline]
             pub(crate) unsafe fn k4_dmin(dd: *const u8, y_d: f32) -> (__m512, __m256) {
-                let h = _mm_cvtsi32_si128(std::ptr::read_unaligned(dd.cast::<i32>()));
-                let f = _mm_mul_ps(_mm_cvtph_ps(h), _mm_set1_ps(y_d));
+                // Eight bytes (`d`, `dmin` and two scale bytes): `vcvtph2ps` reads them from
+                // memory, with no instruction to move them into a register first.
+                let f = _mm_mul_ps(_mm_cvtph_ps(_mm_loadl_epi64(dd.cast())), _mm_set1_ps(y_d));
                 let mut slot = [0f32; 4];
                 _mm_storeu_ps(slot.as_mut_ptr(), f);
                 let slot = in_memory(&slot);
@@ -747,9 +914,130 @@ macro_rules! avx512_family {
                 hsum(acc) - hsum256(acc_min)
             }
 
+            /// The Q8_K values of `a` in nibble order (`nibble_elem`: per 128 values 0–31,
+            /// 64–95, 32–63, 96–127), into `out`, which holds at least `a.len()` blocks.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn nibble_order(a: &[BlockQ8K], out: *mut NibbleQs) {
+                for (i, y) in a.iter().enumerate() {
+                    let (q, o) = (y.qs.as_ptr().cast::<u8>(), out.add(i).cast::<u8>());
+                    for half in [0, 128] {
+                        let (x0, x1) = (load(q.add(half)), load(q.add(half + 64)));
+                        let lo = _mm512_inserti64x4::<1>(x0, _mm512_castsi512_si256(x1));
+                        let hi = _mm512_shuffle_i64x2::<0xee>(x0, x1);
+                        _mm512_store_si512(o.add(half).cast(), lo);
+                        _mm512_store_si512(o.add(half + 64).cast(), hi);
+                    }
+                }
+            }
+
+            /// Decode for Q4_K/Q5_K (`B`): every row of `w` (`a.len()` blocks each) dotted with
+            /// `a`, bit for bit `dot` of the row. The token's values are put in nibble order once
+            /// per call (rows up to `NIBBLE_ROW_MAX_BLOCKS` blocks; longer ones run `dot`), so
+            /// `nibbles` (a superblock's values in that order) needs no shuffle; the scales
+            /// follow `PERM4N_*`, and each row's accumulator is put back in element order before
+            /// its horizontal sum. `head` gives a block's first 16 bytes (`d`, `dmin`, scales).
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn k4_rows<B>(
+                w: &[B],
+                a: &[BlockQ8K],
+                out: &mut [f32],
+                nibbles: impl Fn(&B) -> [__m512i; 4],
+                dot: unsafe fn(&[B], &[BlockQ8K]) -> f32,
+            ) {
+                let n = a.len();
+                if n > NIBBLE_ROW_MAX_BLOCKS {
+                    for (o, row) in out.iter_mut().zip(w.chunks_exact(n)) {
+                        *o = dot(row, a);
+                    }
+                    return;
+                }
+                let mut buf = std::mem::MaybeUninit::<[NibbleQs; NIBBLE_ROW_MAX_BLOCKS]>::uninit();
+                let aq = buf.as_mut_ptr().cast::<NibbleQs>();
+                nibble_order(a, aq);
+                let to_element = _mm512_loadu_si512(NIBBLE_TO_ELEMENT_LANES.as_ptr().cast());
+                rows4::<B, true>(w, n, out, |row| {
+                    let mut acc = _mm512_setzero_ps();
+                    let mut acc_min = _mm256_setzero_ps();
+                    for (i, (x, y)) in row.iter().zip(a).enumerate() {
+                        prefetch_blocks(x);
+                        let head = (x as *const B).cast::<u8>();
+                        let (s01, s23, mins) = k4_scales_for(head, &PERM4N_01, &PERM4N_23);
+                        let isum = superblock(&nibbles(x), aq.add(i).cast(), s01, s23);
+                        let imin = min_sums(mins, &y.bsums);
+                        let (d, dmin) = k4_dmin(head, y.d);
+                        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, acc);
+                        acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), dmin, acc_min);
+                    }
+                    (_mm512_permutexvar_ps(to_element, acc), acc_min)
+                })
+            }
+
+            /// Decode's loop over the rows of `w` (`n` blocks each): `row` gives a row's two
+            /// accumulators, and `out` gets `hsum(acc)`, minus `hsum256(acc_min)` if `MINS`,
+            /// for four rows at once (`hsum4`), a last 1–3 rows one by one.
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn rows4<B, const MINS: bool>(
+                w: &[B],
+                n: usize,
+                out: &mut [f32],
+                row: impl Fn(&[B]) -> (__m512, __m256),
+            ) {
+                for (o, w4) in out.chunks_mut(4).zip(w.chunks(4 * n)) {
+                    let mut accs = [_mm512_setzero_ps(); 4];
+                    let mut acc_mins = [_mm256_setzero_ps(); 4];
+                    for (r, x) in w4.chunks_exact(n).enumerate() {
+                        // `row` keeps its accumulators in registers; indexing `accs` there
+                        // would keep the chain in memory, a store and a load per superblock.
+                        (accs[r], acc_mins[r]) = row(x);
+                    }
+                    if let Ok(o4) = <&mut [f32; 4]>::try_from(&mut *o) {
+                        let mut sums = hsum4(accs);
+                        if MINS {
+                            sums = _mm_sub_ps(sums, hsum256x4(acc_mins));
+                        }
+                        _mm_storeu_ps(o4.as_mut_ptr(), sums);
+                    } else {
+                        for (r, or) in o.iter_mut().enumerate() {
+                            *or = hsum(accs[r]);
+                            if MINS {
+                                *or -= hsum256(acc_mins[r]);
+                            }
+                        }
+                    }
+                }
+            }
+
+            /// Decode rows for Q4_K (`k4_rows`).
+            /// Safety: `w` is `out.len()` rows of `a.len()` blocks.
+            #[target_feature(enable = $features)]
+            unsafe fn q4k_rows_impl(w: &[BlockQ4K], a: &[BlockQ8K], out: &mut [f32]) {
+                // SAFETY (closure): the caller's contract; `x` is a whole block.
+                let nibbles = |x: &BlockQ4K| unsafe { nibbles_q4k(&x.qs) };
+                k4_rows(w, a, out, nibbles, q4k_q8k_impl)
+            }
+
+            /// Decode rows for Q5_K (`k4_rows`).
+            /// Safety: as `q4k_rows_impl`.
+            #[target_feature(enable = $features)]
+            unsafe fn q5k_rows_impl(w: &[BlockQ5K], a: &[BlockQ8K], out: &mut [f32]) {
+                // SAFETY (closure): as in `q4k_rows_impl`.
+                let nibbles = |x: &BlockQ5K| unsafe { nibbles_q5k(&x.qs, &x.qh) };
+                k4_rows(w, a, out, nibbles, q5k_q8k_impl)
+            }
+
             #[target_feature(enable = $features)]
             #[inline]
             unsafe fn q6k_q8k_impl(w: &[BlockQ6K], a: &[BlockQ8K]) -> f32 {
+                hsum(q6k_acc(w, a))
+            }
+
+            /// A Q6_K row's 16-lane accumulator (`q6k_q8k_impl` is its horizontal sum).
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn q6k_acc(w: &[BlockQ6K], a: &[BlockQ8K]) -> __m512 {
                 let mut acc = _mm512_setzero_ps();
                 for (x, y) in w.iter().zip(a) {
                     prefetch_blocks(x);
@@ -762,7 +1050,16 @@ macro_rules! avx512_family {
                         acc,
                     );
                 }
-                hsum(acc)
+                acc
+            }
+
+            /// Decode rows for Q6_K, four rows summed at once (`rows4`).
+            /// Safety: `w` is `out.len()` rows of `a.len()` blocks.
+            #[target_feature(enable = $features)]
+            unsafe fn q6k_rows_impl(w: &[BlockQ6K], a: &[BlockQ8K], out: &mut [f32]) {
+                // SAFETY (closure): the caller's contract; `x` is one whole row.
+                let row = |x: &[BlockQ6K]| unsafe { (q6k_acc(x, a), _mm256_setzero_ps()) };
+                rows4::<BlockQ6K, false>(w, a.len(), out, row)
             }
 
             /// Q8_0 · Q8_0 for `R` weight rows (each `a.len()` blocks) and one activation row:
@@ -1052,9 +1349,9 @@ macro_rules! avx512_family {
                 dot q4k_q8k = q4k_q8k_impl(BlockQ4K, BlockQ8K);
                 dot q5k_q8k = q5k_q8k_impl(BlockQ5K, BlockQ8K);
                 dot q6k_q8k = q6k_q8k_impl(BlockQ6K, BlockQ8K);
-                rows q4k_rows = q4k_q8k_impl(BlockQ4K, BlockQ8K);
-                rows q5k_rows = q5k_q8k_impl(BlockQ5K, BlockQ8K);
-                rows q6k_rows = q6k_q8k_impl(BlockQ6K, BlockQ8K);
+                rows_fn q4k_rows = q4k_rows_impl(BlockQ4K, BlockQ8K);
+                rows_fn q5k_rows = q5k_rows_impl(BlockQ5K, BlockQ8K);
+                rows_fn q6k_rows = q6k_rows_impl(BlockQ6K, BlockQ8K);
                 rows q8_0_q8_0, q8_0_rows = q8_0_q8_0_impl(BlockQ8_0, BlockQ8_0) x 2;
             }
         }

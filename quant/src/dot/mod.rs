@@ -129,7 +129,8 @@ impl Q8_0Packed {
 ///     gemm f16_gemm = f16_gemm_impl(f16, f32);            // tile gemm on rows as stored
 ///     tile kq_gemm = kq_gemm_impl: kq_micro(KPacked, Q8KTile) x 4; // tile::gemm
 ///     pack pack_q4k = pack_q4k_impl(BlockQ4K => KPacked, count);
-///     rows q4k_rows = q4k_q8k_impl(BlockQ4K, BlockQ8K);  // many rows · one token (decode)
+///     rows q6k_rows = q6k_q8k_impl(BlockQ6K, BlockQ8K);  // many rows · one token (decode)
+///     rows_fn q4k_rows = q4k_rows_impl(BlockQ4K, BlockQ8K); // the level's own many-rows fn
 ///     rows q8_0_q8_0, q8_0_rows = q8_0_q8_0_impl(BlockQ8_0, BlockQ8_0) x 2; // both, R rows a step
 /// }
 /// ```
@@ -144,7 +145,7 @@ impl Q8_0Packed {
 /// holds `count(row.len())` units. SAFETY (every wrapper): a level module's functions are only
 /// reachable through `WeightFormat::kernels` for a `cpu::Level`, which exists only after the
 /// CPU was checked for the level's features; `dot` cuts both slices to their common length,
-/// `gemm`/`tile` check the shapes with [`gemm_shape`], `rows` with [`rows_shape`], and `pack`
+/// `gemm`/`tile` check the shapes with [`gemm_shape`], `rows`/`rows_fn` with [`rows_shape`], and `pack`
 /// the lengths, which bounds
 /// every pointer offset the kernels form (rows, tokens, blocks and masked tails inside the
 /// slices).
@@ -173,6 +174,15 @@ macro_rules! entry_points {
             // SAFETY: see `dot::entry_points` (the shape check makes every row a whole
             // `a.len()`-block slice of `w`).
             unsafe { rows(w, a, out) }
+        }
+        $crate::dot::entry_points!($f; $($rest)*);
+    };
+    ($f:literal; rows_fn $name:ident = $imp:ident($w:ty, $a:ty); $($rest:tt)*) => {
+        pub(crate) fn $name(w: &[$w], a: &[$a], out: &mut [f32]) {
+            $crate::dot::rows_shape(w.len(), a.len(), out.len());
+            // SAFETY: see `dot::entry_points` (the shape check makes `w` `out.len()` whole rows
+            // of `a.len()` blocks, the level function's contract).
+            unsafe { $imp(w, a, out) }
         }
         $crate::dot::entry_points!($f; $($rest)*);
     };
