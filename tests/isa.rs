@@ -16,6 +16,13 @@ const PROMPTS: [&str; 2] = [
     "In 1998, the band released their second album,",
 ];
 
+/// A prompt of 35 tokens. Float weights multiply prompts this long on their prompt tiles (the
+/// AMX tiles at `amx` from 20 tokens, the outer-product FMA tiles from 32), which the short
+/// prompts above never reach; quantized weights take their tiles from 4 tokens, so the short
+/// prompts already cover theirs.
+const LONG_PROMPT: &str = "The river runs through the old town, past the market and the church, \
+    and under the stone bridge that was built in the eleventh century by the monks of the abbey";
+
 /// Greedy continuation of `prompt` with the kernels of `isa` (`None`: ggpt's own choice).
 fn generate(model: &std::path::Path, prompt: &str, isa: Option<Isa>) -> String {
     let mut cmd = Command::new(ggpt());
@@ -69,5 +76,36 @@ fn every_kernel_level_generates_the_same_greedy_text() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn every_kernel_level_generates_the_same_greedy_text_after_a_long_f16_prompt() {
+    let model = tiny_model("F16");
+    // The prompt must stay long enough to reach both float tile paths.
+    let out = Command::new(ggpt())
+        .args(["tokenize", "-m"])
+        .arg(&model)
+        .arg(LONG_PROMPT)
+        .output()
+        .expect("spawn ggpt tokenize");
+    assert!(out.status.success(), "ggpt tokenize failed");
+    let ids = String::from_utf8_lossy(&out.stdout);
+    let n = ids
+        .split(|c: char| !c.is_ascii_digit())
+        .filter(|t| !t.is_empty())
+        .count();
+    assert!(n >= 32, "the long prompt is {n} tokens: {ids}");
+    let chosen = generate(&model, LONG_PROMPT, None);
+    assert!(
+        chosen.len() > LONG_PROMPT.len() + 20,
+        "too little text: {chosen:?}"
+    );
+    for isa in available_isas() {
+        let text = generate(&model, LONG_PROMPT, Some(isa));
+        assert_eq!(
+            text, chosen,
+            "F16, the long prompt: GGPT_ISA={isa} differs from the default level"
+        );
     }
 }
