@@ -936,7 +936,10 @@ macro_rules! avx512_family {
             /// per call (rows up to `NIBBLE_ROW_MAX_BLOCKS` blocks; longer ones run `dot`), so
             /// `nibbles` (a superblock's values in that order) needs no shuffle; the scales
             /// follow `PERM4N_*`, and each row's accumulator is put back in element order before
-            /// its horizontal sum. `head` gives a block's first 16 bytes (`d`, `dmin`, scales).
+            /// its horizontal sum.
+            /// Safety: `B` is `BlockQ4K` or `BlockQ5K` (both begin with `d`, `dmin` and the 12
+            /// scale bytes, read through the block's address); `w` is `out.len()` rows of
+            /// `a.len()` blocks.
             #[target_feature(enable = $features)]
             #[inline]
             unsafe fn k4_rows<B>(
