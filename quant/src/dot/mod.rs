@@ -129,20 +129,18 @@ impl Q8_0Packed {
 ///     gemm f16_gemm = f16_gemm_impl(f16, f32);            // tile gemm on rows as stored
 ///     tile kq_gemm = kq_gemm_impl: kq_micro(KPacked, Q8KTile) x 4; // tile::gemm
 ///     pack pack_q4k = pack_q4k_impl(BlockQ4K => KPacked, count);
-///     rows q6k_rows = q6k_q8k_impl(BlockQ6K, BlockQ8K);  // many rows · one token (decode)
-///     rows_fn q4k_rows = q4k_rows_impl(BlockQ4K, BlockQ8K); // the level's own many-rows fn
+///     rows_fn q4k_rows = q4k_rows_impl(BlockQ4K, BlockQ8K); // many rows · one token (decode)
 ///     rows q8_0_q8_0, q8_0_rows = q8_0_q8_0_impl(BlockQ8_0, BlockQ8_0) x 2; // both, R rows a step
 /// }
 /// ```
 ///
 /// `tile` also writes the `#[target_feature(enable = "features")]` function (`kq_gemm_impl`)
 /// that absorbs the shared driver (`tile::gemm`, `#[inline(always)]`) with the level's micro
-/// kernel (one row × up to 4 tokens here) as its `Micro`, inlined; `rows` writes one that loops
-/// the named row dot over consecutive rows (inlined into it), and its `x R` form takes a kernel
+/// kernel (one row × up to 4 tokens here) as its `Micro`, inlined; `rows … x R` takes a kernel
 /// of R rows × one token (`imp::<R>([&[W]; R], &[A]) -> [f32; R]`) and writes both the row dot
 /// (its one-row form) and a many-rows entry that runs it R rows a step; the other kinds wrap a
-/// `#[target_feature]` function the level wrote. `pack` checks that `out`
-/// holds `count(row.len())` units. SAFETY (every wrapper): a level module's functions are only
+/// `#[target_feature]` function the level wrote (`rows_fn`: a many-rows one, `imp(w, a, out)`).
+/// `pack` checks that `out` holds `count(row.len())` units. SAFETY (every wrapper): a level module's functions are only
 /// reachable through `WeightFormat::kernels` for a `cpu::Level`, which exists only after the
 /// CPU was checked for the level's features; `dot` cuts both slices to their common length,
 /// `gemm`/`tile` check the shapes with [`gemm_shape`], `rows`/`rows_fn` with [`rows_shape`], and `pack`
@@ -156,24 +154,6 @@ macro_rules! entry_points {
             let n = w.len().min(a.len());
             // SAFETY: see `dot::entry_points`.
             unsafe { $imp(&w[..n], &a[..n]) }
-        }
-        $crate::dot::entry_points!($f; $($rest)*);
-    };
-    ($f:literal; rows $name:ident = $dot:ident($w:ty, $a:ty); $($rest:tt)*) => {
-        pub(crate) fn $name(w: &[$w], a: &[$a], out: &mut [f32]) {
-            /// Every row dotted with `a` in one `#[target_feature]` call, so the row dot is
-            /// inlined and its constants are loaded once per run of rows, not per row.
-            #[target_feature(enable = $f)]
-            unsafe fn rows(w: &[$w], a: &[$a], out: &mut [f32]) {
-                for (o, row) in out.iter_mut().zip(w.chunks_exact(a.len())) {
-                    // SAFETY: the caller's contract (`rows` below) is the row dot's.
-                    *o = unsafe { $dot(row, a) };
-                }
-            }
-            $crate::dot::rows_shape(w.len(), a.len(), out.len());
-            // SAFETY: see `dot::entry_points` (the shape check makes every row a whole
-            // `a.len()`-block slice of `w`).
-            unsafe { rows(w, a, out) }
         }
         $crate::dot::entry_points!($f; $($rest)*);
     };
