@@ -802,21 +802,13 @@ macro_rules! avx512_family {
             /// `t >> K4_SHIFT` gives the low bits where `K4_MASK` is set and `t >> 10` (the top
             /// 2 bits land on bits 4–5) the rest: 7 vector instructions where unpacking the
             /// bytes with 128-bit shifts and masks took 13 (the decode kernel ran 8 % faster in
-            /// cache).
+            /// cache). The scales are laid out by `p01`/`p23` (`PERM4_*` for values in element
+            /// order, `PERM4N_*` for nibble order).
             /// Safety: `head` points at a `BlockQ4K` or `BlockQ5K` (both begin `d`, `dmin`,
             /// `scales`), so its 16 bytes are readable.
             #[target_feature(enable = $features)]
             #[inline]
-            pub(crate) unsafe fn k4_scales(head: *const u8) -> (__m512i, __m512i, __m256i) {
-                k4_scales_for(head, &PERM4_01, &PERM4_23)
-            }
-
-            /// `k4_scales` with the scales laid out by `p01`/`p23` (`PERM4_*` for element
-            /// order, `PERM4N_*` for nibble order).
-            /// Safety: as `k4_scales`.
-            #[target_feature(enable = $features)]
-            #[inline]
-            unsafe fn k4_scales_for(
+            pub(crate) unsafe fn k4_scales(
                 head: *const u8,
                 p01: &[u16; 32],
                 p23: &[u16; 32],
@@ -880,37 +872,54 @@ macro_rules! avx512_family {
                 _mm512_sub_epi32(isum, _mm512_zextsi256_si512(off))
             }
 
+            /// A Q4_K/Q5_K row (`B`) times a token: its 16-lane sum and 8-lane min accumulators
+            /// (the row dot is `hsum(sum) − hsum256(min)`). `values` gives a superblock's 256
+            /// values in the layout the scale gathers `p01`/`p23` follow, and `act(i, y)` the
+            /// token's values of superblock `i` (Q8_K block `y`) in that same order.
+            /// Safety: `B` is `BlockQ4K` or `BlockQ5K` (both begin with `d`, `dmin` and the 12
+            /// scale bytes, read through the block's address); `act` returns 256 readable bytes.
             #[target_feature(enable = $features)]
             #[inline]
-            unsafe fn q4k_q8k_impl(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+            unsafe fn k4_acc<B>(
+                row: &[B],
+                a: &[BlockQ8K],
+                values: impl Fn(&B) -> [__m512i; 4],
+                act: impl Fn(usize, &BlockQ8K) -> *const i8,
+                p01: &[u16; 32],
+                p23: &[u16; 32],
+            ) -> (__m512, __m256) {
                 let mut acc = _mm512_setzero_ps();
                 let mut acc_min = _mm256_setzero_ps();
-                for (x, y) in w.iter().zip(a) {
+                for (i, (x, y)) in row.iter().zip(a).enumerate() {
                     prefetch_blocks(x);
-                    let (s01, s23, mins) = k4_scales((x as *const BlockQ4K).cast());
-                    let isum = superblock(&unpack_q4k(&x.qs), y.qs.as_ptr(), s01, s23);
+                    let head = (x as *const B).cast::<u8>();
+                    let (s01, s23, mins) = k4_scales(head, p01, p23);
+                    let isum = superblock(&values(x), act(i, y), s01, s23);
                     let imin = min_sums(mins, &y.bsums);
-                    let (d, dmin) = k4_dmin((x as *const BlockQ4K).cast(), y.d);
+                    let (d, dmin) = k4_dmin(head, y.d);
                     acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, acc);
                     acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), dmin, acc_min);
                 }
+                (acc, acc_min)
+            }
+
+            #[target_feature(enable = $features)]
+            #[inline]
+            unsafe fn q4k_q8k_impl(w: &[BlockQ4K], a: &[BlockQ8K]) -> f32 {
+                // SAFETY (closure): `x` is a whole block.
+                let values = |x: &BlockQ4K| unsafe { unpack_q4k(&x.qs) };
+                let act = |_, y: &BlockQ8K| y.qs.as_ptr();
+                let (acc, acc_min) = k4_acc(w, a, values, act, &PERM4_01, &PERM4_23);
                 hsum(acc) - hsum256(acc_min)
             }
 
             #[target_feature(enable = $features)]
             #[inline]
             unsafe fn q5k_q8k_impl(w: &[BlockQ5K], a: &[BlockQ8K]) -> f32 {
-                let mut acc = _mm512_setzero_ps();
-                let mut acc_min = _mm256_setzero_ps();
-                for (x, y) in w.iter().zip(a) {
-                    prefetch_blocks(x);
-                    let (s01, s23, mins) = k4_scales((x as *const BlockQ5K).cast());
-                    let isum = superblock(&unpack_q5k(&x.qs, &x.qh), y.qs.as_ptr(), s01, s23);
-                    let imin = min_sums(mins, &y.bsums);
-                    let (d, dmin) = k4_dmin((x as *const BlockQ5K).cast(), y.d);
-                    acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, acc);
-                    acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), dmin, acc_min);
-                }
+                // SAFETY (closure): `x` is a whole block.
+                let values = |x: &BlockQ5K| unsafe { unpack_q5k(&x.qs, &x.qh) };
+                let act = |_, y: &BlockQ8K| y.qs.as_ptr();
+                let (acc, acc_min) = k4_acc(w, a, values, act, &PERM4_01, &PERM4_23);
                 hsum(acc) - hsum256(acc_min)
             }
 
@@ -960,19 +969,11 @@ macro_rules! avx512_family {
                 let aq = buf.as_mut_ptr().cast::<NibbleQs>();
                 nibble_order(a, aq);
                 let to_element = _mm512_loadu_si512(NIBBLE_TO_ELEMENT_LANES.as_ptr().cast());
+                // SAFETY (closure): `k4_acc` asks for i < a.len() ≤ NIBBLE_ROW_MAX_BLOCKS, a
+                // block of `buf` that `nibble_order` filled.
+                let act = |i: usize, _: &BlockQ8K| unsafe { aq.add(i).cast::<i8>().cast_const() };
                 rows4::<B, true>(w, n, out, |row| {
-                    let mut acc = _mm512_setzero_ps();
-                    let mut acc_min = _mm256_setzero_ps();
-                    for (i, (x, y)) in row.iter().zip(a).enumerate() {
-                        prefetch_blocks(x);
-                        let head = (x as *const B).cast::<u8>();
-                        let (s01, s23, mins) = k4_scales_for(head, &PERM4N_01, &PERM4N_23);
-                        let isum = superblock(&nibbles(x), aq.add(i).cast(), s01, s23);
-                        let imin = min_sums(mins, &y.bsums);
-                        let (d, dmin) = k4_dmin(head, y.d);
-                        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(isum), d, acc);
-                        acc_min = _mm256_fmadd_ps(_mm256_cvtepi32_ps(imin), dmin, acc_min);
-                    }
+                    let (acc, acc_min) = k4_acc(row, a, &nibbles, act, &PERM4N_01, &PERM4N_23);
                     (_mm512_permutexvar_ps(to_element, acc), acc_min)
                 })
             }
