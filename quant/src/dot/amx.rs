@@ -408,8 +408,8 @@ mod x86 {
     }
 
     /// # Safety
-    /// As [`pack_group`]'s checks: AVX-512, `w` holds `rows·n` values, `steps` lie within the
-    /// row, `out` holds `steps.len()·PARTS` tiles.
+    /// As [`pack_group`]'s checks: AVX-512 and AVX512-BF16, `w` holds `rows·n` values, `steps`
+    /// lie within the row, `out` holds `steps.len()·PARTS` tiles.
     #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx512bf16,avx2,fma,f16c")]
     unsafe fn pack_group_impl<E: Split + Load>(
         w: *const E,
